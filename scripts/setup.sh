@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian machine for building and testing postcopy-broker.
+# Idempotent: installs only what is missing. Needs root for apt and huge page reservation.
+set -euo pipefail
+
+need_pkgs=()
+dpkg -s libclang-dev >/dev/null 2>&1 || need_pkgs+=(libclang-dev)      # userfaultfd-sys runs bindgen
+command -v qemu-storage-daemon >/dev/null 2>&1 || need_pkgs+=(qemu-utils) # real vhost-user-blk backend
+command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)                          # builds ../shared/bench reference
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing packages ${need_pkgs[*]}; run as root or: sudo apt-get install ${need_pkgs[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# Huge pages for the hugetlbfs blocks of the tests and the demo (2 MiB pages).
+want=${POSTCOPY_HUGEPAGES:-384}
+have=$(cat /proc/sys/vm/nr_hugepages)
+if [ "$have" -lt "$want" ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "$want" > /proc/sys/vm/nr_hugepages || true
+    echo "setup: reserved $(cat /proc/sys/vm/nr_hugepages) huge pages of 2 MiB"
+  else
+    echo "setup: only $have huge pages reserved; as root: echo $want > /proc/sys/vm/nr_hugepages" >&2
+  fi
+fi
+
+if [ ! -r /dev/userfaultfd ] && [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null || echo 0)" != 1 ] && [ "$(id -u)" -ne 0 ]; then
+  echo "setup: userfaultfd is not usable by this user; see 'postcopy-broker probe'" >&2
+fi

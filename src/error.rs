@@ -1,0 +1,132 @@
+//! The broker's one error type. Every variant says what went wrong and what to do about it.
+
+use std::io;
+
+use crate::state::PostcopyState;
+
+/// Result alias for the broker.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong in the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A RAM block size that is zero or not a multiple of its page size.
+    #[error("RAM block '{block}': size {size} is not a positive multiple of its page size {page_size}; round the size up to a whole number of pages")]
+    InvalidSize {
+        /// Block name.
+        block: String,
+        /// Requested size in bytes.
+        size: u64,
+        /// Page size of the block.
+        page_size: u64,
+    },
+    /// A page size the host or the broker cannot use.
+    #[error("page size {page_size} is not supported here ({why}); use 4096 (memfd/file) or a huge page size listed by `postcopy-broker probe`")]
+    UnsupportedPageSize {
+        /// The page size asked for.
+        page_size: u64,
+        /// Why it cannot be used.
+        why: String,
+    },
+    /// A block name that is not registered.
+    #[error("no RAM block named '{0}'; `postcopy-broker status` lists the blocks")]
+    UnknownBlock(String),
+    /// A block name used twice.
+    #[error("a RAM block named '{0}' exists already; block names must be unique")]
+    DuplicateBlock(String),
+    /// A byte range outside a block, or not page aligned.
+    #[error("RAM block '{block}': range offset {offset} length {len} is {why} (block size {size}, page size {page_size})")]
+    BadRange {
+        /// Block name.
+        block: String,
+        /// Offset in the block.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Block size.
+        size: u64,
+        /// Block page size.
+        page_size: u64,
+        /// "out of range" or "not page aligned".
+        why: &'static str,
+    },
+    /// An address that lies in no RAM block.
+    #[error("address {0:#x} is in no RAM block")]
+    UnknownAddress(u64),
+    /// userfaultfd cannot be used on this host.
+    #[error("userfaultfd is not available: {0}")]
+    UffdUnavailable(String),
+    /// A state change that the postcopy state machine does not allow.
+    #[error("illegal postcopy state transition from {from} to {to}")]
+    IllegalTransition {
+        /// Current state.
+        from: PostcopyState,
+        /// Requested state.
+        to: PostcopyState,
+    },
+    /// A notifier vetoed a step.
+    #[error("notifier '{name}' refused {reason}: {message}")]
+    Notifier {
+        /// Notifier name.
+        name: String,
+        /// The reason being notified.
+        reason: crate::notify::NotifyReason,
+        /// The notifier's own error text.
+        message: String,
+    },
+    /// A page that someone filled behind the broker's back (EEXIST on a never-placed page).
+    #[error("RAM block '{block}' offset {offset:#x}: page was populated by someone other than the broker (EEXIST before placement); shared RAM was touched through an unregistered mapping")]
+    ForeignPage {
+        /// Block name.
+        block: String,
+        /// Page offset.
+        offset: u64,
+    },
+    /// Data of the wrong length handed to placement.
+    #[error("placement of {got} bytes at block '{block}' needs a whole number of {page_size}-byte pages")]
+    BadPageData {
+        /// Block name.
+        block: String,
+        /// Bytes given.
+        got: usize,
+        /// Block page size.
+        page_size: u64,
+    },
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the broker was doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Invalid input that fits no other variant.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Wrap an I/O error with what the broker was doing.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io { context: context.into(), source }
+    }
+}
+
+/// Attach context to an `io::Result`.
+pub trait IoContext<T> {
+    /// Map the error to [`Error::Io`] with `context`.
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(context(), e))
+    }
+}
+
+impl<T> IoContext<T> for nix::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(context(), io::Error::from(e)))
+    }
+}

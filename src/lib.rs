@@ -1,0 +1,22 @@
+//! postcopy-broker: postcopy live migration of guest RAM that is shared between a VMM and
+//! vhost-user device processes.
+//!
+//! The fault path, by module: [`ram`] (blocks, received bitmaps) → [`uffd`] (the kernel interface)
+//! → [`place`] (atomic placement). [`incoming`] drives the destination's lifecycle through
+//! [`state`] and [`notify`]; [`probe`] says whether the host can do it at all.
+
+pub mod error;
+pub mod incoming;
+pub mod notify;
+pub mod place;
+pub mod probe;
+pub mod ram;
+pub mod state;
+pub mod uffd;
+
+pub use error::{Error, Result};
+pub use incoming::Incoming;
+pub use notify::{Notifiers, NotifyReason};
+pub use place::{Placed, Placer};
+pub use ram::{BlockId, RamBlock, RamBlocks};
+pub use state::{PostcopyState, StateCell};

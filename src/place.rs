@@ -1,0 +1,274 @@
+//! Atomic placement of pages into RAM blocks through the broker's own userfaultfd
+//! (QEMU's postcopy_place_page / _zero and postcopy_get_tmp_page).
+//!
+//! A page appears only through UFFDIO_COPY or UFFDIO_ZEROPAGE, so every process that maps the
+//! block sees either no page (and faults) or the whole page. The received bit is set only after
+//! the ioctl succeeded. EEXIST on a page whose received bit is clear means someone populated
+//! shared RAM behind the broker's back: it is counted, logged, repaired (the page is punched out
+//! and placed again) and reported. One thread places into a given block at a time (the fault
+//! loop or the incoming session that owns the placer).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::error::{Error, IoContext, Result};
+use crate::ram::{BlockId, Mapping, RamBlock, RamBlocks};
+use crate::uffd::{Fill, Uffd};
+
+/// How a placement ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// Every page of the range was placed by this call.
+    Placed,
+    /// Some pages were already placed by the broker before (harmless EEXIST); the rest placed now.
+    AlreadyPresent,
+    /// A page had been populated by someone else; it was punched out and placed again.
+    Repaired,
+}
+
+/// Counters of the placer.
+#[derive(Debug, Default)]
+pub struct PlaceStats {
+    /// Pages placed with data.
+    pub data_pages: AtomicU64,
+    /// Pages placed as zero.
+    pub zero_pages: AtomicU64,
+    /// Ioctls issued (COPY + ZEROPAGE).
+    pub ioctls: AtomicU64,
+    /// EEXIST on pages the broker had placed (harmless).
+    pub already_present: AtomicU64,
+    /// EEXIST on pages the broker never placed (shared RAM touched behind its back).
+    pub foreign_pages: AtomicU64,
+    /// Retries after EAGAIN / partial copies.
+    pub retries: AtomicU64,
+}
+
+/// A snapshot of [`PlaceStats`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct PlaceCounts {
+    /// Pages placed with data.
+    pub data_pages: u64,
+    /// Pages placed as zero.
+    pub zero_pages: u64,
+    /// Ioctls issued.
+    pub ioctls: u64,
+    /// Harmless EEXIST.
+    pub already_present: u64,
+    /// Foreign pages detected and repaired.
+    pub foreign_pages: u64,
+    /// Retries.
+    pub retries: u64,
+}
+
+impl PlaceStats {
+    /// Snapshot the counters.
+    pub fn counts(&self) -> PlaceCounts {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PlaceCounts {
+            data_pages: g(&self.data_pages),
+            zero_pages: g(&self.zero_pages),
+            ioctls: g(&self.ioctls),
+            already_present: g(&self.already_present),
+            foreign_pages: g(&self.foreign_pages),
+            retries: g(&self.retries),
+        }
+    }
+}
+
+/// Reusable staging memory, one page of the largest block page size, page aligned.
+#[derive(Debug)]
+pub struct StagingPage {
+    map: Mapping,
+}
+
+impl StagingPage {
+    /// A zeroed staging page of `size` bytes.
+    pub fn new(size: u64) -> Result<StagingPage> {
+        let len = usize::try_from(size).map_err(|_| Error::Invalid("staging page too large".into()))?;
+        Ok(StagingPage { map: Mapping::private(len)? })
+    }
+    /// The page as bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is private to this value, readable and writable for its length,
+        // and the &mut borrow of self makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), self.map.len()) }
+    }
+    /// The page as bytes, read-only.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as above, shared borrow.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.map.len()) }
+    }
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// Never empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// How many times a placement retries EAGAIN before giving up.
+const MAX_AGAIN: u32 = 10_000;
+
+/// Places pages into the blocks through the broker's own userfaultfd.
+#[derive(Debug)]
+pub struct Placer {
+    uffd: Arc<Uffd>,
+    zero: StagingPage,
+    stats: Arc<PlaceStats>,
+}
+
+impl Placer {
+    /// A placer over `uffd`, where every block is registered; `largest_page` sizes the zero page.
+    pub fn new(uffd: Arc<Uffd>, largest_page: u64) -> Result<Placer> {
+        Ok(Placer { uffd, zero: StagingPage::new(largest_page)?, stats: Arc::new(PlaceStats::default()) })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<PlaceStats> {
+        &self.stats
+    }
+
+    /// Place `data` (one or more whole pages) at `offset` of block `id` in as few ioctls as the
+    /// kernel allows; sets the received bits of the placed pages after success.
+    pub fn place(&self, blocks: &RamBlocks, id: BlockId, offset: u64, data: &[u8]) -> Result<Placed> {
+        let b = block(blocks, id)?;
+        let len = data.len() as u64;
+        if len == 0 || len % b.page_size() != 0 {
+            return Err(Error::BadPageData {
+                block: b.name().into(),
+                got: data.len(),
+                page_size: b.page_size(),
+            });
+        }
+        b.check_range(offset, len)?;
+        self.fill(b, offset, len, |dst, done, n| {
+            let src = data[usize::try_from(done).unwrap_or(0)..].as_ptr();
+            // SAFETY: `src` points at `n` readable bytes of `data` (done + n <= data.len()).
+            unsafe { self.uffd.copy(dst, src, n, true) }
+        })
+        .inspect(|_| {
+            self.stats.data_pages.fetch_add(len / b.page_size(), Ordering::Relaxed);
+        })
+    }
+
+    /// Place zero pages over `[offset, offset+len)`: one UFFDIO_ZEROPAGE where the block supports
+    /// it, otherwise UFFDIO_COPY from a zeroed staging page (hugetlbfs).
+    pub fn place_zero(&self, blocks: &RamBlocks, id: BlockId, offset: u64, len: u64) -> Result<Placed> {
+        let b = block(blocks, id)?;
+        b.check_range(offset, len)?;
+        let r = if b.zeropage_supported() {
+            self.fill(b, offset, len, |dst, _, n| self.uffd.zeropage(dst, n, true))
+        } else {
+            let ps = b.page_size();
+            let zero = self.zero.as_slice().as_ptr();
+            let mut outcome = Placed::Placed;
+            let mut o = offset;
+            while o < offset + len {
+                // SAFETY: the zero page is at least one block page long and lives as long as self.
+                let r = self.fill(b, o, ps, |dst, done, n| unsafe {
+                    self.uffd.copy(dst, zero.add(done as usize), n, true)
+                })?;
+                outcome = worst(outcome, r);
+                o += ps;
+            }
+            Ok(outcome)
+        };
+        r.inspect(|_| {
+            self.stats.zero_pages.fetch_add(len / b.page_size(), Ordering::Relaxed);
+        })
+    }
+
+    /// Run `op(dst, done, remaining)` until the range is filled, handling partial progress,
+    /// EAGAIN and EEXIST page by page.
+    fn fill(
+        &self,
+        b: &RamBlock,
+        offset: u64,
+        len: u64,
+        mut op: impl FnMut(u64, u64, u64) -> std::io::Result<Fill>,
+    ) -> Result<Placed> {
+        let ps = b.page_size();
+        let base = b.host_addr() + offset;
+        let mut done = 0u64;
+        let mut outcome = Placed::Placed;
+        let mut again = 0u32;
+        // After an EEXIST inside a run, go page by page to find which pages exist.
+        let mut page_by_page = false;
+        let mut last_repaired = None;
+        while done < len {
+            let n = if page_by_page { ps } else { len - done };
+            self.stats.ioctls.fetch_add(1, Ordering::Relaxed);
+            let ctx = || format!("placing block '{}' offset {:#x}", b.name(), offset + done);
+            match op(base + done, done, n).ctx(ctx)? {
+                Fill::Done(k) => {
+                    let k = k.min(n) / ps * ps;
+                    if k == 0 {
+                        again += 1;
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        if again > MAX_AGAIN {
+                            return Err(Error::io(ctx(), std::io::Error::from_raw_os_error(libc::EAGAIN)));
+                        }
+                        continue;
+                    }
+                    b.received().set_range(b.page_index(offset + done), (k / ps) as usize);
+                    done += k;
+                }
+                Fill::Again => {
+                    again += 1;
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    if again > MAX_AGAIN {
+                        return Err(Error::io(ctx(), std::io::Error::from_raw_os_error(libc::EAGAIN)));
+                    }
+                    std::thread::yield_now();
+                }
+                Fill::Exists if !page_by_page && n > ps => page_by_page = true,
+                Fill::Exists => {
+                    let page = offset + done;
+                    if b.is_received(page) {
+                        self.stats.already_present.fetch_add(1, Ordering::Relaxed);
+                        outcome = worst(outcome, Placed::AlreadyPresent);
+                        done += ps;
+                    } else if last_repaired == Some(page) {
+                        // Repopulated right after the repair: someone keeps writing it.
+                        return Err(Error::ForeignPage { block: b.name().into(), offset: page });
+                    } else {
+                        outcome = Placed::Repaired;
+                        self.repair_foreign(b, page)?;
+                        last_repaired = Some(page);
+                    }
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// A page exists that the broker never placed: count it, log it, punch it out so that the
+    /// next attempt places the right contents (and every mapper faults again).
+    fn repair_foreign(&self, b: &RamBlock, page: u64) -> Result<()> {
+        let n = self.stats.foreign_pages.fetch_add(1, Ordering::Relaxed) + 1;
+        log::error!(
+            "{} (foreign page #{n}); repairing by discarding it and placing again",
+            Error::ForeignPage { block: b.name().into(), offset: page }
+        );
+        b.discard(page, b.page_size()).map_err(|e| {
+            log::error!("repair of foreign page failed: {e}");
+            Error::ForeignPage { block: b.name().into(), offset: page }
+        })
+    }
+}
+
+fn worst(a: Placed, b: Placed) -> Placed {
+    match (a, b) {
+        (Placed::Repaired, _) | (_, Placed::Repaired) => Placed::Repaired,
+        (Placed::AlreadyPresent, _) | (_, Placed::AlreadyPresent) => Placed::AlreadyPresent,
+        _ => Placed::Placed,
+    }
+}
+
+fn block(blocks: &RamBlocks, id: BlockId) -> Result<&RamBlock> {
+    blocks.get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))
+}

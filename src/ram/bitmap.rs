@@ -1,0 +1,154 @@
+//! An atomic bitmap, one bit per page: the received map of a RAM block. Bits are set with
+//! release ordering after a placement succeeded and tested with acquire ordering after a fault
+//! was read, which is exactly the ordering the shared-wake rule needs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A fixed-size bitmap whose bits can be set, cleared and tested from any thread.
+#[derive(Debug)]
+pub struct AtomicBitmap {
+    words: Vec<AtomicU64>,
+    bits: usize,
+}
+
+impl AtomicBitmap {
+    /// A bitmap of `bits` clear bits.
+    pub fn new(bits: usize) -> AtomicBitmap {
+        let words = (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        AtomicBitmap { words, bits }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> usize {
+        self.bits
+    }
+
+    /// Whether the bitmap has no bits.
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    /// Test bit `i` (false when out of range).
+    pub fn test(&self, i: usize) -> bool {
+        if i >= self.bits {
+            return false;
+        }
+        self.words[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// Set bit `i`; returns its previous value. Out of range is a no-op returning true.
+    pub fn set(&self, i: usize) -> bool {
+        if i >= self.bits {
+            return true;
+        }
+        let m = 1u64 << (i % 64);
+        self.words[i / 64].fetch_or(m, Ordering::AcqRel) & m != 0
+    }
+
+    /// Clear bit `i`; returns its previous value.
+    pub fn clear(&self, i: usize) -> bool {
+        if i >= self.bits {
+            return false;
+        }
+        let m = 1u64 << (i % 64);
+        self.words[i / 64].fetch_and(!m, Ordering::AcqRel) & m != 0
+    }
+
+    /// Apply `op` to every word overlapping `[start, start+n)` with the mask of those bits.
+    fn for_range(&self, start: usize, n: usize, mut op: impl FnMut(&AtomicU64, u64)) {
+        let end = start.saturating_add(n).min(self.bits);
+        let mut i = start;
+        while i < end {
+            let w = i / 64;
+            let lo = i % 64;
+            let hi = (end - w * 64).min(64);
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            op(&self.words[w], mask);
+            i = (w + 1) * 64;
+        }
+    }
+
+    /// Set `n` bits from `start`.
+    pub fn set_range(&self, start: usize, n: usize) {
+        self.for_range(start, n, |w, m| {
+            w.fetch_or(m, Ordering::AcqRel);
+        });
+    }
+
+    /// Clear `n` bits from `start`.
+    pub fn clear_range(&self, start: usize, n: usize) {
+        self.for_range(start, n, |w, m| {
+            w.fetch_and(!m, Ordering::AcqRel);
+        });
+    }
+
+    /// Number of set bits in `[start, start+n)`.
+    pub fn count_range(&self, start: usize, n: usize) -> usize {
+        let mut c = 0;
+        self.for_range(start, n, |w, m| c += (w.load(Ordering::Acquire) & m).count_ones() as usize);
+        c
+    }
+
+    /// Number of set bits.
+    pub fn count_ones(&self) -> usize {
+        self.count_range(0, self.bits)
+    }
+
+    /// Whether every bit is set.
+    pub fn all_set(&self) -> bool {
+        self.count_ones() == self.bits
+    }
+
+    /// The first clear bit at or after `from`.
+    pub fn next_clear(&self, from: usize) -> Option<usize> {
+        let mut i = from;
+        while i < self.bits {
+            let w = self.words[i / 64].load(Ordering::Acquire) | ((1u64 << (i % 64)) - 1);
+            if w != u64::MAX {
+                let bit = (i / 64) * 64 + (!w).trailing_zeros() as usize;
+                return (bit < self.bits).then_some(bit);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// The bits as little-endian words (for the resume message).
+    pub fn to_words(&self) -> Vec<u64> {
+        self.words.iter().map(|w| w.load(Ordering::Acquire)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_across_word_boundaries() {
+        let b = AtomicBitmap::new(200);
+        b.set_range(60, 70);
+        assert_eq!(b.count_ones(), 70);
+        assert!(!b.test(59) && b.test(60) && b.test(129) && !b.test(130));
+        assert_eq!(b.next_clear(60), Some(130));
+        assert_eq!(b.next_clear(0), Some(0));
+        b.clear_range(64, 64);
+        assert_eq!(b.count_ones(), 6);
+        assert_eq!(b.count_range(60, 10), 4);
+        assert!(!b.set(199));
+        assert!(b.set(199));
+        assert!(b.set(500), "out of range reads as set and changes nothing");
+        assert!(!b.test(500));
+        b.set_range(0, 200);
+        assert!(b.all_set());
+        assert_eq!(b.next_clear(0), None);
+    }
+
+    #[test]
+    fn a_full_last_word_and_an_empty_map() {
+        let b = AtomicBitmap::new(128);
+        b.set_range(0, 128);
+        assert_eq!(b.to_words(), vec![u64::MAX, u64::MAX]);
+        let e = AtomicBitmap::new(0);
+        assert!(e.is_empty() && e.all_set() && e.next_clear(0).is_none());
+    }
+}

@@ -1,0 +1,318 @@
+//! One RAM block: its backing (memfd, hugetlbfs memfd, shared file or private anonymous memory),
+//! the broker's placement mapping of it, and its received bitmap.
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::mman::{madvise, MmapAdvise};
+use serde::Serialize;
+
+use super::bitmap::AtomicBitmap;
+use super::mapping::Mapping;
+use crate::error::{Error, IoContext, Result};
+
+/// The small page size of this architecture.
+pub const SMALL_PAGE: u64 = 4096;
+/// The 2 MiB huge page size.
+pub const HUGE_2M: u64 = 2 << 20;
+/// The 1 GiB huge page size.
+pub const HUGE_1G: u64 = 1 << 30;
+
+/// What memory backs a block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Backing {
+    /// A memfd of small pages.
+    Memfd,
+    /// A hugetlbfs memfd of `page_size` pages.
+    Hugetlb {
+        /// 2 MiB or 1 GiB.
+        page_size: u64,
+    },
+    /// A shared file on tmpfs or hugetlbfs.
+    File {
+        /// The file's path.
+        path: PathBuf,
+    },
+    /// A memfd received from another process (for example the VMM's guest RAM).
+    Fd,
+    /// Private anonymous memory: only the broker sees it.
+    Private,
+}
+
+/// A named region of guest RAM.
+#[derive(Debug)]
+pub struct RamBlock {
+    name: String,
+    backing: Backing,
+    fd: Option<OwnedFd>,
+    size: u64,
+    page_size: u64,
+    map: Mapping,
+    received: AtomicBitmap,
+    zeropage: AtomicBool,
+}
+
+fn check_size(name: &str, size: u64, page_size: u64) -> Result<()> {
+    if size == 0 || size % page_size != 0 {
+        return Err(Error::InvalidSize { block: name.to_string(), size, page_size });
+    }
+    Ok(())
+}
+
+fn huge_flag(page_size: u64) -> Result<MemFdCreateFlag> {
+    // MFD_HUGE_SHIFT is 26: the log2 of the page size goes in bits 26..31.
+    let bits = match page_size {
+        HUGE_2M => 21u32 << 26,
+        HUGE_1G => 30u32 << 26,
+        _ => {
+            return Err(Error::UnsupportedPageSize {
+                page_size,
+                why: "hugetlbfs blocks take 2 MiB or 1 GiB pages".into(),
+            })
+        }
+    };
+    Ok(MemFdCreateFlag::MFD_HUGETLB | MemFdCreateFlag::from_bits_retain(bits))
+}
+
+/// statfs magic numbers of the file systems where MISSING faults work on shared files.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+impl RamBlock {
+    fn build(
+        name: &str,
+        backing: Backing,
+        fd: Option<OwnedFd>,
+        size: u64,
+        page_size: u64,
+    ) -> Result<RamBlock> {
+        check_size(name, size, page_size)?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::Invalid(format!("RAM block name '{name}' must be 1 to 255 bytes")));
+        }
+        let len = usize::try_from(size).map_err(|_| Error::Invalid(format!("block '{name}' too large")))?;
+        let map = match &fd {
+            Some(fd) => Mapping::shared(fd.as_fd(), len)?,
+            None => Mapping::private(len)?,
+        };
+        let pages = usize::try_from(size / page_size).map_err(|_| Error::Invalid("too many pages".into()))?;
+        Ok(RamBlock {
+            name: name.to_string(),
+            backing,
+            fd,
+            size,
+            page_size,
+            map,
+            received: AtomicBitmap::new(pages),
+            zeropage: AtomicBool::new(false),
+        })
+    }
+
+    /// A block backed by a new memfd of 4 KiB pages.
+    pub fn memfd(name: &str, size: u64) -> Result<RamBlock> {
+        check_size(name, size, SMALL_PAGE)?;
+        let fd = new_memfd(name, MemFdCreateFlag::MFD_CLOEXEC, size)?;
+        Self::build(name, Backing::Memfd, Some(fd), size, SMALL_PAGE)
+    }
+
+    /// A block backed by a new hugetlbfs memfd of `page_size` pages (huge pages must be reserved).
+    pub fn hugetlb(name: &str, size: u64, page_size: u64) -> Result<RamBlock> {
+        let flag = huge_flag(page_size)?;
+        check_size(name, size, page_size)?;
+        let fd = new_memfd(name, MemFdCreateFlag::MFD_CLOEXEC | flag, size).map_err(|e| match e {
+            Error::Io { source, .. } => Error::UnsupportedPageSize {
+                page_size,
+                why: format!(
+                    "hugetlbfs memfd failed ({source}); reserve pages with echo N > /proc/sys/vm/nr_hugepages"
+                ),
+            },
+            other => other,
+        })?;
+        Self::build(name, Backing::Hugetlb { page_size }, Some(fd), size, page_size)
+    }
+
+    /// A block backed by a file on tmpfs or hugetlbfs (created or grown to `size`).
+    pub fn file(name: &str, path: &Path, size: u64) -> Result<RamBlock> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .ctx(|| format!("open RAM file {}", path.display()))?;
+        let st = nix::sys::statfs::fstatfs(&file).ctx(|| format!("statfs {}", path.display()))?;
+        #[allow(clippy::unnecessary_cast)]
+        let magic = st.filesystem_type().0 as i64;
+        let page_size = match magic {
+            TMPFS_MAGIC => SMALL_PAGE,
+            HUGETLBFS_MAGIC => u64::try_from(st.block_size()).unwrap_or(HUGE_2M),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{}: userfaultfd MISSING faults work only on tmpfs or hugetlbfs files; put the file under /dev/shm or a hugetlbfs mount",
+                    path.display()
+                )))
+            }
+        };
+        check_size(name, size, page_size)?;
+        if file.metadata().ctx(|| format!("stat {}", path.display()))?.len() < size {
+            file.set_len(size).ctx(|| format!("grow {} to {size}", path.display()))?;
+        }
+        Self::build(name, Backing::File { path: path.to_path_buf() }, Some(file.into()), size, page_size)
+    }
+
+    /// A block over a memfd received from elsewhere (its page size must be given).
+    pub fn from_fd(name: &str, fd: OwnedFd, size: u64, page_size: u64) -> Result<RamBlock> {
+        if page_size != SMALL_PAGE {
+            huge_flag(page_size)?;
+        }
+        Self::build(name, Backing::Fd, Some(fd), size, page_size)
+    }
+
+    /// A block of private anonymous memory (4 KiB pages).
+    pub fn private(name: &str, size: u64) -> Result<RamBlock> {
+        Self::build(name, Backing::Private, None, size, SMALL_PAGE)
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Backing.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+    /// The backing fd, for sharing with clients (None for private memory).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+    /// Number of pages.
+    pub fn pages(&self) -> u64 {
+        self.size / self.page_size
+    }
+    /// Start of the broker's placement mapping.
+    pub fn host_addr(&self) -> u64 {
+        self.map.addr()
+    }
+    /// The placement mapping's base pointer.
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+    /// The received bitmap (one bit per page).
+    pub fn received(&self) -> &AtomicBitmap {
+        &self.received
+    }
+    /// Whether the page at `offset` has been received.
+    pub fn is_received(&self, offset: u64) -> bool {
+        self.received.test(self.page_index(offset))
+    }
+    /// Page index of a byte offset.
+    pub fn page_index(&self, offset: u64) -> usize {
+        usize::try_from(offset / self.page_size).unwrap_or(usize::MAX)
+    }
+    /// Whether the placement range may use UFFDIO_ZEROPAGE (recorded at registration).
+    pub fn zeropage_supported(&self) -> bool {
+        self.zeropage.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_zeropage_supported(&self, v: bool) {
+        self.zeropage.store(v, Ordering::Release)
+    }
+    /// Whether the backing uses huge pages.
+    pub fn is_hugetlb(&self) -> bool {
+        self.page_size > SMALL_PAGE
+    }
+
+    /// Check that `[offset, offset+len)` is inside the block and page aligned.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let bad = |why| Error::BadRange {
+            block: self.name.clone(),
+            offset,
+            len,
+            size: self.size,
+            page_size: self.page_size,
+            why,
+        };
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(bad("out of range"));
+        }
+        if offset % self.page_size != 0 || len % self.page_size != 0 {
+            return Err(bad("not page aligned"));
+        }
+        Ok(())
+    }
+
+    /// Discard `[offset, offset+len)`: clear the received bits, then drop the pages from the
+    /// backing (fallocate PUNCH_HOLE for fd-backed blocks, which zaps every process's mapping;
+    /// MADV_DONTNEED for private memory). Afterwards the pages fault again.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.received.clear_range(self.page_index(offset), self.page_index(len));
+        let what = || format!("discard of block '{}' offset {offset:#x} len {len:#x}", self.name);
+        match &self.fd {
+            Some(fd) => {
+                let (o, l) = (to_off(offset)?, to_off(len)?);
+                fallocate(
+                    fd.as_raw_fd(),
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    o,
+                    l,
+                )
+                .ctx(what)?;
+            }
+            None => self.advise(offset, len, MmapAdvise::MADV_DONTNEED).ctx(what)?,
+        }
+        Ok(())
+    }
+
+    /// madvise a range of the placement mapping.
+    pub(crate) fn advise(&self, offset: u64, len: u64, advice: MmapAdvise) -> nix::Result<()> {
+        let (o, l) = (usize::try_from(offset).unwrap_or(usize::MAX), usize::try_from(len).unwrap_or(0));
+        if o.checked_add(l).is_none_or(|e| e > self.map.len()) {
+            return Err(nix::errno::Errno::EINVAL);
+        }
+        // SAFETY: the range lies inside this block's own mapping; advice does not invalidate
+        // Rust references because none are handed out into this memory.
+        let p = unsafe { std::ptr::NonNull::new_unchecked(self.map.as_ptr().add(o)) };
+        // SAFETY: see above: the range is inside the live mapping.
+        unsafe { madvise(p.cast(), l, advice) }
+    }
+
+    /// Switch transparent huge pages off (before discards and registration) or back on.
+    pub(crate) fn set_thp(&self, enabled: bool) -> Result<()> {
+        if self.is_hugetlb() {
+            return Ok(());
+        }
+        let advice = if enabled { MmapAdvise::MADV_HUGEPAGE } else { MmapAdvise::MADV_NOHUGEPAGE };
+        match self.advise(0, self.size, advice) {
+            Ok(()) => Ok(()),
+            // Kernels without THP refuse the advice; that is what we want anyway.
+            Err(nix::errno::Errno::EINVAL) => Ok(()),
+            Err(e) => Err(e).ctx(|| format!("madvise THP on block '{}'", self.name)),
+        }
+    }
+}
+
+fn to_off(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::Invalid(format!("offset {v} too large")))
+}
+
+fn new_memfd(name: &str, flags: MemFdCreateFlag, size: u64) -> Result<OwnedFd> {
+    let cname =
+        CString::new(name).map_err(|_| Error::Invalid(format!("block name '{name}' contains a NUL byte")))?;
+    let fd = memfd_create(&cname, flags).ctx(|| format!("memfd_create for block '{name}'"))?;
+    nix::unistd::ftruncate(&fd, to_off(size)?).ctx(|| format!("size block '{name}' to {size} bytes"))?;
+    Ok(fd)
+}
