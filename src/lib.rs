@@ -5,13 +5,17 @@
 //! → [`place`] (atomic placement). [`incoming`] drives the destination's lifecycle through
 //! [`state`] and [`notify`]; [`probe`] says whether the host can do it at all.
 
+pub mod client;
 pub mod error;
+pub mod fault;
 pub mod incoming;
 pub mod notify;
 pub mod place;
 pub mod probe;
 pub mod ram;
+pub mod source;
 pub mod state;
+pub mod stats;
 pub mod uffd;
 
 pub use error::{Error, Result};

@@ -290,6 +290,21 @@ impl RamBlock {
         unsafe { madvise(p.cast(), l, advice) }
     }
 
+    /// Whether the page at `offset` is present in the backing (mincore on the placement mapping;
+    /// it never populates anything).
+    pub fn is_resident(&self, offset: u64) -> bool {
+        let page = offset / self.page_size * self.page_size;
+        let Ok(o) = usize::try_from(page) else { return false };
+        if o >= self.map.len() {
+            return false;
+        }
+        let mut vec = [0u8; 1];
+        // SAFETY: the range [o, o+4096) lies inside this block's live mapping and `vec` has room
+        // for the one page mincore reports on.
+        let r = unsafe { libc::mincore(self.map.as_ptr().add(o).cast(), 4096, vec.as_mut_ptr()) };
+        r == 0 && vec[0] & 1 != 0
+    }
+
     /// Switch transparent huge pages off (before discards and registration) or back on.
     pub(crate) fn set_thp(&self, enabled: bool) -> Result<()> {
         if self.is_hugetlb() {

@@ -1,0 +1,246 @@
+//! pcb-client: a client process for tests and diagnostics. It maps a RAM block's memfd (one or
+//! more times), registers its mappings with its own userfaultfd in MISSING mode, hands the uffd
+//! to the broker, then touches pages and reports what it read as JSON lines on stdout.
+//!
+//! Hand-over (`--handover pidfd`): it prints `{"ready":..}` with its pid, uffd fd number and
+//! mapping table, and the broker side takes the fd with pidfd_getfd(2); then it waits for a
+//! line on stdin before touching pages.
+
+use std::io::{BufRead, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::ExitCode;
+
+use clap::Parser;
+use nix::sys::mman::{madvise, mmap, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
+use postcopy_broker::uffd::{feature, Uffd};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "test client of postcopy-broker")]
+struct Args {
+    /// Path that opens the block's memfd (for example /proc/PID/fd/N); without it the client
+    /// maps private anonymous memory (a Firecracker-style private client).
+    #[arg(long)]
+    memfd: Option<String>,
+    /// Block (or private region) size in bytes.
+    #[arg(long)]
+    size: u64,
+    /// Page size of the block.
+    #[arg(long, default_value_t = 4096)]
+    page_size: u64,
+    /// How many times to map the whole block.
+    #[arg(long, default_value_t = 1)]
+    maps: usize,
+    /// uffd features to ask for: comma list of remove,unmap,remap,fork.
+    #[arg(long, default_value = "")]
+    features: String,
+    /// Start the script right after printing the ready line instead of waiting for a line on
+    /// stdin (so the client may fault before the broker has its uffd).
+    #[arg(long)]
+    no_wait: bool,
+    /// Steps, separated by ';': touch:LIST (read pages through mapping 0), touchall:LIST (through
+    /// every mapping), write:LIST:BYTE (fill the first 8 bytes), remove:RANGE (MADV_REMOVE on
+    /// mapping 0), unmap:RANGE (munmap on mapping 0), fork (the child runs the rest of the
+    /// script, then the parent), wait (read a line from stdin). LIST is like 0,5,7-20.
+    #[arg(long, default_value = "")]
+    script: String,
+}
+
+fn pages(spec: &str) -> Result<Vec<u64>, String> {
+    let mut out = Vec::new();
+    for part in spec.split(',').filter(|s| !s.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) =
+                    (a.parse().map_err(|_| part.to_string())?, b.parse().map_err(|_| part.to_string())?);
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| part.to_string())?),
+        }
+    }
+    Ok(out)
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+struct Client {
+    bases: Vec<u64>,
+    page_size: u64,
+}
+
+impl Client {
+    fn read(&self, list: &[u64], maps: usize) -> Vec<serde_json::Value> {
+        let ps = self.page_size as usize;
+        let mut out = Vec::new();
+        for &p in list {
+            for (m, base) in self.bases.iter().enumerate().take(maps) {
+                let addr = *base + p * self.page_size;
+                // SAFETY: addr lies inside a live mapping made by this process; reading may block
+                // in the kernel until the broker places the page.
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, ps) };
+                out.push(json!({"page": p, "map": m, "fnv": format!("{:016x}", fnv(bytes))}));
+            }
+        }
+        out
+    }
+
+    fn range(&self, spec: &str) -> Result<(std::ptr::NonNull<std::ffi::c_void>, usize), String> {
+        let v = pages(spec)?;
+        let (s, e) = (*v.first().ok_or("empty range")?, *v.last().ok_or("empty range")? + 1);
+        let p = std::ptr::NonNull::new((self.bases[0] + s * self.page_size) as *mut std::ffi::c_void)
+            .ok_or("null")?;
+        Ok((p, ((e - s) * self.page_size) as usize))
+    }
+
+    fn step(&self, step: &str, who: &str, out: &mut impl Write) -> Result<(), String> {
+        let (op, arg) = step.split_once(':').unwrap_or((step, ""));
+        let result = match op {
+            "touch" => json!({"who": who, "step": step, "pages": self.read(&pages(arg)?, 1)}),
+            "touchall" => {
+                json!({"who": who, "step": step, "pages": self.read(&pages(arg)?, self.bases.len())})
+            }
+            "write" => {
+                let (list, byte) = arg.rsplit_once(':').ok_or("write:LIST:BYTE")?;
+                let byte: u8 = byte.parse().map_err(|_| "bad byte")?;
+                for p in pages(list)? {
+                    // SAFETY: the page lies inside this process's own writable mapping.
+                    unsafe {
+                        std::ptr::write_bytes((self.bases[0] + p * self.page_size) as *mut u8, byte, 8)
+                    };
+                }
+                json!({"who": who, "step": step})
+            }
+            "remove" => {
+                let (p, len) = self.range(arg)?;
+                // SAFETY: the range lies inside this process's own mapping.
+                unsafe { madvise(p, len, MmapAdvise::MADV_REMOVE) }.map_err(|e| format!("madvise: {e}"))?;
+                json!({"who": who, "step": step})
+            }
+            "unmap" => {
+                let (p, len) = self.range(arg)?;
+                // SAFETY: unmapping part of this process's own mapping; the script must not touch
+                // it afterwards.
+                unsafe { munmap(p, len) }.map_err(|e| format!("munmap: {e}"))?;
+                json!({"who": who, "step": step})
+            }
+            "wait" => {
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+                json!({"who": who, "step": step})
+            }
+            other => return Err(format!("unknown step {other}")),
+        };
+        writeln!(out, "{result}").map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())
+    }
+}
+
+fn run(a: Args) -> Result<(), String> {
+    let len = std::num::NonZeroUsize::new(a.size as usize).ok_or("size 0")?;
+    let mut want = match (&a.memfd, a.page_size > 4096) {
+        (None, _) => 0,
+        (Some(_), true) => feature::MISSING_HUGETLBFS,
+        (Some(_), false) => feature::MISSING_SHMEM,
+    };
+    for f in a.features.split(',').filter(|s| !s.is_empty()) {
+        want |= match f {
+            "remove" => feature::EVENT_REMOVE,
+            "unmap" => feature::EVENT_UNMAP,
+            "remap" => feature::EVENT_REMAP,
+            "fork" => feature::EVENT_FORK,
+            other => return Err(format!("unknown feature {other}")),
+        };
+    }
+    let uffd = Uffd::open(want).map_err(|e| format!("userfaultfd: {e}"))?;
+    let fd: Option<OwnedFd> = match &a.memfd {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| format!("{path}: {e}"))?
+                .into(),
+        ),
+        None => None,
+    };
+    let mut bases = Vec::new();
+    for _ in 0..a.maps {
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+        let p = match &fd {
+            // SAFETY: a fresh mapping chosen by the kernel; nothing in Rust aliases it.
+            Some(fd) => unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, fd.as_fd(), 0) },
+            // SAFETY: as above.
+            None => unsafe { mmap_anonymous(None, len, prot, MapFlags::MAP_PRIVATE) },
+        }
+        .map_err(|e| format!("mmap: {e}"))?;
+        let base = p.as_ptr() as u64;
+        uffd.register_missing(base, a.size).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
+        bases.push(base);
+    }
+    let mappings: Vec<_> = bases
+        .iter()
+        .map(|b| json!({"client_addr": b, "block": 0, "block_offset": 0, "len": a.size}))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let ready =
+        json!({"ready": true, "pid": std::process::id(), "uffd_fd": uffd.as_raw_fd(), "mappings": mappings});
+    writeln!(out, "{ready}").map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    if !a.no_wait {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+    }
+    let client = Client { bases, page_size: a.page_size };
+    let steps: Vec<&str> = a.script.split(';').filter(|s| !s.is_empty()).collect();
+    let mut i = 0;
+    while i < steps.len() {
+        if steps[i] == "fork" {
+            // SAFETY: this process is single-threaded; the child runs the rest of the script and
+            // leaves with _exit.
+            match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+                nix::unistd::ForkResult::Child => {
+                    let mut failed = false;
+                    for s in &steps[i + 1..] {
+                        if let Err(e) = client.step(s, "child", &mut out) {
+                            eprintln!("pcb-client child: {e}");
+                            failed = true;
+                            break;
+                        }
+                    }
+                    let _ = writeln!(out, "{}", json!({"who": "child", "done": !failed}));
+                    let _ = out.flush();
+                    // SAFETY: _exit ends the forked child without running the parent's destructors.
+                    unsafe { libc::_exit(i32::from(failed)) };
+                }
+                nix::unistd::ForkResult::Parent { child } => {
+                    let _ = nix::sys::wait::waitpid(child, None);
+                }
+            }
+            i += 1;
+            continue;
+        }
+        client.step(steps[i], "parent", &mut out)?;
+        i += 1;
+    }
+    writeln!(out, "{}", json!({"who": "parent", "done": true})).map_err(|e| e.to_string())?;
+    out.flush().map_err(|e| e.to_string())?;
+    drop(uffd);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pcb-client: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

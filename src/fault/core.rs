@@ -1,0 +1,516 @@
+//! The fault path's state and logic, without the epoll plumbing: translate a fault to
+//! (block, page), wake at once if the page is there, otherwise join or create a request; place
+//! pages that arrive and owe a wake to exactly the clients that wait. It is the [`PageSink`] of
+//! every page source.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::client::{AddressMap, Client, ClientId, Registry};
+use crate::error::{Error, Result};
+use crate::fault::pending::{Pending, Waiter};
+use crate::fault::wake::WakeQueue;
+use crate::place::{Placed, Placer, StagingPage};
+use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
+use crate::source::{is_zero, FileSource, PageRequest, PageSink, PageSource, Urgency};
+use crate::stats::BrokerStats;
+use crate::uffd::{Fill, Message, Uffd};
+
+/// Largest run asked of a source in one request.
+pub const MAX_RUN: u64 = 2 << 20;
+
+/// The fault path's state (owned by the fault loop thread).
+#[derive(Debug)]
+pub struct Core {
+    pub(crate) blocks: Arc<RamBlocks>,
+    pub(crate) own: Arc<Uffd>,
+    pub(crate) placer: Placer,
+    pub(crate) pending: Pending,
+    pub(crate) wakes: WakeQueue,
+    wake_buf: Vec<(ClientId, u64, u64)>,
+    pub(crate) clients: Registry,
+    pub(crate) stats: BrokerStats,
+    /// Pages that must fault in as zero (a client removed them), per block.
+    zero_marks: Vec<AtomicBitmap>,
+    zero_marked: usize,
+    /// (block, page index) newly requested in this round.
+    new_requests: Vec<(BlockId, u64)>,
+    /// Image file for private clients.
+    pub(crate) image: Option<FileSource>,
+    staging: StagingPage,
+    /// Private faults that got EAGAIN: retried after the client's events are drained.
+    pub(crate) deferred: Vec<(ClientId, u64, Instant)>,
+    /// Clients born by fork in this round (to be added to epoll).
+    pub(crate) born: Vec<ClientId>,
+    /// Clients that failed in this round (to be retired).
+    pub(crate) failed: Vec<ClientId>,
+    /// Background cursor: (block, page index).
+    bg_cursor: (BlockId, u64),
+}
+
+impl Core {
+    /// A core over `blocks`, placing through `own`.
+    pub fn new(blocks: Arc<RamBlocks>, own: Arc<Uffd>, image: Option<FileSource>) -> Result<Core> {
+        let largest = blocks.largest_page_size();
+        let zero_marks = blocks.iter().map(|(_, b)| AtomicBitmap::new(b.pages() as usize)).collect();
+        Ok(Core {
+            placer: Placer::new(Arc::clone(&own), largest)?,
+            staging: StagingPage::new(largest.max(2 << 20))?,
+            blocks,
+            own,
+            pending: Pending::default(),
+            wakes: WakeQueue::default(),
+            wake_buf: Vec::new(),
+            clients: Registry::new(),
+            stats: BrokerStats::default(),
+            zero_marks,
+            zero_marked: 0,
+            new_requests: Vec::new(),
+            image,
+            deferred: Vec::new(),
+            born: Vec::new(),
+            failed: Vec::new(),
+            bg_cursor: (0, 0),
+        })
+    }
+
+    /// Handle one message read from `client`'s uffd (or the broker's own, `ClientId::BROKER`).
+    pub fn on_message(&mut self, client: ClientId, msg: Message, now: Instant) {
+        match msg {
+            Message::Pagefault { addr, .. } => {
+                self.stats.faults += 1;
+                let private =
+                    matches!(self.clients.get(client).map(|c| &c.map), Some(AddressMap::Private(_)));
+                if private {
+                    self.private_fault(client, addr, now);
+                } else {
+                    self.shared_fault(client, addr, now);
+                }
+            }
+            Message::Fork { child_fd } => self.adopt_fork(client, child_fd),
+            Message::Remap { from, to, len } => {
+                self.count_event(client);
+                if let Some(c) = self.clients.get_mut(client) {
+                    match &mut c.map {
+                        AddressMap::Shared(t) => t.remap(from, to, len),
+                        AddressMap::Private(t) => t.remap(from, to, len),
+                    }
+                }
+                self.rewake_range(client, from, from.saturating_add(len));
+            }
+            Message::Unmap { start, end } => {
+                self.count_event(client);
+                if let Some(c) = self.clients.get_mut(client) {
+                    match &mut c.map {
+                        AddressMap::Shared(t) => t.unmap(start, end),
+                        AddressMap::Private(t) => t.unmap(start, end),
+                    }
+                }
+                self.rewake_range(client, start, end);
+            }
+            Message::Remove { start, end } => {
+                self.count_event(client);
+                self.removed(client, start, end);
+            }
+            Message::Unknown(e) => log::warn!("client {}: unknown userfaultfd event {e:#x}", client.0),
+        }
+    }
+
+    fn count_event(&mut self, client: ClientId) {
+        if let Some(c) = self.clients.get_mut(client) {
+            c.stats.events += 1;
+        }
+    }
+
+    /// Waiters of a client in a range that changed under them: wake them so they fault again
+    /// at wherever the memory is now.
+    fn rewake_range(&mut self, client: ClientId, start: u64, end: u64) {
+        for w in self.pending.take_client_range(client, start, end) {
+            self.wakes.push(w.client, w.addr, 4096);
+        }
+    }
+
+    fn translate(&self, client: ClientId, addr: u64) -> Option<(BlockId, u64)> {
+        if client == ClientId::BROKER {
+            return self.blocks.by_host_addr(addr);
+        }
+        match &self.clients.get(client)?.map {
+            AddressMap::Shared(t) => t.translate(addr),
+            AddressMap::Private(_) => None,
+        }
+    }
+
+    fn shared_fault(&mut self, client: ClientId, addr: u64, now: Instant) {
+        let Some((block, off)) = self.translate(client, addr) else {
+            log::error!(
+                "client {}: fault at {addr:#x} outside its mapping table; it stays blocked",
+                client.0
+            );
+            if let Some(c) = self.clients.get_mut(client) {
+                c.stats.faults += 1;
+                c.stats.unmapped_faults += 1;
+            }
+            return;
+        };
+        let Some(b) = self.blocks.get(block) else { return };
+        let ps = b.page_size();
+        let page_off = off / ps * ps;
+        let page_addr = addr - (off - page_off);
+        let idx = page_off / ps;
+        let received = b.is_received(page_off);
+        let marked = self.zero_marked > 0 && self.zero_marks[block].test(idx as usize);
+        let c = self.clients.get_mut(client);
+        if let Some(c) = c {
+            c.stats.faults += 1;
+        }
+        if received && (!marked || b.is_resident(page_off)) {
+            // The page landed before we read the fault: the kernel cannot see a placement made
+            // through another mapping, so wake now.
+            if let Some(c) = self.clients.get_mut(client) {
+                c.stats.already_there += 1;
+                c.stats.latency.record(now.elapsed().as_nanos() as u64);
+            }
+            self.wakes.push(client, page_addr, ps);
+            return;
+        }
+        let first = self.pending.join(block, idx, Waiter { client, addr: page_addr, since: now });
+        if let Some(c) = self.clients.get_mut(client) {
+            if first {
+                c.stats.pages_requested += 1;
+            } else {
+                c.stats.joined += 1;
+            }
+        }
+        if marked {
+            // A client removed this page: it comes back as zero, not as source data.
+            if let Err(e) = self.place_zero_marked(block, page_off, ps) {
+                log::error!("zero placement after remove failed: {e}");
+            }
+        } else if first {
+            self.new_requests.push((block, idx));
+            // Background transfer resumes near the last demanded address.
+            self.bg_cursor = (block, idx + 1);
+        }
+    }
+
+    fn place_zero_marked(&mut self, block: BlockId, off: u64, ps: u64) -> Result<()> {
+        let b = self.blocks.get(block).ok_or_else(|| Error::UnknownBlock(format!("#{block}")))?;
+        let idx = (off / ps) as usize;
+        if b.is_received(off) {
+            // Received earlier, then punched out by the client: clear the bit so placement works.
+            b.received().clear(idx);
+        }
+        if self.zero_marks[block].clear(idx) {
+            self.zero_marked = self.zero_marked.saturating_sub(1);
+        }
+        self.placer.place_zero(&self.blocks, block, off, ps)?;
+        self.landed(block, off, ps, Urgency::Demand, true);
+        Ok(())
+    }
+
+    /// A client madvise'd a range away. Pages there must fault in as zero from now on, not as
+    /// source data. The event arrives before the kernel drops the pages, so whether a received
+    /// page was really removed (MADV_REMOVE) or only unmapped from that client (MADV_DONTNEED
+    /// on shared memory) is decided when it faults: a MISSING fault on it means it is gone.
+    fn removed(&mut self, client: ClientId, start: u64, end: u64) {
+        let Some(c) = self.clients.get_mut(client) else { return };
+        match &mut c.map {
+            AddressMap::Private(t) => t.remove(start, end),
+            AddressMap::Shared(t) => {
+                let t = t.clone();
+                let mut a = start;
+                while a < end {
+                    let Some((block, off)) = t.translate(a) else {
+                        a += 4096;
+                        continue;
+                    };
+                    let Some(b) = self.blocks.get(block) else { break };
+                    let ps = b.page_size();
+                    let idx = (off / ps) as usize;
+                    if !self.zero_marks[block].set(idx) {
+                        self.zero_marked += 1;
+                    }
+                    a = (a - off % ps) + ps;
+                }
+            }
+        }
+    }
+
+    fn adopt_fork(&mut self, parent: ClientId, child_fd: std::os::fd::RawFd) {
+        // SAFETY: the kernel installed `child_fd` in this process while delivering the FORK event;
+        // nothing else owns it.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(child_fd) };
+        let Some(p) = self.clients.get_mut(parent) else { return };
+        p.stats.events += 1;
+        let (name, map) = (format!("{}/fork", p.name), p.map.clone());
+        let id = self.clients.next_id();
+        log::info!("client {} forked: adopting the child's userfaultfd as client {}", parent.0, id.0);
+        self.clients.insert(Client {
+            id,
+            name,
+            uffd: Uffd::adopt(fd),
+            pid: None,
+            pidfd: None,
+            map,
+            stats: Default::default(),
+        });
+        self.stats.clients_registered += 1;
+        self.born.push(id);
+    }
+
+    /// Serve a private (Firecracker-style) client: read the page from the image and place it
+    /// through the client's own uffd, which also wakes it.
+    pub(crate) fn private_fault(&mut self, id: ClientId, addr: u64, since: Instant) {
+        let Some(c) = self.clients.get_mut(id) else { return };
+        c.stats.faults += 1;
+        let AddressMap::Private(t) = &c.map else { return };
+        let Some((region, page, file_off)) = t.translate(addr) else {
+            log::error!("private client {}: fault at {addr:#x} outside its regions", id.0);
+            c.stats.unmapped_faults += 1;
+            return;
+        };
+        let ps = region.page_size;
+        let zero = t.is_removed(page);
+        let Some(image) = self.image.as_ref() else { return };
+        let buf = &mut self.staging.as_mut_slice()[..ps as usize];
+        let fill = if zero {
+            buf.fill(0);
+            true
+        } else if let Err(e) = image.read_at(file_off, buf) {
+            log::error!("private client {}: {e}", id.0);
+            return;
+        } else {
+            is_zero(buf)
+        };
+        let r = if fill && ps == 4096 {
+            c.uffd.zeropage(page, ps, true)
+        } else {
+            // SAFETY: `buf` holds `ps` readable bytes for the duration of the call.
+            unsafe { c.uffd.copy(page, buf.as_ptr(), ps, true) }
+        };
+        match r {
+            Ok(Fill::Done(_)) => {
+                c.stats.pages_requested += 1;
+                c.stats.latency.record(since.elapsed().as_nanos() as u64);
+                self.stats.pages_demand += 1;
+                if fill {
+                    self.stats.pages_zero += 1;
+                }
+            }
+            Ok(Fill::Exists) => {
+                c.stats.already_there += 1;
+                if c.uffd.wake(page, ps).is_ok() {
+                    c.stats.wakes += 1;
+                    self.stats.wakes += 1;
+                }
+            }
+            Ok(Fill::Again) => self.deferred.push((id, addr, since)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOSPC)) => {
+                log::info!("private client {} exited", id.0);
+                self.failed.push(id);
+            }
+            Err(e) => {
+                log::error!("private client {}: placement at {page:#x} failed: {e}", id.0);
+                self.failed.push(id);
+            }
+        }
+    }
+
+    /// Retry deferred private faults of `id` (its events have been drained).
+    pub(crate) fn retry_deferred(&mut self, id: ClientId) {
+        let mine: Vec<_> = {
+            let (m, rest) = self.deferred.drain(..).partition(|d| d.0 == id);
+            self.deferred = rest;
+            m
+        };
+        for (c, addr, since) in mine {
+            self.private_fault(c, addr, since);
+        }
+    }
+
+    /// Send the requests created in this round to the source, adjacent pages merged into runs.
+    pub fn issue_requests(&mut self, source: &mut dyn PageSource) {
+        if self.new_requests.is_empty() {
+            return;
+        }
+        let mut reqs = std::mem::take(&mut self.new_requests);
+        reqs.sort_unstable();
+        let mut i = 0;
+        while i < reqs.len() {
+            let (block, first) = reqs[i];
+            let ps = self.blocks.get(block).map_or(4096, |b| b.page_size());
+            let mut n = 1;
+            while i + n < reqs.len()
+                && reqs[i + n] == (block, first + n as u64)
+                && (n as u64 + 1) * ps <= MAX_RUN
+            {
+                n += 1;
+            }
+            let req = PageRequest { block, offset: first * ps, len: n as u64 * ps, urgency: Urgency::Demand };
+            self.stats.requests += 1;
+            if let Err(e) = source.request(req, self) {
+                log::error!("page request {req:?} failed: {e}");
+            }
+            i += n;
+        }
+        reqs.clear();
+        self.new_requests = reqs;
+    }
+
+    /// Pull one background run from a local source; returns false when every page is received.
+    pub fn background_step(&mut self, source: &mut dyn PageSource, chunk: u64) -> bool {
+        let nblocks = self.blocks.len();
+        let mut scanned = 0;
+        while scanned <= nblocks {
+            let (block, from) = self.bg_cursor;
+            let Some(b) = self.blocks.get(block) else {
+                self.bg_cursor = (0, 0);
+                scanned += 1;
+                continue;
+            };
+            let ps = b.page_size();
+            let Some(start) = b.received().next_clear(from as usize) else {
+                self.bg_cursor = ((block + 1) % nblocks.max(1), 0);
+                scanned += 1;
+                continue;
+            };
+            let start = start as u64;
+            if self.pending.contains(block, start) {
+                self.bg_cursor = (block, start + 1);
+                continue;
+            }
+            let max = (chunk / ps).max(1);
+            let mut n = 1;
+            while n < max
+                && start + n < b.pages()
+                && !b.received().test((start + n) as usize)
+                && !self.pending.contains(block, start + n)
+            {
+                n += 1;
+            }
+            self.bg_cursor = (block, start + n);
+            let req = PageRequest { block, offset: start * ps, len: n * ps, urgency: Urgency::Background };
+            if let Err(e) = source.request(req, self) {
+                log::error!("background request {req:?} failed: {e}");
+                return false;
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Pages `[offset, offset+len)` of `block` are placed: take their waiters and owe them wakes.
+    fn landed(&mut self, block: BlockId, offset: u64, len: u64, urgency: Urgency, zero: bool) {
+        let Some(b) = self.blocks.get(block) else { return };
+        let ps = b.page_size();
+        let pages = len / ps;
+        let mut waited = false;
+        if !self.pending.is_empty() {
+            let now = Instant::now();
+            for i in 0..pages {
+                let Some(ws) = self.pending.take(block, offset / ps + i) else { continue };
+                waited = true;
+                for w in ws {
+                    let ns = now.duration_since(w.since).as_nanos() as u64;
+                    if let Some(c) = self.clients.get_mut(w.client) {
+                        c.stats.latency.record(ns);
+                        c.stats.blocked_ns = c.stats.blocked_ns.saturating_add(ns);
+                    }
+                    // The broker's own waiters were woken by the placement ioctl itself.
+                    if w.client != ClientId::BROKER {
+                        self.wakes.push(w.client, w.addr, ps);
+                    }
+                }
+            }
+        }
+        if urgency == Urgency::Demand || waited {
+            self.stats.pages_demand += pages;
+        } else {
+            self.stats.pages_background += pages;
+        }
+        if zero {
+            self.stats.pages_zero += pages;
+        }
+    }
+
+    /// Issue the owed wakes, coalesced; a failing client does not stop the others.
+    pub fn flush_wakes(&mut self) {
+        if self.wakes.is_empty() {
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.wake_buf);
+        self.wakes.drain_coalesced(&mut buf);
+        for &(client, addr, len) in &buf {
+            let r = if client == ClientId::BROKER {
+                self.own.wake(addr, len)
+            } else if let Some(c) = self.clients.get_mut(client) {
+                c.stats.wakes += 1;
+                c.uffd.wake(addr, len)
+            } else {
+                continue;
+            };
+            self.stats.wakes += 1;
+            if let Err(e) = r {
+                log::warn!("wake of client {} at {addr:#x} failed: {e}", client.0);
+            }
+        }
+        self.wake_buf = buf;
+    }
+
+    /// Forget a client's waiters.
+    pub fn forget_client(&mut self, id: ClientId) {
+        self.pending.drop_client(id);
+        self.deferred.retain(|d| d.0 != id);
+    }
+
+    fn zero_marked_in(&self, block: BlockId, offset: u64, len: u64, ps: u64) -> bool {
+        self.zero_marked > 0
+            && self.zero_marks[block].count_range((offset / ps) as usize, (len / ps) as usize) > 0
+    }
+}
+
+impl PageSink for Core {
+    fn page(&mut self, block: BlockId, offset: u64, data: &[u8], urgency: Urgency) -> Result<()> {
+        let ps = self.blocks.get(block).ok_or_else(|| Error::UnknownBlock(format!("#{block}")))?.page_size();
+        let len = data.len() as u64;
+        if self.zero_marked_in(block, offset, len, ps) {
+            // Some pages were removed by a client meanwhile: those become zero, the rest data.
+            let mut o = 0;
+            while o < len {
+                let idx = ((offset + o) / ps) as usize;
+                if self.zero_marks[block].test(idx) {
+                    self.place_zero_marked(block, offset + o, ps)?;
+                } else {
+                    let chunk = &data[o as usize..(o + ps) as usize];
+                    self.placer.place(&self.blocks, block, offset + o, chunk)?;
+                    self.landed(block, offset + o, ps, urgency, false);
+                }
+                o += ps;
+            }
+            return Ok(());
+        }
+        let r = self.placer.place(&self.blocks, block, offset, data)?;
+        if r == Placed::Repaired {
+            self.stats.foreign_pages = self.placer.stats().counts().foreign_pages;
+        }
+        self.landed(block, offset, len, urgency, false);
+        Ok(())
+    }
+
+    fn zero(&mut self, block: BlockId, offset: u64, len: u64, urgency: Urgency) -> Result<()> {
+        let r = self.placer.place_zero(&self.blocks, block, offset, len)?;
+        if r == Placed::Repaired {
+            self.stats.foreign_pages = self.placer.stats().counts().foreign_pages;
+        }
+        if self.zero_marked_in(block, offset, len, self.blocks.get(block).map_or(4096, |b| b.page_size())) {
+            let ps = self.blocks.get(block).map_or(4096, |b| b.page_size());
+            for i in 0..len / ps {
+                if self.zero_marks[block].clear(((offset / ps) + i) as usize) {
+                    self.zero_marked = self.zero_marked.saturating_sub(1);
+                }
+            }
+        }
+        self.landed(block, offset, len, urgency, true);
+        Ok(())
+    }
+}

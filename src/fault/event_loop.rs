@@ -1,0 +1,504 @@
+//! The epoll plumbing of the fault loop and its handle.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, PrivateRegion, PrivateTable};
+use crate::error::{Error, IoContext, Result};
+use crate::fault::core::Core;
+use crate::incoming::Incoming;
+use crate::source::{FileSource, PageSource, SourceState};
+use crate::stats::{BlockStatus, StatusReport};
+use crate::uffd::{message_buffer, Message, RawMsg, Uffd};
+
+const T_EVENT: u64 = 0;
+const T_OWN: u64 = 1;
+const T_SOURCE: u64 = 2;
+const KIND_SHIFT: u32 = 56;
+const K_UFFD: u64 = 1;
+const K_PIDFD: u64 = 2;
+
+fn token(kind: u64, id: u64) -> u64 {
+    (kind << KIND_SHIFT) | id
+}
+
+/// What a client maps.
+#[derive(Debug, Clone)]
+pub enum RegistrationMap {
+    /// Ranges of the shared RAM blocks.
+    Shared(Vec<MappingEntry>),
+    /// Private memory backed by the broker's image file.
+    Private(Vec<PrivateRegion>),
+}
+
+/// A client to register.
+#[derive(Debug)]
+pub struct Registration {
+    /// Name (idstr).
+    pub name: String,
+    /// Its userfaultfd (its ranges already registered in MISSING mode).
+    pub uffd: OwnedFd,
+    /// Its pid, to notice its exit.
+    pub pid: Option<u32>,
+    /// What it maps.
+    pub map: RegistrationMap,
+}
+
+/// Settings of the fault loop.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerConfig {
+    /// Pull background pages from a local source when idle.
+    pub background: bool,
+    /// Bytes per background pull.
+    pub background_chunk: u64,
+    /// Image file that serves private clients.
+    pub image: Option<PathBuf>,
+    /// Busy-poll instead of blocking in epoll_wait.
+    pub busy_poll: bool,
+}
+
+enum Command {
+    Register(Registration, Sender<Result<ClientId>>),
+    Unregister(ClientId, Sender<Result<()>>),
+    Status(Sender<StatusReport>),
+    Stop,
+}
+
+/// The running fault loop.
+#[derive(Debug)]
+pub struct Broker;
+
+/// Talks to a running fault loop.
+#[derive(Debug)]
+pub struct BrokerHandle {
+    tx: Sender<Command>,
+    kick: Arc<OwnedFd>,
+    thread: Option<JoinHandle<Result<StatusReport>>>,
+    blocks: Arc<crate::ram::RamBlocks>,
+}
+
+fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: eventfd(2) takes an initial value and flags and returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::io("eventfd", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn kick(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to an eventfd.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+}
+
+fn drain_eventfd(fd: RawFd) {
+    let mut v = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live buffer.
+    let _ = unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
+}
+
+/// pidfd_open(2).
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_nonblocking(fd: RawFd) -> Result<()> {
+    // SAFETY: fcntl on a valid fd with integer arguments.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+        return Err(Error::io("set a client userfaultfd non-blocking", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+struct Loop {
+    epfd: OwnedFd,
+    event: Arc<OwnedFd>,
+    rx: Receiver<Command>,
+    core: Core,
+    source: Box<dyn PageSource>,
+    config: BrokerConfig,
+    msgs: Vec<RawMsg>,
+    source_open: bool,
+    /// Clients no longer served whose process may still live: their uffds stay open.
+    retired: HashMap<ClientId, Client>,
+    /// Final statistics of clients that are gone.
+    departed: std::collections::VecDeque<crate::stats::ClientStatus>,
+    stop: bool,
+}
+
+impl Loop {
+    fn add(&self, fd: RawFd, tok: u64) -> Result<()> {
+        let ev = epoll::Event::new(epoll::Events::EPOLLIN, tok);
+        epoll::ctl(self.epfd.as_raw_fd(), epoll::ControlOptions::EPOLL_CTL_ADD, fd, ev)
+            .ctx(|| format!("epoll add fd {fd}"))
+    }
+
+    fn del(&self, fd: RawFd) {
+        let ev = epoll::Event::new(epoll::Events::empty(), 0);
+        let _ = epoll::ctl(self.epfd.as_raw_fd(), epoll::ControlOptions::EPOLL_CTL_DEL, fd, ev);
+    }
+
+    fn register(&mut self, reg: Registration) -> Result<ClientId> {
+        let map = match reg.map {
+            RegistrationMap::Shared(entries) => {
+                AddressMap::Shared(MappingTable::new(&self.core.blocks, entries)?)
+            }
+            RegistrationMap::Private(regions) => {
+                let len = self
+                    .core
+                    .image
+                    .as_ref()
+                    .ok_or_else(|| {
+                        Error::Invalid(
+                            "private clients need an image file: start the broker with --image FILE".into(),
+                        )
+                    })?
+                    .len();
+                AddressMap::Private(PrivateTable::new(regions, len)?)
+            }
+        };
+        set_nonblocking(reg.uffd.as_raw_fd())?;
+        let pidfd = match reg.pid.map(pidfd_open) {
+            Some(Ok(fd)) => Some(fd),
+            Some(Err(e)) => return Err(Error::io(format!("pidfd_open of client pid {:?}", reg.pid), e)),
+            None => None,
+        };
+        let id = self.core.clients.next_id();
+        self.add(reg.uffd.as_raw_fd(), token(K_UFFD, id.0))?;
+        if let Some(p) = &pidfd {
+            if let Err(e) = self.add(p.as_raw_fd(), token(K_PIDFD, id.0)) {
+                self.del(reg.uffd.as_raw_fd());
+                return Err(e);
+            }
+        }
+        log::info!("client {} '{}' registered (pid {:?})", id.0, reg.name, reg.pid);
+        self.core.clients.insert(Client {
+            id,
+            name: reg.name,
+            uffd: Uffd::adopt(reg.uffd),
+            pid: reg.pid,
+            pidfd,
+            map,
+            stats: Default::default(),
+        });
+        self.core.stats.clients_registered += 1;
+        Ok(id)
+    }
+
+    /// Stop serving a client. Its uffd stays open while its process may live (closing it would
+    /// let its faults fill shared RAM with zeros); it is closed when the pidfd reports the exit
+    /// or the loop ends.
+    fn retire(&mut self, id: ClientId, exited: bool) {
+        let Some(c) = self.core.clients.remove(id) else {
+            if exited {
+                if let Some(c) = self.retired.remove(&id) {
+                    if let Some(p) = &c.pidfd {
+                        self.del(p.as_raw_fd());
+                    }
+                }
+            }
+            return;
+        };
+        self.del(c.uffd.as_raw_fd());
+        self.core.forget_client(id);
+        self.core.stats.clients_gone += 1;
+        if self.departed.len() == 256 {
+            self.departed.pop_front();
+        }
+        self.departed.push_back(c.status());
+        if exited {
+            if let Some(p) = &c.pidfd {
+                self.del(p.as_raw_fd());
+            }
+            log::info!("client {} '{}' exited", id.0, c.name);
+        } else {
+            log::info!("client {} '{}' retired", id.0, c.name);
+            self.retired.insert(id, c);
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        let blocks = &self.core.blocks;
+        let mut clients: Vec<_> = self.core.clients.iter().map(|c| c.status()).collect();
+        clients.sort_by_key(|c| c.id);
+        let mut broker = self.core.stats.clone();
+        broker.foreign_pages = self.core.placer.stats().counts().foreign_pages;
+        StatusReport {
+            state: "serving".into(),
+            received_pages: blocks.received_pages(),
+            total_pages: blocks.total_pages(),
+            blocks: blocks
+                .iter()
+                .map(|(_, b)| BlockStatus {
+                    name: b.name().into(),
+                    size: b.size(),
+                    page_size: b.page_size(),
+                    received: b.received().count_ones() as u64,
+                })
+                .collect(),
+            outstanding: self.core.pending.len() as u64,
+            broker,
+            clients,
+            departed: self.departed.iter().cloned().collect(),
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Register(reg, reply) => {
+                let r = self.register(reg);
+                let _ = reply.send(r);
+            }
+            Command::Unregister(id, reply) => {
+                let r = if self.core.clients.get(id).is_some() {
+                    self.retire(id, false);
+                    Ok(())
+                } else {
+                    Err(Error::Invalid(format!("no client {}", id.0)))
+                };
+                let _ = reply.send(r);
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Stop => self.stop = true,
+        }
+    }
+
+    /// Read every queued message of a uffd and handle them in order.
+    fn drain_uffd(&mut self, id: ClientId) {
+        let now = Instant::now();
+        loop {
+            let r = if id == ClientId::BROKER {
+                self.core.own.read_messages(&mut self.msgs)
+            } else {
+                match self.core.clients.get(id) {
+                    Some(c) => c.uffd.read_messages(&mut self.msgs),
+                    None => return,
+                }
+            };
+            let n = match r {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("client {}: reading its userfaultfd failed: {e}; serving it no more", id.0);
+                    self.core.failed.push(id);
+                    break;
+                }
+            };
+            for i in 0..n {
+                let m = Message::decode(&self.msgs[i]);
+                self.core.on_message(id, m, now);
+            }
+            if n < self.msgs.len() {
+                break;
+            }
+        }
+        if !self.core.deferred.is_empty() {
+            self.core.retry_deferred(id);
+        }
+    }
+
+    fn dispatch(&mut self, tok: u64) -> Result<()> {
+        match tok {
+            T_EVENT => {
+                drain_eventfd(self.event.as_raw_fd());
+                while let Ok(cmd) = self.rx.try_recv() {
+                    self.on_command(cmd);
+                }
+            }
+            T_OWN => self.drain_uffd(ClientId::BROKER),
+            T_SOURCE => {
+                if self.source.on_ready(&mut self.core)? == SourceState::Closed {
+                    if let Some(fd) = self.source.poll_fd() {
+                        self.del(fd);
+                    }
+                    self.source_open = false;
+                }
+            }
+            t => {
+                let id = ClientId(t & ((1 << KIND_SHIFT) - 1));
+                match t >> KIND_SHIFT {
+                    K_UFFD => self.drain_uffd(id),
+                    K_PIDFD => self.retire(id, true),
+                    _ => log::warn!("unknown epoll token {t:#x}"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn after_round(&mut self) {
+        self.core.issue_requests(self.source.as_mut());
+        self.core.flush_wakes();
+        for id in std::mem::take(&mut self.core.born) {
+            if let Some(c) = self.core.clients.get(id) {
+                let fd = c.uffd.as_raw_fd();
+                if let Err(e) = set_nonblocking(fd).and_then(|()| self.add(fd, token(K_UFFD, id.0))) {
+                    log::error!("forked client {}: {e}", id.0);
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.core.failed) {
+            self.retire(id, false);
+        }
+    }
+
+    fn run(mut self) -> Result<StatusReport> {
+        let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
+        let chunk = if self.config.background_chunk == 0 { 256 << 10 } else { self.config.background_chunk };
+        let mut background = self.config.background && self.source.wants_background_pull();
+        while !self.stop {
+            let busy = background || !self.core.deferred.is_empty() || self.config.busy_poll;
+            let timeout = if busy { 0 } else { -1 };
+            let n = match epoll::wait(self.epfd.as_raw_fd(), timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io("epoll_wait", e)),
+            };
+            for ev in events.iter().take(n).map(|e| e.data).collect::<Vec<_>>() {
+                self.dispatch(ev)?;
+            }
+            self.after_round();
+            if n == 0 && background {
+                background = self.core.background_step(self.source.as_mut(), chunk);
+                self.core.flush_wakes();
+            }
+            if !self.core.deferred.is_empty() && n == 0 {
+                for id in self.core.deferred.iter().map(|d| d.0).collect::<Vec<_>>() {
+                    self.core.retry_deferred(id);
+                }
+                self.after_round();
+            }
+        }
+        Ok(self.status())
+    }
+}
+
+impl Broker {
+    /// Start the fault loop over a listening [`Incoming`] with `source`.
+    pub fn spawn(
+        incoming: &Incoming,
+        source: Box<dyn PageSource>,
+        config: BrokerConfig,
+    ) -> Result<BrokerHandle> {
+        let own = incoming.uffd().cloned().ok_or_else(|| {
+            Error::Invalid("the fault loop needs a listening Incoming (call listen() first)".into())
+        })?;
+        let blocks = Arc::clone(incoming.blocks());
+        let image = config.image.as_deref().map(FileSource::open_raw).transpose()?;
+        let core = Core::new(Arc::clone(&blocks), own, image)?;
+        let epfd = epoll::create(true).ctx(|| "epoll_create".into())?;
+        // SAFETY: epoll::create returned a fresh fd that nothing else owns.
+        let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let event = Arc::new(eventfd()?);
+        let (tx, rx) = mpsc::channel();
+        let lp = Loop {
+            epfd,
+            event: Arc::clone(&event),
+            rx,
+            core,
+            source,
+            config,
+            msgs: message_buffer(64),
+            source_open: true,
+            retired: HashMap::new(),
+            departed: Default::default(),
+            stop: false,
+        };
+        lp.add(event.as_raw_fd(), T_EVENT)?;
+        lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
+        if let Some(fd) = lp.source.poll_fd() {
+            lp.add(fd, T_SOURCE)?;
+        }
+        let _ = lp.source_open;
+        let thread = std::thread::Builder::new()
+            .name("postcopy-fault".into())
+            .spawn(move || lp.run())
+            .ctx(|| "spawn the fault loop thread".into())?;
+        Ok(BrokerHandle { tx, kick: event, thread: Some(thread), blocks })
+    }
+}
+
+impl BrokerHandle {
+    fn send(&self, c: Command) -> Result<()> {
+        self.tx.send(c).map_err(|_| Error::Invalid("the fault loop has stopped".into()))?;
+        kick(&self.kick);
+        Ok(())
+    }
+
+    /// Register a client; returns its id.
+    pub fn register(&self, reg: Registration) -> Result<ClientId> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Register(reg, tx))?;
+        rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))?
+    }
+
+    /// Stop serving a client (its uffd stays open while its process lives).
+    pub fn unregister(&self, id: ClientId) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Unregister(id, tx))?;
+        rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))?
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Result<StatusReport> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Status(tx))?;
+        rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))
+    }
+
+    /// Whether every page of every block has been received.
+    pub fn all_received(&self) -> bool {
+        self.blocks.all_received()
+    }
+
+    /// Wait until every page is received or `timeout` passes; returns whether all arrived.
+    pub fn wait_all_received(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while !self.blocks.all_received() {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Stop the loop and return its final status.
+    pub fn stop(mut self) -> Result<StatusReport> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<StatusReport> {
+        let _ = self.send(Command::Stop);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| Error::Invalid("the fault loop thread panicked".into()))?,
+            None => Err(Error::Invalid("already stopped".into())),
+        }
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.stop_inner();
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Statistics: per-client fault counts and fault-to-wake latency histograms, broker-wide page
+//! and wake counters, and the status report that `postcopy-broker status` shows.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// Number of latency buckets: bucket i holds [2^i, 2^(i+1)) microseconds; the last is open.
+pub const BUCKETS: usize = 26;
+
+/// A log2 histogram of latencies in microseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Histogram {
+    /// Counts per bucket.
+    pub buckets: Vec<u64>,
+    /// Number of samples.
+    pub count: u64,
+    /// Sum of samples in nanoseconds.
+    pub sum_ns: u64,
+    /// Largest sample in nanoseconds.
+    pub max_ns: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { buckets: vec![0; BUCKETS], count: 0, sum_ns: 0, max_ns: 0 }
+    }
+}
+
+impl Histogram {
+    /// Record one latency.
+    pub fn record(&mut self, ns: u64) {
+        let us = ns / 1000;
+        let i = if us == 0 { 0 } else { (63 - us.leading_zeros() as usize).min(BUCKETS - 1) };
+        if let Some(b) = self.buckets.get_mut(i) {
+            *b += 1;
+        }
+        self.count += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Add another histogram into this one.
+    pub fn merge(&mut self, o: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&o.buckets) {
+            *a += b;
+        }
+        self.count += o.count;
+        self.sum_ns = self.sum_ns.saturating_add(o.sum_ns);
+        self.max_ns = self.max_ns.max(o.max_ns);
+    }
+
+    /// The upper bound (µs) of the bucket holding quantile `q` (0..=1); 0 when empty.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let target = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return 1u64 << (i + 1);
+            }
+        }
+        1u64 << BUCKETS
+    }
+
+    /// Mean in microseconds.
+    pub fn mean_us(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum_ns as f64 / self.count as f64 / 1000.0
+        }
+    }
+}
+
+/// Counters of one client.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Page-fault messages read.
+    pub faults: u64,
+    /// Faults that created a new page request.
+    pub pages_requested: u64,
+    /// Faults that joined a request already outstanding.
+    pub joined: u64,
+    /// Faults on pages already received (woken at once).
+    pub already_there: u64,
+    /// Faults outside the client's mapping table.
+    pub unmapped_faults: u64,
+    /// Wake ioctls issued to this client.
+    pub wakes: u64,
+    /// Non-cooperative events read (fork, remap, remove, unmap).
+    pub events: u64,
+    /// Fault-to-wake latency.
+    pub latency: Histogram,
+    /// Sum of the time its faults were blocked while the broker knew of them, in ns.
+    pub blocked_ns: u64,
+}
+
+/// One client in the status report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClientStatus {
+    /// Client id.
+    pub id: u64,
+    /// Name (idstr).
+    pub name: String,
+    /// "shared" or "private".
+    pub kind: String,
+    /// Peer pid, if known.
+    pub pid: Option<u32>,
+    /// Mapped bytes.
+    pub mapped_bytes: u64,
+    /// Counters.
+    pub stats: ClientStats,
+}
+
+/// Broker-wide counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Pages placed because someone faulted on them.
+    pub pages_demand: u64,
+    /// Pages placed by background transfer.
+    pub pages_background: u64,
+    /// Of those, pages placed as zero.
+    pub pages_zero: u64,
+    /// UFFDIO_WAKE ioctls issued (after coalescing).
+    pub wakes: u64,
+    /// Page requests sent to the source.
+    pub requests: u64,
+    /// Faults read from all uffds.
+    pub faults: u64,
+    /// Clients registered so far.
+    pub clients_registered: u64,
+    /// Clients gone (exited, unregistered, failed).
+    pub clients_gone: u64,
+    /// Pages populated behind the broker's back (detected on placement).
+    pub foreign_pages: u64,
+    /// Control connections closed for protocol errors.
+    pub control_errors: u64,
+}
+
+/// What `postcopy-broker status` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    /// Postcopy state.
+    pub state: String,
+    /// Pages received / total.
+    pub received_pages: u64,
+    /// Total pages.
+    pub total_pages: u64,
+    /// Blocks: (name, size, page size, received pages).
+    pub blocks: Vec<BlockStatus>,
+    /// Outstanding page requests.
+    pub outstanding: u64,
+    /// Broker counters.
+    pub broker: BrokerStats,
+    /// Live clients.
+    pub clients: Vec<ClientStatus>,
+    /// Clients that are gone (exited, unregistered, failed), most recent last, at most 256.
+    pub departed: Vec<ClientStatus>,
+}
+
+impl StatusReport {
+    /// Live and departed clients together.
+    pub fn all_clients(&self) -> impl Iterator<Item = &ClientStatus> {
+        self.clients.iter().chain(self.departed.iter())
+    }
+}
+
+/// One block in the status report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Name.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// Pages received.
+    pub received: u64,
+}
+
+/// The status report as text.
+pub fn render(r: &StatusReport) -> String {
+    let mut s = String::new();
+    let pct = if r.total_pages == 0 { 100.0 } else { r.received_pages as f64 * 100.0 / r.total_pages as f64 };
+    let _ = writeln!(
+        s,
+        "state {}  received {}/{} pages ({pct:.1}%)  outstanding requests {}",
+        r.state, r.received_pages, r.total_pages, r.outstanding
+    );
+    for b in &r.blocks {
+        let _ = writeln!(
+            s,
+            "  block {:<16} {:>12} bytes  page {:>8}  received {}",
+            b.name, b.size, b.page_size, b.received
+        );
+    }
+    let g = &r.broker;
+    let _ = writeln!(
+        s,
+        "pages: demand {} background {} zero {}  faults {}  requests {}  wakes {}  foreign {}",
+        g.pages_demand, g.pages_background, g.pages_zero, g.faults, g.requests, g.wakes, g.foreign_pages
+    );
+    let _ = writeln!(s, "clients: {} registered, {} gone", g.clients_registered, g.clients_gone);
+    for c in r.all_clients() {
+        let l = &c.stats.latency;
+        let _ = writeln!(
+            s,
+            "  #{}{} {:<20} {:<7} pid {:<8} faults {:>8} requested {:>8} wakes {:>8}  latency mean {:.1}us p50<{}us p99<{}us max {:.1}us",
+            c.id,
+            if r.departed.iter().any(|d| d.id == c.id) { " (gone)" } else { "" },
+            c.name,
+            c.kind,
+            c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            c.stats.faults,
+            c.stats.pages_requested,
+            c.stats.wakes,
+            l.mean_us(),
+            l.quantile_us(0.5),
+            l.quantile_us(0.99),
+            l.max_ns as f64 / 1000.0
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_quantiles() {
+        let mut h = Histogram::default();
+        for ns in [500, 1_500, 3_000, 3_900, 1_000_000] {
+            h.record(ns);
+        }
+        assert_eq!(h.count, 5);
+        assert_eq!(h.buckets[0], 2, "0.5us and 1.5us");
+        assert_eq!(h.buckets[1], 2, "3us and 3.9us");
+        assert_eq!(h.buckets[9], 1, "1000us is in [512, 1024)");
+        assert_eq!(h.quantile_us(0.5), 4);
+        assert_eq!(h.quantile_us(1.0), 1024);
+        assert_eq!(h.max_ns, 1_000_000);
+        let mut m = Histogram::default();
+        m.merge(&h);
+        m.merge(&h);
+        assert_eq!(m.count, 10);
+        h.record(u64::MAX);
+        assert_eq!(h.buckets[BUCKETS - 1], 1);
+    }
+}
