@@ -270,13 +270,14 @@ fn eexist_on_a_page_the_broker_placed_is_harmless() {
     assert_eq!(placer.place_zero(inc.blocks(), id, 2 * PS, PS).unwrap(), Placed::AlreadyPresent);
     let c = placer.stats().counts();
     assert_eq!((c.already_present, c.foreign_pages), (2, 0));
+    assert_eq!((c.data_pages, c.zero_pages), (1, 0), "pages already present are not counted as placed");
     assert_eq!(read_block(b, 2 * PS, PS), first);
 
     // A run over it: the other pages are placed, the present one kept.
     let run = pattern(0xE0, 4 * PS as usize);
     assert_eq!(placer.place(inc.blocks(), id, 0, &run).unwrap(), Placed::AlreadyPresent);
     let c = placer.stats().counts();
-    assert_eq!((c.already_present, c.foreign_pages), (3, 0));
+    assert_eq!((c.already_present, c.foreign_pages, c.data_pages), (3, 0, 4));
     assert_eq!(b.received().count_ones(), 4);
     let mut expect = run.clone();
     expect[2 * PS as usize..3 * PS as usize].copy_from_slice(&first);
@@ -353,6 +354,26 @@ fn a_file_block_on_dev_shm_works_like_a_memfd() {
     let new = pattern(0x15, PS as usize);
     placer.place(inc.blocks(), id, 2 * PS, &new).unwrap();
     assert_eq!(finish(reader), new);
+}
+
+#[test]
+fn a_block_over_a_memfd_from_elsewhere_is_placed_like_its_own() {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    // The VMM's guest RAM: a memfd it created and passed over.
+    let fd = memfd_create(c"guest-ram", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&fd, (8 * PS) as i64).unwrap();
+    let vmm_view =
+        postcopy_broker::ram::Mapping::shared(std::os::fd::AsFd::as_fd(&fd), 8 * PS as usize).unwrap();
+    let dup = fd.try_clone().unwrap();
+    let mut blocks = RamBlocks::new();
+    let id = blocks.add(RamBlock::from_fd("pc.ram", dup, 8 * PS, PS).unwrap()).unwrap();
+    let inc = listening(blocks);
+    let b = inc.blocks().get(id).unwrap();
+    assert_eq!(b.backing(), &postcopy_broker::ram::Backing::Fd);
+    let data = pattern(0x1A, 2 * PS as usize);
+    inc.placer().unwrap().place(inc.blocks(), id, 6 * PS, &data).unwrap();
+    assert_eq!(read_mapping(&vmm_view, 6 * PS, 2 * PS), data);
+    assert_peer_sees(b, 6 * PS, &data);
 }
 
 #[test]

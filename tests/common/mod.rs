@@ -127,6 +127,12 @@ pub fn spawn_reader(blocks: &Arc<RamBlocks>, id: BlockId, offset: u64, len: u64)
 /// Wait (up to a minute, as a safety net) until the broker's userfaultfd reports a missing-page
 /// fault inside `[addr, addr+len)`: proof that a thread touched the absent page and is blocked.
 pub fn wait_for_fault(uffd: &Uffd, addr: u64, len: u64) -> Message {
+    wait_for_faults(uffd, &[(addr, len)])[0]
+}
+
+/// Like [`wait_for_fault`] for several ranges at once (messages are consumed as they are read).
+pub fn wait_for_faults(uffd: &Uffd, ranges: &[(u64, u64)]) -> Vec<Message> {
+    let mut found: Vec<Option<Message>> = vec![None; ranges.len()];
     let mut buf = message_buffer(16);
     for _ in 0..600 {
         let mut fds = [PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
@@ -135,13 +141,18 @@ pub fn wait_for_fault(uffd: &Uffd, addr: u64, len: u64) -> Message {
         for m in &buf[..n] {
             let msg = Message::decode(m);
             if let Message::Pagefault { addr: a, .. } = msg {
-                if a >= addr && a < addr + len {
-                    return msg;
+                for (i, &(start, len)) in ranges.iter().enumerate() {
+                    if a >= start && a < start + len {
+                        found[i].get_or_insert(msg);
+                    }
                 }
             }
         }
+        if found.iter().all(Option::is_some) {
+            return found.into_iter().flatten().collect();
+        }
     }
-    panic!("no fault reported in [{addr:#x}, +{len:#x})");
+    panic!("no fault reported in some of {ranges:#x?}");
 }
 
 /// Assert that a reader thread has not produced a result (it is blocked on the fault).
