@@ -55,3 +55,44 @@ fn the_library_probe_agrees_with_the_cli() {
     let text = postcopy_broker::probe::render(&r);
     assert!(text.contains("SUPPORTED") && !text.contains("NOT SUPPORTED"), "{text}");
 }
+
+#[test]
+fn without_userfaultfd_access_the_probe_fails_and_says_what_to_do() {
+    use std::os::unix::process::CommandExt;
+    // An unprivileged user: /dev/userfaultfd is root-only here, and the system call (without
+    // UFFD_USER_MODE_ONLY, which the broker needs for vhost-user backends) is refused unless
+    // vm.unprivileged_userfaultfd=1.
+    let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap();
+    let dev_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata("/dev/userfaultfd").unwrap().permissions(),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+        .args(["probe", "--json"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(v["uid"], 65534);
+    if unpriv.trim() == "0" && dev_mode & 0o006 == 0 {
+        assert!(!out.status.success(), "exit status is not 0 when postcopy cannot work: {text}");
+        assert_eq!(v["postcopy_shared_ok"], false);
+        assert_eq!((&v["syscall"]["ok"], &v["device"]["ok"]), (&Value::Bool(false), &Value::Bool(false)));
+        let problems = v["problems"].as_array().unwrap();
+        let p = problems[0].as_str().unwrap();
+        assert!(p.contains("vm.unprivileged_userfaultfd=1") && p.contains("/dev/userfaultfd"), "{p}");
+        let human = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+            .arg("probe")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert_eq!(human.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&human.stdout).contains("NOT SUPPORTED"));
+    } else {
+        // The host lets unprivileged users have userfaultfds: the probe says so.
+        assert!(out.status.success(), "{text}");
+        assert_eq!(v["postcopy_shared_ok"], true);
+    }
+}
