@@ -145,13 +145,10 @@ impl Placer {
             });
         }
         b.check_range(offset, len)?;
-        self.fill(b, offset, len, |dst, done, n| {
+        self.fill(b, offset, len, &self.stats.data_pages, |dst, done, n| {
             let src = data[usize::try_from(done).unwrap_or(0)..].as_ptr();
             // SAFETY: `src` points at `n` readable bytes of `data` (done + n <= data.len()).
             unsafe { self.uffd.copy(dst, src, n, true) }
-        })
-        .inspect(|_| {
-            self.stats.data_pages.fetch_add(len / b.page_size(), Ordering::Relaxed);
         })
     }
 
@@ -160,8 +157,9 @@ impl Placer {
     pub fn place_zero(&self, blocks: &RamBlocks, id: BlockId, offset: u64, len: u64) -> Result<Placed> {
         let b = block(blocks, id)?;
         b.check_range(offset, len)?;
-        let r = if b.zeropage_supported() {
-            self.fill(b, offset, len, |dst, _, n| self.uffd.zeropage(dst, n, true))
+        let zero_pages = &self.stats.zero_pages;
+        if b.zeropage_supported() {
+            self.fill(b, offset, len, zero_pages, |dst, _, n| self.uffd.zeropage(dst, n, true))
         } else {
             let ps = b.page_size();
             let zero = self.zero.as_slice().as_ptr();
@@ -169,26 +167,25 @@ impl Placer {
             let mut o = offset;
             while o < offset + len {
                 // SAFETY: the zero page is at least one block page long and lives as long as self.
-                let r = self.fill(b, o, ps, |dst, done, n| unsafe {
+                let r = self.fill(b, o, ps, zero_pages, |dst, done, n| unsafe {
                     self.uffd.copy(dst, zero.add(done as usize), n, true)
                 })?;
                 outcome = worst(outcome, r);
                 o += ps;
             }
             Ok(outcome)
-        };
-        r.inspect(|_| {
-            self.stats.zero_pages.fetch_add(len / b.page_size(), Ordering::Relaxed);
-        })
+        }
     }
 
     /// Run `op(dst, done, remaining)` until the range is filled, handling partial progress,
-    /// EAGAIN and EEXIST page by page.
+    /// EAGAIN and EEXIST page by page. `placed` counts the pages this call filled (not those that
+    /// were already present), also when it fails part way.
     fn fill(
         &self,
         b: &RamBlock,
         offset: u64,
         len: u64,
+        placed: &AtomicU64,
         mut op: impl FnMut(u64, u64, u64) -> std::io::Result<Fill>,
     ) -> Result<Placed> {
         let ps = b.page_size();
@@ -215,6 +212,7 @@ impl Placer {
                         continue;
                     }
                     b.received().set_range(b.page_index(offset + done), (k / ps) as usize);
+                    placed.fetch_add(k / ps, Ordering::Relaxed);
                     done += k;
                 }
                 Fill::Again => {

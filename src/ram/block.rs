@@ -146,19 +146,12 @@ impl RamBlock {
             .truncate(false)
             .open(path)
             .ctx(|| format!("open RAM file {}", path.display()))?;
-        let st = nix::sys::statfs::fstatfs(&file).ctx(|| format!("statfs {}", path.display()))?;
-        #[allow(clippy::unnecessary_cast)]
-        let magic = st.filesystem_type().0 as i64;
-        let page_size = match magic {
-            TMPFS_MAGIC => SMALL_PAGE,
-            HUGETLBFS_MAGIC => u64::try_from(st.block_size()).unwrap_or(HUGE_2M),
-            _ => {
-                return Err(Error::Invalid(format!(
-                    "{}: userfaultfd MISSING faults work only on tmpfs or hugetlbfs files; put the file under /dev/shm or a hugetlbfs mount",
-                    path.display()
-                )))
-            }
-        };
+        let page_size = shared_page_size(file.as_fd()).ctx(|| format!("statfs {}", path.display()))?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: userfaultfd MISSING faults work only on tmpfs or hugetlbfs files; put the file under /dev/shm or a hugetlbfs mount",
+                path.display()
+            ))
+        })?;
         check_size(name, size, page_size)?;
         if file.metadata().ctx(|| format!("stat {}", path.display()))?.len() < size {
             file.set_len(size).ctx(|| format!("grow {} to {size}", path.display()))?;
@@ -166,10 +159,30 @@ impl RamBlock {
         Self::build(name, Backing::File { path: path.to_path_buf() }, Some(file.into()), size, page_size)
     }
 
-    /// A block over a memfd received from elsewhere (its page size must be given).
+    /// A block over a memfd received from elsewhere (its page size must be given). The fd must be
+    /// shared memory (tmpfs or hugetlbfs) of that page size holding at least `size` bytes, so that
+    /// no access to the block can run past its end (SIGBUS).
     pub fn from_fd(name: &str, fd: OwnedFd, size: u64, page_size: u64) -> Result<RamBlock> {
         if page_size != SMALL_PAGE {
             huge_flag(page_size)?;
+        }
+        check_size(name, size, page_size)?;
+        let what = || format!("inspect the fd of RAM block '{name}'");
+        let actual = shared_page_size(fd.as_fd()).ctx(what)?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "the fd of RAM block '{name}' is not shared memory on tmpfs or hugetlbfs; pass a memfd (memfd_create) or a file under /dev/shm or a hugetlbfs mount"
+            ))
+        })?;
+        if actual != page_size {
+            return Err(Error::Invalid(format!(
+                "the fd of RAM block '{name}' has {actual}-byte pages but page size {page_size} was given; pass {actual}"
+            )));
+        }
+        let len = u64::try_from(nix::sys::stat::fstat(fd.as_raw_fd()).ctx(what)?.st_size).unwrap_or(0);
+        if len < size {
+            return Err(Error::Invalid(format!(
+                "the fd of RAM block '{name}' holds {len} bytes, less than the block size {size}; pass the size it was created with, or grow it first"
+            )));
         }
         Self::build(name, Backing::Fd, Some(fd), size, page_size)
     }
@@ -318,6 +331,19 @@ impl RamBlock {
             Err(e) => Err(e).ctx(|| format!("madvise THP on block '{}'", self.name)),
         }
     }
+}
+
+/// The page size of shared memory behind `fd`: 4 KiB on tmpfs (memfds included), the huge page
+/// size on hugetlbfs; None on file systems where userfaultfd MISSING faults do not work.
+fn shared_page_size(fd: BorrowedFd<'_>) -> nix::Result<Option<u64>> {
+    let st = nix::sys::statfs::fstatfs(fd)?;
+    #[allow(clippy::unnecessary_cast)]
+    let magic = st.filesystem_type().0 as i64;
+    Ok(match magic {
+        TMPFS_MAGIC => Some(SMALL_PAGE),
+        HUGETLBFS_MAGIC => Some(u64::try_from(st.block_size()).unwrap_or(HUGE_2M)),
+        _ => None,
+    })
 }
 
 fn to_off(v: u64) -> Result<i64> {
