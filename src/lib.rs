@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod incoming;
+pub mod migration;
 pub mod notify;
 pub mod place;
 pub mod probe;
