@@ -12,6 +12,8 @@
 pub mod auth;
 pub mod bitmap;
 pub mod discard;
+#[cfg(test)]
+mod flow_tests;
 mod fuzz;
 pub mod wire;
 pub mod zero;

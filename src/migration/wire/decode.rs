@@ -369,6 +369,11 @@ fn decode_hello(f: &mut Fields<'_>) -> Result<Hello, WireError> {
 /// [`Limits::max_payload`]); a payload over the limit is refused from its header, before it is
 /// buffered.
 ///
+/// With a non-blocking socket, take every buffered frame (`next_frame` until `Ok(None)`) before
+/// reading again, and poll only after a read returned `WouldBlock`: bytes already buffered do
+/// not make the socket readable. When a frame changes how later frames decode (Hello → block
+/// table), stop taking frames, call [`set_blocks`](Decoder::set_blocks), then continue.
+///
 /// After any error the decoder is poisoned: every later call returns [`WireError::Poisoned`]
 /// (framing cannot be trusted after a bad frame). Send an Error frame and close the connection.
 #[derive(Debug)]
