@@ -23,6 +23,7 @@ use sha2::Sha256;
 
 use super::wire::{
     decode_payload, write_frame, Frame, FrameType, Header, Limits, Side, WireError, AUTH_LEN, HEADER_LEN,
+    MAX_ERROR_TEXT,
 };
 
 /// Domain-separation prefix of every proof.
@@ -104,7 +105,10 @@ fn send<S: Write + ?Sized>(s: &mut S, f: &Frame<'_>) -> Result<(), AuthError> {
 }
 
 /// Read exactly one small frame (header, then exactly its payload: never more).
-fn recv<S: Read + ?Sized>(s: &mut S, payload: &mut [u8; 64]) -> Result<Frame<'static>, AuthError> {
+fn recv<S: Read + ?Sized>(
+    s: &mut S,
+    payload: &mut [u8; MAX_ERROR_TEXT],
+) -> Result<Frame<'static>, AuthError> {
     let mut h = [0u8; HEADER_LEN];
     s.read_exact(&mut h).map_err(io_to_auth)?;
     let header = Header::parse(&h)?;
@@ -159,7 +163,7 @@ pub fn authenticate<S: Read + Write + ?Sized>(
     }
     let mut own_nonce = [0u8; AUTH_LEN];
     getrandom::fill(&mut own_nonce).map_err(|e| AuthError::Random(e.to_string()))?;
-    let mut scratch = [0u8; 64];
+    let mut scratch = [0u8; MAX_ERROR_TEXT];
 
     send(stream, &Frame::AuthNonce { side, nonce: own_nonce })?;
     let (peer_side, peer_nonce) = match recv(stream, &mut scratch)? {

@@ -46,9 +46,9 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Limits for the authentication exchange: tiny payloads only.
+    /// Limits for the authentication exchange: small payloads only (an Error text at most).
     pub fn auth() -> Limits {
-        Limits { max_payload: 64, max_discard_ranges: 0 }
+        Limits { max_payload: MAX_ERROR_TEXT as u32, max_discard_ranges: 0 }
     }
 }
 
