@@ -18,7 +18,7 @@ mod fuzz;
 pub mod wire;
 pub mod zero;
 
-pub use auth::{authenticate, load_key, AuthError};
+pub use auth::{authenticate, authenticate_tcp, load_key, AuthError};
 pub use discard::DiscardBatcher;
 pub use fuzz::{fuzz_block_table, fuzz_decode};
 pub use zero::{is_zero, split_zero_runs};
