@@ -104,6 +104,12 @@ pub enum Error {
     /// Invalid input that fits no other variant.
     #[error("{0}")]
     Invalid(String),
+    /// A migration wire frame that could not be encoded, decoded or transported.
+    #[error("migration stream: {0}")]
+    Wire(#[from] crate::migration::wire::WireError),
+    /// Migration peer authentication failed (or its key file cannot be used).
+    #[error(transparent)]
+    Auth(#[from] crate::migration::auth::AuthError),
 }
 
 impl Error {

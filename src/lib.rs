@@ -9,6 +9,7 @@ pub mod client;
 pub mod error;
 pub mod fault;
 pub mod incoming;
+pub mod migration;
 pub mod notify;
 pub mod place;
 pub mod probe;

@@ -1,0 +1,227 @@
+//! Source-side discard batching (the counterpart of QEMU's postcopy_discard_send_init / _range /
+//! _finish): [`DiscardBatcher`] collects the dirty ranges of one block in any order, merges
+//! adjacent and overlapping ones, widens each to whole host pages (a huge page that is partly dirty
+//! is wholly dirty, the hugetlbfs rule), and emits Discard frames of at most N sorted, disjoint
+//! ranges.
+
+use std::collections::BTreeMap;
+
+use super::bitmap::dirty_ranges;
+use super::wire::{BlockInfo, BlockTable, ByteRange, Frame, FrameType, WireError};
+
+/// Collects the ranges of one block to discard on the destination.
+///
+/// `new` is send_init, [`add`](DiscardBatcher::add) is send_range, [`finish`](DiscardBatcher::finish)
+/// is send_finish. Ranges are held until `finish` because a later range may merge with an
+/// earlier one; memory is one map entry per disjoint range.
+#[derive(Clone, Debug)]
+pub struct DiscardBatcher {
+    block: u32,
+    info: BlockInfo,
+    max_ranges: usize,
+    /// start → end, disjoint and never adjacent (adjacent ranges are merged).
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl DiscardBatcher {
+    /// A batcher for block `block` described by `info`, emitting at most `max_ranges` ranges per
+    /// frame (clamped to 1..=65535; the receiver's [`Limits::max_discard_ranges`] is the bound to
+    /// respect, QEMU uses 12).
+    ///
+    /// [`Limits::max_discard_ranges`]: super::wire::Limits::max_discard_ranges
+    pub fn new(block: u32, info: BlockInfo, max_ranges: usize) -> DiscardBatcher {
+        DiscardBatcher {
+            block,
+            info,
+            max_ranges: max_ranges.clamp(1, u16::MAX as usize),
+            ranges: BTreeMap::new(),
+        }
+    }
+
+    /// A batcher for block `block` of `table`.
+    pub fn for_block(table: &BlockTable, block: u32, max_ranges: usize) -> Result<DiscardBatcher, WireError> {
+        let info = table.block(FrameType::Discard, block)?.clone();
+        Ok(DiscardBatcher::new(block, info, max_ranges))
+    }
+
+    /// The block index.
+    pub fn block(&self) -> u32 {
+        self.block
+    }
+
+    /// Add the dirty bytes `[offset, offset + len)`, widened to whole pages of the block. A zero
+    /// length adds nothing. Bytes outside the block are an error (nothing is added).
+    pub fn add(&mut self, offset: u64, len: u64) -> Result<(), WireError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let ps = self.info.page_size;
+        let outside = || WireError::BadRange {
+            frame: FrameType::Discard,
+            block: self.info.name.clone(),
+            offset,
+            len,
+            size: self.info.size,
+            page_size: ps,
+            why: "outside the block",
+        };
+        let end = offset.checked_add(len).filter(|&e| e <= self.info.size).ok_or_else(outside)?;
+        // size is a multiple of ps, so rounding end up stays inside the block.
+        let mut start = offset - offset % ps;
+        let mut end = end.div_ceil(ps) * ps;
+        // Merge with every existing range that overlaps or touches [start, end).
+        while let Some((&s, &e)) = self.ranges.range(..=end).next_back() {
+            if e < start {
+                break;
+            }
+            self.ranges.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.ranges.insert(start, end);
+        Ok(())
+    }
+
+    /// Add the set bits of a dirty bitmap, one bit per `unit` bytes from the block's start (the
+    /// unit may be smaller than the block's page size: pages are widened).
+    pub fn add_bitmap(&mut self, words: &[u64], nbits: u64, unit: u64) -> Result<(), WireError> {
+        for r in dirty_ranges(words, nbits, unit) {
+            self.add(r.offset, r.len)?;
+        }
+        Ok(())
+    }
+
+    /// Number of disjoint ranges collected.
+    pub fn range_count(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Whether nothing was collected.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Total bytes to discard.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// The collected ranges, sorted.
+    pub fn ranges(&self) -> impl Iterator<Item = ByteRange> + '_ {
+        self.ranges.iter().map(|(&s, &e)| ByteRange::new(s, e - s))
+    }
+
+    /// Emit the collected ranges as Discard frames (sorted, at most `max_ranges` each) and empty
+    /// the batcher. No frames when nothing was added.
+    pub fn finish(&mut self) -> Vec<Frame<'static>> {
+        let all: Vec<ByteRange> = self.ranges().collect();
+        self.ranges.clear();
+        all.chunks(self.max_ranges)
+            .map(|c| Frame::Discard { block: self.block, ranges: c.to_vec() })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::wire::{encode, Decoder, Limits};
+    use proptest::prelude::*;
+
+    fn batcher(page_size: u64, pages: u64, max: usize) -> DiscardBatcher {
+        DiscardBatcher::new(2, BlockInfo::new("ram", page_size * pages, page_size), max)
+    }
+
+    #[test]
+    fn merges_and_widens() {
+        let mut b = batcher(4096, 64, 12);
+        b.add(8192, 4096).unwrap();
+        b.add(0, 4096).unwrap();
+        b.add(4096, 1).unwrap(); // widened to page 1, joins pages 0 and 2
+        b.add(20 * 4096 + 5, 10).unwrap();
+        b.add(0, 0).unwrap();
+        assert_eq!(
+            b.ranges().collect::<Vec<_>>(),
+            vec![ByteRange::new(0, 3 * 4096), ByteRange::new(20 * 4096, 4096)]
+        );
+        assert!(b.add(63 * 4096, 8192).is_err());
+        assert!(b.add(u64::MAX, 2).is_err());
+        assert_eq!(b.range_count(), 2);
+        let frames = b.finish();
+        assert_eq!(frames.len(), 1);
+        assert!(b.is_empty());
+        assert!(b.finish().is_empty());
+    }
+
+    #[test]
+    fn huge_pages_partly_dirty_become_wholly_dirty() {
+        let hp = 2 << 20;
+        let mut b = batcher(hp, 8, 12);
+        b.add(hp + 4096, 4096).unwrap();
+        b.add(3 * hp - 1, 2).unwrap();
+        assert_eq!(b.ranges().collect::<Vec<_>>(), vec![ByteRange::new(hp, 3 * hp)]);
+        let mut b = batcher(hp, 8, 12);
+        // A 4 KiB-granular dirty bitmap: bits 513 and 2047 dirty → huge pages 1 and 3.
+        let mut words = vec![0u64; 4096 / 64];
+        words[513 / 64] |= 1 << (513 % 64);
+        words[2047 / 64] |= 1 << (2047 % 64);
+        b.add_bitmap(&words, 4096, 4096).unwrap();
+        assert_eq!(b.ranges().collect::<Vec<_>>(), vec![ByteRange::new(hp, hp), ByteRange::new(3 * hp, hp)]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+        #[test]
+        fn frames_cover_exactly_the_widened_input(
+            huge in any::<bool>(),
+            adds in proptest::collection::vec((0u64..256 * 4096, 0u64..12 * 4096), 0..80),
+            max in 1usize..16,
+        ) {
+            let (ps, pages) = if huge { (16384u64, 64u64) } else { (4096u64, 256u64) };
+            let size = ps * pages;
+            let mut b = batcher(ps, pages, max);
+            let mut want = vec![false; pages as usize];
+            for &(off, len) in &adds {
+                let ok = b.add(off, len).is_ok();
+                prop_assert_eq!(ok, off + len <= size);
+                if ok && len > 0 {
+                    for p in off / ps..(off + len).div_ceil(ps) {
+                        want[p as usize] = true;
+                    }
+                }
+            }
+            let frames = b.finish();
+            let table = BlockTable::new(vec![
+                BlockInfo::new("a", 4096, 4096),
+                BlockInfo::new("b", 4096, 4096),
+                BlockInfo::new("ram", size, ps),
+            ]).unwrap();
+            let mut dec = Decoder::with_blocks(Limits { max_discard_ranges: max, ..Limits::default() }, table);
+            let mut got = vec![false; pages as usize];
+            let mut prev_end = 0;
+            for f in &frames {
+                let Frame::Discard { block, ranges } = f else { panic!("{f:?}") };
+                prop_assert_eq!(*block, 2);
+                prop_assert!(!ranges.is_empty() && ranges.len() <= max);
+                for r in ranges {
+                    prop_assert!(r.len > 0 && r.offset % ps == 0 && r.len % ps == 0);
+                    // Sorted and disjoint within and across frames, never adjacent (merged).
+                    prop_assert!(r.offset > prev_end || (prev_end == 0 && r.offset == 0));
+                    prev_end = r.end();
+                    for p in r.offset / ps..r.end() / ps {
+                        prop_assert!(!got[p as usize]);
+                        got[p as usize] = true;
+                    }
+                }
+                // The receiver accepts every frame.
+                let mut bytes = Vec::new();
+                encode(f, &mut bytes).unwrap();
+                dec.feed(&bytes);
+                let got_frame = dec.next_frame().unwrap();
+                prop_assert_eq!(got_frame.as_ref(), Some(f));
+            }
+            prop_assert_eq!(got, want);
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Live migration of guest RAM between a source page server and the destination broker: the
+//! pieces both ends share.
+//!
+//! - [`wire`]: the framed binary protocol (docs/wire-protocol.md), encoder and checked
+//!   incremental decoder.
+//! - [`auth`]: mutual pre-shared-key challenge-response run on every TCP connection before Hello.
+//! - [`discard`]: source-side batching of dirty ranges into Discard frames per block.
+//! - [`zero`]: zero-page detection, so zero pages travel as ZeroRun frames.
+//! - [`bitmap`]: dirty / received bitmaps to ranges, and received bitmaps to Resume frames.
+//! - [`fuzz_decode`]: the decoder's fuzzing entry point.
+
+pub mod auth;
+pub mod bitmap;
+pub mod discard;
+#[cfg(test)]
+mod flow_tests;
+mod fuzz;
+pub mod wire;
+pub mod zero;
+
+pub use auth::{authenticate, authenticate_tcp, load_key, AuthError};
+pub use discard::DiscardBatcher;
+pub use fuzz::{fuzz_block_table, fuzz_decode};
+pub use zero::{is_zero, split_zero_runs};
