@@ -13,6 +13,7 @@ pub mod probe;
 pub mod ram;
 pub mod state;
 pub mod uffd;
+pub mod vhost_user;
 
 pub use error::{Error, Result};
 pub use incoming::Incoming;
