@@ -39,6 +39,7 @@ fn work_dir(name: &str) -> PathBuf {
 /// A spawned backend process, killed on drop.
 struct Backend {
     child: Child,
+    dir: PathBuf,
     socket: PathBuf,
     disk: PathBuf,
     log: PathBuf,
@@ -48,6 +49,7 @@ impl Drop for Backend {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -91,7 +93,7 @@ fn spawn_ours(dir: &Path, extra: &[&str]) -> Backend {
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .expect("build the examples (cargo test builds them)");
-    Backend { child, socket, disk, log }.wait_ready()
+    Backend { child, dir: dir.to_path_buf(), socket, disk, log }.wait_ready()
 }
 
 fn spawn_qsd(dir: &Path) -> Backend {
@@ -111,7 +113,7 @@ fn spawn_qsd(dir: &Path) -> Backend {
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .expect("qemu-storage-daemon is installed on these machines");
-    Backend { child, socket, disk, log }.wait_ready()
+    Backend { child, dir: dir.to_path_buf(), socket, disk, log }.wait_ready()
 }
 
 /// Run the guest driver example against `b` and return its JSON summary.
