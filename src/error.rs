@@ -101,6 +101,30 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A vhost-user request to a backend failed.
+    #[error("vhost-user {op} with the backend at {socket} failed: {source}; check that the backend is running and speaks vhost-user (its log says why it refused)")]
+    VhostUser {
+        /// The request or step that failed.
+        op: String,
+        /// The backend's socket path (or a description of the peer).
+        socket: String,
+        /// The vhost crate's error.
+        #[source]
+        source: vhost::Error,
+    },
+    /// A vhost-user backend lacks a feature an operation needs.
+    #[error("the vhost-user backend at {socket} does not offer {feature}, which {why}")]
+    BackendFeature {
+        /// The backend's socket path.
+        socket: String,
+        /// The missing feature.
+        feature: &'static str,
+        /// What needs it and what to do.
+        why: &'static str,
+    },
+    /// A virtqueue request the device completed with an error, or a device that misbehaved.
+    #[error("virtio device: {0}")]
+    Device(String),
     /// Invalid input that fits no other variant.
     #[error("{0}")]
     Invalid(String),

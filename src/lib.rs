@@ -18,6 +18,7 @@ pub mod source;
 pub mod state;
 pub mod stats;
 pub mod uffd;
+pub mod vhost_user;
 
 pub use error::{Error, Result};
 pub use incoming::Incoming;
