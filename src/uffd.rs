@@ -340,7 +340,8 @@ impl Uffd {
     pub fn read_messages(&self, buf: &mut [RawMsg]) -> io::Result<usize> {
         let size = std::mem::size_of::<RawMsg>();
         // SAFETY: `buf` is a writable slice of `buf.len()` plain-old-data messages.
-        let r = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), std::mem::size_of_val(buf)) };
+        let r =
+            unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), std::mem::size_of_val(buf)) };
         if r < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(e) };
