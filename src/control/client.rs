@@ -104,7 +104,7 @@ impl ControlClient {
     /// Wait for the next response and the fds that came with it.
     pub fn recv_response(&mut self) -> Result<(Response, Vec<OwnedFd>), ControlError> {
         loop {
-            match self.decoder.next()? {
+            match self.decoder.next_unit()? {
                 Some(Decoded::Frame { payload, fds }) => return Ok((decode_response(&payload)?, fds)),
                 Some(Decoded::Firecracker { .. }) => {
                     return Err(ControlError::BadFrame("the broker sent a Firecracker handshake".into()))

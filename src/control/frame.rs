@@ -128,7 +128,7 @@ impl FrameDecoder {
 
     /// The next complete unit, `Ok(None)` if more bytes are needed. After an error the decoder
     /// ignores all further input (and closes any fds pushed).
-    pub fn next(&mut self) -> Result<Option<Decoded>, ControlError> {
+    pub fn next_unit(&mut self) -> Result<Option<Decoded>, ControlError> {
         let r = self.next_inner();
         if r.is_err() {
             self.mode = Mode::Failed;
@@ -315,7 +315,7 @@ mod tests {
         let mut got = Vec::new();
         for b in &bytes {
             d.push(&[*b], Vec::new());
-            while let Some(x) = d.next().unwrap() {
+            while let Some(x) = d.next_unit().unwrap() {
                 got.push(payload(x).0);
             }
         }
@@ -335,14 +335,14 @@ mod tests {
         let mut r1 = a.clone();
         r1.extend_from_slice(&b[..3]);
         d.push(&r1, vec![fd(), fd()]);
-        assert_eq!(payload(d.next().unwrap().unwrap()), ("a".into(), 0));
-        assert!(d.next().unwrap().is_none());
+        assert_eq!(payload(d.next_unit().unwrap().unwrap()), ("a".into(), 0));
+        assert!(d.next_unit().unwrap().is_none());
         let mut r2 = b[3..].to_vec();
         r2.extend_from_slice(&c);
         d.push(&r2, vec![fd()]);
-        assert_eq!(payload(d.next().unwrap().unwrap()), ("bb".into(), 2));
-        assert_eq!(payload(d.next().unwrap().unwrap()), ("ccc".into(), 1));
-        assert!(d.next().unwrap().is_none());
+        assert_eq!(payload(d.next_unit().unwrap().unwrap()), ("bb".into(), 2));
+        assert_eq!(payload(d.next_unit().unwrap().unwrap()), ("ccc".into(), 1));
+        assert!(d.next_unit().unwrap().is_none());
     }
 
     #[test]
@@ -351,7 +351,7 @@ mod tests {
         let mut h = MAGIC.to_vec();
         h.extend_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         d.push(&h, Vec::new());
-        match d.next() {
+        match d.next_unit() {
             Err(ControlError::TooLarge { len, max, .. }) => {
                 assert_eq!(len, MAX_PAYLOAD as u64 + 1);
                 assert_eq!(max, MAX_PAYLOAD as u64);
@@ -360,29 +360,29 @@ mod tests {
         }
         // After an error the decoder ignores input.
         d.push(&frame("{}"), vec![fd()]);
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_unit().unwrap().is_none());
     }
 
     #[test]
     fn garbage_is_detected_on_the_first_wrong_byte() {
         let mut d = FrameDecoder::new(true);
         d.push(b"G", Vec::new());
-        assert!(matches!(d.next(), Err(ControlError::Garbage { .. })));
+        assert!(matches!(d.next_unit(), Err(ControlError::Garbage { .. })));
         let mut d = FrameDecoder::new(true);
         d.push(b"PCB2", Vec::new());
-        let e = d.next().unwrap_err();
+        let e = d.next_unit().unwrap_err();
         assert!(e.to_string().contains("PCB2"), "{e}");
         // Garbage after a good frame.
         let mut d = FrameDecoder::new(true);
         let mut bytes = frame("{}");
         bytes.extend_from_slice(b"\x00\x01");
         d.push(&bytes, Vec::new());
-        assert!(d.next().unwrap().is_some());
-        assert!(matches!(d.next(), Err(ControlError::Garbage { .. })));
+        assert!(d.next_unit().unwrap().is_some());
+        assert!(matches!(d.next_unit(), Err(ControlError::Garbage { .. })));
         // A client-side decoder does not accept '['.
         let mut d = FrameDecoder::new(false);
         d.push(b"[]", Vec::new());
-        assert!(matches!(d.next(), Err(ControlError::Garbage { .. })));
+        assert!(matches!(d.next_unit(), Err(ControlError::Garbage { .. })));
     }
 
     #[test]
@@ -390,7 +390,7 @@ mod tests {
         let f = frame(r#"{"op":"status"}"#);
         let mut d = FrameDecoder::new(true);
         d.push(&f[..10], Vec::new());
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_unit().unwrap().is_none());
         match d.finish() {
             Err(ControlError::Truncated { have, need, .. }) => {
                 assert_eq!(have, 10);
@@ -400,11 +400,11 @@ mod tests {
         }
         let mut d = FrameDecoder::new(true);
         d.push(b"PC", Vec::new());
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_unit().unwrap().is_none());
         assert!(matches!(d.finish(), Err(ControlError::Truncated { need: HEADER_LEN, .. })));
         let mut d = FrameDecoder::new(true);
         d.push(b"[{\"size\":", Vec::new());
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_unit().unwrap().is_none());
         assert!(matches!(d.finish(), Err(ControlError::Truncated { what: "Firecracker handshake", .. })));
         let mut d = FrameDecoder::new(true);
         d.finish().unwrap();
@@ -414,9 +414,9 @@ mod tests {
     fn fd_limit_per_frame() {
         let mut d = FrameDecoder::new(true);
         d.push(&frame("{}"), (0..MAX_FDS).map(|_| fd()).collect());
-        assert_eq!(payload(d.next().unwrap().unwrap()).1, MAX_FDS);
+        assert_eq!(payload(d.next_unit().unwrap().unwrap()).1, MAX_FDS);
         d.push(&frame("{}"), (0..MAX_FDS + 1).map(|_| fd()).collect());
-        assert!(matches!(d.next(), Err(ControlError::TooManyFds { got, .. }) if got == MAX_FDS + 1));
+        assert!(matches!(d.next_unit(), Err(ControlError::TooManyFds { got, .. }) if got == MAX_FDS + 1));
     }
 
     #[test]
@@ -425,7 +425,7 @@ mod tests {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let mut d = FrameDecoder::new(true);
         d.push(b"XXXX", vec![w]);
-        assert!(d.next().is_err());
+        assert!(d.next_unit().is_err());
         // The write end was the only one: a read now sees end of file, not EAGAIN.
         let mut b = [0u8; 1];
         assert_eq!(nix::unistd::read(r.as_raw_fd(), &mut b).unwrap(), 0);
@@ -436,10 +436,10 @@ mod tests {
         let json = br#"[{"base_host_virt_addr":140000000000,"size":8192,"offset":0,"page_size":4096,"page_size_kib":4096}]"#;
         let mut d = FrameDecoder::new(true);
         d.push(&json[..20], vec![fd()]);
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_unit().unwrap().is_none());
         assert!(d.is_firecracker());
         d.push(&json[20..], Vec::new());
-        match d.next().unwrap().unwrap() {
+        match d.next_unit().unwrap().unwrap() {
             Decoded::Firecracker { regions, fds } => {
                 assert_eq!(regions.len(), 1);
                 assert_eq!(regions[0].size, 8192);
@@ -447,9 +447,9 @@ mod tests {
             }
             Decoded::Frame { .. } => panic!("not a handshake"),
         }
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_unit().unwrap().is_none());
         d.push(b"\n", Vec::new());
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_unit().unwrap().is_none());
         d.finish().unwrap();
     }
 
@@ -457,14 +457,14 @@ mod tests {
     fn firecracker_errors() {
         let mut d = FrameDecoder::new(true);
         d.push(b"[1,2]", Vec::new());
-        assert!(matches!(d.next(), Err(ControlError::BadJson(_))));
+        assert!(matches!(d.next_unit(), Err(ControlError::BadJson(_))));
         let mut d = FrameDecoder::new(true);
         d.push(b"[]x", Vec::new());
-        assert!(d.next().unwrap().is_some());
-        assert!(matches!(d.next(), Err(ControlError::BadFrame(_))));
+        assert!(d.next_unit().unwrap().is_some());
+        assert!(matches!(d.next_unit(), Err(ControlError::BadFrame(_))));
         let mut d = FrameDecoder::new(true);
         d.push(b"[", Vec::new());
         d.push(&vec![b' '; MAX_PAYLOAD + 1], Vec::new());
-        assert!(matches!(d.next(), Err(ControlError::TooLarge { .. })));
+        assert!(matches!(d.next_unit(), Err(ControlError::TooLarge { .. })));
     }
 }

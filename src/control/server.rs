@@ -292,7 +292,7 @@ impl ControlConn {
             }
             self.decoder.push(&self.buf[..r.bytes], r.fds);
             loop {
-                match self.decoder.next().and_then(|d| d.map(decode_incoming).transpose()) {
+                match self.decoder.next_unit().and_then(|d| d.map(decode_incoming).transpose()) {
                     Ok(Some(m)) => out.push(m),
                     Ok(None) => break,
                     Err(e) => {
