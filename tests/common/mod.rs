@@ -151,27 +151,29 @@ fn serve(
                 keep.push(c);
                 continue;
             }
-            let alive = loop {
+            // Events about a connection's end are sent after it is dropped, so a test that
+            // counts fds after the event sees the connection closed.
+            let ended = loop {
                 match c.read_ready() {
-                    Ok(msgs) if msgs.is_empty() => break true,
+                    Ok(msgs) if msgs.is_empty() => break None,
                     Ok(msgs) => {
                         for m in msgs {
                             handle(&mut c, m, &tx, &mut next_client, &blocks);
                         }
                     }
-                    Err(ControlError::PeerClosed) => {
-                        let _ = tx.send(Event::Closed);
-                        break false;
-                    }
+                    Err(ControlError::PeerClosed) => break Some(Event::Closed),
                     Err(e) => {
                         let _ = c.send_error(&e);
-                        let _ = tx.send(Event::Failed { code: e.code(), text: e.to_string() });
-                        break false;
+                        break Some(Event::Failed { code: e.code(), text: e.to_string() });
                     }
                 }
             };
-            if alive {
-                keep.push(c);
+            match ended {
+                None => keep.push(c),
+                Some(ev) => {
+                    drop(c);
+                    let _ = tx.send(ev);
+                }
             }
         }
         conns = keep;
