@@ -104,6 +104,9 @@ pub enum Error {
     /// Invalid input that fits no other variant.
     #[error("{0}")]
     Invalid(String),
+    /// A control socket failure (see [`crate::control::ControlError`]).
+    #[error("control socket: {0}")]
+    Control(#[from] crate::control::ControlError),
 }
 
 impl Error {
