@@ -1,8 +1,10 @@
 //! The `postcopy-broker` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use postcopy_broker::cli;
 
 /// Postcopy live migration of shared guest RAM.
 #[derive(Debug, Parser)]
@@ -20,30 +22,70 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the broker: own the RAM blocks, serve client faults from a page source, answer on
+    /// the control socket. With --block and --image it restores lazily from a snapshot; with
+    /// --image alone it serves Firecracker's private memory.
+    Serve {
+        /// Control socket path (mode 0600).
+        #[arg(long, default_value = "/run/postcopy-broker.sock")]
+        control: PathBuf,
+        /// Peer uid allowed on the control socket (repeatable; default: root and our own uid).
+        #[arg(long = "allow-uid")]
+        allow_uid: Vec<u32>,
+        /// Snapshot image: the blocks back to back (lazy restore), and the memory file of
+        /// Firecracker clients.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// A RAM block NAME:SIZE[:4k|2m] (repeatable), in image order.
+        #[arg(long = "block", value_parser = cli::serve::parse_block)]
+        blocks: Vec<(String, u64, u64)>,
+        /// Do not push pages in the background; serve faults only.
+        #[arg(long)]
+        no_background: bool,
+        /// Busy-poll the fault loop instead of sleeping in epoll_wait.
+        #[arg(long)]
+        busy_poll: bool,
+        /// When every page arrived, write per-block FNV-1a checksums (JSON) here.
+        #[arg(long)]
+        checksums: Option<PathBuf>,
+        /// Hold the background fill until this many clients have registered.
+        #[arg(long, default_value_t = 0)]
+        wait_clients: u64,
+    },
+    /// Show a running broker's state and statistics.
+    Status {
+        /// Control socket path.
+        #[arg(long, default_value = "/run/postcopy-broker.sock")]
+        control: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Probe { json } => {
-            let report = postcopy_broker::probe::probe();
-            if json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("error: cannot encode the report: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            } else {
-                print!("{}", postcopy_broker::probe::render(&report));
-            }
-            if report.postcopy_shared_ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    match Cli::parse().command {
+        Command::Probe { json } => cli::probe::run(json),
+        Command::Serve {
+            control,
+            allow_uid,
+            image,
+            blocks,
+            no_background,
+            busy_poll,
+            checksums,
+            wait_clients,
+        } => cli::serve::run(cli::serve::ServeOptions {
+            control,
+            allowed_uids: allow_uid,
+            image,
+            blocks,
+            background: !no_background,
+            busy_poll,
+            checksums,
+            wait_clients,
+        }),
+        Command::Status { control, json } => cli::status::run(&control, json),
     }
 }
