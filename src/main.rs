@@ -20,12 +20,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve guest RAM to a destination: connect, authenticate, precopy (optional), postcopy.
+    Source(postcopy_broker::migration::source::SourceArgs),
+    /// Receive a migration (--incoming) or restore lazily from an image (--image).
+    Serve(postcopy_broker::migration::destination::ServeArgs),
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Source(a) => report(postcopy_broker::migration::source::cli::run(&a)),
+        Command::Serve(a) => report(postcopy_broker::migration::destination::cli::run(&a)),
         Command::Probe { json } => {
             let report = postcopy_broker::probe::probe();
             if json {
@@ -44,6 +50,17 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+fn report(r: postcopy_broker::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }
