@@ -6,6 +6,7 @@
 //! [`state`] and [`notify`]; [`probe`] says whether the host can do it at all.
 
 pub mod client;
+pub mod control;
 pub mod error;
 pub mod fault;
 pub mod incoming;

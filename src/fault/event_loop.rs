@@ -18,10 +18,10 @@ use crate::uffd::{message_buffer, Message, RawMsg, Uffd};
 
 const T_EVENT: u64 = 0;
 const T_OWN: u64 = 1;
-const T_SOURCE: u64 = 2;
 const KIND_SHIFT: u32 = 56;
 const K_UFFD: u64 = 1;
 const K_PIDFD: u64 = 2;
+const K_SOURCE: u64 = 3;
 
 fn token(kind: u64, id: u64) -> u64 {
     (kind << KIND_SHIFT) | id
@@ -134,7 +134,6 @@ struct Loop {
     source: Box<dyn PageSource>,
     config: BrokerConfig,
     msgs: Vec<RawMsg>,
-    source_open: bool,
     /// Clients no longer served whose process may still live: their uffds stay open.
     retired: HashMap<ClientId, Client>,
     /// Final statistics of clients that are gone.
@@ -324,19 +323,25 @@ impl Loop {
                 }
             }
             T_OWN => self.drain_uffd(ClientId::BROKER),
-            T_SOURCE => {
-                if self.source.on_ready(&mut self.core)? == SourceState::Closed {
-                    if let Some(fd) = self.source.poll_fd() {
-                        self.del(fd);
-                    }
-                    self.source_open = false;
-                }
-            }
             t => {
                 let id = ClientId(t & ((1 << KIND_SHIFT) - 1));
                 match t >> KIND_SHIFT {
                     K_UFFD => self.drain_uffd(id),
                     K_PIDFD => self.retire(id, true),
+                    K_SOURCE => {
+                        let fd = RawFd::try_from(id.0).unwrap_or(-1);
+                        match self.source.on_ready(fd, &mut self.core) {
+                            Ok(SourceState::Open) => {}
+                            Ok(SourceState::Closed) => {
+                                log::info!("page source closed (fd {fd})");
+                                self.del(fd);
+                            }
+                            Err(e) => {
+                                log::error!("page source failed: {e}");
+                                self.del(fd);
+                            }
+                        }
+                    }
                     _ => log::warn!("unknown epoll token {t:#x}"),
                 }
             }
@@ -417,17 +422,15 @@ impl Broker {
             source,
             config,
             msgs: message_buffer(64),
-            source_open: true,
             retired: HashMap::new(),
             departed: Default::default(),
             stop: false,
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
-        if let Some(fd) = lp.source.poll_fd() {
-            lp.add(fd, T_SOURCE)?;
+        for fd in lp.source.poll_fds() {
+            lp.add(fd, token(K_SOURCE, u64::try_from(fd).unwrap_or(0)))?;
         }
-        let _ = lp.source_open;
         let thread = std::thread::Builder::new()
             .name("postcopy-fault".into())
             .spawn(move || lp.run())
