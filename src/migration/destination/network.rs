@@ -342,11 +342,11 @@ impl PageSource for NetworkSource {
         Ok(())
     }
 
-    fn poll_fd(&self) -> Option<RawFd> {
-        Some(self.ep.as_raw_fd())
+    fn poll_fds(&self) -> Vec<RawFd> {
+        vec![self.ep.as_raw_fd()]
     }
 
-    fn on_ready(&mut self, sink: &mut dyn PageSink) -> Result<SourceState> {
+    fn on_ready(&mut self, _fd: RawFd, sink: &mut dyn PageSink) -> Result<SourceState> {
         if self.closed {
             return Ok(SourceState::Closed);
         }
