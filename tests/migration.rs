@@ -115,7 +115,8 @@ fn spawn_serve(key: &Path, extra: &[&str]) -> (Child, String, BufReader<std::pro
     let mut out = BufReader::new(c.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("serve said {line:?}")).to_string();
+    let addr =
+        line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("serve said {line:?}")).to_string();
     (c, addr, out)
 }
 
@@ -173,7 +174,8 @@ fn migrates_256_mib_while_client_processes_read_and_write() {
     let writes0 = spread(200, small / 4096, 2);
     let reads1 = spread(12, huge >> 21, 3);
     let writes1 = spread(6, huge >> 21, 4);
-    let script0 = format!("touch:{};write:{}:171;touch:{}", list(&reads0[..300]), list(&writes0), list(&reads0[300..]));
+    let script0 =
+        format!("touch:{};write:{}:171;touch:{}", list(&reads0[..300]), list(&writes0), list(&reads0[300..]));
     let script1 = format!("touch:{};write:{}:93", list(&reads1), list(&writes1));
     let mut c0 = Peer::spawn(&client_args(b0, 1, &script0, &[]));
     let mut c1 = Peer::spawn(&client_args(b1, 1, &script1, &[]));
@@ -182,8 +184,13 @@ fn migrates_256_mib_while_client_processes_read_and_write() {
     for m in &mut m1 {
         m.block = 1;
     }
-    h.register(Registration { name: "client-huge".into(), uffd: c1.take_uffd(), pid: Some(c1.pid()), map: RegistrationMap::Shared(m1) })
-        .unwrap();
+    h.register(Registration {
+        name: "client-huge".into(),
+        uffd: c1.take_uffd(),
+        pid: Some(c1.pid()),
+        map: RegistrationMap::Shared(m1),
+    })
+    .unwrap();
     c0.go();
     c1.go();
     let (l0, l1) = (c0.finish(), c1.finish());
@@ -229,7 +236,15 @@ fn pages_dirtied_after_precopy_are_discarded_and_sent_again() {
         &key,
         &dir.path("img"),
         &["pc.ram:16M", "huge:8M:2m"],
-        &["--precopy", "--dirty", dirty, "--verify-file", sv.to_str().unwrap(), "--summary-json", ss.to_str().unwrap()],
+        &[
+            "--precopy",
+            "--dirty",
+            dirty,
+            "--verify-file",
+            sv.to_str().unwrap(),
+            "--summary-json",
+            ss.to_str().unwrap(),
+        ],
     )
     .spawn()
     .unwrap();
@@ -253,7 +268,11 @@ fn pages_dirtied_after_precopy_are_discarded_and_sent_again() {
     assert_eq!(s["counts"]["background_pages"], 3 + 2 + 1, "exactly the dirty pages go again: {s}");
     let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ds).unwrap()).unwrap();
     assert_eq!(d["precopy_pages"], 4096 + 4, "{d}");
-    assert_eq!(d["background_pages"].as_u64().unwrap() + d["demand_pages"].as_u64().unwrap(), 3 + 2 + 1, "{d}");
+    assert_eq!(
+        d["background_pages"].as_u64().unwrap() + d["demand_pages"].as_u64().unwrap(),
+        3 + 2 + 1,
+        "{d}"
+    );
 }
 
 #[test]

@@ -11,10 +11,17 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let bad = || Error::Invalid(format!("'{s}' is not a size; write bytes (4096, 0x1000) or 64K, 192M, 1G"));
     let lower = t.to_ascii_lowercase();
-    let (num, mult) = [("kib", 1u64 << 10), ("mib", 1 << 20), ("gib", 1 << 30), ("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30)]
-        .iter()
-        .find_map(|(suf, m)| lower.strip_suffix(suf).map(|n| (n.to_string(), *m)))
-        .unwrap_or((lower.clone(), 1));
+    let (num, mult) = [
+        ("kib", 1u64 << 10),
+        ("mib", 1 << 20),
+        ("gib", 1 << 30),
+        ("k", 1 << 10),
+        ("m", 1 << 20),
+        ("g", 1 << 30),
+    ]
+    .iter()
+    .find_map(|(suf, m)| lower.strip_suffix(suf).map(|n| (n.to_string(), *m)))
+    .unwrap_or((lower.clone(), 1));
     let v = match num.strip_prefix("0x") {
         Some(h) => u64::from_str_radix(h, 16).map_err(|_| bad())?,
         None => num.parse::<u64>().map_err(|_| bad())?,
@@ -35,11 +42,15 @@ pub fn parse_page_size(s: &str) -> Result<u64> {
 pub fn parse_block(s: &str) -> Result<BlockInfo> {
     let mut parts = s.split(':');
     let (Some(name), Some(size)) = (parts.next(), parts.next()) else {
-        return Err(Error::Invalid(format!("block spec '{s}' must be NAME:SIZE[:4k|2m|1g], e.g. pc.ram:192M")));
+        return Err(Error::Invalid(format!(
+            "block spec '{s}' must be NAME:SIZE[:4k|2m|1g], e.g. pc.ram:192M"
+        )));
     };
     let page_size = parts.next().map(parse_page_size).transpose()?.unwrap_or(4096);
     if parts.next().is_some() || name.is_empty() {
-        return Err(Error::Invalid(format!("block spec '{s}' must be NAME:SIZE[:4k|2m|1g], e.g. pc.ram:192M")));
+        return Err(Error::Invalid(format!(
+            "block spec '{s}' must be NAME:SIZE[:4k|2m|1g], e.g. pc.ram:192M"
+        )));
     }
     let size = parse_size(size)?;
     if size == 0 || size % page_size != 0 {
@@ -66,7 +77,9 @@ pub fn parse_dirty(s: &str) -> Result<Vec<DirtyRange>> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
         .map(|p| {
-            let bad = || Error::Invalid(format!("dirty range '{p}' must be NAME:OFFSET+LEN, e.g. pc.ram:0x10000+8K"));
+            let bad = || {
+                Error::Invalid(format!("dirty range '{p}' must be NAME:OFFSET+LEN, e.g. pc.ram:0x10000+8K"))
+            };
             let (name, range) = p.rsplit_once(':').ok_or_else(bad)?;
             let (off, len) = range.split_once('+').ok_or_else(bad)?;
             Ok(DirtyRange { block: name.trim().to_string(), offset: parse_size(off)?, len: parse_size(len)? })

@@ -72,7 +72,8 @@ impl VerifyReport {
 
     /// Read a report written by [`VerifyReport::write`].
     pub fn read(path: &Path) -> Result<VerifyReport> {
-        let text = std::fs::read_to_string(path).ctx(|| format!("read verification file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).ctx(|| format!("read verification file {}", path.display()))?;
         serde_json::from_str(&text)
             .map_err(|e| Error::Invalid(format!("{}: not a verification file: {e}", path.display())))
     }

@@ -1,8 +1,6 @@
 //! A tiny control-socket server for tests: a thread that polls a real `ControlListener` and its
 //! connections, answers requests like a broker would, and reports what it saw over a channel.
 
-
-
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -20,7 +20,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR:PORT", conflicts_with = "image", required_unless_present = "image")]
     pub incoming: Option<String>,
     /// Pre-shared key file for --incoming (hex or raw, at least 16 bytes, mode 0600).
-    #[arg(long, value_name = "FILE", required_if_eq_any = [("incoming", "")], requires = "incoming")]
+    #[arg(long, value_name = "FILE", requires = "incoming")]
     pub key: Option<PathBuf>,
     /// Lazy restore from this image file (blocks back to back in --block order).
     #[arg(long, value_name = "FILE")]
@@ -70,7 +70,10 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         let (summary, incoming) = r.finish()?;
         return finish_outputs(a, &summary, &incoming);
     }
-    let addr = a.incoming.as_deref().ok_or_else(|| Error::Invalid("give --incoming ADDR:PORT or --image FILE".into()))?;
+    let addr = a
+        .incoming
+        .as_deref()
+        .ok_or_else(|| Error::Invalid("give --incoming ADDR:PORT or --image FILE".into()))?;
     let key_path = a.key.as_ref().ok_or_else(|| Error::Invalid("--incoming needs --key FILE".into()))?;
     let key = load_key(key_path)?;
     let listener = TcpListener::bind(addr).ctx(|| format!("listen on {addr}"))?;

@@ -117,14 +117,13 @@ fn ep_ctl(ep: &OwnedFd, op: epoll::ControlOptions, fd: RawFd, events: epoll::Eve
 }
 
 impl NetworkSource {
-    /// A source over the two connections, whose decoders may hold frames already read.
+    /// A source over the two connections (each with its decoder, which may hold frames already
+    /// read).
     /// `ids[i]` is the RAM block of wire block `i`; `state` is the Incoming's state cell (Run
     /// moves it to Running); `net` is shared with the session.
     pub fn new(
-        main: TcpStream,
-        main_dec: Decoder,
-        urgent: TcpStream,
-        urgent_dec: Decoder,
+        (main, main_dec): (TcpStream, Decoder),
+        (urgent, urgent_dec): (TcpStream, Decoder),
         blocks: Arc<RamBlocks>,
         ids: Vec<BlockId>,
         state: Arc<StateCell>,
@@ -136,9 +135,27 @@ impl NetworkSource {
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
         let kickfd = eventfd()?;
-        ep_ctl(&ep, epoll::ControlOptions::EPOLL_CTL_ADD, main.as_raw_fd(), epoll::Events::EPOLLIN, TOK_MAIN)?;
-        ep_ctl(&ep, epoll::ControlOptions::EPOLL_CTL_ADD, urgent.as_raw_fd(), epoll::Events::EPOLLIN, TOK_URGENT)?;
-        ep_ctl(&ep, epoll::ControlOptions::EPOLL_CTL_ADD, kickfd.as_raw_fd(), epoll::Events::EPOLLIN, TOK_KICK)?;
+        ep_ctl(
+            &ep,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            main.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            TOK_MAIN,
+        )?;
+        ep_ctl(
+            &ep,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            urgent.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            TOK_URGENT,
+        )?;
+        ep_ctl(
+            &ep,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            kickfd.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            TOK_KICK,
+        )?;
         // Frames read with the handshake may already wait in the decoders.
         kick(&kickfd);
         Ok(NetworkSource {
@@ -169,7 +186,8 @@ impl NetworkSource {
         }
         let want = !self.outbox.is_empty();
         if want != self.want_out {
-            let ev = if want { epoll::Events::EPOLLIN | epoll::Events::EPOLLOUT } else { epoll::Events::EPOLLIN };
+            let ev =
+                if want { epoll::Events::EPOLLIN | epoll::Events::EPOLLOUT } else { epoll::Events::EPOLLIN };
             ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_MOD, self.urgent.as_raw_fd(), ev, TOK_URGENT)?;
             self.want_out = want;
         }
@@ -285,7 +303,10 @@ impl Ctx {
         urgent: bool,
         sink: &mut dyn PageSink,
     ) -> Result<()> {
-        let id = *self.ids.get(wire_block as usize).ok_or_else(|| Error::UnknownBlock(format!("wire #{wire_block}")))?;
+        let id = *self
+            .ids
+            .get(wire_block as usize)
+            .ok_or_else(|| Error::UnknownBlock(format!("wire #{wire_block}")))?;
         let b = self.blocks.get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
         let ps = b.page_size();
         let pages = len / ps;
@@ -330,7 +351,12 @@ impl PageSource for NetworkSource {
         if self.closed {
             return Err(Error::Invalid("the connection to the source is down; the request waits".into()));
         }
-        let wire = self.ctx.ids.iter().position(|&id| id == req.block).ok_or_else(|| Error::UnknownBlock(format!("#{}", req.block)))?;
+        let wire = self
+            .ctx
+            .ids
+            .iter()
+            .position(|&id| id == req.block)
+            .ok_or_else(|| Error::UnknownBlock(format!("#{}", req.block)))?;
         let f = Frame::Request { block: wire as u32, offset: req.offset, len: req.len };
         encode(&f, &mut self.outbox)?;
         self.ctx.net.requests.fetch_add(1, Ordering::Relaxed);

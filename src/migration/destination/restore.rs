@@ -25,7 +25,12 @@ pub struct Restore {
 impl Restore {
     /// Create the blocks (memfd / hugetlbfs), listen, and start the fault loop serving from the
     /// image at `path` (blocks back to back) with background fill.
-    pub fn start(path: &Path, infos: Vec<BlockInfo>, mut config: BrokerConfig, progress: Progress) -> Result<Restore> {
+    pub fn start(
+        path: &Path,
+        infos: Vec<BlockInfo>,
+        mut config: BrokerConfig,
+        progress: Progress,
+    ) -> Result<Restore> {
         let table = BlockTable::new(infos)?;
         let started = Instant::now();
         let mut incoming = Incoming::new(create_blocks(&table)?);

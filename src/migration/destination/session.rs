@@ -105,7 +105,10 @@ fn read_hello(s: &mut TcpStream, dec: &mut Decoder, want: Channel) -> Result<Hel
     let hello = match dec.read_frame(s)? {
         Frame::Hello(h) if h.channel == want => h,
         Frame::Hello(h) => {
-            return Err(Error::Invalid(format!("expected a Hello for the {want:?} connection, got {:?}", h.channel)))
+            return Err(Error::Invalid(format!(
+                "expected a Hello for the {want:?} connection, got {:?}",
+                h.channel
+            )))
         }
         Frame::Error { text } => return Err(Error::Invalid(format!("the source reported: {text}"))),
         f => return Err(Error::Invalid(format!("expected Hello, got a {:?} frame", f.frame_type()))),
@@ -124,7 +127,10 @@ pub fn create_blocks(table: &BlockTable) -> Result<RamBlocks> {
             ps => {
                 return Err(Error::UnsupportedPageSize {
                     page_size: ps,
-                    why: format!("block '{}' announces it; only 4 KiB, 2 MiB and 1 GiB pages exist here", b.name),
+                    why: format!(
+                        "block '{}' announces it; only 4 KiB, 2 MiB and 1 GiB pages exist here",
+                        b.name
+                    ),
                 })
             }
         };
@@ -174,7 +180,9 @@ impl Destination {
         if caps & CAP_URGENT_CHANNEL == 0 {
             return Err(refuse(
                 &mut main,
-                Error::Invalid("the source does not offer the urgent channel, which this destination requires".into()),
+                Error::Invalid(
+                    "the source does not offer the urgent channel, which this destination requires".into(),
+                ),
             ));
         }
         let setup = match blocks {
@@ -202,11 +210,14 @@ impl Destination {
         }
         authenticate_tcp(&mut urgent, key, Side::Destination, opts.auth_timeout)?;
         let mut urgent_dec = Decoder::new(Limits::default());
-        let uh = read_hello(&mut urgent, &mut urgent_dec, Channel::Urgent).map_err(|e| refuse(&mut urgent, e))?;
+        let uh =
+            read_hello(&mut urgent, &mut urgent_dec, Channel::Urgent).map_err(|e| refuse(&mut urgent, e))?;
         if uh.session_id != hello.session_id || uh.blocks != hello.blocks {
             return Err(refuse(
                 &mut urgent,
-                Error::Invalid("the urgent connection's Hello does not match the main one (session or blocks)".into()),
+                Error::Invalid(
+                    "the urgent connection's Hello does not match the main one (session or blocks)".into(),
+                ),
             ));
         }
         urgent_dec.set_blocks(hello.blocks.clone());
@@ -260,13 +271,12 @@ impl Destination {
                 Err(e) => return Err(refuse(&mut self.main, e)),
             }
         }
-        let (urgent, urgent_dec) = self.urgent.take().ok_or_else(|| Error::Invalid("no urgent connection".into()))?;
+        let (urgent, urgent_dec) =
+            self.urgent.take().ok_or_else(|| Error::Invalid("no urgent connection".into()))?;
         let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
         let src = NetworkSource::new(
-            main,
-            dec,
-            urgent,
-            urgent_dec,
+            (main, dec),
+            (urgent, urgent_dec),
             Arc::clone(self.incoming.blocks()),
             self.ids.clone(),
             Arc::clone(self.incoming.state()),
@@ -301,12 +311,17 @@ impl Destination {
             Frame::Advise => self.incoming.advise()?,
             Frame::Page { block, offset, data, .. } if advised => {
                 let id = self.id(block)?;
-                let b = self.incoming.blocks().get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
+                let b =
+                    self.incoming.blocks().get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
                 // Not registered with userfaultfd yet: write directly, then mark received.
                 // SAFETY: the decoder checked that [offset, offset + len) lies inside the block,
                 // whose placement mapping is live; no Rust reference points into it.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(data.as_ptr(), b.host_ptr().add(offset as usize), data.len())
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        b.host_ptr().add(offset as usize),
+                        data.len(),
+                    )
                 };
                 let ps = b.page_size();
                 b.received().set_range((offset / ps) as usize, data.len() / ps as usize);
@@ -315,7 +330,8 @@ impl Destination {
             }
             Frame::ZeroRun { block, offset, len, .. } if advised => {
                 let id = self.id(block)?;
-                let b = self.incoming.blocks().get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
+                let b =
+                    self.incoming.blocks().get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
                 let ps = b.page_size();
                 let (first, n) = ((offset / ps) as usize, (len / ps) as usize);
                 if b.received().count_range(first, n) > 0 {
@@ -365,10 +381,14 @@ impl Destination {
                     let _ = h.stop();
                 }
                 progress.clear();
-                return Err(Error::Invalid(format!("migration from {} failed during postcopy: {why}", self.peer)));
+                return Err(Error::Invalid(format!(
+                    "migration from {} failed during postcopy: {why}",
+                    self.peer
+                )));
             }
             let done = self.net.complete.load(Ordering::Acquire) && blocks.all_received();
-            progress.update(blocks.received_pages(), self.precopy_bytes + self.net.bytes.load(Ordering::Relaxed));
+            progress
+                .update(blocks.received_pages(), self.precopy_bytes + self.net.bytes.load(Ordering::Relaxed));
             if done {
                 break;
             }

@@ -28,7 +28,13 @@ impl Progress {
     pub fn start(self, total_pages: u64, total_bytes: u64) -> ProgressShow {
         let tty = self == Progress::Auto && std::io::stderr().is_terminal();
         ProgressShow {
-            mode: if tty { Mode::Line } else if self == Progress::Off { Mode::Off } else { Mode::Log },
+            mode: if tty {
+                Mode::Line
+            } else if self == Progress::Off {
+                Mode::Off
+            } else {
+                Mode::Log
+            },
             total_pages,
             total_bytes,
             start: Instant::now(),
@@ -72,7 +78,8 @@ impl ProgressShow {
             return;
         }
         self.last = Some(now);
-        let pct = if self.total_pages == 0 { 100.0 } else { received as f64 * 100.0 / self.total_pages as f64 };
+        let pct =
+            if self.total_pages == 0 { 100.0 } else { received as f64 * 100.0 / self.total_pages as f64 };
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
         let mib = bytes as f64 / (1 << 20) as f64;
         let text = format!(
@@ -196,7 +203,11 @@ impl Summary {
             requests: g.requests,
             faults: g.faults,
             bytes,
-            throughput_mib_s: if total_secs > 0.0 { bytes as f64 / (1 << 20) as f64 / total_secs } else { 0.0 },
+            throughput_mib_s: if total_secs > 0.0 {
+                bytes as f64 / (1 << 20) as f64 / total_secs
+            } else {
+                0.0
+            },
             clients: status
                 .all_clients()
                 .map(|c| {

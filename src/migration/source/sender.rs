@@ -96,6 +96,7 @@ impl SourceStats {
 
 /// Send `[offset, offset + len)` of block `index` (page aligned, inside the block) as Page and
 /// ZeroRun frames of at most 2 MiB each. Returns the bytes written.
+#[allow(clippy::too_many_arguments)] // the run's coordinates plus how to send it; a struct adds nothing
 pub fn send_run<W: Write + ?Sized>(
     w: &mut W,
     index: u32,

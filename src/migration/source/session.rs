@@ -112,7 +112,9 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream> {
 fn unexpected(what: &str, f: &Frame<'_>) -> Error {
     match f {
         Frame::Error { text } => Error::Invalid(format!("the destination refused the migration: {text}")),
-        f => Error::Invalid(format!("expected {what} from the destination, got a {:?} frame", f.frame_type())),
+        f => {
+            Error::Invalid(format!("expected {what} from the destination, got a {:?} frame", f.frame_type()))
+        }
     }
 }
 
@@ -132,7 +134,13 @@ impl SourceSession {
             let mut s = connect(addr, opts.connect_timeout)?;
             s.set_nodelay(true).ctx(|| "set TCP_NODELAY".into())?;
             authenticate_tcp(&mut s, key, Side::Source, opts.auth_timeout)?;
-            let hello = Hello { version: PROTOCOL_VERSION, capabilities: caps, channel, session_id, blocks: table.clone() };
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                capabilities: caps,
+                channel,
+                session_id,
+                blocks: table.clone(),
+            };
             write_frame(&mut s, &Frame::Hello(hello))?;
             let mut dec = Decoder::with_blocks(Limits::default(), table.clone());
             s.set_read_timeout(Some(Duration::from_secs(30))).ctx(|| "set a read timeout".into())?;

@@ -37,7 +37,9 @@ pub fn serve_urgent(
             Ok(Frame::Complete) | Err(WireError::Closed) => return Ok(()),
             Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::NotConnected => return Ok(()),
             Ok(Frame::Error { text }) => {
-                return Err(Error::Invalid(format!("the destination reported on the urgent connection: {text}")))
+                return Err(Error::Invalid(format!(
+                    "the destination reported on the urgent connection: {text}"
+                )))
             }
             Ok(f) => {
                 return Err(Error::Invalid(format!(
@@ -61,7 +63,16 @@ pub fn serve_urgent(
                 p += 1;
             }
             if p > first {
-                send_run(&mut stream, block, b, first * ps, (p - first) * ps, Kind::Prefetch, zero_runs, stats)?;
+                send_run(
+                    &mut stream,
+                    block,
+                    b,
+                    first * ps,
+                    (p - first) * ps,
+                    Kind::Prefetch,
+                    zero_runs,
+                    stats,
+                )?;
             } else {
                 p += 1;
             }
