@@ -353,3 +353,48 @@ fn a_lazy_restore_from_an_image_gives_identical_memory() {
     assert_eq!(checksums(&got), vec![("pc.ram".into(), sum(&ram)), ("huge".into(), sum(&hram))]);
     assert_eq!(got.side, "destination");
 }
+
+#[test]
+fn library_source_from_bytes_and_a_memfd_with_dirty_ranges() {
+    use postcopy_broker::migration::source::{SourceBlock, SourceOptions, SourceRam, SourceSession};
+    let a = contents(4 << 20, 4096, 21, 3);
+    let mut b = contents(2 << 20, 4096, 22, 5);
+    // Block "b" lives in a memfd the caller keeps writing (a running guest's RAM).
+    let memfd = postcopy_broker::RamBlock::memfd("src-b", b.len() as u64).unwrap();
+    // SAFETY: the test's own mapping of its memfd, b.len() bytes long.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), memfd.host_ptr(), b.len()) };
+    let fd = memfd.fd().unwrap().try_clone_to_owned().unwrap();
+    let ram = SourceRam::new(vec![
+        SourceBlock::from_bytes("a", 4096, &a).unwrap(),
+        SourceBlock::from_fd("b", 4096, &fd, b.len() as u64).unwrap(),
+    ])
+    .unwrap();
+    let key = [7u8; 32];
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let writer_ptr = memfd.host_ptr() as usize;
+    let src = std::thread::spawn(move || {
+        let mut s = SourceSession::connect(&addr, &key, ram, SourceOptions::default()).unwrap();
+        s.precopy().unwrap();
+        // The guest writes pages 3 and 100 of "b" after precopy sent them.
+        for p in [3usize, 100] {
+            // SAFETY: inside the memfd mapping, which outlives this thread (joined below).
+            unsafe { std::ptr::write_bytes((writer_ptr + p * 4096) as *mut u8, 0xee, 16) };
+            s.mark_dirty("b", (p * 4096) as u64, 16).unwrap();
+        }
+        s.postcopy().unwrap()
+    });
+    let opts = DestinationOptions { progress: Progress::Off, ..Default::default() };
+    let dest = Destination::accept(&listener, &key, None, opts).unwrap();
+    let (summary, incoming) = dest.run().unwrap();
+    let s = src.join().unwrap();
+    for p in [3usize, 100] {
+        b[p * 4096..p * 4096 + 16].fill(0xee);
+    }
+    let got = verify_report(incoming.blocks());
+    assert_eq!(checksums(&got), vec![("a".into(), sum(&a)), ("b".into(), sum(&b))]);
+    assert_eq!(s.counts.discarded_pages, 2);
+    assert_eq!(s.counts.background_pages, 2);
+    assert_eq!(summary.precopy_pages, (6 << 20) / 4096);
+    drop(memfd);
+}
