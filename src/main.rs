@@ -1,8 +1,11 @@
 //! The `postcopy-broker` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use postcopy_broker::cli;
+use postcopy_broker::migration::destination::cli::IncomingOptions;
 
 /// Postcopy live migration of shared guest RAM.
 #[derive(Debug, Parser)]
@@ -22,35 +25,105 @@ enum Command {
     },
     /// Serve guest RAM to a destination: connect, authenticate, precopy (optional), postcopy.
     Source(postcopy_broker::migration::source::SourceArgs),
-    /// Receive a migration (--incoming) or restore lazily from an image (--image).
-    Serve(postcopy_broker::migration::destination::ServeArgs),
+    /// Run the broker: own the RAM blocks, serve client faults from a page source, answer on
+    /// the control socket. With --incoming it receives a live migration from `source`; with
+    /// --block and --image it restores lazily from a snapshot; with --image alone it serves
+    /// Firecracker's private memory.
+    Serve {
+        /// Receive a migration: listen on ADDR:PORT (port 0 picks one; the first stdout line
+        /// is `listening ADDR`). The RAM blocks come from the source's Hello.
+        #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["image", "blocks"])]
+        incoming: Option<String>,
+        /// Pre-shared key file of --incoming (hex or raw, >= 16 bytes, mode 0600).
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        key: Option<PathBuf>,
+        /// With --incoming: write the RAM's checksums (JSON, as `source --verify-file`) here.
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        verify_file: Option<PathBuf>,
+        /// With --incoming: write the migration summary as JSON here.
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        summary_json: Option<PathBuf>,
+        /// Control socket path (mode 0600).
+        #[arg(long, default_value = "/run/postcopy-broker.sock")]
+        control: PathBuf,
+        /// Peer uid allowed on the control socket (repeatable; default: root and our own uid).
+        #[arg(long = "allow-uid")]
+        allow_uid: Vec<u32>,
+        /// Snapshot image: the blocks back to back (lazy restore), and the memory file of
+        /// Firecracker clients.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// A RAM block NAME:SIZE[:4k|2m] (repeatable), in image order.
+        #[arg(long = "block", value_parser = cli::serve::parse_block)]
+        blocks: Vec<(String, u64, u64)>,
+        /// Do not push pages in the background; serve faults only.
+        #[arg(long)]
+        no_background: bool,
+        /// Busy-poll the fault loop instead of sleeping in epoll_wait.
+        #[arg(long)]
+        busy_poll: bool,
+        /// When every page arrived, write per-block FNV-1a checksums (JSON) here.
+        #[arg(long)]
+        checksums: Option<PathBuf>,
+        /// Hold the background fill until this many clients have registered.
+        #[arg(long, default_value_t = 0)]
+        wait_clients: u64,
+    },
+    /// Show a running broker's state and statistics.
+    Status {
+        /// Control socket path.
+        #[arg(long, default_value = "/run/postcopy-broker.sock")]
+        control: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
-    match cli.command {
+    match Cli::parse().command {
+        Command::Probe { json } => cli::probe::run(json),
         Command::Source(a) => report(postcopy_broker::migration::source::cli::run(&a)),
-        Command::Serve(a) => report(postcopy_broker::migration::destination::cli::run(&a)),
-        Command::Probe { json } => {
-            let report = postcopy_broker::probe::probe();
-            if json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("error: cannot encode the report: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            } else {
-                print!("{}", postcopy_broker::probe::render(&report));
-            }
-            if report.postcopy_shared_ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Command::Serve {
+            incoming: Some(addr),
+            key,
+            verify_file,
+            summary_json,
+            control,
+            allow_uid,
+            busy_poll,
+            ..
+        } => report(postcopy_broker::migration::destination::cli::run(&IncomingOptions {
+            addr,
+            key,
+            control,
+            allowed_uids: allow_uid,
+            busy_poll,
+            verify_file,
+            summary_json,
+        })),
+        Command::Serve {
+            control,
+            allow_uid,
+            image,
+            blocks,
+            no_background,
+            busy_poll,
+            checksums,
+            wait_clients,
+            ..
+        } => cli::serve::run(cli::serve::ServeOptions {
+            control,
+            allowed_uids: allow_uid,
+            image,
+            blocks,
+            background: !no_background,
+            busy_poll,
+            checksums,
+            wait_clients,
+        }),
+        Command::Status { control, json } => cli::status::run(&control, json),
     }
 }
 

@@ -1,21 +1,18 @@
-//! The destination broker of a migration or lazy restore.
+//! The destination broker of a live migration.
 //!
 //! - [`session`]: [`Destination`], the network migration (accept, auth, Hello, the postcopy
 //!   states, finish);
 //! - [`network`]: [`NetworkSource`], the fault loop's page source over the two connections;
-//! - [`restore`]: [`Restore`], lazy restore from an image file;
 //! - [`summary`]: progress display and the end [`Summary`];
-//! - [`cli`]: `postcopy-broker serve`.
+//! - [`cli`]: `postcopy-broker serve --incoming`.
 
 pub mod cli;
 pub mod network;
-pub mod restore;
 pub mod session;
 pub mod summary;
 
-pub use cli::ServeArgs;
+pub use cli::IncomingOptions;
 pub use network::{NetState, NetworkSource};
-pub use restore::Restore;
 pub use session::{create_blocks, Destination, DestinationOptions, DESTINATION_CAPS};
 pub use summary::{ClientLatency, Progress, Summary};
 
