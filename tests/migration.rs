@@ -409,3 +409,62 @@ fn library_source_from_bytes_and_a_memfd_with_dirty_ranges() {
     assert_eq!(summary.precopy_pages, (6 << 20) / 4096);
     drop(memfd);
 }
+
+#[test]
+fn client_processes_register_over_the_control_socket_of_serve_incoming() {
+    ensure_free_huge_pages(8);
+    let dir = Dir::new("control");
+    let mut ram = contents(64 << 20, 4096, 31, 3);
+    let mut hram = contents(8 << 20, 2 << 20, 32, 3);
+    write_image(&dir.path("img"), &[&ram, &hram]);
+    let key = dir.path("key");
+    write_key(&key, 6);
+    let (dv, sv) = (dir.path("d.json"), dir.path("s.json"));
+    let (serve, addr, _out) = spawn_serve(&dir, &key, &["--verify-file", dv.to_str().unwrap()]);
+    let source = source_cmd(
+        &addr,
+        &key,
+        &dir.path("img"),
+        &["pc.ram:64M", "huge:8M:2m"],
+        &["--bandwidth", "24M", "--verify-file", sv.to_str().unwrap()],
+    )
+    .spawn()
+    .unwrap();
+    // The control socket appears when the destination listens.
+    let sock = dir.path("control.sock");
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed().as_secs() < 30, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let reads = spread(200, (64 << 20) / 4096, 5);
+    let writes = spread(50, (64 << 20) / 4096, 6);
+    let args = |block: &str, script: String| -> Vec<String> {
+        vec![
+            "--control".into(),
+            sock.to_str().unwrap().into(),
+            "--block".into(),
+            block.into(),
+            "--script".into(),
+            script,
+        ]
+    };
+    let mut c0 = Peer::spawn(&args("pc.ram", format!("touch:{};write:{}:201", list(&reads), list(&writes))));
+    let mut c1 = Peer::spawn(&args("huge", "touch:0,3;write:1,2:7".into()));
+    c0.go();
+    c1.go();
+    let (l0, l1) = (c0.finish(), c1.finish());
+    assert_eq!(check_pages(&l0[..1], &ram, 4096), reads.len());
+    assert_eq!(check_pages(&l1[..1], &hram, 2 << 20), 2);
+    wait_ok(source, "source");
+    let err = wait_ok(serve, "serve");
+    assert!(err.contains("registered"), "{err}");
+    assert_eq!(
+        checksums(&VerifyReport::read(&sv).unwrap()),
+        vec![("pc.ram".into(), sum(&ram)), ("huge".into(), sum(&hram))]
+    );
+    apply_writes(&mut ram, 4096, &writes, 201);
+    apply_writes(&mut hram, 2 << 20, &[1, 2], 7);
+    let dst = VerifyReport::read(&dv).unwrap();
+    assert_eq!(checksums(&dst), vec![("pc.ram".into(), sum(&ram)), ("huge".into(), sum(&hram))]);
+}
