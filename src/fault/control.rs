@@ -136,6 +136,14 @@ impl Loop {
                 let report = serde_json::to_value(self.status()).unwrap_or(serde_json::Value::Null);
                 self.reply(id, &Response::Status { report }, &[]);
             }
+            Incoming::Request(
+                other @ (Request::ProvideBlocks { .. } | Request::Dirty { .. } | Request::StartPostcopy),
+                _,
+            ) => {
+                let e =
+                    Error::Invalid(format!("'{}' is for a source page server, not the broker", other.op()));
+                self.refuse(id, &e);
+            }
             Incoming::Firecracker(regions, uffd) => {
                 let pid = u32::try_from(creds.pid).ok();
                 match self.register(Registration {

@@ -7,6 +7,7 @@ use crate::migration::auth::load_key;
 use crate::migration::spec::{parse_block, parse_dirty, parse_size};
 use crate::migration::verify::{BlockChecksum, VerifyReport};
 
+use super::control::SourceControl;
 use super::{SourceOptions, SourceRam, SourceSession};
 
 /// Arguments of `postcopy-broker source`.
@@ -20,11 +21,19 @@ pub struct SourceArgs {
     #[arg(long, value_name = "FILE")]
     pub key: PathBuf,
     /// Image file holding the blocks back to back, in --block order.
-    #[arg(long, value_name = "FILE")]
-    pub image: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "control", requires = "blocks")]
+    pub image: Option<PathBuf>,
     /// A RAM block: NAME:SIZE[:4k|2m|1g] (repeat, in image order), e.g. pc.ram:192M huge:64M:2m.
-    #[arg(long = "block", value_name = "SPEC", required = true)]
+    #[arg(long = "block", value_name = "SPEC")]
     pub blocks: Vec<String>,
+    /// Control socket (mode 0600) where the VMM hands over its RAM memfds (provide_blocks, when
+    /// there is no --image), reports pages it dirtied after precopy (dirty), and says when the
+    /// guest moves (start_postcopy). See docs/control-protocol.md.
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+    /// Peer uid allowed on --control (repeatable; default: root and our own uid).
+    #[arg(long = "allow-uid")]
+    pub allow_uid: Vec<u32>,
     /// Send every page once before postcopy starts.
     #[arg(long)]
     pub precopy: bool,
@@ -49,8 +58,21 @@ pub struct SourceArgs {
 /// Run `postcopy-broker source`.
 pub fn run(a: &SourceArgs) -> Result<()> {
     let key = load_key(&a.key)?;
-    let infos = a.blocks.iter().map(|s| parse_block(s)).collect::<Result<Vec<_>>>()?;
-    let ram = SourceRam::from_image(&a.image, infos)?;
+    let mut control = match &a.control {
+        Some(path) => Some(SourceControl::bind(path, a.allow_uid.clone())?),
+        None => None,
+    };
+    let ram = match (&a.image, &mut control) {
+        (Some(image), _) => {
+            let infos = a.blocks.iter().map(|s| parse_block(s)).collect::<Result<Vec<_>>>()?;
+            SourceRam::from_image(image, infos)?
+        }
+        (None, Some(c)) => {
+            log::info!("waiting for the RAM blocks on {}", c.path().display());
+            c.wait_blocks()?
+        }
+        (None, None) => return Err(Error::Invalid("give --image with --block specs, or --control".into())),
+    };
     let dirty = a.dirty.as_deref().map(parse_dirty).transpose()?.unwrap_or_default();
     for d in &dirty {
         let b = ram.table().index_of(&d.block).and_then(|i| ram.table().get(i));
@@ -85,6 +107,10 @@ pub fn run(a: &SourceArgs) -> Result<()> {
             b.invert(d.offset, d.len);
         }
         s.mark_dirty(&d.block, d.offset, d.len)?;
+    }
+    if let Some(c) = &mut control {
+        log::info!("precopy done; waiting for dirty ranges and start_postcopy on {}", c.path().display());
+        c.until_postcopy(&mut s)?;
     }
     if let Some(path) = &a.verify_file {
         let blocks = s

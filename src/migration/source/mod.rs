@@ -5,9 +5,11 @@
 //!   Run, background stream, Complete;
 //! - [`urgent`]: the thread that answers demand Requests on the urgent connection;
 //! - [`sender`]: pages to frames (zero runs, writev), counters, bandwidth limit;
+//! - [`control`]: the source's control socket (memfds from the VMM, dirty ranges, start);
 //! - [`cli`]: `postcopy-broker source`.
 
 pub mod cli;
+pub mod control;
 pub mod ram;
 pub mod sender;
 pub mod session;
