@@ -51,6 +51,11 @@ enum Command {
         /// Hold the background fill until this many clients have registered.
         #[arg(long, default_value_t = 0)]
         wait_clients: u64,
+        /// Be the frontend of the vhost-user backend at this socket for postcopy (repeatable):
+        /// refuse to start if it lacks PAGEFAULT, run the postcopy handshake with the blocks'
+        /// memfds, register it as a client, send POSTCOPY_END at the end.
+        #[arg(long = "vhost-user-backend", value_name = "SOCKET")]
+        vhost_user_backends: Vec<PathBuf>,
     },
     /// Show a running broker's state and statistics.
     Status {
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
             busy_poll,
             checksums,
             wait_clients,
+            vhost_user_backends,
         } => cli::serve::run(cli::serve::ServeOptions {
             control,
             allowed_uids: allow_uid,
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
             busy_poll,
             checksums,
             wait_clients,
+            vhost_user_backends,
         }),
         Command::Status { control, json } => cli::status::run(&control, json),
     }
