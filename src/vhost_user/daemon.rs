@@ -44,7 +44,13 @@ pub fn regions_of(blocks: &RamBlocks) -> Result<Vec<MemRegion<'_>>> {
                 b.name()
             ))
         })?;
-        out.push(MemRegion { guest_phys_addr: gpa, size: b.size(), fd, mmap_offset: 0, user_addr: b.host_addr() });
+        out.push(MemRegion {
+            guest_phys_addr: gpa,
+            size: b.size(),
+            fd,
+            mmap_offset: 0,
+            user_addr: b.host_addr(),
+        });
         gpa += b.size();
     }
     Ok(out)
@@ -84,7 +90,8 @@ impl DaemonBackends {
         let names = block_names_by_fd(&regions, blocks)?;
         let mut ids = Vec::new();
         for b in &mut self.backends {
-            let mut conn = b.conn.lock().map_err(|_| Error::Invalid("backend connection lock poisoned".into()))?;
+            let mut conn =
+                b.conn.lock().map_err(|_| Error::Invalid("backend connection lock poisoned".into()))?;
             let name = format!("vhost-user:{}", b.socket.display());
             let mut link = BrokerLink::InProcess { handle, blocks };
             let reg = handshake_and_register(&mut conn, &regions, &mut link, &name, &names)?;

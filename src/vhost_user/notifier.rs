@@ -44,7 +44,9 @@ pub fn add_end_notifier(notifiers: &mut Notifiers, conn: Arc<Mutex<BackendConn>>
                         log::warn!("{e}");
                     }
                 }
-                Err(_) => log::warn!("a vhost-user backend connection's lock is poisoned; no POSTCOPY_END sent"),
+                Err(_) => {
+                    log::warn!("a vhost-user backend connection's lock is poisoned; no POSTCOPY_END sent")
+                }
             }
             Ok(())
         }),

@@ -109,7 +109,8 @@ pub fn register_backend(
         BrokerLink::InProcess { handle, blocks } => {
             let entries = mapping_entries(pc, block_names, blocks)?;
             let uffd = pc.uffd.try_clone().ctx(|| format!("dup the uffd of backend {name}"))?;
-            let reg = Registration { name: name.to_string(), uffd, pid, map: RegistrationMap::Shared(entries) };
+            let reg =
+                Registration { name: name.to_string(), uffd, pid, map: RegistrationMap::Shared(entries) };
             Ok(handle.register(reg)?.0)
         }
         BrokerLink::Control(client) => {
