@@ -396,6 +396,7 @@ struct Op {
 #[allow(clippy::too_many_arguments)]
 fn postcopy_io(
     args: &Args,
+    max_ops: u64,
     drv: &mut BlkDriver,
     ram: &GuestRam,
     broker: &mut Broker,
@@ -412,12 +413,12 @@ fn postcopy_io(
     let (mut writes, mut reads) = (Vec::new(), Vec::new());
     let mut rounds = 0;
     let check_gpa = DATA_GPA + (8 << 20);
-    while (writes.len() as u64) < args.postcopy_ops {
+    while (writes.len() as u64) < max_ops {
         if args.until_complete && broker.complete() {
             break;
         }
         rounds += 1;
-        let n = args.ops_batch.clamp(1, 16).min(args.postcopy_ops - writes.len() as u64);
+        let n = args.ops_batch.clamp(1, 16).min(max_ops - writes.len() as u64);
         let mut reqs = Vec::new();
         let mut batch = Vec::new();
         for _ in 0..n {
@@ -596,16 +597,21 @@ fn run(args: &Args) -> Result<serde_json::Value> {
         let mirror_gpa = args.mirror_gpa.unwrap_or((ram_size / 2) & !(PAGE - 1));
         let mirror_len = args.mirror_sectors / SECTORS_PER_PAGE * PAGE;
         let log_sector = args.mirror_sectors.div_ceil(SECTORS_PER_PAGE) * SECTORS_PER_PAGE;
-        let log_end = log_sector + args.postcopy_ops * SECTORS_PER_PAGE;
-        if mirror_gpa % PAGE != 0 || mirror_gpa + mirror_len > ram_size || log_end > config.capacity_sectors {
+        // The log takes what the disk has left after the bounce workload's region, at most
+        // one entry per migrated page outside the mirror.
+        let bounce_sectors = if args.sectors == 0 { 2048 } else { args.sectors };
+        let room = config.capacity_sectors.saturating_sub(log_sector + bounce_sectors) / SECTORS_PER_PAGE;
+        let ops = args.postcopy_ops.min(room).min((ram_size - mirror_len.min(ram_size)) / PAGE);
+        let log_end = log_sector + ops * SECTORS_PER_PAGE;
+        if mirror_gpa % PAGE != 0 || mirror_gpa + mirror_len > ram_size || ops == 0 {
             return Err(Error::Invalid(format!(
-                "mirror {mirror_gpa:#x}+{mirror_len:#x} must be page aligned inside {ram_size:#x} bytes of RAM, and the log up to sector {log_end} inside the disk of {} sectors",
+                "mirror {mirror_gpa:#x}+{mirror_len:#x} must be page aligned inside {ram_size:#x} bytes of RAM, with room for a write log after sector {log_sector} on the disk of {} sectors",
                 config.capacity_sectors
             )));
         }
         first = args.first_sector.unwrap_or(log_end);
         let (writes, reads, rounds) =
-            postcopy_io(args, &mut drv, &ram, b, ram_size, mirror_gpa, log_sector, &mut rng)?;
+            postcopy_io(args, ops, &mut drv, &ram, b, ram_size, mirror_gpa, log_sector, &mut rng)?;
         let progress = b.progress();
         info!(
             "postcopy I/O: {} writes, {} reads in {rounds} rounds; broker progress {progress:?}",
