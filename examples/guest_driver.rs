@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use log::{info, warn};
 use postcopy_broker::control::{ClientKind, ControlClient, ControlError, MappingSpec};
+use postcopy_broker::migration::verify::checksum;
 use postcopy_broker::ram::RamBlock;
 use postcopy_broker::uffd::{feature, Uffd};
 use postcopy_broker::vhost_user::blk::{fnv1a64, DRIVER_FEATURES, FNV_OFFSET, ID_BYTES, SECTOR_SIZE};
@@ -490,7 +491,8 @@ fn postcopy_io(
     Ok((writes, reads, rounds))
 }
 
-/// Read every migrated page through the driver's own mapping; per-block FNV-1a checksums.
+/// Read every migrated page through the driver's own mapping; per block its FNV-1a 64 (as
+/// `serve --checksums` writes it) and the migration's checksum (as `--verify-file` writes it).
 fn touch_all(ram: &GuestRam) -> Result<serde_json::Value> {
     let mut sums = serde_json::Map::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -506,7 +508,15 @@ fn touch_all(ram: &GuestRam) -> Result<serde_json::Value> {
             h = fnv1a64(h, &buf[..n]);
             off += n as u64;
         }
-        sums.insert(block.name().to_string(), serde_json::json!(format!("{h:016x}")));
+        // Every page has been read once, so the whole block can be looked at as one slice.
+        // SAFETY: the block's mapping is live for as long as `ram` holds the Arc, `size` bytes
+        // long, and only read here; the backend may write it concurrently, which is as racy as
+        // any guest memory and cannot break a byte slice read.
+        let all = unsafe { std::slice::from_raw_parts(block.host_ptr(), block.size() as usize) };
+        sums.insert(
+            block.name().to_string(),
+            serde_json::json!({"fnv": format!("{h:016x}"), "checksum": format!("{:016x}", checksum(all))}),
+        );
     }
     Ok(serde_json::Value::Object(sums))
 }

@@ -75,6 +75,10 @@ enum Command {
         #[arg(long = "vhost-user-backend", value_name = "SOCKET", conflicts_with = "incoming")]
         vhost_user_backends: Vec<PathBuf>,
     },
+    /// A whole local migration as separate processes (source, destination broker, a
+    /// vhost-user-blk backend, a guest driver doing I/O during postcopy), with progress, a
+    /// summary and a verification of RAM and disk.
+    Demo(cli::demo::DemoArgs),
     /// Show a running broker's state and statistics.
     Status {
         /// Control socket path.
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
             vhost_user_backends,
         }),
         Command::Status { control, json } => cli::status::run(&control, json),
+        Command::Demo(a) => cli::demo::run(&a),
     }
 }
 
