@@ -323,6 +323,8 @@ struct Broker {
     /// kernel fill missing pages with zeros).
     _uffd: Uffd,
     driver_client: u64,
+    /// Every page has arrived (seen once; never asked again).
+    done: bool,
 }
 
 impl Broker {
@@ -338,7 +340,10 @@ impl Broker {
     }
 
     fn complete(&mut self) -> bool {
-        self.progress().is_none_or(|(r, t)| r == t)
+        if !self.done {
+            self.done = self.progress().is_none_or(|(r, t)| r == t);
+        }
+        self.done
     }
 
     fn wait_complete(&mut self) {
@@ -381,7 +386,7 @@ fn attach_broker(path: &PathBuf, ram: &mut GuestRam) -> Result<(Broker, Vec<Stri
     let driver_client =
         ctl.register("guest-driver", ClientKind::Shared, Some(std::process::id()), &specs, uffd.as_fd())?;
     info!("registered with the broker as client {driver_client}: {} block(s), {gpa} bytes", names.len());
-    Ok((Broker { ctl, _uffd: uffd, driver_client }, names))
+    Ok((Broker { ctl, _uffd: uffd, driver_client, done: false }, names))
 }
 
 /// One postcopy operation done: the guest range, the disk sectors.
@@ -622,7 +627,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
         first = args.first_sector.unwrap_or(log_end);
         let (writes, reads, rounds) =
             postcopy_io(args, ops, &mut drv, &ram, b, ram_size, mirror_gpa, log_sector, &mut rng)?;
-        let progress = b.progress();
+        let progress = if b.done { None } else { b.progress() };
         info!(
             "postcopy I/O: {} writes, {} reads in {rounds} rounds; broker progress {progress:?}",
             writes.len(),
@@ -636,6 +641,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
             "mirror_sectors": args.mirror_sectors,
             "log_sector": log_sector,
             "progress_after_io": progress.map(|(r, t)| serde_json::json!({"received": r, "total": t})),
+            "complete_during_io": b.done,
             "io_seconds": started.elapsed().as_secs_f64(),
         });
     }
@@ -662,6 +668,10 @@ fn run(args: &Args) -> Result<serde_json::Value> {
             }
         };
         for id in backend_client.into_iter().chain([b.driver_client]) {
+            if b.done {
+                // A broker that finished stops answering; nothing to unregister from.
+                break;
+            }
             match b.ctl.unregister(id) {
                 Ok(()) | Err(ControlError::PeerClosed) => {}
                 Err(e) => info!("unregister client {id}: {e}"),

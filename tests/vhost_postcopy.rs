@@ -355,3 +355,23 @@ fn a_killed_backend_is_dropped_alone() {
     let line = text.lines().find(|l| l.contains("guest-driver")).unwrap();
     assert!(!line.contains("faults        0 "), "{line}");
 }
+
+/// The demo itself, small: a live migration with both backends, verified end to end.
+#[test]
+fn demo_migrates_and_verifies_with_both_backends() {
+    for backend in ["ours", "qsd"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+            .args(["demo", "--size", "64M", "--backend", backend, "--timeout", "300"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "demo --backend {backend} failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("result: PASS"), "{text}");
+        assert!(text.contains("vhost-user-blk"), "{text}");
+        assert!(text.contains("RAM block ram: source"), "{text}");
+    }
+}

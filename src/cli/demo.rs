@@ -414,6 +414,8 @@ fn report(dir: &Path, seed: u64, wall: f64) -> Result<bool> {
     );
     if let Some(p) = pc["progress_after_io"].as_object() {
         println!("  (the broker had {} of {} pages when the I/O loop ended)", p["received"], p["total"]);
+    } else if pc["complete_during_io"] == true {
+        println!("  (the I/O loop ran until every page had arrived)");
     }
     println!("verification:");
     let src = block_checksums(&dir.join("source-ram.json"))?;
