@@ -68,7 +68,17 @@ enum Command {
         /// Hold the background fill until this many clients have registered.
         #[arg(long, default_value_t = 0)]
         wait_clients: u64,
+        /// Be the frontend of the vhost-user backend at this socket for postcopy (repeatable):
+        /// refuse to start if it lacks PAGEFAULT, run the postcopy handshake with the blocks'
+        /// memfds, register it as a client, send POSTCOPY_END at the end. (Lazy restore only;
+        /// with --incoming the VMM registers its backends over the control socket.)
+        #[arg(long = "vhost-user-backend", value_name = "SOCKET", conflicts_with = "incoming")]
+        vhost_user_backends: Vec<PathBuf>,
     },
+    /// A whole local migration as separate processes (source, destination broker, a
+    /// vhost-user-blk backend, a guest driver doing I/O during postcopy), with progress, a
+    /// summary and a verification of RAM and disk.
+    Demo(cli::demo::DemoArgs),
     /// Show a running broker's state and statistics.
     Status {
         /// Control socket path.
@@ -112,6 +122,7 @@ fn main() -> ExitCode {
             busy_poll,
             checksums,
             wait_clients,
+            vhost_user_backends,
             ..
         } => cli::serve::run(cli::serve::ServeOptions {
             control,
@@ -122,8 +133,10 @@ fn main() -> ExitCode {
             busy_poll,
             checksums,
             wait_clients,
+            vhost_user_backends,
         }),
         Command::Status { control, json } => cli::status::run(&control, json),
+        Command::Demo(a) => cli::demo::run(&a),
     }
 }
 

@@ -1,5 +1,7 @@
 //! The `postcopy-broker` command line: one module per subcommand.
 
+pub mod demo;
+pub mod demo_check;
 pub mod probe;
 pub mod progress;
 pub mod serve;

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::fault::{Broker, BrokerConfig};
 use crate::ram::{RamBlock, RamBlocks, HUGE_2M};
 use crate::source::{FileSource, MemorySource, PageSource};
+use crate::vhost_user::daemon::DaemonBackends;
 use crate::Incoming;
 
 /// Options of `serve` for a local source.
@@ -33,6 +34,9 @@ pub struct ServeOptions {
     pub wait_clients: u64,
     /// Write per-block checksums (JSON) here when done.
     pub checksums: Option<PathBuf>,
+    /// vhost-user backend sockets the daemon drives itself (postcopy handshake, registration,
+    /// POSTCOPY_END).
+    pub vhost_user_backends: Vec<PathBuf>,
 }
 
 /// Parse `NAME:SIZE[:4k|2m]`.
@@ -144,6 +148,8 @@ fn serve(o: ServeOptions) -> Result<()> {
         ));
     }
     let mut inc = Incoming::new(blocks);
+    // Backends first: their Probe notifiers veto postcopy before anything is touched.
+    let mut backends = DaemonBackends::connect(&o.vhost_user_backends, inc.notifiers_mut())?;
     inc.probe()?;
     inc.advise()?;
     inc.listen()?;
@@ -157,6 +163,7 @@ fn serve(o: ServeOptions) -> Result<()> {
         allowed_uids: o.allowed_uids.clone(),
     };
     let h = Broker::spawn(&inc, source, config)?;
+    backends.register_all(&h, inc.blocks())?;
     inc.run()?;
     log::info!("serving on {}", o.control.display());
     let start = Instant::now();
