@@ -126,14 +126,7 @@ struct Args {
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1u64 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1u64 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|e| format!("size '{s}': {e}"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' overflows"))
+    postcopy_broker::cli::parse_size(s)
 }
 
 /// splitmix64: small, seedable, good enough for test data.

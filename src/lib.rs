@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod control;
 pub mod error;
+pub mod eventfd;
 pub mod fault;
 pub mod incoming;
 pub mod migration;

@@ -7,25 +7,9 @@ pub mod progress;
 pub mod serve;
 pub mod status;
 
-/// Parse a size like `64M`, `1G`, `4096`, `2m`.
+/// Parse a size like `64M`, `1G`, `4096`, `0x1000` (for clap).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_lowercase() {
-                'k' => 1u64 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                _ => return Err(format!("size '{s}': unknown unit '{c}' (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 =
-        num.parse().map_err(|_| format!("size '{s}' is not a number with an optional K/M/G/T unit"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    crate::migration::spec::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -39,21 +39,9 @@ pub struct ServeOptions {
     pub vhost_user_backends: Vec<PathBuf>,
 }
 
-/// Parse `NAME:SIZE[:4k|2m]`.
+/// Parse `NAME:SIZE[:4k|2m]` (for clap).
 pub fn parse_block(s: &str) -> std::result::Result<(String, u64, u64), String> {
-    let mut it = s.split(':');
-    let name =
-        it.next().filter(|n| !n.is_empty()).ok_or_else(|| format!("block '{s}': want NAME:SIZE[:4k|2m]"))?;
-    let size =
-        crate::cli::parse_size(it.next().ok_or_else(|| format!("block '{s}': want NAME:SIZE[:4k|2m]"))?)?;
-    let ps = match it.next() {
-        None => 4096,
-        Some(p) => crate::cli::parse_size(p)?,
-    };
-    if it.next().is_some() {
-        return Err(format!("block '{s}': want NAME:SIZE[:4k|2m]"));
-    }
-    Ok((name.to_string(), size, ps))
+    crate::migration::spec::parse_block(s).map(|b| (b.name, b.size, b.page_size)).map_err(|e| e.to_string())
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

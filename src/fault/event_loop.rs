@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, PrivateRegion, PrivateTable};
 use crate::control::{ControlConn, ControlListener};
 use crate::error::{Error, IoContext, Result};
+use crate::eventfd::EventFd;
 use crate::fault::core::Core;
 use crate::incoming::Incoming;
 use crate::source::{FileSource, PageSource, SourceState};
@@ -86,31 +87,9 @@ pub struct Broker;
 #[derive(Debug)]
 pub struct BrokerHandle {
     tx: Sender<Command>,
-    kick: Arc<OwnedFd>,
+    kick: Arc<EventFd>,
     thread: Option<JoinHandle<Result<StatusReport>>>,
     blocks: Arc<crate::ram::RamBlocks>,
-}
-
-fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: eventfd(2) takes an initial value and flags and returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(Error::io("eventfd", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn kick(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer to an eventfd.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
-}
-
-fn drain_eventfd(fd: RawFd) {
-    let mut v = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live buffer.
-    let _ = unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
 }
 
 /// pidfd_open(2) of a pid.
@@ -131,7 +110,7 @@ fn set_nonblocking(fd: RawFd) -> Result<()> {
 
 pub(crate) struct Loop {
     epfd: OwnedFd,
-    event: Arc<OwnedFd>,
+    event: Arc<EventFd>,
     pub(crate) listener: Option<ControlListener>,
     pub(crate) conns: HashMap<u64, ControlConn>,
     pub(crate) next_conn: u64,
@@ -326,7 +305,7 @@ impl Loop {
     fn dispatch(&mut self, tok: u64) -> Result<()> {
         match tok {
             T_EVENT => {
-                drain_eventfd(self.event.as_raw_fd());
+                self.event.drain();
                 while let Ok(cmd) = self.rx.try_recv() {
                     self.on_command(cmd);
                 }
@@ -448,7 +427,7 @@ impl Broker {
         let epfd = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
-        let event = Arc::new(eventfd()?);
+        let event = Arc::new(EventFd::new()?);
         let (tx, rx) = mpsc::channel();
         let listener = match &config.control {
             Some(path) => {
@@ -496,7 +475,7 @@ impl Broker {
 impl BrokerHandle {
     fn send(&self, c: Command) -> Result<()> {
         self.tx.send(c).map_err(|_| Error::Invalid("the fault loop has stopped".into()))?;
-        kick(&self.kick);
+        self.kick.kick();
         Ok(())
     }
 

@@ -12,6 +12,8 @@
 use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::eventfd::EventFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -74,7 +76,7 @@ pub struct NetworkSource {
     main_dec: Decoder,
     urgent_dec: Decoder,
     ep: OwnedFd,
-    kick: OwnedFd,
+    kick: EventFd,
     ctx: Ctx,
     outbox: Vec<u8>,
     want_out: bool,
@@ -88,28 +90,6 @@ struct Ctx {
     ids: Vec<BlockId>,
     state: Arc<StateCell>,
     net: Arc<NetState>,
-}
-
-fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: eventfd(2) takes an initial value and flags and returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(Error::io("eventfd", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn kick(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer to an eventfd.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
-}
-
-fn drain(fd: &OwnedFd) {
-    let mut v = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live buffer.
-    let _ = unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
 }
 
 fn ep_ctl(ep: &OwnedFd, op: epoll::ControlOptions, fd: RawFd, events: epoll::Events, tok: u64) -> Result<()> {
@@ -134,7 +114,7 @@ impl NetworkSource {
         let ep = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        let kickfd = eventfd()?;
+        let kickfd = EventFd::new()?;
         ep_ctl(
             &ep,
             epoll::ControlOptions::EPOLL_CTL_ADD,
@@ -157,7 +137,7 @@ impl NetworkSource {
             TOK_KICK,
         )?;
         // Frames read with the handshake may already wait in the decoders.
-        kick(&kickfd);
+        kickfd.kick();
         Ok(NetworkSource {
             main,
             urgent,
@@ -217,7 +197,7 @@ impl NetworkSource {
     }
 
     fn pump(&mut self, sink: &mut dyn PageSink) -> Result<()> {
-        drain(&self.kick);
+        self.kick.drain();
         self.flush_outbox()?;
         self.pump_urgent(sink)?;
         let mut budget = MAIN_BUDGET;
@@ -240,7 +220,7 @@ impl NetworkSource {
             }
         }
         if self.main_dec.frame_ready()? || self.urgent_dec.frame_ready()? {
-            kick(&self.kick);
+            self.kick.kick();
         }
         Ok(())
     }
