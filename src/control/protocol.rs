@@ -315,7 +315,10 @@ mod tests {
                 r.clone(),
                 Request::Unregister { client: 1 },
                 g.clone(),
-                s.clone()
+                s.clone(),
+                Request::ProvideBlocks { blocks: vec![] },
+                Request::Dirty { block: String::new(), offset: 0, len: 0 },
+                Request::StartPostcopy,
             ]
             .iter()
             .any(|q| q.op() == *op));
