@@ -75,7 +75,7 @@ fn bench(a: BenchArgs) -> ExitCode {
     let mut cfg = BenchConfig::full(src, exe_dir.join("bench"), client);
     cfg.runs = a.runs.max(1);
     cfg.pages = a.pages.max(1);
-    cfg.place_mib = a.place_mib.max(1);
+    cfg.place_mib = a.place_mib.max(2); // the reference zero-fills in 2 MiB steps
     cfg.chunk = a.chunk_kib.max(4) << 10;
     cfg.clients = a.clients;
     cfg.scale_gib = a.scale_gib.max(1);

@@ -51,7 +51,7 @@ pub struct BackgroundFigures {
 }
 
 /// Fill `mib` MiB in background pulls of `chunk` bytes with `idle` idle clients registered.
-pub fn run(client: &Path, mib: usize, chunk: u64, idle: usize) -> Result<BackgroundFigures> {
+pub fn run(client: &Path, cpus: &[usize], mib: usize, chunk: u64, idle: usize) -> Result<BackgroundFigures> {
     let n = mib << 20;
     sys::warm_memory(4 * n)?;
     let mut data = vec![0u8; n];
@@ -69,7 +69,7 @@ pub fn run(client: &Path, mib: usize, chunk: u64, idle: usize) -> Result<Backgro
     let b = inc.blocks().get(0).ok_or_else(|| Error::Invalid("no block".into()))?;
     let mut peers = Vec::new();
     for i in 0..idle {
-        let p = Peer::spawn(client, b, "wait")?;
+        let p = Peer::spawn(client, b, "wait", cpus)?;
         p.register(&h, &format!("idle-{i}"))?;
         peers.push(p);
     }

@@ -25,14 +25,16 @@ pub struct DemandFigures {
     pub max: f64,
 }
 
-/// One demand run over `pages` pages with the broker blocking or busy-polling.
-pub fn run(client: &Path, pages: usize, busy_poll: bool) -> Result<DemandFigures> {
-    run_with(client, pages, busy_poll, |n| Box::new(MemorySource::new(vec![(vec![7u8; n], 4096)])))
+/// One demand run over `pages` pages with the broker blocking or busy-polling, the client pinned
+/// to `cpus` (the broker's thread inherits the caller's affinity).
+pub fn run(client: &Path, cpus: &[usize], pages: usize, busy_poll: bool) -> Result<DemandFigures> {
+    run_with(client, cpus, pages, busy_poll, |n| Box::new(MemorySource::new(vec![(vec![7u8; n], 4096)])))
 }
 
 /// One demand run with the given source (built for `pages * 4096` bytes of block 0, every byte 7).
 pub fn run_with(
     client: &Path,
+    cpus: &[usize],
     pages: usize,
     busy_poll: bool,
     source: impl FnOnce(usize) -> Box<dyn PageSource>,
@@ -46,7 +48,7 @@ pub fn run_with(
     inc.listen()?;
     let h = Broker::spawn(&inc, source(n), BrokerConfig { busy_poll, ..Default::default() })?;
     let b = inc.blocks().get(0).ok_or_else(|| Error::Invalid("no block".into()))?;
-    let mut p = Peer::spawn(client, b, &format!("timed:0-{}", pages - 1))?;
+    let mut p = Peer::spawn(client, b, &format!("timed:0-{}", pages - 1), cpus)?;
     p.register(&h, "bench-demand")?;
     p.go()?;
     let lines = p.finish()?;

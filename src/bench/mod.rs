@@ -114,7 +114,7 @@ struct PlacementRows {
 
 impl PlacementRows {
     fn new(p: Placement, cfg: &BenchConfig) -> PlacementRows {
-        let n = &p.name;
+        let n = &p.describe();
         let chunk = format!("background pull {} KiB", cfg.chunk >> 10);
         PlacementRows {
             poll: Row::new("demand us/fault", n, "blocking", Target::RatioAtMost(1.25), 2).with_reference(),
@@ -207,7 +207,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             let p = pr.p.clone();
             if demand || background {
                 progress(&format!("run {}/{}: reference, {}", run + 1, cfg.runs, p.name));
-                let mib = if background { cfg.place_mib } else { 1 };
+                let mib = if background { cfg.place_mib } else { 2 };
                 let f = refp.run(&p, cfg.pages, mib)?;
                 if demand {
                     push_ref(&mut pr.poll, &f, "demand poll", "us_per_fault")?;
@@ -222,20 +222,21 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                 }
             }
             progress(&format!("run {}/{}: broker, {}", run + 1, cfg.runs, p.name));
-            let old = sys::pin(&p.cpus)?;
+            let old = sys::pin(&p.broker)?;
             let r = (|| -> Result<()> {
                 if demand {
-                    let d = demand::run(&cfg.client, cfg.pages, false)?;
+                    let d = demand::run(&cfg.client, &p.client, cfg.pages, false)?;
                     pr.poll.ours.push(d.us_per_fault);
                     pr.poll_p50.ours.push(d.p50);
                     pr.poll_p99.ours.push(d.p99);
-                    let d = demand::run(&cfg.client, cfg.pages, true)?;
+                    let d = demand::run(&cfg.client, &p.client, cfg.pages, true)?;
                     pr.spin.ours.push(d.us_per_fault);
                     pr.spin_p50.ours.push(d.p50);
                     pr.spin_p99.ours.push(d.p99);
                 }
                 if background {
-                    let b = background::run(&cfg.client, cfg.place_mib, cfg.chunk, cfg.idle_clients)?;
+                    let b =
+                        background::run(&cfg.client, &p.client, cfg.place_mib, cfg.chunk, cfg.idle_clients)?;
                     pr.place.ours.push(b.gibs);
                     pr.wakes.ours.push(b.wakes_per_page);
                 }

@@ -27,9 +27,9 @@ fn bad(what: impl std::fmt::Display) -> Error {
 }
 
 impl Peer {
-    /// Start `exe` as a shared client of `block` (mapped once) running `script`; read its ready
-    /// line.
-    pub fn spawn(exe: &Path, block: &RamBlock, script: &str) -> Result<Peer> {
+    /// Start `exe` as a shared client of `block` (mapped once) running `script`, pinned to `cpus`
+    /// (unless empty); read its ready line.
+    pub fn spawn(exe: &Path, block: &RamBlock, script: &str, cpus: &[usize]) -> Result<Peer> {
         let fd = block.fd().ok_or_else(|| bad("the block has no fd"))?;
         let memfd = format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd());
         let mut child = Command::new(exe)
@@ -41,6 +41,13 @@ impl Peer {
             .map_err(|e| {
                 Error::io(format!("start {} (build it: cargo build --release)", exe.display()), e)
             })?;
+        if !cpus.is_empty() {
+            if let Err(e) = crate::bench::sys::pin_pid(child.id(), cpus) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
         let out = BufReader::new(child.stdout.take().ok_or_else(|| bad("no stdout"))?);
         let stdin = child.stdin.take().ok_or_else(|| bad("no stdin"))?;
         let mut p = Peer { child, out, stdin, ready: Value::Null };

@@ -2,10 +2,13 @@
 //! run under `taskset -c`, its `key=value` lines parsed into figures.
 
 use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use crate::bench::sys::Placement;
+use crate::bench::sys::{self, Placement};
 use crate::error::{Error, Result};
 
 /// Environment variable that names the reference source file.
@@ -89,25 +92,74 @@ impl Reference {
         Ok(Reference { exe })
     }
 
-    /// Run `taskset -c CPUS uffd_limit pages mib` and parse its figures.
+    /// Run `taskset -c BROKER uffd_limit pages mib` and parse its figures. When the client's CPUs
+    /// differ, every client process the reference forks is moved to them as soon as it appears
+    /// (it then spends a few hundred microseconds setting up before it starts timing).
     pub fn run(&self, placement: &Placement, pages: usize, mib: usize) -> Result<Figures> {
-        let out = Command::new("taskset")
+        let mut child = Command::new("taskset")
             .arg("-c")
-            .arg(placement.cpu_list())
+            .arg(Placement::cpu_list(&placement.broker))
             .arg(&self.exe)
             .arg(pages.to_string())
             .arg(mib.to_string())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| Error::io("run taskset (install util-linux)", e))?;
-        if !out.status.success() {
-            return Err(Error::Invalid(format!(
-                "reference {} failed ({}): {}",
-                self.exe.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )));
+        let mut stdout = child.stdout.take().ok_or_else(|| Error::Invalid("no stdout".into()))?;
+        let mut stderr = child.stderr.take().ok_or_else(|| Error::Invalid("no stderr".into()))?;
+        let reader = std::thread::spawn(move || {
+            let (mut o, mut e) = (String::new(), String::new());
+            let _ = stdout.read_to_string(&mut o);
+            let _ = stderr.read_to_string(&mut e);
+            (o, e)
+        });
+        let moved = if placement.client != placement.broker {
+            follow_children(&mut child, &placement.client)
+        } else {
+            Ok(())
+        };
+        let status = child.wait().map_err(|e| Error::io("wait for the reference", e))?;
+        let (out, err) = reader.join().map_err(|_| Error::Invalid("reference reader panicked".into()))?;
+        moved?;
+        if !status.success() {
+            return Err(Error::Invalid(format!("reference {} failed ({status}): {err}", self.exe.display())));
         }
-        Ok(parse(&String::from_utf8_lossy(&out.stdout)))
+        Ok(parse(&out))
+    }
+}
+
+/// Move every child that `parent` forks to `cpus` until `parent` exits. Between children it
+/// polls every 50 µs; while a child lives it sleeps on the child's pidfd.
+fn follow_children(parent: &mut Child, cpus: &[usize]) -> Result<()> {
+    let children = format!("/proc/{0}/task/{0}/children", parent.id());
+    loop {
+        if parent.try_wait().map_err(|e| Error::io("wait for the reference", e))?.is_some() {
+            return Ok(());
+        }
+        let list = std::fs::read_to_string(&children).unwrap_or_default();
+        let Some(pid) = list.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()) else {
+            std::thread::sleep(Duration::from_micros(50));
+            continue;
+        };
+        // The child may already be gone; then there is nothing to move.
+        if sys::pin_pid(pid, cpus).is_err() {
+            std::thread::sleep(Duration::from_micros(50));
+            continue;
+        }
+        if let Ok(fd) = crate::fault::pidfd_open(pid) {
+            let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd; waits until the child exits.
+            unsafe { libc::poll(&mut p, 1, -1) };
+        }
+        // Wait until the parent reaped it, so it is not found again.
+        while std::fs::read_to_string(&children)
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|p| p == pid.to_string())
+        {
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 }
 

@@ -53,7 +53,7 @@ pub fn run(client: &Path, clients: usize, gib: u64) -> Result<ScaleFigures> {
     let b = inc.blocks().get(0).ok_or_else(|| Error::Invalid("no block".into()))?;
     let mut peers = Vec::with_capacity(clients);
     for _ in 0..clients {
-        peers.push(Peer::spawn(client, b, "")?);
+        peers.push(Peer::spawn(client, b, "", &[])?);
     }
     let t0 = Instant::now();
     let mut ids = Vec::with_capacity(clients);

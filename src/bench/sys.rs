@@ -5,27 +5,39 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// Where both sides of a measurement may run.
+/// Where the two sides of a measurement run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     /// Short name ("same core", "cross core").
     pub name: String,
-    /// CPUs allowed to both sides (client and broker, or the reference's client and handler).
-    pub cpus: Vec<usize>,
+    /// CPUs of the client (uffd_limit's forked client, or pcb-client).
+    pub client: Vec<usize>,
+    /// CPUs of the handler (uffd_limit's parent, or the broker's fault loop).
+    pub broker: Vec<usize>,
 }
 
 impl Placement {
-    /// The `taskset -c` list, like "0" or "0,1".
-    pub fn cpu_list(&self) -> String {
-        self.cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
+    /// A `taskset -c` list, like "0" or "0,1".
+    pub fn cpu_list(cpus: &[usize]) -> String {
+        cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
     }
 
-    /// The placements this machine offers: both sides on one core, and (with two or more CPUs)
-    /// both sides allowed on two cores, where the scheduler puts them on different cores.
+    /// "client 0, broker 1".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (client cpu {}, broker cpu {})",
+            self.name,
+            Self::cpu_list(&self.client),
+            Self::cpu_list(&self.broker)
+        )
+    }
+
+    /// The placements this machine offers: both sides on one core; and (with two or more CPUs)
+    /// the client on cpu 0 and the broker on cpu 1.
     pub fn available() -> Vec<Placement> {
-        let mut v = vec![Placement { name: "same core".into(), cpus: vec![0] }];
+        let mut v = vec![Placement { name: "same core".into(), client: vec![0], broker: vec![0] }];
         if online_cpus() > 1 {
-            v.push(Placement { name: "cross core".into(), cpus: vec![0, 1] });
+            v.push(Placement { name: "cross core".into(), client: vec![0], broker: vec![1] });
         }
         v
     }
@@ -58,9 +70,8 @@ pub fn set_affinity(set: &libc::cpu_set_t) -> Result<()> {
     Ok(())
 }
 
-/// Pin the calling thread to `cpus`; returns the previous affinity to restore.
-pub fn pin(cpus: &[usize]) -> Result<libc::cpu_set_t> {
-    let old = affinity()?;
+/// A CPU set of `cpus`.
+pub fn cpu_set(cpus: &[usize]) -> Result<libc::cpu_set_t> {
     // SAFETY: cpu_set_t is plain data; all zero is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     for &c in cpus {
@@ -70,8 +81,26 @@ pub fn pin(cpus: &[usize]) -> Result<libc::cpu_set_t> {
         // SAFETY: c < online cpus, far below the set's capacity (CPU_SETSIZE).
         unsafe { libc::CPU_SET(c, &mut set) };
     }
-    set_affinity(&set)?;
+    Ok(set)
+}
+
+/// Pin the calling thread to `cpus`; returns the previous affinity to restore.
+pub fn pin(cpus: &[usize]) -> Result<libc::cpu_set_t> {
+    let old = affinity()?;
+    set_affinity(&cpu_set(cpus)?)?;
     Ok(old)
+}
+
+/// Pin process (or thread) `pid` to `cpus`.
+pub fn pin_pid(pid: u32, cpus: &[usize]) -> Result<()> {
+    let set = cpu_set(cpus)?;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| Error::Invalid(format!("pid {pid} out of range")))?;
+    // SAFETY: the set is readable and its size is passed.
+    let r = unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(Error::io(format!("sched_setaffinity of pid {pid}"), std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Touch and free `bytes` of anonymous memory, as uffd_limit.c's warm_memory does: on a VM whose
