@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::fault::{Broker, BrokerConfig};
 use crate::incoming::Incoming;
 use crate::ram::{RamBlock, RamBlocks};
-use crate::source::{MemorySource, PageSource};
+use crate::source::{MemorySource, PageRequest, PageSink, PageSource};
 
 /// The client's figures of one demand run (microseconds).
 #[derive(Debug, Clone, Copy, Default)]
@@ -66,4 +66,38 @@ pub fn run_with(
         )));
     }
     Ok(DemandFigures { us_per_fault: f("us_per_fault")?, p50: f("p50")?, p99: f("p99")?, max: f("max")? })
+}
+
+/// A source that answers every request with copies of one 4 KiB page of 7s (uffd_limit.c's
+/// handler copies from one such page, which stays in the cache).
+#[derive(Debug)]
+pub struct HotPageSource {
+    page: Vec<u8>,
+}
+
+impl HotPageSource {
+    /// A source of pages full of 7s.
+    pub fn new() -> HotPageSource {
+        HotPageSource { page: vec![7u8; 4096] }
+    }
+}
+
+impl Default for HotPageSource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PageSource for HotPageSource {
+    fn request(&mut self, req: PageRequest, sink: &mut dyn PageSink) -> Result<()> {
+        let mut o = 0;
+        while o < req.len {
+            sink.page(req.block, req.offset + o, &self.page, req.urgency)?;
+            o += 4096;
+        }
+        Ok(())
+    }
+    fn wants_background_pull(&self) -> bool {
+        false
+    }
 }

@@ -108,6 +108,8 @@ struct PlacementRows {
     spin: Row,
     spin_p50: Row,
     spin_p99: Row,
+    hot_poll: Row,
+    hot_spin: Row,
     place: Row,
     wakes: Row,
 }
@@ -123,6 +125,22 @@ impl PlacementRows {
             spin: Row::new("demand us/fault", n, "busy-poll", Target::RatioAtMost(1.25), 2).with_reference(),
             spin_p50: Row::new("demand p50 us", n, "busy-poll", Target::None, 2).with_reference(),
             spin_p99: Row::new("demand p99 us", n, "busy-poll", Target::None, 2).with_reference(),
+            hot_poll: Row::new(
+                "demand us/fault, source = one hot page (as uffd_limit)",
+                n,
+                "blocking",
+                Target::None,
+                2,
+            )
+            .with_reference(),
+            hot_spin: Row::new(
+                "demand us/fault, source = one hot page (as uffd_limit)",
+                n,
+                "busy-poll",
+                Target::None,
+                2,
+            )
+            .with_reference(),
             place: Row::new(
                 "background placement GiB/s (ref: copy_2m)",
                 n,
@@ -150,6 +168,8 @@ impl PlacementRows {
             self.spin,
             self.spin_p50,
             self.spin_p99,
+            self.hot_poll,
+            self.hot_spin,
             self.place,
             self.wakes,
         ]
@@ -216,6 +236,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                     push_ref(&mut pr.spin, &f, "demand spin", "us_per_fault")?;
                     push_ref(&mut pr.spin_p50, &f, "demand spin", "p50")?;
                     push_ref(&mut pr.spin_p99, &f, "demand spin", "p99")?;
+                    push_ref(&mut pr.hot_poll, &f, "demand poll", "us_per_fault")?;
+                    push_ref(&mut pr.hot_spin, &f, "demand spin", "us_per_fault")?;
                 }
                 if background {
                     push_ref(&mut pr.place, &f, "place", "copy_2m_gibs")?;
@@ -233,6 +255,13 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                     pr.spin.ours.push(d.us_per_fault);
                     pr.spin_p50.ours.push(d.p50);
                     pr.spin_p99.ours.push(d.p99);
+                    let hot = |_: usize| -> Box<dyn crate::source::PageSource> {
+                        Box::new(demand::HotPageSource::new())
+                    };
+                    let d = demand::run_with(&cfg.client, &p.client, cfg.pages, false, hot)?;
+                    pr.hot_poll.ours.push(d.us_per_fault);
+                    let d = demand::run_with(&cfg.client, &p.client, cfg.pages, true, hot)?;
+                    pr.hot_spin.ours.push(d.us_per_fault);
                 }
                 if background {
                     let b =

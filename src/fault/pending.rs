@@ -25,7 +25,7 @@ pub struct Waiter {
     pub since: Instant,
 }
 
-/// A cheap hasher for (block, page) keys.
+/// A cheap hasher for small integer keys: (block, page) here, client ids in the registry.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PageHasher(u64);
 
