@@ -198,17 +198,17 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     let placements = if cfg.placements.is_empty() { Placement::available() } else { cfg.placements.clone() };
     let mut per: Vec<PlacementRows> = placements.into_iter().map(|p| PlacementRows::new(p, cfg)).collect();
     let mut reg = Row::new(
-        &format!("register {} clients, s", cfg.clients),
+        &format!("register {} clients, ms", cfg.clients),
         "unpinned",
         "blocking",
-        Target::AtMost(1.0),
+        Target::AtMost(1000.0),
         3,
     );
     let mut down = Row::new(
-        &format!("unregister {} clients + stop, s", cfg.clients),
+        &format!("unregister {} clients + stop, ms", cfg.clients),
         "unpinned",
         "blocking",
-        Target::AtMost(1.0),
+        Target::AtMost(1000.0),
         3,
     );
     let mut mem = Row::new(
@@ -283,8 +283,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                 cfg.scale_gib
             ));
             let s = scale::run(&cfg.client, cfg.clients, cfg.scale_gib)?;
-            reg.ours.push(s.register_s);
-            down.ours.push(s.teardown_s);
+            reg.ours.push(s.register_s * 1e3);
+            down.ours.push(s.teardown_s * 1e3);
             mem.ours.push(s.private as f64 * 100.0 / s.guest as f64);
             mem_mib.ours.push(s.private_delta as f64 / f64::from(1 << 20));
         }
