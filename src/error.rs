@@ -134,6 +134,9 @@ pub enum Error {
     /// Migration peer authentication failed (or its key file cannot be used).
     #[error(transparent)]
     Auth(#[from] crate::migration::auth::AuthError),
+    /// A control socket failure (see [`crate::control::ControlError`]).
+    #[error("control socket: {0}")]
+    Control(#[from] crate::control::ControlError),
 }
 
 impl Error {

@@ -6,7 +6,9 @@
 //! [`state`] and [`notify`]; [`probe`] says whether the host can do it at all.
 
 pub mod bench;
+pub mod cli;
 pub mod client;
+pub mod control;
 pub mod error;
 pub mod fault;
 pub mod incoming;

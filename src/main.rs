@@ -1,8 +1,10 @@
 //! The `postcopy-broker` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use postcopy_broker::cli;
 
 /// Postcopy live migration of shared guest RAM.
 #[derive(Debug, Parser)]
@@ -20,111 +22,73 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the broker: own the RAM blocks, serve client faults from a page source, answer on
+    /// the control socket. With --block and --image it restores lazily from a snapshot; with
+    /// --image alone it serves Firecracker's private memory.
+    Serve {
+        /// Control socket path (mode 0600).
+        #[arg(long, default_value = "/run/postcopy-broker.sock")]
+        control: PathBuf,
+        /// Peer uid allowed on the control socket (repeatable; default: root and our own uid).
+        #[arg(long = "allow-uid")]
+        allow_uid: Vec<u32>,
+        /// Snapshot image: the blocks back to back (lazy restore), and the memory file of
+        /// Firecracker clients.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// A RAM block NAME:SIZE[:4k|2m] (repeatable), in image order.
+        #[arg(long = "block", value_parser = cli::serve::parse_block)]
+        blocks: Vec<(String, u64, u64)>,
+        /// Do not push pages in the background; serve faults only.
+        #[arg(long)]
+        no_background: bool,
+        /// Busy-poll the fault loop instead of sleeping in epoll_wait.
+        #[arg(long)]
+        busy_poll: bool,
+        /// When every page arrived, write per-block FNV-1a checksums (JSON) here.
+        #[arg(long)]
+        checksums: Option<PathBuf>,
+        /// Hold the background fill until this many clients have registered.
+        #[arg(long, default_value_t = 0)]
+        wait_clients: u64,
+    },
     /// Benchmark the fault path against the machine's limits (uffd_limit.c, run alternately).
-    Bench(BenchArgs),
-}
-
-/// Options of `postcopy-broker bench`.
-#[derive(Debug, clap::Args)]
-struct BenchArgs {
-    /// Alternating runs (reference, broker, reference, broker, ...).
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
-    /// Pages of the demand case.
-    #[arg(long, default_value_t = 20_000)]
-    pages: usize,
-    /// MiB of the background placement case.
-    #[arg(long, default_value_t = 512)]
-    place_mib: usize,
-    /// KiB per background pull.
-    #[arg(long, default_value_t = 2048)]
-    chunk_kib: u64,
-    /// Clients of the scale case.
-    #[arg(long, default_value_t = 64)]
-    clients: usize,
-    /// GiB of sparse RAM of the scale case.
-    #[arg(long, default_value_t = 16)]
-    scale_gib: u64,
-    /// Tiny sizes and one run: shows that every case produces numbers.
-    #[arg(long)]
-    quick: bool,
-    /// Cases, comma separated: demand, background, scale.
-    #[arg(long, value_delimiter = ',', default_value = "demand,background,scale")]
-    cases: Vec<String>,
-    /// Placements, comma separated: same (both sides on cpu 0), cross (both on cpus 0,1).
-    #[arg(long, value_delimiter = ',', default_value = "same,cross")]
-    placement: Vec<String>,
-    /// The reference program uffd_limit.c (default: $POSTCOPY_BENCH_REFERENCE, else
-    /// ../shared/bench/uffd_limit.c from the project root).
-    #[arg(long)]
-    reference: Option<std::path::PathBuf>,
-    /// The pcb-client executable (default: next to this program).
-    #[arg(long)]
-    client: Option<std::path::PathBuf>,
-}
-
-fn bench(a: BenchArgs) -> ExitCode {
-    use postcopy_broker::bench::{self, reference, sys::Placement, BenchConfig};
-    let exe_dir =
-        std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.to_path_buf())).unwrap_or_default();
-    let src = a
-        .reference
-        .or_else(|| std::env::var_os(reference::REFERENCE_ENV).map(Into::into))
-        .unwrap_or_else(reference::default_source);
-    let client = a.client.unwrap_or_else(|| exe_dir.join("pcb-client"));
-    let mut cfg = BenchConfig::full(src, exe_dir.join("bench"), client);
-    cfg.runs = a.runs.max(1);
-    cfg.pages = a.pages.max(1);
-    cfg.place_mib = a.place_mib.max(2); // the reference zero-fills in 2 MiB steps
-    cfg.chunk = a.chunk_kib.max(4) << 10;
-    cfg.clients = a.clients;
-    cfg.scale_gib = a.scale_gib.max(1);
-    cfg.cases = a.cases;
-    let all = Placement::available();
-    cfg.placements =
-        all.into_iter().filter(|p| a.placement.iter().any(|w| p.name.starts_with(w.as_str()))).collect();
-    if cfg.placements.is_empty() {
-        eprintln!("error: no usable placement among {:?} (this machine offers: same, cross)", a.placement);
-        return ExitCode::from(2);
-    }
-    if a.quick {
-        cfg = cfg.quick();
-    }
-    match bench::run(&cfg, |s| eprintln!("bench: {s}")) {
-        Ok(r) => {
-            print!("{}", r.render());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    Bench(cli::bench::BenchArgs),
+    /// Show a running broker's state and statistics.
+    Status {
+        /// Control socket path.
+        #[arg(long, default_value = "/run/postcopy-broker.sock")]
+        control: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Bench(a) => bench(a),
-        Command::Probe { json } => {
-            let report = postcopy_broker::probe::probe();
-            if json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("error: cannot encode the report: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            } else {
-                print!("{}", postcopy_broker::probe::render(&report));
-            }
-            if report.postcopy_shared_ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    match Cli::parse().command {
+        Command::Probe { json } => cli::probe::run(json),
+        Command::Bench(a) => cli::bench::run(a),
+        Command::Serve {
+            control,
+            allow_uid,
+            image,
+            blocks,
+            no_background,
+            busy_poll,
+            checksums,
+            wait_clients,
+        } => cli::serve::run(cli::serve::ServeOptions {
+            control,
+            allowed_uids: allow_uid,
+            image,
+            blocks,
+            background: !no_background,
+            busy_poll,
+            checksums,
+            wait_clients,
+        }),
+        Command::Status { control, json } => cli::status::run(&control, json),
     }
 }

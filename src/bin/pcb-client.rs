@@ -12,6 +12,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nix::sys::mman::{madvise, mmap, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
+use postcopy_broker::control::{
+    send_firecracker_handshake, ClientKind, ControlClient, FcRegion, MappingSpec,
+};
 use postcopy_broker::uffd::{feature, Uffd};
 use serde_json::json;
 
@@ -22,9 +25,20 @@ struct Args {
     /// maps private anonymous memory (a Firecracker-style private client).
     #[arg(long)]
     memfd: Option<String>,
-    /// Block (or private region) size in bytes.
+    /// Get the block's memfd from a broker's control socket and register there (instead of
+    /// --memfd and a hand-over by pidfd_getfd).
     #[arg(long)]
-    size: u64,
+    control: Option<String>,
+    /// The block to map when using --control.
+    #[arg(long, default_value = "ram")]
+    block: String,
+    /// With --control: act like Firecracker: private anonymous memory, handed over with
+    /// Firecracker's UFFD handshake (served from the broker's image at file offset 0).
+    #[arg(long)]
+    firecracker: bool,
+    /// Block (or private region) size in bytes (with --control: taken from the broker).
+    #[arg(long)]
+    size: Option<u64>,
     /// Page size of the block.
     #[arg(long, default_value_t = 4096)]
     page_size: u64,
@@ -176,9 +190,33 @@ impl Client {
     }
 }
 
-fn run(a: Args) -> Result<(), String> {
-    let len = std::num::NonZeroUsize::new(a.size as usize).ok_or("size 0")?;
-    let mut want = match (&a.memfd, a.page_size > 4096) {
+fn run(mut a: Args) -> Result<(), String> {
+    let mut ctl = match (&a.control, a.firecracker) {
+        (Some(path), false) => Some(ControlClient::connect(path).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let fd: Option<OwnedFd> = match (&a.memfd, &mut ctl) {
+        (Some(path), _) => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| format!("{path}: {e}"))?
+                .into(),
+        ),
+        (None, Some(c)) => {
+            c.hello("pcb-client").map_err(|e| e.to_string())?;
+            let mut blocks = c.get_blocks(Some(vec![a.block.clone()])).map_err(|e| e.to_string())?;
+            let (info, fd) = blocks.pop().ok_or("the broker sent no block")?;
+            a.size = Some(info.size);
+            a.page_size = info.page_size;
+            Some(fd.ok_or("the broker sent the block without its fd")?)
+        }
+        (None, None) => None,
+    };
+    let size = a.size.ok_or("--size is needed without --control")?;
+    let len = std::num::NonZeroUsize::new(size as usize).ok_or("size 0")?;
+    let mut want = match (&fd, a.page_size > 4096) {
         (None, _) => 0,
         (Some(_), true) => feature::MISSING_HUGETLBFS,
         (Some(_), false) => feature::MISSING_SHMEM,
@@ -193,17 +231,6 @@ fn run(a: Args) -> Result<(), String> {
         };
     }
     let uffd = Uffd::open(want).map_err(|e| format!("userfaultfd: {e}"))?;
-    let fd: Option<OwnedFd> = match &a.memfd {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| format!("{path}: {e}"))?
-                .into(),
-        ),
-        None => None,
-    };
     let mut bases = Vec::new();
     for _ in 0..a.maps {
         let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
@@ -215,16 +242,32 @@ fn run(a: Args) -> Result<(), String> {
         }
         .map_err(|e| format!("mmap: {e}"))?;
         let base = p.as_ptr() as u64;
-        uffd.register_missing(base, a.size).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
+        uffd.register_missing(base, size).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
         bases.push(base);
     }
-    let mappings: Vec<_> = bases
-        .iter()
-        .map(|b| json!({"client_addr": b, "block": 0, "block_offset": 0, "len": a.size}))
-        .collect();
+    let mappings: Vec<_> =
+        bases.iter().map(|b| json!({"client_addr": b, "block": 0, "block_offset": 0, "len": size})).collect();
+    let mut client_id = None;
+    let mut _fc_stream = None;
+    if let Some(c) = &mut ctl {
+        let specs: Vec<MappingSpec> = bases
+            .iter()
+            .map(|&b| MappingSpec { client_addr: b, block: a.block.clone(), offset: 0, len: size })
+            .collect();
+        let id = c
+            .register("pcb-client", ClientKind::Shared, Some(std::process::id()), &specs, uffd.as_fd())
+            .map_err(|e| format!("register: {e}"))?;
+        client_id = Some(id);
+    } else if let (Some(path), true) = (&a.control, a.firecracker) {
+        let regions: Vec<FcRegion> = bases
+            .iter()
+            .map(|&b| FcRegion { base_host_virt_addr: b, size, offset: 0, page_size: a.page_size })
+            .collect();
+        _fc_stream =
+            Some(send_firecracker_handshake(path, &regions, uffd.as_fd()).map_err(|e| e.to_string())?);
+    }
     let mut out = std::io::stdout().lock();
-    let ready =
-        json!({"ready": true, "pid": std::process::id(), "uffd_fd": uffd.as_raw_fd(), "mappings": mappings});
+    let ready = json!({"ready": true, "pid": std::process::id(), "uffd_fd": uffd.as_raw_fd(), "mappings": mappings, "client": client_id});
     writeln!(out, "{ready}").map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
     if !a.no_wait {

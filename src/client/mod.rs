@@ -63,9 +63,21 @@ pub struct Client {
     pub map: AddressMap,
     /// Counters.
     pub stats: ClientStats,
+    /// The last page it faulted on although present, and how many times in a row.
+    pub repeat: (u64, u32),
 }
 
 impl Client {
+    /// Record a fault on a present page at `addr`; returns how many times in a row it happened.
+    pub fn repeat_fault(&mut self, addr: u64) -> u32 {
+        if self.repeat.0 == addr {
+            self.repeat.1 += 1;
+        } else {
+            self.repeat = (addr, 1);
+        }
+        self.repeat.1
+    }
+
     /// Shared or private.
     pub fn kind(&self) -> ClientKind {
         match self.map {

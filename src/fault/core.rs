@@ -16,6 +16,9 @@ use crate::source::{is_zero, FileSource, PageRequest, PageSink, PageSource, Urge
 use crate::stats::BrokerStats;
 use crate::uffd::{Fill, Message, Uffd};
 
+/// Consecutive faults on one present page after which a client is considered broken.
+const REPEAT_LIMIT: u32 = 10_000;
+
 /// Largest run asked of a source in one request.
 pub const MAX_RUN: u64 = 2 << 20;
 
@@ -172,6 +175,17 @@ impl Core {
             if let Some(c) = self.clients.get_mut(client) {
                 c.stats.already_there += 1;
                 c.stats.latency.record(now.elapsed().as_nanos() as u64);
+                if c.repeat_fault(page_addr) > REPEAT_LIMIT {
+                    // Its mapping is not the shared block (private or another file): waking it
+                    // only makes it fault again. Stop serving it rather than spin.
+                    log::error!(
+                        "client {} '{}' faults again and again at {page_addr:#x} although the page is present: its mapping is not the shared RAM block; dropping it",
+                        client.0,
+                        c.name
+                    );
+                    self.failed.push(client);
+                    return;
+                }
             }
             self.wakes.push(client, page_addr, ps);
             return;
@@ -256,6 +270,7 @@ impl Core {
             pidfd: None,
             map,
             stats: Default::default(),
+            repeat: (0, 0),
         });
         self.stats.clients_registered += 1;
         self.born.push(id);

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, PrivateRegion, PrivateTable};
+use crate::control::{ControlConn, ControlListener};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::core::Core;
 use crate::incoming::Incoming;
@@ -18,12 +19,14 @@ use crate::uffd::{message_buffer, Message, RawMsg, Uffd};
 
 const T_EVENT: u64 = 0;
 const T_OWN: u64 = 1;
-const T_SOURCE: u64 = 2;
+pub(crate) const T_LISTEN: u64 = 2;
 const KIND_SHIFT: u32 = 56;
 const K_UFFD: u64 = 1;
 const K_PIDFD: u64 = 2;
+const K_SOURCE: u64 = 3;
+pub(crate) const K_CONN: u64 = 4;
 
-fn token(kind: u64, id: u64) -> u64 {
+pub(crate) fn token(kind: u64, id: u64) -> u64 {
     (kind << KIND_SHIFT) | id
 }
 
@@ -56,10 +59,16 @@ pub struct BrokerConfig {
     pub background: bool,
     /// Bytes per background pull.
     pub background_chunk: u64,
+    /// Start the background pull only once this many clients have registered.
+    pub background_after_clients: u64,
     /// Image file that serves private clients.
     pub image: Option<PathBuf>,
     /// Busy-poll instead of blocking in epoll_wait.
     pub busy_poll: bool,
+    /// Serve a control socket at this path.
+    pub control: Option<PathBuf>,
+    /// Peer uids allowed on the control socket (empty: root and the broker's own uid).
+    pub allowed_uids: Vec<u32>,
 }
 
 enum Command {
@@ -104,16 +113,10 @@ fn drain_eventfd(fd: RawFd) {
     let _ = unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
 }
 
-/// pidfd_open(2).
+/// pidfd_open(2) of a pid.
 pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
-    // SAFETY: a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let pid = i32::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    crate::control::pidfd_open(pid)
 }
 
 fn set_nonblocking(fd: RawFd) -> Result<()> {
@@ -126,15 +129,19 @@ fn set_nonblocking(fd: RawFd) -> Result<()> {
     Ok(())
 }
 
-struct Loop {
+pub(crate) struct Loop {
     epfd: OwnedFd,
     event: Arc<OwnedFd>,
+    pub(crate) listener: Option<ControlListener>,
+    pub(crate) conns: HashMap<u64, ControlConn>,
+    pub(crate) next_conn: u64,
+    /// The uid that registered each client over the control socket.
+    pub(crate) owners: HashMap<ClientId, u32>,
     rx: Receiver<Command>,
-    core: Core,
+    pub(crate) core: Core,
     source: Box<dyn PageSource>,
     config: BrokerConfig,
     msgs: Vec<RawMsg>,
-    source_open: bool,
     /// Clients no longer served whose process may still live: their uffds stay open.
     retired: HashMap<ClientId, Client>,
     /// Final statistics of clients that are gone.
@@ -143,18 +150,18 @@ struct Loop {
 }
 
 impl Loop {
-    fn add(&self, fd: RawFd, tok: u64) -> Result<()> {
+    pub(crate) fn add(&self, fd: RawFd, tok: u64) -> Result<()> {
         let ev = epoll::Event::new(epoll::Events::EPOLLIN, tok);
         epoll::ctl(self.epfd.as_raw_fd(), epoll::ControlOptions::EPOLL_CTL_ADD, fd, ev)
             .ctx(|| format!("epoll add fd {fd}"))
     }
 
-    fn del(&self, fd: RawFd) {
+    pub(crate) fn del(&self, fd: RawFd) {
         let ev = epoll::Event::new(epoll::Events::empty(), 0);
         let _ = epoll::ctl(self.epfd.as_raw_fd(), epoll::ControlOptions::EPOLL_CTL_DEL, fd, ev);
     }
 
-    fn register(&mut self, reg: Registration) -> Result<ClientId> {
+    pub(crate) fn register(&mut self, reg: Registration) -> Result<ClientId> {
         let map = match reg.map {
             RegistrationMap::Shared(entries) => {
                 AddressMap::Shared(MappingTable::new(&self.core.blocks, entries)?)
@@ -196,6 +203,7 @@ impl Loop {
             pidfd,
             map,
             stats: Default::default(),
+            repeat: (0, 0),
         });
         self.core.stats.clients_registered += 1;
         Ok(id)
@@ -204,7 +212,7 @@ impl Loop {
     /// Stop serving a client. Its uffd stays open while its process may live (closing it would
     /// let its faults fill shared RAM with zeros); it is closed when the pidfd reports the exit
     /// or the loop ends.
-    fn retire(&mut self, id: ClientId, exited: bool) {
+    pub(crate) fn retire(&mut self, id: ClientId, exited: bool) {
         let Some(c) = self.core.clients.remove(id) else {
             if exited {
                 if let Some(c) = self.retired.remove(&id) {
@@ -233,7 +241,7 @@ impl Loop {
         }
     }
 
-    fn status(&self) -> StatusReport {
+    pub(crate) fn status(&self) -> StatusReport {
         let blocks = &self.core.blocks;
         let mut clients: Vec<_> = self.core.clients.iter().map(|c| c.status()).collect();
         clients.sort_by_key(|c| c.id);
@@ -324,19 +332,27 @@ impl Loop {
                 }
             }
             T_OWN => self.drain_uffd(ClientId::BROKER),
-            T_SOURCE => {
-                if self.source.on_ready(&mut self.core)? == SourceState::Closed {
-                    if let Some(fd) = self.source.poll_fd() {
-                        self.del(fd);
-                    }
-                    self.source_open = false;
-                }
-            }
+            T_LISTEN => self.accept_peers(),
             t => {
                 let id = ClientId(t & ((1 << KIND_SHIFT) - 1));
                 match t >> KIND_SHIFT {
                     K_UFFD => self.drain_uffd(id),
                     K_PIDFD => self.retire(id, true),
+                    K_CONN => self.serve_conn(id.0),
+                    K_SOURCE => {
+                        let fd = RawFd::try_from(id.0).unwrap_or(-1);
+                        match self.source.on_ready(fd, &mut self.core) {
+                            Ok(SourceState::Open) => {}
+                            Ok(SourceState::Closed) => {
+                                log::info!("page source closed (fd {fd})");
+                                self.del(fd);
+                            }
+                            Err(e) => {
+                                log::error!("page source failed: {e}");
+                                self.del(fd);
+                            }
+                        }
+                    }
                     _ => log::warn!("unknown epoll token {t:#x}"),
                 }
             }
@@ -365,7 +381,9 @@ impl Loop {
         let chunk = if self.config.background_chunk == 0 { 256 << 10 } else { self.config.background_chunk };
         let mut background = self.config.background && self.source.wants_background_pull();
         while !self.stop {
-            let busy = background || !self.core.deferred.is_empty() || self.config.busy_poll;
+            let bg_now =
+                background && self.core.stats.clients_registered >= self.config.background_after_clients;
+            let busy = bg_now || !self.core.deferred.is_empty() || self.config.busy_poll;
             let timeout = if busy { 0 } else { -1 };
             let n = match epoll::wait(self.epfd.as_raw_fd(), timeout, &mut events) {
                 Ok(n) => n,
@@ -376,7 +394,7 @@ impl Loop {
                 self.dispatch(ev.data)?;
             }
             self.after_round();
-            if n == 0 && background {
+            if n == 0 && bg_now {
                 background = self.core.background_step(self.source.as_mut(), chunk);
                 self.core.flush_wakes();
             }
@@ -387,7 +405,30 @@ impl Loop {
                 self.after_round();
             }
         }
+        self.final_wake();
         Ok(self.status())
+    }
+
+    /// Before the loop lets go of the clients: read what they still queued and wake every
+    /// mapped range once, so no thread stays asleep on a fault the loop will never read (its
+    /// own copy of the uffd keeps the registration alive after ours closes). Pages that are
+    /// present map on retry; pages that are not fault again and wait in the client's queue.
+    fn final_wake(&mut self) {
+        for id in self.core.clients.ids() {
+            self.drain_uffd(id);
+        }
+        self.after_round();
+        for c in self.core.clients.iter() {
+            let ranges: Vec<(u64, u64)> = match &c.map {
+                AddressMap::Shared(t) => t.entries().iter().map(|e| (e.client_addr, e.len)).collect(),
+                AddressMap::Private(t) => t.regions().iter().map(|r| (r.client_addr, r.len)).collect(),
+            };
+            for (a, l) in ranges {
+                if let Err(e) = c.uffd.wake(a, l) {
+                    log::debug!("final wake of client {} at {a:#x}: {e}", c.id.0);
+                }
+            }
+        }
     }
 }
 
@@ -409,25 +450,41 @@ impl Broker {
         let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
         let event = Arc::new(eventfd()?);
         let (tx, rx) = mpsc::channel();
+        let listener = match &config.control {
+            Some(path) => {
+                let uids = if config.allowed_uids.is_empty() {
+                    ControlListener::default_allowed_uids()
+                } else {
+                    config.allowed_uids.clone()
+                };
+                Some(ControlListener::bind(path, uids)?)
+            }
+            None => None,
+        };
         let lp = Loop {
             epfd,
             event: Arc::clone(&event),
+            listener,
+            conns: HashMap::new(),
+            next_conn: 1,
+            owners: HashMap::new(),
             rx,
             core,
             source,
             config,
             msgs: message_buffer(64),
-            source_open: true,
             retired: HashMap::new(),
             departed: Default::default(),
             stop: false,
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
-        if let Some(fd) = lp.source.poll_fd() {
-            lp.add(fd, T_SOURCE)?;
+        if let Some(l) = &lp.listener {
+            lp.add(l.as_raw_fd(), T_LISTEN)?;
         }
-        let _ = lp.source_open;
+        for fd in lp.source.poll_fds() {
+            lp.add(fd, token(K_SOURCE, u64::try_from(fd).unwrap_or(0)))?;
+        }
         let thread = std::thread::Builder::new()
             .name("postcopy-fault".into())
             .spawn(move || lp.run())

@@ -5,6 +5,7 @@
 //! [`Broker::spawn`] runs the loop on its own thread and returns a [`BrokerHandle`] through which
 //! an in-process VMM registers clients, reads status and stops the loop.
 
+mod control;
 mod core;
 mod event_loop;
 mod pending;

@@ -57,14 +57,22 @@ pub trait PageSource: Send + std::fmt::Debug {
     /// Ask for a range. Synchronous sources deliver into `sink` before returning.
     fn request(&mut self, req: PageRequest, sink: &mut dyn PageSink) -> Result<()>;
 
-    /// An fd that becomes readable when pages arrive asynchronously.
-    fn poll_fd(&self) -> Option<RawFd> {
-        None
+    /// Fds that become readable when pages arrive asynchronously (for example the main and the
+    /// urgent connection of a migration). The fault loop watches them while the source is open.
+    fn poll_fds(&self) -> Vec<RawFd> {
+        Vec::new()
     }
 
-    /// Called when [`PageSource::poll_fd`] is readable.
-    fn on_ready(&mut self, _sink: &mut dyn PageSink) -> Result<SourceState> {
+    /// Called on the fault loop thread when `fd` (one of [`PageSource::poll_fds`]) is readable.
+    /// Pages handed to `sink` are placed and their waiters woken before the loop sleeps again.
+    fn on_ready(&mut self, _fd: RawFd, _sink: &mut dyn PageSink) -> Result<SourceState> {
         Ok(SourceState::Open)
+    }
+
+    /// Outstanding demand requests were lost (for example with a dropped connection) and the
+    /// source is usable again: ask for them again. The default does nothing.
+    fn reissue(&mut self, _pending: &[(crate::ram::BlockId, u64, u64)]) -> Result<()> {
+        Ok(())
     }
 
     /// Whether the fault loop should pull background pages with `Urgency::Background` requests
