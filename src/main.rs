@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use postcopy_broker::cli;
+use postcopy_broker::migration::destination::cli::IncomingOptions;
 
 /// Postcopy live migration of shared guest RAM.
 #[derive(Debug, Parser)]
@@ -22,10 +23,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve guest RAM to a destination: connect, authenticate, precopy (optional), postcopy.
+    Source(postcopy_broker::migration::source::SourceArgs),
     /// Run the broker: own the RAM blocks, serve client faults from a page source, answer on
-    /// the control socket. With --block and --image it restores lazily from a snapshot; with
-    /// --image alone it serves Firecracker's private memory.
+    /// the control socket. With --incoming it receives a live migration from `source`; with
+    /// --block and --image it restores lazily from a snapshot; with --image alone it serves
+    /// Firecracker's private memory.
     Serve {
+        /// Receive a migration: listen on ADDR:PORT (port 0 picks one; the first stdout line
+        /// is `listening ADDR`). The RAM blocks come from the source's Hello.
+        #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["image", "blocks"])]
+        incoming: Option<String>,
+        /// Pre-shared key file of --incoming (hex or raw, >= 16 bytes, mode 0600).
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        key: Option<PathBuf>,
+        /// With --incoming: write the RAM's checksums (JSON, as `source --verify-file`) here.
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        verify_file: Option<PathBuf>,
+        /// With --incoming: write the migration summary as JSON here.
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        summary_json: Option<PathBuf>,
         /// Control socket path (mode 0600).
         #[arg(long, default_value = "/run/postcopy-broker.sock")]
         control: PathBuf,
@@ -70,6 +87,25 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Probe { json } => cli::probe::run(json),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Source(a) => report(postcopy_broker::migration::source::cli::run(&a)),
+        Command::Serve {
+            incoming: Some(addr),
+            key,
+            verify_file,
+            summary_json,
+            control,
+            allow_uid,
+            busy_poll,
+            ..
+        } => report(postcopy_broker::migration::destination::cli::run(&IncomingOptions {
+            addr,
+            key,
+            control,
+            allowed_uids: allow_uid,
+            busy_poll,
+            verify_file,
+            summary_json,
+        })),
         Command::Serve {
             control,
             allow_uid,
@@ -79,6 +115,7 @@ fn main() -> ExitCode {
             busy_poll,
             checksums,
             wait_clients,
+            ..
         } => cli::serve::run(cli::serve::ServeOptions {
             control,
             allowed_uids: allow_uid,
@@ -90,5 +127,16 @@ fn main() -> ExitCode {
             wait_clients,
         }),
         Command::Status { control, json } => cli::status::run(&control, json),
+    }
+}
+
+fn report(r: postcopy_broker::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
