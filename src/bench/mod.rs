@@ -8,6 +8,7 @@
 
 pub mod background;
 pub mod demand;
+pub mod migrate;
 pub mod peer;
 pub mod reference;
 pub mod report;
@@ -38,7 +39,15 @@ pub struct BenchConfig {
     pub clients: usize,
     /// GiB of sparse blocks of the scale case.
     pub scale_gib: u64,
-    /// Cases to run: any of demand, background, scale.
+    /// MiB of guest RAM migrated (half zero pages), and of the saturating stream.
+    pub migrate_mib: usize,
+    /// MiB of the idle-stream migration (limited to `idle_bandwidth`).
+    pub idle_mib: usize,
+    /// Background bandwidth of the idle-stream migration, bytes/s.
+    pub idle_bandwidth: u64,
+    /// Demand faults of the client during a migration.
+    pub migrate_faults: usize,
+    /// Cases to run: any of demand, background, scale, migration.
     pub cases: Vec<String>,
     /// Placements to use; empty: every placement the machine offers.
     pub placements: Vec<Placement>,
@@ -61,7 +70,11 @@ impl BenchConfig {
             idle_clients: 4,
             clients: 64,
             scale_gib: 16,
-            cases: ["demand", "background", "scale"].map(String::from).to_vec(),
+            migrate_mib: 1024,
+            idle_mib: 64,
+            idle_bandwidth: 16 << 20,
+            migrate_faults: 1000,
+            cases: ["demand", "background", "scale", "migration"].map(String::from).to_vec(),
             placements: Vec::new(),
             reference,
             out_dir,
@@ -76,6 +89,10 @@ impl BenchConfig {
         self.place_mib = 16;
         self.clients = 4;
         self.scale_gib = 1;
+        self.migrate_mib = 32;
+        self.idle_mib = 8;
+        self.idle_bandwidth = 8 << 20;
+        self.migrate_faults = 50;
         self
     }
 
@@ -220,6 +237,22 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     );
     let mut mem_mib =
         Row::new("broker private memory, MiB (delta by the broker)", "unpinned", "blocking", Target::None, 2);
+    let mig = format!("migration {} MiB, half zero, s (ref: non-zero bytes / raw TCP)", cfg.migrate_mib);
+    let mut m_secs = Row::new(&mig, "unpinned", "blocking", Target::RatioAtMost(1.2), 3).with_reference();
+    let mut m_tcp = Row::new("loopback TCP GiB/s, one connection", "unpinned", "-", Target::None, 2);
+    let sat = "demand {} during migration (ref: idle stream)";
+    let mut m_p50 =
+        Row::new(&sat.replace("{}", "p50 us"), "unpinned", "blocking", Target::RatioAtMost(2.0), 1)
+            .with_reference();
+    let mut m_p99 =
+        Row::new(&sat.replace("{}", "p99 us"), "unpinned", "blocking", Target::RatioAtMost(3.0), 1)
+            .with_reference();
+    let mut m_mean =
+        Row::new(&sat.replace("{}", "us/fault"), "unpinned", "blocking", Target::None, 1).with_reference();
+    let mut m_overlap =
+        Row::new("runs whose faults overlapped the saturating stream, %", "unpinned", "-", Target::None, 0);
+    let mig_data =
+        if cfg.wants("migration") { migrate::half_zero(cfg.migrate_mib << 20) } else { Vec::new() };
     let demand = cfg.wants("demand");
     let background = cfg.wants("background");
     for run in 0..cfg.runs {
@@ -288,11 +321,51 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             mem.ours.push(s.private as f64 * 100.0 / s.guest as f64);
             mem_mib.ours.push(s.private_delta as f64 / f64::from(1 << 20));
         }
+        if cfg.wants("migration") {
+            progress(&format!(
+                "run {}/{}: loopback TCP and migration of {} MiB",
+                run + 1,
+                cfg.runs,
+                cfg.migrate_mib
+            ));
+            let raw = migrate::tcp_throughput(cfg.migrate_mib << 20)?;
+            let m = migrate::migrate(&mig_data)?;
+            m_tcp.ours.push(raw / f64::from(1 << 30));
+            m_secs.ours.push(m.secs);
+            if let Some(r) = m_secs.reference.as_mut() {
+                r.push(m.nonzero as f64 / raw);
+            }
+            progress(&format!(
+                "run {}/{}: demand faults during a migration, idle then saturating",
+                run + 1,
+                cfg.runs
+            ));
+            let idle = migrate::half_zero(cfg.idle_mib << 20);
+            let (i, _) =
+                migrate::demand_during(&cfg.client, &[], &idle, cfg.migrate_faults, cfg.idle_bandwidth)?;
+            drop(idle);
+            let (d, overlapped) = migrate::demand_during(&cfg.client, &[], &mig_data, cfg.migrate_faults, 0)?;
+            for (row, ours, idle) in [
+                (&mut m_p50, d.p50, i.p50),
+                (&mut m_p99, d.p99, i.p99),
+                (&mut m_mean, d.us_per_fault, i.us_per_fault),
+            ] {
+                row.ours.push(ours);
+                if let Some(r) = row.reference.as_mut() {
+                    r.push(idle);
+                }
+            }
+            m_overlap.ours.push(if overlapped { 100.0 } else { 0.0 });
+        }
     }
     let mut rows = Vec::new();
     for pr in per {
         rows.extend(pr.rows().into_iter().filter(|r| !r.ours.is_empty()));
     }
-    rows.extend([reg, down, mem, mem_mib].into_iter().filter(|r| !r.ours.is_empty()));
+    rows.extend(
+        [reg, down, mem, mem_mib, m_tcp, m_secs, m_p50, m_p99, m_mean, m_overlap]
+            .into_iter()
+            .filter(|r| !r.ours.is_empty()),
+    );
     Ok(Report { machine: sys::machine(), rows })
 }

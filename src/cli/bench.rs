@@ -28,8 +28,11 @@ pub struct BenchArgs {
     /// Tiny sizes and one run: shows that every case produces numbers.
     #[arg(long)]
     pub quick: bool,
-    /// Cases, comma separated: demand, background, scale.
-    #[arg(long, value_delimiter = ',', default_value = "demand,background,scale")]
+    /// MiB of guest RAM of the migration cases.
+    #[arg(long, default_value_t = 1024)]
+    pub migrate_mib: usize,
+    /// Cases, comma separated: demand, background, scale, migration.
+    #[arg(long, value_delimiter = ',', default_value = "demand,background,scale,migration")]
     pub cases: Vec<String>,
     /// Placements, comma separated: same (client and broker on cpu 0), cross (client on cpu 0,
     /// broker on cpu 1).
@@ -59,6 +62,7 @@ pub fn run(a: BenchArgs) -> ExitCode {
     cfg.place_mib = a.place_mib.max(2); // the reference zero-fills in 2 MiB steps
     cfg.chunk = a.chunk_kib.max(4) << 10;
     cfg.clients = a.clients;
+    cfg.migrate_mib = a.migrate_mib.max(4);
     cfg.scale_gib = a.scale_gib.max(1);
     cfg.cases = a.cases;
     let all = Placement::available();
