@@ -23,6 +23,28 @@ pub struct DemandFigures {
     pub p99: f64,
     /// Slowest access.
     pub max: f64,
+    /// Accesses that waited for a page (10 us or more; a page in the page cache maps faster).
+    pub blocked: u64,
+    /// Median of the accesses that blocked.
+    pub blocked_p50: f64,
+    /// 99th percentile of the accesses that blocked.
+    pub blocked_p99: f64,
+}
+
+impl DemandFigures {
+    /// Parse the `timed` object that pcb-client prints.
+    pub fn from_json(t: &serde_json::Value) -> Result<DemandFigures> {
+        let f = |k: &str| t[k].as_f64().ok_or_else(|| Error::Invalid(format!("no {k} in {t}")));
+        Ok(DemandFigures {
+            us_per_fault: f("us_per_fault")?,
+            p50: f("p50")?,
+            p99: f("p99")?,
+            max: f("max")?,
+            blocked: t["blocked"].as_u64().unwrap_or(0),
+            blocked_p50: f("blocked_p50")?,
+            blocked_p99: f("blocked_p99")?,
+        })
+    }
 }
 
 /// One demand run over `pages` pages with the broker blocking or busy-polling, the client pinned
@@ -57,7 +79,6 @@ pub fn run_with(
         .iter()
         .find_map(|l| l.get("timed"))
         .ok_or_else(|| Error::Invalid("the client printed no timed figures".into()))?;
-    let f = |k: &str| t[k].as_f64().ok_or_else(|| Error::Invalid(format!("no {k} in {t}")));
     let sum = t["checksum"].as_u64().unwrap_or(0);
     if sum != 7 * pages as u64 {
         return Err(Error::Invalid(format!(
@@ -65,7 +86,7 @@ pub fn run_with(
             7 * pages
         )));
     }
-    Ok(DemandFigures { us_per_fault: f("us_per_fault")?, p50: f("p50")?, p99: f("p99")?, max: f("max")? })
+    DemandFigures::from_json(t)
 }
 
 /// A source that answers every request with copies of one 4 KiB page of 7s (uffd_limit.c's

@@ -175,10 +175,7 @@ pub fn demand_during(
         .find_map(|l| l.get("timed"))
         .ok_or_else(|| Error::Invalid("the client printed no timed figures".into()))?;
     let overlapped = received_before_end < data.len() / 4096;
-    let f = |k: &str| t[k].as_f64().ok_or_else(|| Error::Invalid(format!("no {k} in {t}")));
-    let d =
-        DemandFigures { us_per_fault: f("us_per_fault")?, p50: f("p50")?, p99: f("p99")?, max: f("max")? };
-    Ok((d, overlapped))
+    Ok((DemandFigures::from_json(t)?, overlapped))
 }
 
 #[cfg(test)]
