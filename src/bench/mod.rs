@@ -269,8 +269,6 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     .with_reference();
     let mut m_overlap =
         Row::new("runs whose faults overlapped the saturating stream, %", "unpinned", "-", Target::None, 0);
-    let mig_data =
-        if cfg.wants("migration") { migrate::half_zero(cfg.migrate_mib << 20) } else { Vec::new() };
     let demand = cfg.wants("demand");
     let background = cfg.wants("background");
     for run in 0..cfg.runs {
@@ -346,6 +344,8 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                 cfg.runs,
                 cfg.migrate_mib
             ));
+            // Made per run and dropped after it: the scale case measures this process's memory.
+            let mig_data = migrate::half_zero(cfg.migrate_mib << 20);
             let raw = migrate::tcp_throughput(cfg.migrate_mib << 20)?;
             let m = migrate::migrate(&mig_data)?;
             m_tcp.ours.push(raw / f64::from(1 << 30));
