@@ -5,6 +5,7 @@
 //! → [`place`] (atomic placement). [`incoming`] drives the destination's lifecycle through
 //! [`state`] and [`notify`]; [`probe`] says whether the host can do it at all.
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod control;

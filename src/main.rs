@@ -79,6 +79,8 @@ enum Command {
     /// vhost-user-blk backend, a guest driver doing I/O during postcopy), with progress, a
     /// summary and a verification of RAM and disk.
     Demo(cli::demo::DemoArgs),
+    /// Benchmark the fault path against the machine's limits (uffd_limit.c, run alternately).
+    Bench(cli::bench::BenchArgs),
     /// Show a running broker's state and statistics.
     Status {
         /// Control socket path.
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Probe { json } => cli::probe::run(json),
+        Command::Bench(a) => cli::bench::run(a),
         Command::Source(a) => report(postcopy_broker::migration::source::cli::run(&a)),
         Command::Serve {
             incoming: Some(addr),

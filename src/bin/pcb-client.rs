@@ -55,7 +55,10 @@ struct Args {
     /// Steps, separated by ';': touch:LIST (read pages through mapping 0), touchall:LIST (through
     /// every mapping), write:LIST:BYTE (fill the first 8 bytes), remove:RANGE (MADV_REMOVE on
     /// mapping 0), unmap:RANGE (munmap on mapping 0), fork (the child runs the rest of the
-    /// script, then the parent), wait (read a line from stdin). LIST is like 0,5,7-20.
+    /// script, then the parent), wait (read a line from stdin), timed:LIST (read one byte of each
+    /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
+    /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
+    /// 10 us or more). LIST is like 0,5,7-20.
     #[arg(long, default_value = "")]
     script: String,
 }
@@ -105,6 +108,42 @@ impl Client {
         out
     }
 
+    /// Read one byte of each page in `list` through mapping 0, timing each access (the benchmark's
+    /// demand client). Latencies are kept in a buffer allocated before the first access.
+    fn timed(&self, list: &[u64]) -> serde_json::Value {
+        let mut lat = vec![0f64; list.len()];
+        let mut sum = 0u64;
+        let t0 = std::time::Instant::now();
+        for (i, &p) in list.iter().enumerate() {
+            let addr = self.bases[0] + p * self.page_size;
+            let s = std::time::Instant::now();
+            // SAFETY: addr lies inside a live mapping made by this process; the read may block in
+            // the kernel until the broker places the page.
+            sum += u64::from(unsafe { std::ptr::read_volatile(addr as *const u8) });
+            lat[i] = s.elapsed().as_secs_f64() * 1e6;
+        }
+        let total = t0.elapsed().as_secs_f64() * 1e6;
+        lat.sort_unstable_by(f64::total_cmp);
+        let n = lat.len();
+        let at = |k: usize| lat.get(k.min(n.saturating_sub(1))).copied().unwrap_or(0.0);
+        // Accesses that waited for a page from a source: 10 us or more (a page already in the
+        // page cache maps in a minor fault of a few microseconds).
+        let first_blocked = lat.partition_point(|&l| l < 10.0);
+        let blocked = &lat[first_blocked..];
+        let bat = |k: usize| blocked.get(k.min(blocked.len().saturating_sub(1))).copied().unwrap_or(0.0);
+        json!({
+            "blocked": blocked.len(),
+            "blocked_p50": bat(blocked.len() / 2),
+            "blocked_p99": bat(blocked.len() * 99 / 100),
+            "pages": n,
+            "us_per_fault": if n == 0 { 0.0 } else { total / n as f64 },
+            "p50": at(n / 2),
+            "p99": at(n * 99 / 100),
+            "max": at(n.saturating_sub(1)),
+            "checksum": sum,
+        })
+    }
+
     fn range(&self, spec: &str) -> Result<(std::ptr::NonNull<std::ffi::c_void>, usize), String> {
         let v = pages(spec)?;
         let (s, e) = (*v.first().ok_or("empty range")?, *v.last().ok_or("empty range")? + 1);
@@ -119,6 +158,10 @@ impl Client {
             "touch" => json!({"who": who, "step": step, "pages": self.read(&pages(arg)?, 1)}),
             "touchall" => {
                 json!({"who": who, "step": step, "pages": self.read(&pages(arg)?, self.bases.len())})
+            }
+            "timed" => {
+                let t = self.timed(&pages(arg)?);
+                json!({"who": who, "step": step, "timed": t})
             }
             "write" => {
                 let (list, byte) = arg.rsplit_once(':').ok_or("write:LIST:BYTE")?;

@@ -1,5 +1,6 @@
 //! The `postcopy-broker` command line: one module per subcommand.
 
+pub mod bench;
 pub mod demo;
 pub mod demo_check;
 pub mod probe;

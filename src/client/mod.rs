@@ -113,14 +113,15 @@ impl Client {
 /// The registered clients.
 #[derive(Debug, Default)]
 pub struct Registry {
-    clients: HashMap<ClientId, Client>,
+    /// Looked up several times per fault: hashed with a cheap multiply-rotate hash.
+    clients: HashMap<ClientId, Client, std::hash::BuildHasherDefault<crate::fault::PageHasher>>,
     next: u64,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new() -> Registry {
-        Registry { clients: HashMap::new(), next: 1 }
+        Registry { clients: HashMap::default(), next: 1 }
     }
 
     /// A fresh id.

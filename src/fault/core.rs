@@ -31,6 +31,8 @@ pub struct Core {
     pub(crate) pending: Pending,
     pub(crate) wakes: WakeQueue,
     wake_buf: Vec<(ClientId, u64, u64)>,
+    /// Waiters of a landed page (reused: the fault path does not allocate).
+    taken: Vec<Waiter>,
     pub(crate) clients: Registry,
     pub(crate) stats: BrokerStats,
     /// Pages that must fault in as zero (a client removed them), per block.
@@ -64,6 +66,7 @@ impl Core {
             pending: Pending::default(),
             wakes: WakeQueue::default(),
             wake_buf: Vec::new(),
+            taken: Vec::with_capacity(64),
             clients: Registry::new(),
             stats: BrokerStats::default(),
             zero_marks,
@@ -422,10 +425,14 @@ impl Core {
         let mut waited = false;
         if !self.pending.is_empty() {
             let now = Instant::now();
+            let mut ws = std::mem::take(&mut self.taken);
             for i in 0..pages {
-                let Some(ws) = self.pending.take(block, offset / ps + i) else { continue };
+                ws.clear();
+                if !self.pending.take_into(block, offset / ps + i, &mut ws) {
+                    continue;
+                }
                 waited = true;
-                for w in ws {
+                for &w in &ws {
                     let ns = now.duration_since(w.since).as_nanos() as u64;
                     if let Some(c) = self.clients.get_mut(w.client) {
                         c.stats.latency.record(ns);
@@ -437,6 +444,8 @@ impl Core {
                     }
                 }
             }
+            ws.clear();
+            self.taken = ws;
         }
         if urgency == Urgency::Demand || waited {
             self.stats.pages_demand += pages;

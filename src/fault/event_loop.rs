@@ -369,8 +369,8 @@ impl Loop {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::io("epoll_wait", e)),
             };
-            for ev in events.iter().take(n).map(|e| e.data).collect::<Vec<_>>() {
-                self.dispatch(ev)?;
+            for ev in events.iter().take(n) {
+                self.dispatch(ev.data)?;
             }
             self.after_round();
             if n == 0 && bg_now {

@@ -13,5 +13,5 @@ mod wake;
 
 pub use self::core::MAX_RUN;
 pub use event_loop::{pidfd_open, Broker, BrokerConfig, BrokerHandle, Registration, RegistrationMap};
-pub use pending::{Pending, Waiter};
+pub use pending::{PageHasher, Pending, Waiter};
 pub use wake::WakeQueue;
