@@ -196,3 +196,4 @@ pub fn ensure_free_huge_pages(min_free: u64) {
 
 pub mod clients;
 pub mod control_server;
+pub mod proxy;

@@ -16,6 +16,7 @@ fn hello() -> Hello {
         capabilities: CAP_ALL,
         channel: Channel::Main,
         session_id: 0x1122_3344_5566_7788,
+        resume: false,
         blocks: table(),
     }
 }
