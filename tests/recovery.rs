@@ -10,14 +10,14 @@ mod common;
 
 use std::io::Read;
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::clients::{fnv, Peer};
 use common::ensure_free_huge_pages;
+use common::mig::{contents, write_key, Dir, Rng};
 use common::proxy::Proxy;
 use postcopy_broker::fault::BrokerConfig;
 use postcopy_broker::migration::destination::{Destination, DestinationOptions, Progress};
@@ -28,63 +28,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_postcopy-broker");
 const SMALL: usize = 224 << 20;
 const HUGE: usize = 32 << 20;
 const HPS: usize = 2 << 20;
-
-/// A scratch directory removed at the end.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("pcb-recovery-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn write_key(path: &Path) -> Vec<u8> {
-    let key: String = (0..32u8).map(|i| format!("{:02x}", i.wrapping_mul(53) ^ 0x5a)).collect();
-    std::fs::write(path, key).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    postcopy_broker::migration::load_key(path).unwrap()
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Pseudo-random pages, every `zero_every`-th page zero.
-fn contents(size: usize, ps: usize, seed: u64, zero_every: usize) -> Vec<u8> {
-    let mut v = vec![0u8; size];
-    let mut r = Rng(seed | 1);
-    for (i, page) in v.chunks_mut(ps).enumerate() {
-        if i % zero_every == zero_every - 1 {
-            continue;
-        }
-        for w in page.chunks_mut(8) {
-            w.copy_from_slice(&r.next().to_le_bytes()[..w.len()]);
-        }
-    }
-    v
-}
 
 fn source_cmd(addr: &str, key: &Path, image: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
@@ -269,7 +212,8 @@ fn cut_run(
         want1[p as usize * HPS..p as usize * HPS + 8].fill(b1);
     }
     let blocks = incoming.blocks();
-    let lost = lost_pages(block_bytes(blocks, 0), &want0, 4096) + lost_pages(block_bytes(blocks, 1), &want1, HPS);
+    let lost =
+        lost_pages(block_bytes(blocks, 0), &want0, 4096) + lost_pages(block_bytes(blocks, 1), &want1, HPS);
     assert_eq!(lost, 0, "run {run}: {lost} pages differ from the source (cuts {cuts:?})");
     t.runs += 1;
     t.cuts += ncuts;

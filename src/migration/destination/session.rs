@@ -343,12 +343,15 @@ impl Destination {
         let state = self.incoming.state().get();
         let f = match dec.read_frame(&mut self.main) {
             Ok(f) => f,
-            Err(WireError::Closed) => {
+            Err(e) => {
+                let why = match e {
+                    WireError::Closed => "the source closed the connection".to_string(),
+                    e => format!("the connection to the source failed ({e})"),
+                };
                 return Err(Error::Invalid(format!(
-                    "the source closed the connection in state {state} before postcopy started; nothing was placed, the destination RAM is incomplete"
-                )))
+                    "{why} in state {state}, before postcopy started: the destination RAM is incomplete and no client was attached; run the migration again (docs/recovery.md)"
+                )));
             }
-            Err(e) => return Err(e.into()),
         };
         let advised = matches!(state, PostcopyState::Advise | PostcopyState::Discard);
         match f {
