@@ -245,7 +245,7 @@ fn cutting_the_connections_at_random_points_of_a_256_mib_postcopy_loses_no_page(
     drop(img);
     let key_path = dir.path("key");
     let key = write_key(&key_path);
-    let mut rng = Rng(0x5eed_0f_c0ff_ee);
+    let mut rng = Rng(0x5eed_0fc0_ffee);
     let mut t = Totals::default();
     let runs: u64 = std::env::var("PCB_RECOVERY_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
     for run in 0..runs {
