@@ -43,6 +43,10 @@ enum Command {
         /// With --incoming: write the migration summary as JSON here.
         #[arg(long, value_name = "FILE", requires = "incoming")]
         summary_json: Option<PathBuf>,
+        /// With --incoming: if the connection to the source drops during postcopy, wait this many
+        /// seconds for it to reconnect and resume before giving up (docs/recovery.md).
+        #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "incoming")]
+        resume_timeout: f64,
         /// Control socket path (mode 0600).
         #[arg(long, default_value = "/run/postcopy-broker.sock")]
         control: PathBuf,
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
             key,
             verify_file,
             summary_json,
+            resume_timeout,
             control,
             allow_uid,
             busy_poll,
@@ -115,6 +120,8 @@ fn main() -> ExitCode {
             busy_poll,
             verify_file,
             summary_json,
+            resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
+                .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
         })),
         Command::Serve {
             control,

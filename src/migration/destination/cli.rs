@@ -28,6 +28,8 @@ pub struct IncomingOptions {
     pub verify_file: Option<PathBuf>,
     /// Write the summary as JSON here.
     pub summary_json: Option<PathBuf>,
+    /// How long to wait for the source to reconnect after a drop during postcopy.
+    pub resume_timeout: std::time::Duration,
 }
 
 fn finish_outputs(a: &IncomingOptions, summary: &Summary, incoming: &Incoming) -> Result<()> {
@@ -59,7 +61,8 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         busy_poll: a.busy_poll,
         ..BrokerConfig::default()
     };
-    let opts = DestinationOptions { broker, ..DestinationOptions::default() };
+    let opts =
+        DestinationOptions { broker, resume_timeout: a.resume_timeout, ..DestinationOptions::default() };
     let d = Destination::accept(&listener, &key, None, opts).map_err(|e| match e {
         Error::Auth(e) => Error::Invalid(format!(
             "authentication of the source failed using key file {}: {e}",

@@ -2,18 +2,21 @@
 //!
 //! - [`session`]: [`Destination`], the network migration (accept, auth, Hello, the postcopy
 //!   states, finish);
-//! - [`network`]: [`NetworkSource`], the fault loop's page source over the two connections;
+//! - [`network`]: [`NetworkSource`], the fault loop's page source over the two connections
+//!   (pauses when they drop, resumes with new ones);
+//! - `resume`: the destination's half of the resume handshake;
 //! - [`summary`]: progress display and the end [`Summary`];
 //! - [`cli`]: `postcopy-broker serve --incoming`.
 
 pub mod cli;
 pub mod network;
+mod resume;
 pub mod session;
 pub mod summary;
 
 pub use cli::IncomingOptions;
-pub use network::{NetState, NetworkSource};
-pub use session::{create_blocks, Destination, DestinationOptions, DESTINATION_CAPS};
+pub use network::{Connections, NetState, NetworkSource, Resumer};
+pub use session::{create_blocks, Destination, DestinationOptions, DEFAULT_RESUME_TIMEOUT, DESTINATION_CAPS};
 pub use summary::{ClientLatency, Progress, Summary};
 
 use crate::migration::verify::{BlockChecksum, VerifyReport};

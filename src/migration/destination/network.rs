@@ -8,19 +8,30 @@
 //! checking the urgent connection again after every background frame. Pages that arrive for
 //! pages already received are ignored (a demand answer and the background copy may both come).
 //! Demand faults become Request frames on the urgent connection.
+//!
+//! Postcopy recovery (when `CAP_RESUME` was accepted): an error on either connection drops both
+//! and *pauses* the source instead of closing it. While paused, faults keep waiting (their
+//! requests are kept), pages already present still wake at once (the fault loop checks the
+//! received bitmap), and nothing is placed. The session accepts the reconnect off this thread
+//! and hands the new connections over through a [`Resumer`]; on the next call the source installs
+//! them and re-sends every outstanding demand Request on the new urgent connection before it
+//! reads anything.
 
 use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-
-use crate::eventfd::EventFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::error::{Error, IoContext, Result};
+use crate::eventfd::EventFd;
 use crate::migration::wire::{encode, Decoder, Frame, WireError};
 use crate::ram::{BlockId, RamBlocks};
 use crate::source::{PageRequest, PageSink, PageSource, SourceState, Urgency};
+
+/// Outstanding requests kept beyond this many are pruned of those already answered.
+const PRUNE_AT: usize = 4096;
 use crate::state::{PostcopyState, StateCell};
 
 /// Background bytes taken from the main connection per call before yielding to the fault loop.
@@ -52,12 +63,44 @@ pub struct NetState {
     pub bytes: AtomicU64,
     /// Request frames sent.
     pub requests: AtomicU64,
+    /// Connection losses during postcopy (each one pauses the migration).
+    pub pauses: AtomicU64,
+    /// Successful resumes (new connections installed).
+    pub resumes: AtomicU64,
+    /// Requests sent again on a new urgent connection after a resume.
+    pub reissued: AtomicU64,
+    paused: Mutex<Option<(String, Instant)>>,
 }
 
 impl NetState {
     /// Why the connection failed, if it did.
     pub fn failure(&self) -> Option<String> {
         self.failed.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Why and since when the migration is paused (the connections dropped), if it is.
+    pub fn paused(&self) -> Option<(String, Instant)> {
+        self.paused.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Record a failure that no resume can mend (the session reports it and stops).
+    pub fn give_up(&self, why: String) {
+        self.fail(why);
+    }
+
+    fn pause(&self, why: String) {
+        if let Ok(mut g) = self.paused.lock() {
+            log::warn!("migration paused: {why}; waiting for the source to reconnect");
+            *g = Some((why, Instant::now()));
+        }
+        self.pauses.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn unpause(&self) {
+        if let Ok(mut g) = self.paused.lock() {
+            *g = None;
+        }
+        self.resumes.fetch_add(1, Ordering::AcqRel);
     }
 
     fn fail(&self, why: String) {
@@ -70,19 +113,53 @@ impl NetState {
     }
 }
 
+/// The two connections of one migration (after their handshake), each with its decoder, which
+/// may already hold frames.
+#[derive(Debug)]
+pub struct Connections {
+    /// Main connection.
+    pub main: TcpStream,
+    /// Its decoder (block table set).
+    pub main_dec: Decoder,
+    /// Urgent connection.
+    pub urgent: TcpStream,
+    /// Its decoder (block table set).
+    pub urgent_dec: Decoder,
+}
+
+/// Hands new connections to a paused [`NetworkSource`] from another thread.
+#[derive(Debug, Clone)]
+pub struct Resumer {
+    slot: Arc<Mutex<Option<Connections>>>,
+    kick: Arc<EventFd>,
+}
+
+impl Resumer {
+    /// Give the source new connections (resume handshake done); it installs them on the fault
+    /// loop thread, re-issues the outstanding requests, and unpauses.
+    pub fn resume(&self, conns: Connections) {
+        if let Ok(mut g) = self.slot.lock() {
+            *g = Some(conns);
+        }
+        self.kick.kick();
+    }
+}
+
 /// The network page source (see the module doc).
 #[derive(Debug)]
 pub struct NetworkSource {
-    main: TcpStream,
-    urgent: TcpStream,
-    main_dec: Decoder,
-    urgent_dec: Decoder,
+    conns: Option<Connections>,
     ep: OwnedFd,
-    kick: EventFd,
+    kick: Arc<EventFd>,
+    slot: Arc<Mutex<Option<Connections>>>,
     ctx: Ctx,
     outbox: Vec<u8>,
     want_out: bool,
     closed: bool,
+    /// Pause instead of closing on a connection error.
+    resumable: bool,
+    /// Demand requests not known to be answered: (block id, offset, len).
+    outstanding: Vec<(BlockId, u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -104,33 +181,16 @@ impl NetworkSource {
     /// `ids[i]` is the RAM block of wire block `i`; `state` is the Incoming's state cell (Run
     /// moves it to Running); `net` is shared with the session.
     pub fn new(
-        (main, main_dec): (TcpStream, Decoder),
-        (urgent, urgent_dec): (TcpStream, Decoder),
+        conns: Connections,
         blocks: Arc<RamBlocks>,
         ids: Vec<BlockId>,
         state: Arc<StateCell>,
         net: Arc<NetState>,
     ) -> Result<NetworkSource> {
-        main.set_nonblocking(true).ctx(|| "set the main connection non-blocking".into())?;
-        urgent.set_nonblocking(true).ctx(|| "set the urgent connection non-blocking".into())?;
         let ep = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        let kickfd = EventFd::new()?;
-        ep_ctl(
-            &ep,
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            main.as_raw_fd(),
-            epoll::Events::EPOLLIN,
-            TOK_MAIN,
-        )?;
-        ep_ctl(
-            &ep,
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            urgent.as_raw_fd(),
-            epoll::Events::EPOLLIN,
-            TOK_URGENT,
-        )?;
+        let kickfd = Arc::new(EventFd::new()?);
         ep_ctl(
             &ep,
             epoll::ControlOptions::EPOLL_CTL_ADD,
@@ -138,25 +198,109 @@ impl NetworkSource {
             epoll::Events::EPOLLIN,
             TOK_KICK,
         )?;
-        // Frames read with the handshake may already wait in the decoders.
-        kickfd.kick();
-        Ok(NetworkSource {
-            main,
-            urgent,
-            main_dec,
-            urgent_dec,
+        let mut s = NetworkSource {
+            conns: None,
             ep,
             kick: kickfd,
+            slot: Arc::new(Mutex::new(None)),
             ctx: Ctx { blocks, ids, state, net },
             outbox: Vec::new(),
             want_out: false,
             closed: false,
-        })
+            resumable: false,
+            outstanding: Vec::new(),
+        };
+        s.install(conns)?;
+        Ok(s)
+    }
+
+    /// Pause (instead of failing) when a connection drops, and accept new connections from the
+    /// returned [`Resumer`]. Only when both sides accepted `CAP_RESUME`.
+    pub fn resumer(&mut self) -> Resumer {
+        self.resumable = true;
+        Resumer { slot: Arc::clone(&self.slot), kick: Arc::clone(&self.kick) }
+    }
+
+    /// Start using `c`: watch both sockets, then (after a resume) send every outstanding request.
+    fn install(&mut self, c: Connections) -> Result<()> {
+        c.main.set_nonblocking(true).ctx(|| "set the main connection non-blocking".into())?;
+        c.urgent.set_nonblocking(true).ctx(|| "set the urgent connection non-blocking".into())?;
+        let add = |fd: RawFd, tok| {
+            ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_ADD, fd, epoll::Events::EPOLLIN, tok)
+        };
+        add(c.main.as_raw_fd(), TOK_MAIN)?;
+        if let Err(e) = add(c.urgent.as_raw_fd(), TOK_URGENT) {
+            self.unwatch(&c);
+            return Err(e);
+        }
+        self.conns = Some(c);
+        self.outbox.clear();
+        self.want_out = false;
+        self.prune();
+        for i in 0..self.outstanding.len() {
+            let (block, offset, len) = self.outstanding[i];
+            self.encode_request(block, offset, len)?;
+        }
+        // Frames read with the handshake may already wait in the decoders.
+        self.kick.kick();
+        Ok(())
+    }
+
+    fn unwatch(&self, c: &Connections) {
+        for fd in [c.main.as_raw_fd(), c.urgent.as_raw_fd()] {
+            let _ = ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_DEL, fd, epoll::Events::empty(), 0);
+        }
+    }
+
+    /// Drop the connections after an error: pause (resumable) or close.
+    fn lose(&mut self, e: Error) -> SourceState {
+        let text = e.to_string();
+        self.send_error(&text);
+        if let Some(c) = self.conns.take() {
+            self.unwatch(&c);
+            let _ = c.main.shutdown(std::net::Shutdown::Both);
+            let _ = c.urgent.shutdown(std::net::Shutdown::Both);
+        }
+        self.outbox.clear();
+        self.want_out = false;
+        if self.resumable {
+            self.ctx.net.pause(text);
+            SourceState::Open
+        } else {
+            self.ctx.net.fail(text);
+            self.closed = true;
+            SourceState::Closed
+        }
+    }
+
+    /// Forget outstanding requests whose pages have all arrived.
+    fn prune(&mut self) {
+        let blocks = &self.ctx.blocks;
+        self.outstanding.retain(|&(block, offset, len)| {
+            blocks.get(block).is_some_and(|b| {
+                let ps = b.page_size();
+                b.received().count_range((offset / ps) as usize, (len / ps) as usize) < (len / ps) as usize
+            })
+        });
+    }
+
+    fn encode_request(&mut self, block: BlockId, offset: u64, len: u64) -> Result<()> {
+        let wire = self
+            .ctx
+            .ids
+            .iter()
+            .position(|&id| id == block)
+            .ok_or_else(|| Error::UnknownBlock(format!("#{block}")))?;
+        let f = Frame::Request { block: wire as u32, offset, len };
+        encode(&f, &mut self.outbox)?;
+        self.ctx.net.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn flush_outbox(&mut self) -> Result<()> {
+        let Some(c) = self.conns.as_mut() else { return Ok(()) };
         while !self.outbox.is_empty() {
-            match self.urgent.write(&self.outbox) {
+            match c.urgent.write(&self.outbox) {
                 Ok(0) => return Err(Error::Invalid("the urgent connection stopped accepting bytes".into())),
                 Ok(n) => {
                     self.outbox.drain(..n);
@@ -170,20 +314,20 @@ impl NetworkSource {
         if want != self.want_out {
             let ev =
                 if want { epoll::Events::EPOLLIN | epoll::Events::EPOLLOUT } else { epoll::Events::EPOLLIN };
-            ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_MOD, self.urgent.as_raw_fd(), ev, TOK_URGENT)?;
+            ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_MOD, c.urgent.as_raw_fd(), ev, TOK_URGENT)?;
             self.want_out = want;
         }
         Ok(())
     }
 
     /// Read and handle everything the urgent connection has.
-    fn pump_urgent(&mut self, sink: &mut dyn PageSink) -> Result<()> {
+    fn pump_urgent(c: &mut Connections, ctx: &mut Ctx, sink: &mut dyn PageSink) -> Result<()> {
         loop {
-            while let Some(f) = self.urgent_dec.next_frame()? {
-                self.ctx.handle(f, true, sink)?;
+            while let Some(f) = c.urgent_dec.next_frame()? {
+                ctx.handle(f, true, sink)?;
             }
-            match self.urgent_dec.read_from(&mut self.urgent) {
-                Ok(0) => return Err(self.eof("urgent", self.urgent_dec.at_eof())),
+            match c.urgent_dec.read_from(&mut c.urgent) {
+                Ok(0) => return Err(eof("urgent", c.urgent_dec.at_eof())),
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -192,36 +336,31 @@ impl NetworkSource {
         }
     }
 
-    fn eof(&self, which: &str, e: WireError) -> Error {
-        Error::Invalid(format!(
-            "the source closed the {which} connection before the migration completed ({e}); the missing pages cannot arrive"
-        ))
-    }
-
     fn pump(&mut self, sink: &mut dyn PageSink) -> Result<()> {
-        self.kick.drain();
         self.flush_outbox()?;
-        self.pump_urgent(sink)?;
+        let ctx = &mut self.ctx;
+        let Some(c) = self.conns.as_mut() else { return Ok(()) };
+        Self::pump_urgent(c, ctx, sink)?;
         let mut budget = MAIN_BUDGET;
         loop {
             while budget > 0 {
-                let Some(f) = self.main_dec.next_frame()? else { break };
+                let Some(f) = c.main_dec.next_frame()? else { break };
                 budget = budget.saturating_sub(frame_cost(&f));
-                self.ctx.handle(f, false, sink)?;
-                self.pump_urgent(sink)?;
+                ctx.handle(f, false, sink)?;
+                Self::pump_urgent(c, ctx, sink)?;
             }
             if budget == 0 {
                 break;
             }
-            match self.main_dec.read_from(&mut self.main) {
-                Ok(0) => return Err(self.eof("main", self.main_dec.at_eof())),
+            match c.main_dec.read_from(&mut c.main) {
+                Ok(0) => return Err(eof("main", c.main_dec.at_eof())),
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => return Err(Error::io("read the main connection", e)),
             }
         }
-        if self.main_dec.frame_ready()? || self.urgent_dec.frame_ready()? {
+        if c.main_dec.frame_ready()? || c.urgent_dec.frame_ready()? {
             self.kick.kick();
         }
         Ok(())
@@ -229,10 +368,18 @@ impl NetworkSource {
 
     fn send_error(&mut self, text: &str) {
         let mut buf = Vec::new();
-        if encode(&Frame::Error { text }, &mut buf).is_ok() {
-            let _ = self.main.write(&buf);
+        if let Some(c) = self.conns.as_mut() {
+            if encode(&Frame::Error { text }, &mut buf).is_ok() {
+                let _ = c.main.write(&buf);
+            }
         }
     }
+}
+
+fn eof(which: &str, e: WireError) -> Error {
+    Error::Invalid(format!(
+        "the source closed the {which} connection before the migration completed ({e}); the missing pages cannot arrive over it"
+    ))
 }
 
 fn frame_cost(f: &Frame<'_>) -> usize {
@@ -333,19 +480,19 @@ impl PageSource for NetworkSource {
         if self.closed {
             return Err(Error::Invalid("the connection to the source is down; the request waits".into()));
         }
-        let wire = self
-            .ctx
-            .ids
-            .iter()
-            .position(|&id| id == req.block)
-            .ok_or_else(|| Error::UnknownBlock(format!("#{}", req.block)))?;
-        let f = Frame::Request { block: wire as u32, offset: req.offset, len: req.len };
-        encode(&f, &mut self.outbox)?;
-        self.ctx.net.requests.fetch_add(1, Ordering::Relaxed);
+        if self.resumable {
+            if self.outstanding.len() >= PRUNE_AT {
+                self.prune();
+            }
+            self.outstanding.push((req.block, req.offset, req.len));
+        }
+        if self.conns.is_none() {
+            // Paused: sent when the source reconnects.
+            return Ok(());
+        }
+        self.encode_request(req.block, req.offset, req.len)?;
         if let Err(e) = self.flush_outbox() {
-            self.ctx.net.fail(e.to_string());
-            self.closed = true;
-            return Err(e);
+            let _ = self.lose(e);
         }
         Ok(())
     }
@@ -358,17 +505,28 @@ impl PageSource for NetworkSource {
         if self.closed {
             return Ok(SourceState::Closed);
         }
+        self.kick.drain();
+        if self.conns.is_none() {
+            let Some(c) = self.slot.lock().ok().and_then(|mut g| g.take()) else {
+                return Ok(SourceState::Open);
+            };
+            let before = self.ctx.net.requests.load(Ordering::Relaxed);
+            if let Err(e) = self.install(c) {
+                return Ok(self.lose(e));
+            }
+            let n = self.ctx.net.requests.load(Ordering::Relaxed) - before;
+            self.ctx.net.reissued.fetch_add(n, Ordering::Relaxed);
+            self.ctx.net.unpause();
+            log::info!("migration resumed: {n} outstanding requests sent again");
+            if self.ctx.state.get() == PostcopyState::Listening {
+                self.ctx.state.transition(PostcopyState::Running)?;
+            }
+        }
         match self.pump(sink) {
             Ok(()) => Ok(SourceState::Open),
-            Err(e) => {
-                // Errors end this source, never the fault loop: faults keep waiting (a later
-                // resume can serve them) and the session reports the failure.
-                let text = e.to_string();
-                self.send_error(&text);
-                self.ctx.net.fail(text);
-                self.closed = true;
-                Ok(SourceState::Closed)
-            }
+            // Errors end the connections, never the fault loop: faults keep waiting (a resume
+            // can serve them) and the session reports or recovers.
+            Err(e) => Ok(self.lose(e)),
         }
     }
 

@@ -3,6 +3,13 @@
 //! states with the [`Incoming`]: Advise (discard all RAM), precopy pages written directly and
 //! marked received, Discards, Listen (own uffd, then the fault loop with the [`NetworkSource`]),
 //! Run, and the end when every page is received and the source said Complete.
+//!
+//! If a connection drops during postcopy (and both sides accepted `CAP_RESUME`), the network
+//! source pauses and [`finish`](Destination::finish) waits on the same listening socket for the
+//! source to reconnect with the same session id: it authenticates the new connections, sends the
+//! received bitmaps (Resume frames, ResumeEnd), reads ResumeAck and hands the connections to the
+//! fault loop. A source that does not come back within `resume_timeout` ends the migration with
+//! an error (docs/recovery.md says what state RAM and clients are left in).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,7 +17,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::network::{NetState, NetworkSource};
+use super::network::{Connections, NetState, NetworkSource, Resumer};
+use super::resume::Link;
 use super::summary::{Progress, Summary};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::{Broker, BrokerConfig, BrokerHandle};
@@ -18,13 +26,16 @@ use crate::incoming::Incoming;
 use crate::migration::auth::authenticate_tcp;
 use crate::migration::wire::{
     negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, Hello, Limits, Side, WireError,
-    CAP_DISCARD, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
+    CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
 };
 use crate::ram::{BlockId, RamBlock, RamBlocks, HUGE_1G, HUGE_2M, SMALL_PAGE};
 use crate::state::PostcopyState;
 
 /// Capabilities this destination accepts.
-pub const DESTINATION_CAPS: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD;
+pub const DESTINATION_CAPS: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME;
+
+/// Default of [`DestinationOptions::resume_timeout`].
+pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Settings of a destination session.
 #[derive(Debug, Clone)]
@@ -37,6 +48,9 @@ pub struct DestinationOptions {
     pub broker: BrokerConfig,
     /// Progress display.
     pub progress: Progress,
+    /// How long to wait for the source to reconnect after a connection drops during postcopy
+    /// before giving up.
+    pub resume_timeout: Duration,
 }
 
 impl Default for DestinationOptions {
@@ -46,6 +60,7 @@ impl Default for DestinationOptions {
             accept_timeout: Duration::from_secs(30),
             broker: BrokerConfig::default(),
             progress: Progress::Auto,
+            resume_timeout: DEFAULT_RESUME_TIMEOUT,
         }
     }
 }
@@ -67,9 +82,16 @@ pub struct Destination {
     precopy_pages: u64,
     precopy_bytes: u64,
     peer: SocketAddr,
+    /// What a resume must match and repeat.
+    link: Link,
+    resumer: Option<Resumer>,
+    /// Capabilities both sides accepted.
+    caps: u64,
+    /// Pauses already answered by a resume handshake.
+    handled_pauses: u64,
 }
 
-fn accept_one(listener: &TcpListener, timeout: Duration) -> Result<(TcpStream, SocketAddr)> {
+pub(super) fn accept_one(listener: &TcpListener, timeout: Duration) -> Result<(TcpStream, SocketAddr)> {
     listener.set_nonblocking(true).ctx(|| "set the listener non-blocking".into())?;
     let end = Instant::now() + timeout;
     loop {
@@ -94,13 +116,13 @@ fn accept_one(listener: &TcpListener, timeout: Duration) -> Result<(TcpStream, S
 }
 
 /// Send an Error frame (best effort) and return `e`.
-fn refuse(s: &mut TcpStream, e: Error) -> Error {
+pub(super) fn refuse(s: &mut TcpStream, e: Error) -> Error {
     let text = e.to_string();
     let _ = write_frame(s, &Frame::Error { text: &text });
     e
 }
 
-fn read_hello(s: &mut TcpStream, dec: &mut Decoder, want: Channel) -> Result<Hello> {
+pub(super) fn read_hello(s: &mut TcpStream, dec: &mut Decoder, want: Channel) -> Result<Hello> {
     s.set_read_timeout(Some(Duration::from_secs(30))).ctx(|| "set a read timeout".into())?;
     let hello = match dec.read_frame(s)? {
         Frame::Hello(h) if h.channel == want => h,
@@ -176,6 +198,15 @@ impl Destination {
         authenticate_tcp(&mut main, key, Side::Destination, opts.auth_timeout)?;
         let mut main_dec = Decoder::new(Limits::default());
         let hello = read_hello(&mut main, &mut main_dec, Channel::Main).map_err(|e| refuse(&mut main, e))?;
+        if hello.resume {
+            return Err(refuse(
+                &mut main,
+                Error::Invalid(format!(
+                    "no paused session {:016x} to resume here: this destination was started after the migration began (a destination restarted during postcopy cannot resume it); start a new migration",
+                    hello.session_id
+                )),
+            ));
+        }
         let (version, caps) = negotiate(&hello, DESTINATION_CAPS).map_err(|e| refuse(&mut main, e.into()))?;
         if caps & CAP_URGENT_CHANNEL == 0 {
             return Err(refuse(
@@ -212,7 +243,7 @@ impl Destination {
         let mut urgent_dec = Decoder::new(Limits::default());
         let uh =
             read_hello(&mut urgent, &mut urgent_dec, Channel::Urgent).map_err(|e| refuse(&mut urgent, e))?;
-        if uh.session_id != hello.session_id || uh.blocks != hello.blocks {
+        if uh.session_id != hello.session_id || uh.blocks != hello.blocks || uh.resume {
             return Err(refuse(
                 &mut urgent,
                 Error::Invalid(
@@ -222,6 +253,13 @@ impl Destination {
         }
         urgent_dec.set_blocks(hello.blocks.clone());
         write_frame(&mut urgent, &Frame::HelloAck { version, capabilities: caps })?;
+        let link = Link {
+            listener: listener.try_clone().ctx(|| "clone the listening socket".into())?,
+            key: key.to_vec(),
+            session_id: hello.session_id,
+            table: hello.blocks.clone(),
+            caps: DESTINATION_CAPS,
+        };
         Ok(Destination {
             incoming: Incoming::new(blocks),
             main,
@@ -236,6 +274,10 @@ impl Destination {
             precopy_pages: 0,
             precopy_bytes: 0,
             peer,
+            link,
+            resumer: None,
+            caps,
+            handled_pauses: 0,
         })
     }
 
@@ -274,14 +316,16 @@ impl Destination {
         let (urgent, urgent_dec) =
             self.urgent.take().ok_or_else(|| Error::Invalid("no urgent connection".into()))?;
         let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
-        let src = NetworkSource::new(
-            (main, dec),
-            (urgent, urgent_dec),
+        let mut src = NetworkSource::new(
+            Connections { main, main_dec: dec, urgent, urgent_dec },
             Arc::clone(self.incoming.blocks()),
             self.ids.clone(),
             Arc::clone(self.incoming.state()),
             Arc::clone(&self.net),
         )?;
+        if self.caps & CAP_RESUME != 0 {
+            self.resumer = Some(src.resumer());
+        }
         let mut config = self.opts.broker.clone();
         config.background = false;
         let h = Broker::spawn(&self.incoming, Box::new(src), config)?;
@@ -299,12 +343,15 @@ impl Destination {
         let state = self.incoming.state().get();
         let f = match dec.read_frame(&mut self.main) {
             Ok(f) => f,
-            Err(WireError::Closed) => {
+            Err(e) => {
+                let why = match e {
+                    WireError::Closed => "the source closed the connection".to_string(),
+                    e => format!("the connection to the source failed ({e})"),
+                };
                 return Err(Error::Invalid(format!(
-                    "the source closed the connection in state {state} before postcopy started; nothing was placed, the destination RAM is incomplete"
-                )))
+                    "{why} in state {state}, before postcopy started: the destination RAM is incomplete and no client was attached; run the migration again (docs/recovery.md)"
+                )));
             }
-            Err(e) => return Err(e.into()),
         };
         let advised = matches!(state, PostcopyState::Advise | PostcopyState::Discard);
         match f {
@@ -386,7 +433,19 @@ impl Destination {
                     self.peer
                 )));
             }
-            let done = self.net.complete.load(Ordering::Acquire) && blocks.all_received();
+            if self.net.pauses.load(Ordering::Acquire) > self.handled_pauses {
+                if let Err(e) = self.recover() {
+                    if let Some(h) = self.broker.take() {
+                        let _ = h.stop();
+                    }
+                    progress.clear();
+                    return Err(e);
+                }
+                continue;
+            }
+            let done = self.net.complete.load(Ordering::Acquire)
+                && blocks.all_received()
+                && self.net.paused().is_none();
             progress
                 .update(blocks.received_pages(), self.precopy_bytes + self.net.bytes.load(Ordering::Relaxed));
             if done {
@@ -411,6 +470,54 @@ impl Destination {
             status,
         );
         Ok((summary, self.incoming))
+    }
+
+    /// The connections dropped during postcopy: wait for the source to reconnect (until
+    /// `resume_timeout` after the drop), do the resume handshake and hand the new connections to
+    /// the network source. Connections that fail the handshake are refused and waiting goes on.
+    fn recover(&mut self) -> Result<()> {
+        let pauses = self.net.pauses.load(Ordering::Acquire);
+        let (why, since) =
+            self.net.paused().unwrap_or_else(|| ("the connection dropped".into(), Instant::now()));
+        let resumer =
+            self.resumer.clone().ok_or_else(|| Error::Invalid(format!("migration failed: {why}")))?;
+        let deadline = since + self.opts.resume_timeout;
+        let blocks = Arc::clone(self.incoming.blocks());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let accepted = if left.is_zero() { None } else { accept_one(&self.link.listener, left).ok() };
+            let Some((main, peer)) = accepted else {
+                let (have, total) = (blocks.received_pages(), blocks.total_pages());
+                let e = format!(
+                    "migration from {} failed during postcopy: {why}; the source did not resume within {:?}. \
+                     {have} of {total} pages are here, {} never arrived: they stay unfilled (never zero-filled), \
+                     clients that touch them stay blocked; stop the clients, this guest cannot run here \
+                     (see docs/recovery.md)",
+                    self.peer,
+                    self.opts.resume_timeout,
+                    total - have
+                );
+                self.net.give_up(e.clone());
+                return Err(Error::Invalid(e));
+            };
+            log::info!("reconnect from {peer}: resume handshake");
+            match self.link.handshake(
+                main,
+                &blocks,
+                &self.ids,
+                self.opts.auth_timeout,
+                self.opts.accept_timeout,
+            ) {
+                Ok(conns) => {
+                    self.main = conns.main.try_clone().ctx(|| "clone the main connection".into())?;
+                    self.peer = peer;
+                    self.handled_pauses = pauses;
+                    resumer.resume(conns);
+                    return Ok(());
+                }
+                Err(e) => log::warn!("the reconnect from {peer} failed: {e}; still waiting for the source"),
+            }
+        }
     }
 
     /// [`run_until_listening`](Destination::run_until_listening) and

@@ -164,6 +164,12 @@ pub struct Summary {
     pub throughput_mib_s: f64,
     /// Per client (the broker's own mapping included as "broker" when it faulted).
     pub clients: Vec<ClientLatency>,
+    /// Connection losses during postcopy.
+    pub pauses: u64,
+    /// Resumes after them.
+    pub resumes: u64,
+    /// Requests sent again on a new urgent connection after resumes.
+    pub reissued_requests: u64,
 }
 
 impl Summary {
@@ -184,6 +190,9 @@ impl Summary {
         s.demand_flagged_pages = net.demand_flagged_pages.load(Ordering::Relaxed);
         s.duplicate_pages = net.duplicate_pages.load(Ordering::Relaxed);
         s.requests = net.requests.load(Ordering::Relaxed);
+        s.pauses = net.pauses.load(Ordering::Relaxed);
+        s.resumes = net.resumes.load(Ordering::Relaxed);
+        s.reissued_requests = net.reissued.load(Ordering::Relaxed);
         s
     }
 
@@ -198,6 +207,9 @@ impl Summary {
             background_pages: g.pages_background,
             zero_pages: g.pages_zero,
             urgent_pages: 0,
+            pauses: 0,
+            resumes: 0,
+            reissued_requests: 0,
             demand_flagged_pages: 0,
             duplicate_pages: 0,
             requests: g.requests,
@@ -250,6 +262,13 @@ impl Summary {
             self.requests,
             self.faults
         );
+        if self.pauses > 0 {
+            let _ = writeln!(
+                s,
+                "connection lost {} times during postcopy, resumed {} times ({} requests sent again)",
+                self.pauses, self.resumes, self.reissued_requests
+            );
+        }
         for c in &self.clients {
             let _ = writeln!(
                 s,

@@ -47,6 +47,13 @@ pub struct SourceArgs {
     /// Background bandwidth limit per second, e.g. 200M (default: unlimited).
     #[arg(long, value_name = "BYTES")]
     pub bandwidth: Option<String>,
+    /// If a connection fails during postcopy, keep reconnecting (with a backoff of 20 ms doubling
+    /// up to 1 s) for this many seconds, then resume where the destination is.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub resume_timeout: f64,
+    /// Do not offer postcopy recovery: a connection failure during postcopy ends the migration.
+    #[arg(long)]
+    pub no_resume: bool,
     /// Write the checksums of the final source RAM (after --dirty) to this JSON file.
     #[arg(long, value_name = "FILE")]
     pub verify_file: Option<PathBuf>,
@@ -87,6 +94,10 @@ pub fn run(a: &SourceArgs) -> Result<()> {
     let opts = SourceOptions {
         prefetch_pages: a.prefetch,
         bandwidth: a.bandwidth.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+        resume: !a.no_resume,
+        resume_timeout: std::time::Duration::try_from_secs_f64(a.resume_timeout).map_err(|_| {
+            Error::Invalid(format!("--resume-timeout {} is not a duration in seconds", a.resume_timeout))
+        })?,
         ..SourceOptions::default()
     };
     let mut s = SourceSession::connect(&a.connect, &key, ram, opts).map_err(|e| match e {

@@ -44,6 +44,8 @@ pub struct SourceStats {
     pub requests: AtomicU64,
     /// Pages covered by Discard frames.
     pub discarded_pages: AtomicU64,
+    /// Successful resumes after a connection failure during postcopy.
+    pub resumes: AtomicU64,
 }
 
 /// A snapshot of [`SourceStats`].
@@ -65,6 +67,8 @@ pub struct SourceCounts {
     pub requests: u64,
     /// Pages covered by Discard frames.
     pub discarded_pages: u64,
+    /// Successful resumes after a connection failure during postcopy.
+    pub resumes: u64,
 }
 
 impl SourceStats {
@@ -80,6 +84,7 @@ impl SourceStats {
             bytes: g(&self.bytes),
             requests: g(&self.requests),
             discarded_pages: g(&self.discarded_pages),
+            resumes: g(&self.resumes),
         }
     }
 

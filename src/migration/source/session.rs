@@ -3,25 +3,39 @@
 //! Listen, Run, and the postcopy phase: a background stream on the main connection and demand
 //! requests answered on the urgent connection by their own thread, until the destination says
 //! Complete.
+//!
+//! If a connection fails during postcopy (and the destination accepted `CAP_RESUME`), the source
+//! stops both threads and reconnects by itself, retrying with a bounded exponential backoff for
+//! at most `resume_timeout`; after the resume handshake it sends exactly the pages the destination
+//! does not have (see [`handshake`](super::handshake)).
 
 use std::io::Write;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::handshake::{unexpected, Peer, NO_SESSION};
 use super::ram::SourceRam;
 use super::sender::{send_run, Kind, RateLimit, SourceCounts, SourceStats};
 use super::urgent::{serve_urgent, Hint};
 use crate::error::{Error, IoContext, Result};
-use crate::migration::auth::authenticate_tcp;
 use crate::migration::discard::DiscardBatcher;
 use crate::migration::wire::{
-    check_ack, write_frame, Channel, Decoder, Frame, Hello, Limits, Side, WireError, CAP_DISCARD,
-    CAP_URGENT_CHANNEL, CAP_ZERO_RUN, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN, PROTOCOL_VERSION,
+    write_frame, Channel, Decoder, Frame, WireError, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL,
+    CAP_ZERO_RUN, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN,
 };
+
+/// First delay between reconnect attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// Longest delay between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Default of [`SourceOptions::resume_timeout`].
+pub const DEFAULT_SOURCE_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Settings of a source session.
 #[derive(Debug, Clone)]
@@ -38,6 +52,10 @@ pub struct SourceOptions {
     pub max_discard_ranges: usize,
     /// Offer zero runs (otherwise zero pages travel as data).
     pub zero_runs: bool,
+    /// Offer postcopy recovery (`CAP_RESUME`).
+    pub resume: bool,
+    /// How long to keep trying to reconnect after a connection fails during postcopy.
+    pub resume_timeout: Duration,
 }
 
 impl Default for SourceOptions {
@@ -49,6 +67,8 @@ impl Default for SourceOptions {
             connect_timeout: Duration::from_secs(10),
             max_discard_ranges: DEFAULT_MAX_DISCARD_RANGES,
             zero_runs: true,
+            resume: true,
+            resume_timeout: DEFAULT_SOURCE_RESUME_TIMEOUT,
         }
     }
 }
@@ -83,39 +103,7 @@ pub struct SourceSession {
     discards: Vec<DiscardBatcher>,
     phase: Phase,
     started: Instant,
-}
-
-fn connect(addr: &str, timeout: Duration) -> Result<TcpStream> {
-    let end = Instant::now() + timeout;
-    let addrs: Vec<_> =
-        addr.to_socket_addrs().ctx(|| format!("resolve destination address {addr}"))?.collect();
-    loop {
-        let mut last = None;
-        for a in &addrs {
-            match TcpStream::connect(a) {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
-            }
-        }
-        let e = last.unwrap_or_else(|| std::io::Error::other("the address resolved to nothing"));
-        if Instant::now() >= end || e.kind() != std::io::ErrorKind::ConnectionRefused {
-            return Err(Error::io(
-                format!("connect to the destination at {addr} (is `postcopy-broker serve --incoming` running there?)"),
-                e,
-            ));
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Turn a peer's Error frame or any other unexpected frame into an error.
-fn unexpected(what: &str, f: &Frame<'_>) -> Error {
-    match f {
-        Frame::Error { text } => Error::Invalid(format!("the destination refused the migration: {text}")),
-        f => {
-            Error::Invalid(format!("expected {what} from the destination, got a {:?} frame", f.frame_type()))
-        }
-    }
+    peer: Peer,
 }
 
 impl SourceSession {
@@ -129,31 +117,17 @@ impl SourceSession {
         if opts.zero_runs {
             caps |= CAP_ZERO_RUN;
         }
-        let table = ram.table().clone();
-        let open = |channel: Channel| -> Result<(TcpStream, Decoder, u64)> {
-            let mut s = connect(addr, opts.connect_timeout)?;
-            s.set_nodelay(true).ctx(|| "set TCP_NODELAY".into())?;
-            authenticate_tcp(&mut s, key, Side::Source, opts.auth_timeout)?;
-            let hello = Hello {
-                version: PROTOCOL_VERSION,
-                capabilities: caps,
-                channel,
-                session_id,
-                blocks: table.clone(),
-            };
-            write_frame(&mut s, &Frame::Hello(hello))?;
-            let mut dec = Decoder::with_blocks(Limits::default(), table.clone());
-            s.set_read_timeout(Some(Duration::from_secs(30))).ctx(|| "set a read timeout".into())?;
-            let accepted = match dec.read_frame(&mut s)? {
-                Frame::HelloAck { version, capabilities } => {
-                    check_ack(PROTOCOL_VERSION, caps, version, capabilities)?;
-                    capabilities
-                }
-                f => return Err(unexpected("HelloAck", &f)),
-            };
-            s.set_read_timeout(None).ctx(|| "clear the read timeout".into())?;
-            Ok((s, dec, accepted))
+        if opts.resume {
+            caps |= CAP_RESUME;
+        }
+        let peer = Peer {
+            addr: addr.to_string(),
+            key: key.to_vec(),
+            session_id,
+            caps,
+            auth_timeout: opts.auth_timeout,
         };
+        let open = |channel| peer.open(&ram, channel, false, opts.connect_timeout);
         let (main, main_dec, accepted) = open(Channel::Main)?;
         if accepted & CAP_URGENT_CHANNEL == 0 {
             return Err(Error::Invalid(
@@ -180,6 +154,7 @@ impl SourceSession {
             discards,
             phase: Phase::Connected,
             started: Instant::now(),
+            peer,
         })
     }
 
@@ -268,24 +243,12 @@ impl SourceSession {
         let postcopy_start = Instant::now();
         log::info!("postcopy: listen and run sent");
 
-        let hint: Arc<Mutex<Option<Hint>>> = Arc::new(Mutex::new(None));
-        let urgent = {
-            let (ram, stats, hint) = (Arc::clone(&self.ram), Arc::clone(&self.stats), Arc::clone(&hint));
-            let stream = self.urgent.try_clone().ctx(|| "clone the urgent connection".into())?;
-            let zero = self.caps & CAP_ZERO_RUN != 0;
-            let prefetch = self.opts.prefetch_pages;
-            thread::Builder::new()
-                .name("source-urgent".into())
-                .spawn(move || serve_urgent(stream, &ram, &stats, &hint, zero, prefetch))
-                .ctx(|| "spawn the urgent thread".into())?
-        };
-        let r = self.background(&hint);
-        // Whatever happened, the urgent thread must end: shut its connection down.
-        let _ = self.urgent.shutdown(std::net::Shutdown::Both);
-        let u = urgent.join().map_err(|_| Error::Invalid("the urgent thread panicked".into()))?;
-        r?;
-        if let Err(e) = u {
-            log::debug!("urgent connection ended: {e}");
+        loop {
+            match self.serve() {
+                Ok(()) => break,
+                Err(e) if self.caps & CAP_RESUME != 0 => self.reconnect(e)?,
+                Err(e) => return Err(e),
+            }
         }
         let s = SourceSummary {
             total_secs: self.started.elapsed().as_secs_f64(),
@@ -298,6 +261,79 @@ impl SourceSession {
             s.counts.prefetch_pages, s.counts.zero_pages, s.counts.requests, s.counts.bytes
         );
         Ok(s)
+    }
+
+    /// One postcopy run over the current connections: the urgent thread and the background
+    /// stream, until the destination's Complete or an error on either connection.
+    fn serve(&mut self) -> Result<()> {
+        let hint: Arc<Mutex<Option<Hint>>> = Arc::new(Mutex::new(None));
+        let urgent = {
+            let (ram, stats, hint) = (Arc::clone(&self.ram), Arc::clone(&self.stats), Arc::clone(&hint));
+            let stream = self.urgent.try_clone().ctx(|| "clone the urgent connection".into())?;
+            let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
+            let zero = self.caps & CAP_ZERO_RUN != 0;
+            let prefetch = self.opts.prefetch_pages;
+            thread::Builder::new()
+                .name("source-urgent".into())
+                .spawn(move || {
+                    let r = serve_urgent(stream, &ram, &stats, &hint, zero, prefetch);
+                    if r.is_err() {
+                        // The background stream must notice too (a resume restarts both).
+                        let _ = main.shutdown(std::net::Shutdown::Both);
+                    }
+                    r
+                })
+                .ctx(|| "spawn the urgent thread".into())?
+        };
+        let r = self.background(&hint);
+        // Whatever happened, the urgent thread must end: shut its connection down.
+        let _ = self.urgent.shutdown(std::net::Shutdown::Both);
+        let u = urgent.join().map_err(|_| Error::Invalid("the urgent thread panicked".into()))?;
+        match (r, u) {
+            (Ok(()), Err(e)) => {
+                log::debug!("urgent connection ended: {e}");
+                Ok(())
+            }
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(u)) => Err(Error::Invalid(format!("{e} (urgent connection: {u})"))),
+        }
+    }
+
+    /// A connection failed during postcopy: reconnect and resume, retrying with a bounded
+    /// backoff for at most `resume_timeout`.
+    fn reconnect(&mut self, why: Error) -> Result<()> {
+        let _ = self.main.shutdown(std::net::Shutdown::Both);
+        log::warn!("connection to the destination lost during postcopy: {why}; reconnecting");
+        let start = Instant::now();
+        let mut delay = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match self.peer.resume(&self.ram) {
+                Ok((main, dec, urgent, missing)) => {
+                    self.main = main;
+                    self.main_dec = dec;
+                    self.urgent = urgent;
+                    self.stats.resumes.fetch_add(1, Ordering::Relaxed);
+                    log::info!("resumed after {attempts} attempt(s): {missing} pages to send again");
+                    return Ok(());
+                }
+                Err(e) => {
+                    let fatal = e.to_string().contains(NO_SESSION);
+                    if fatal || start.elapsed() + delay > self.opts.resume_timeout {
+                        return Err(Error::Invalid(format!(
+                            "the connection to the destination at {} failed during postcopy ({why}) and resuming failed after {attempts} attempt(s) in {:.1}s: {e}",
+                            self.peer.addr,
+                            start.elapsed().as_secs_f64()
+                        )));
+                    }
+                    log::info!("resume attempt {attempts} failed: {e}; retrying in {delay:?}");
+                    thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
     }
 
     /// The background stream: every page not sent yet, in runs of up to 2 MiB, continuing near
