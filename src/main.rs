@@ -53,6 +53,10 @@ enum Command {
         /// Peer uid allowed on the control socket (repeatable; default: root and our own uid).
         #[arg(long = "allow-uid")]
         allow_uid: Vec<u32>,
+        /// Blocks a non-root allowed uid may map: UID=BLOCK[,BLOCK...] (repeatable). Root and
+        /// the broker's own uid may map every block; other uids only what is granted.
+        #[arg(long = "grant", value_parser = cli::serve::parse_grant)]
+        grant: Vec<(u32, Vec<String>)>,
         /// Snapshot image: the blocks back to back (lazy restore), and the memory file of
         /// Firecracker clients.
         #[arg(long)]
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
             resume_timeout,
             control,
             allow_uid,
+            grant,
             busy_poll,
             ..
         } => report(postcopy_broker::migration::destination::cli::run(&IncomingOptions {
@@ -117,6 +122,7 @@ fn main() -> ExitCode {
             key,
             control,
             allowed_uids: allow_uid,
+            grants: grant,
             busy_poll,
             verify_file,
             summary_json,
@@ -126,6 +132,7 @@ fn main() -> ExitCode {
         Command::Serve {
             control,
             allow_uid,
+            grant,
             image,
             blocks,
             no_background,
@@ -137,6 +144,7 @@ fn main() -> ExitCode {
         } => cli::serve::run(cli::serve::ServeOptions {
             control,
             allowed_uids: allow_uid,
+            grants: grant,
             image,
             blocks,
             background: !no_background,

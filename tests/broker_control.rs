@@ -240,3 +240,43 @@ fn a_peer_of_another_uid_is_refused() {
     assert!(h.status().unwrap().clients.is_empty());
     h.stop().unwrap();
 }
+
+#[test]
+fn a_peer_gets_only_the_blocks_it_was_given() {
+    let sock = socket_path("grants");
+    let mut b = RamBlocks::new();
+    b.add(RamBlock::memfd("a", 8 * 4096).unwrap()).unwrap();
+    b.add(RamBlock::memfd("b", 8 * 4096).unwrap()).unwrap();
+    let src = MemorySource::new(vec![(content(8, 4096, 1), 4096), (content(8, 4096, 2), 4096)]);
+    let config = BrokerConfig {
+        control: Some(sock.clone()),
+        allowed_uids: vec![0, 65534],
+        grants: [(65534, vec!["a".to_string()])].into_iter().collect(),
+        ..Default::default()
+    };
+    let (_inc, h) = broker_with(b, Box::new(src), config);
+    // Let uid 65534 reach the socket at all (the broker creates it 0600 for its own uid).
+    std::os::unix::fs::chown(&sock, Some(65534), Some(65534)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let run = |block: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pcb-client"))
+            .args(control_args(&sock, "touch:0", &["--block", block]))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    let denied = run("b");
+    assert!(!denied.status.success());
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(err.contains("was not given block 'b'"), "{err}");
+    // Block a is handed out; this unprivileged client then fails only at creating a userfaultfd
+    // that catches kernel-mode faults, which needs root or /dev/userfaultfd access.
+    let given = run("a");
+    let err = String::from_utf8_lossy(&given.stderr);
+    assert!(err.contains("userfaultfd"), "{err}");
+    // A root peer may map either block.
+    let mut c = ControlClient::connect(&sock).unwrap();
+    assert_eq!(c.get_blocks(None).unwrap().len(), 2);
+    h.stop().unwrap();
+}

@@ -22,6 +22,8 @@ pub struct ServeOptions {
     pub control: PathBuf,
     /// Allowed peer uids (empty: root and our own uid).
     pub allowed_uids: Vec<u32>,
+    /// Blocks each non-root allowed uid may map.
+    pub grants: Vec<(u32, Vec<String>)>,
     /// Image file: lazy-restore source of the blocks and/or private clients' memory.
     pub image: Option<PathBuf>,
     /// Blocks: (name, size, page size).
@@ -42,6 +44,18 @@ pub struct ServeOptions {
 /// Parse `NAME:SIZE[:4k|2m]` (for clap).
 pub fn parse_block(s: &str) -> std::result::Result<(String, u64, u64), String> {
     crate::migration::spec::parse_block(s).map(|b| (b.name, b.size, b.page_size)).map_err(|e| e.to_string())
+}
+
+/// Parse `UID=BLOCK[,BLOCK...]` (for clap).
+pub fn parse_grant(s: &str) -> std::result::Result<(u32, Vec<String>), String> {
+    let bad = || format!("grant '{s}': want UID=BLOCK[,BLOCK...], e.g. 1000=pc.ram");
+    let (uid, blocks) = s.split_once('=').ok_or_else(bad)?;
+    let uid: u32 = uid.trim().parse().map_err(|_| bad())?;
+    let blocks: Vec<String> = blocks.split(',').filter(|b| !b.is_empty()).map(str::to_string).collect();
+    if blocks.is_empty() {
+        return Err(bad());
+    }
+    Ok((uid, blocks))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -149,6 +163,7 @@ fn serve(o: ServeOptions) -> Result<()> {
         busy_poll: o.busy_poll,
         control: Some(o.control.clone()),
         allowed_uids: o.allowed_uids.clone(),
+        grants: o.grants.iter().cloned().collect(),
     };
     let h = Broker::spawn(&inc, source, config)?;
     backends.register_all(&h, inc.blocks())?;

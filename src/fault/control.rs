@@ -103,6 +103,10 @@ impl Loop {
             Incoming::Request(Request::Register { name, kind, pid, mappings }, mut fds) => {
                 let Some(uffd) = fds.pop() else { return };
                 let pid = pid.or_else(|| u32::try_from(creds.pid).ok());
+                if let Some(m) = mappings.iter().find(|m| !self.granted(creds.uid, &m.block)) {
+                    let msg = format!("uid {} was not given block '{}'", creds.uid, m.block);
+                    return self.reply(id, &Response::error(code::NOT_ALLOWED, msg), &[]);
+                }
                 let r = self.register_spec(name, kind, pid, &mappings, uffd);
                 match r {
                     Ok(cid) => {
@@ -131,7 +135,7 @@ impl Loop {
                     self.reply(id, &Response::Ok, &[]);
                 }
             }
-            Incoming::Request(Request::GetBlocks { names }, _) => self.send_blocks(id, names),
+            Incoming::Request(Request::GetBlocks { names }, _) => self.send_blocks(id, creds.uid, names),
             Incoming::Request(Request::Status, _) => {
                 let report = serde_json::to_value(self.status()).unwrap_or(serde_json::Value::Null);
                 self.reply(id, &Response::Status { report }, &[]);
@@ -201,19 +205,31 @@ impl Loop {
         self.register(Registration { name, uffd, pid, map })
     }
 
-    fn send_blocks(&mut self, id: u64, names: Option<Vec<String>>) {
+    /// Whether peers of `uid` may map `block`: root and the broker's own uid may map every
+    /// block; other allowed uids only the blocks granted to them.
+    fn granted(&self, uid: u32, block: &str) -> bool {
+        uid == 0
+            || uid == nix::unistd::geteuid().as_raw()
+            || self.config.grants.get(&uid).is_some_and(|g| g.iter().any(|b| b == block))
+    }
+
+    fn send_blocks(&mut self, id: u64, uid: u32, names: Option<Vec<String>>) {
         let blocks = std::sync::Arc::clone(&self.core.blocks);
         let mut chosen = Vec::new();
         match names {
             Some(names) => {
                 for n in names {
                     match blocks.named(&n) {
-                        Ok((_, b)) => chosen.push(b),
+                        Ok((_, b)) if self.granted(uid, b.name()) => chosen.push(b),
+                        Ok(_) => {
+                            let msg = format!("uid {uid} was not given block '{n}'");
+                            return self.reply(id, &Response::error(code::NOT_ALLOWED, msg), &[]);
+                        }
                         Err(e) => return self.refuse(id, &e),
                     }
                 }
             }
-            None => chosen.extend(blocks.iter().map(|(_, b)| b)),
+            None => chosen.extend(blocks.iter().map(|(_, b)| b).filter(|b| self.granted(uid, b.name()))),
         }
         let mut infos = Vec::new();
         let mut fds = Vec::new();

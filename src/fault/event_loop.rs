@@ -70,6 +70,8 @@ pub struct BrokerConfig {
     pub control: Option<PathBuf>,
     /// Peer uids allowed on the control socket (empty: root and the broker's own uid).
     pub allowed_uids: Vec<u32>,
+    /// Blocks each other uid may map (root and the broker's own uid may map all).
+    pub grants: HashMap<u32, Vec<String>>,
 }
 
 enum Command {
@@ -119,7 +121,7 @@ pub(crate) struct Loop {
     rx: Receiver<Command>,
     pub(crate) core: Core,
     source: Box<dyn PageSource>,
-    config: BrokerConfig,
+    pub(crate) config: BrokerConfig,
     msgs: Vec<RawMsg>,
     /// Clients no longer served whose process may still live: their uffds stay open.
     retired: HashMap<ClientId, Client>,

@@ -22,6 +22,8 @@ pub struct IncomingOptions {
     pub control: PathBuf,
     /// Peer uids allowed on the control socket (empty: root and our own uid).
     pub allowed_uids: Vec<u32>,
+    /// Blocks each non-root allowed uid may map.
+    pub grants: Vec<(u32, Vec<String>)>,
     /// Busy-poll the fault loop.
     pub busy_poll: bool,
     /// Write RAM checksums here at the end.
@@ -58,6 +60,7 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
     let broker = BrokerConfig {
         control: Some(a.control.clone()),
         allowed_uids: a.allowed_uids.clone(),
+        grants: a.grants.iter().cloned().collect(),
         busy_poll: a.busy_poll,
         ..BrokerConfig::default()
     };
