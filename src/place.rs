@@ -119,12 +119,25 @@ pub struct Placer {
     uffd: Arc<Uffd>,
     zero: StagingPage,
     stats: Arc<PlaceStats>,
+    wake: bool,
 }
 
 impl Placer {
     /// A placer over `uffd`, where every block is registered; `largest_page` sizes the zero page.
     pub fn new(uffd: Arc<Uffd>, largest_page: u64) -> Result<Placer> {
-        Ok(Placer { uffd, zero: StagingPage::new(largest_page)?, stats: Arc::new(PlaceStats::default()) })
+        Ok(Placer {
+            uffd,
+            zero: StagingPage::new(largest_page)?,
+            stats: Arc::new(PlaceStats::default()),
+            wake: true,
+        })
+    }
+
+    /// Whether the placement ioctls themselves wake threads of this process waiting on the
+    /// placed pages (the default). A fault loop that tracks its own waiters turns this off and
+    /// wakes them after the received bits are set, so a woken thread always sees its bit.
+    pub fn set_wake_on_place(&mut self, wake: bool) {
+        self.wake = wake;
     }
 
     /// The counters.
@@ -148,7 +161,7 @@ impl Placer {
         self.fill(b, offset, len, &self.stats.data_pages, |dst, done, n| {
             let src = data[usize::try_from(done).unwrap_or(0)..].as_ptr();
             // SAFETY: `src` points at `n` readable bytes of `data` (done + n <= data.len()).
-            unsafe { self.uffd.copy(dst, src, n, true) }
+            unsafe { self.uffd.copy(dst, src, n, self.wake) }
         })
     }
 
@@ -159,7 +172,7 @@ impl Placer {
         b.check_range(offset, len)?;
         let zero_pages = &self.stats.zero_pages;
         if b.zeropage_supported() {
-            self.fill(b, offset, len, zero_pages, |dst, _, n| self.uffd.zeropage(dst, n, true))
+            self.fill(b, offset, len, zero_pages, |dst, _, n| self.uffd.zeropage(dst, n, self.wake))
         } else {
             let ps = b.page_size();
             let zero = self.zero.as_slice().as_ptr();
@@ -168,7 +181,7 @@ impl Placer {
             while o < offset + len {
                 // SAFETY: the zero page is at least one block page long and lives as long as self.
                 let r = self.fill(b, o, ps, zero_pages, |dst, done, n| unsafe {
-                    self.uffd.copy(dst, zero.add(done as usize), n, true)
+                    self.uffd.copy(dst, zero.add(done as usize), n, self.wake)
                 })?;
                 outcome = worst(outcome, r);
                 o += ps;

@@ -59,7 +59,12 @@ impl Core {
         let largest = blocks.largest_page_size();
         let zero_marks = blocks.iter().map(|(_, b)| AtomicBitmap::new(b.pages() as usize)).collect();
         Ok(Core {
-            placer: Placer::new(Arc::clone(&own), largest)?,
+            placer: {
+                let mut p = Placer::new(Arc::clone(&own), largest)?;
+                // Own waiters are woken by `landed` after their bits are set.
+                p.set_wake_on_place(false);
+                p
+            },
             staging: StagingPage::new(largest.max(2 << 20))?,
             blocks,
             own,
@@ -438,10 +443,7 @@ impl Core {
                         c.stats.latency.record(ns);
                         c.stats.blocked_ns = c.stats.blocked_ns.saturating_add(ns);
                     }
-                    // The broker's own waiters were woken by the placement ioctl itself.
-                    if w.client != ClientId::BROKER {
-                        self.wakes.push(w.client, w.addr, ps);
-                    }
+                    self.wakes.push(w.client, w.addr, ps);
                 }
             }
             ws.clear();
