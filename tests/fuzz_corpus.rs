@@ -62,7 +62,11 @@ fn wire_seeds() -> Seeds {
             "discard",
             Frame::Discard {
                 block: 0,
-                ranges: vec![ByteRange::new(0, 4096), ByteRange::new(8192, 8192), ByteRange::new(1 << 20, 4096)],
+                ranges: vec![
+                    ByteRange::new(0, 4096),
+                    ByteRange::new(8192, 8192),
+                    ByteRange::new(1 << 20, 4096),
+                ],
             },
         ),
         ("discard-huge", Frame::Discard { block: 1, ranges: vec![ByteRange::new(2 << 20, 2 << 20)] }),
@@ -121,7 +125,10 @@ fn wire_seeds() -> Seeds {
         BlockInfo::new("pc.ram", 4096, 4096),
     ])
     .unwrap();
-    seeds.insert("ok-hello-other-table".into(), wire_seed(63, &[Frame::Hello(Hello { blocks: other, ..hello(Channel::Main) })]));
+    seeds.insert(
+        "ok-hello-other-table".into(),
+        wire_seed(63, &[Frame::Hello(Hello { blocks: other, ..hello(Channel::Main) })]),
+    );
 
     // Near-valid: one field wrong each.
     let mut near = |name: &str, f: &Frame<'_>, edit: &dyn Fn(&mut Vec<u8>)| {
@@ -142,17 +149,23 @@ fn wire_seeds() -> Seeds {
         let n = b.len();
         b[n - 8..].copy_from_slice(&0u64.to_le_bytes())
     });
-    near("discard-unsorted", &Frame::Discard { block: 0, ranges: vec![ByteRange::new(0, 4096), ByteRange::new(8192, 4096)] }, &|b| {
-        let at = 1 + HEADER_LEN + 8;
-        b[at..at + 8].copy_from_slice(&8192u64.to_le_bytes());
-        b[at + 16..at + 24].copy_from_slice(&0u64.to_le_bytes());
-    });
+    near(
+        "discard-unsorted",
+        &Frame::Discard { block: 0, ranges: vec![ByteRange::new(0, 4096), ByteRange::new(8192, 4096)] },
+        &|b| {
+            let at = 1 + HEADER_LEN + 8;
+            b[at..at + 8].copy_from_slice(&8192u64.to_le_bytes());
+            b[at + 16..at + 24].copy_from_slice(&0u64.to_le_bytes());
+        },
+    );
     near("resume-tail-bits", &Frame::Resume { block: 0, first_page: 0, page_count: 3, bitmap: &[7] }, &|b| {
         *b.last_mut().unwrap() = 0xff
     });
     near("error-utf8", &Frame::Error { text: "abc" }, &|b| *b.last_mut().unwrap() = 0xc3);
     near("hello-channel", &Frame::Hello(hello(Channel::Main)), &|b| b[1 + HEADER_LEN + 2] = 5);
-    near("auth-side", &Frame::AuthNonce { side: Side::Source, nonce: [0; AUTH_LEN] }, &|b| b[1 + HEADER_LEN] = 7);
+    near("auth-side", &Frame::AuthNonce { side: Side::Source, nonce: [0; AUTH_LEN] }, &|b| {
+        b[1 + HEADER_LEN] = 7
+    });
     seeds
 }
 
@@ -179,8 +192,18 @@ fn requests() -> Vec<(&'static str, Request)> {
                 kind: ClientKind::Shared,
                 pid: Some(4242),
                 mappings: vec![
-                    MappingSpec { client_addr: 0x7f00_0000_0000, block: "pc.ram".into(), offset: 0, len: 1 << 20 },
-                    MappingSpec { client_addr: 0x7f00_4000_0000, block: "pc.ram".into(), offset: 1 << 30, len: 4096 },
+                    MappingSpec {
+                        client_addr: 0x7f00_0000_0000,
+                        block: "pc.ram".into(),
+                        offset: 0,
+                        len: 1 << 20,
+                    },
+                    MappingSpec {
+                        client_addr: 0x7f00_4000_0000,
+                        block: "pc.ram".into(),
+                        offset: 1 << 30,
+                        len: 4096,
+                    },
                 ],
             },
         ),
@@ -242,7 +265,10 @@ fn firecracker_seeds() -> Seeds {
     // x86 guests above 3 GiB: two regions around the MMIO gap, back to back in the snapshot file.
     s.insert(
         "ok-two-regions".into(),
-        firecracker_json(&[(0x7f00_0000_0000, 768 * mib, 0, 4096), (0x7f00_4000_0000, 64 * mib, 768 * mib, 4096)]),
+        firecracker_json(&[
+            (0x7f00_0000_0000, 768 * mib, 0, 4096),
+            (0x7f00_4000_0000, 64 * mib, 768 * mib, 4096),
+        ]),
     );
     s.insert("ok-hugepages".into(), firecracker_json(&[(0x7e00_0000_0000, 256 * mib, 0, 2 * mib)]));
     // Older Firecracker: only the deprecated field, pretty printed.
@@ -261,17 +287,23 @@ fn firecracker_seeds() -> Seeds {
     );
     s.insert("ok-empty".into(), b"[]".to_vec());
     // Near-valid.
-    s.insert("bad-overlap".into(), firecracker_json(&[(0x10_0000, 2 * mib, 0, 4096), (0x18_0000, mib, 0, 4096)]));
+    s.insert(
+        "bad-overlap".into(),
+        firecracker_json(&[(0x10_0000, 2 * mib, 0, 4096), (0x18_0000, mib, 0, 4096)]),
+    );
     s.insert("bad-unaligned".into(), firecracker_json(&[(0x10_0800, mib, 0, 4096)]));
     s.insert("bad-outside-image".into(), firecracker_json(&[(0x10_0000, 2 * mib, (1 << 30) - mib, 4096)]));
     s.insert("bad-page-size".into(), firecracker_json(&[(0x10_0000, mib, 0, 3000)]));
     s.insert("bad-wraps".into(), firecracker_json(&[(u64::MAX - 4095, 8192, 0, 4096)]));
+    s.insert("bad-no-page-size".into(), br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0}]"#.to_vec());
     s.insert(
-        "bad-no-page-size".into(),
-        br#"[{"base_host_virt_addr":4096,"size":4096,"offset":0}]"#.to_vec(),
+        "bad-negative".into(),
+        br#"[{"base_host_virt_addr":-1,"size":4096,"offset":0,"page_size":4096}]"#.to_vec(),
     );
-    s.insert("bad-negative".into(), br#"[{"base_host_virt_addr":-1,"size":4096,"offset":0,"page_size":4096}]"#.to_vec());
-    s.insert("bad-float".into(), br#"[{"base_host_virt_addr":4096.5,"size":4096,"offset":0,"page_size":4096}]"#.to_vec());
+    s.insert(
+        "bad-float".into(),
+        br#"[{"base_host_virt_addr":4096.5,"size":4096,"offset":0,"page_size":4096}]"#.to_vec(),
+    );
     let mut trailing = firecracker_json(&[(0x10_0000, mib, 0, 4096)]);
     trailing.extend_from_slice(b"\nPCB1");
     s.insert("bad-trailing".into(), trailing);
@@ -284,8 +316,7 @@ fn stream_seeds() -> Seeds {
     let mut s = Seeds::new();
     let reqs = requests();
     // A whole server-side conversation: every request, register with its uffd.
-    let conv: Vec<(u8, Vec<u8>)> =
-        reqs.iter().map(|(_, r)| (r.expected_fds() as u8, frame(r))).collect();
+    let conv: Vec<(u8, Vec<u8>)> = reqs.iter().map(|(_, r)| (r.expected_fds() as u8, frame(r))).collect();
     s.insert("ok-server-conversation".into(), stream_seed(true, &conv));
     for (name, r) in &reqs {
         s.insert(format!("ok-server-{name}"), stream_seed(true, &[(r.expected_fds() as u8, frame(r))]));
@@ -304,8 +335,8 @@ fn stream_seeds() -> Seeds {
         s.insert(format!("ok-client-{name}"), stream_seed(false, &[(0, frame(r))]));
     }
     for (name, json) in firecracker_seeds() {
-        if name.starts_with("ok-") {
-            s.insert(format!("ok-server-firecracker-{}", &name[3..]), stream_seed(true, &[(1, json)]));
+        if let Some(rest) = name.strip_prefix("ok-") {
+            s.insert(format!("ok-server-firecracker-{rest}"), stream_seed(true, &[(1, json)]));
         }
     }
     // Near-valid.
@@ -319,7 +350,10 @@ fn stream_seeds() -> Seeds {
     huge.extend_from_slice(&0x0001_0001u32.to_le_bytes());
     s.insert("bad-length".into(), stream_seed(true, &[(0, huge)]));
     s.insert("bad-unknown-op".into(), stream_seed(true, &[(0, encode(br#"{"op":"format_disk"}"#).unwrap())]));
-    s.insert("bad-json".into(), stream_seed(true, &[(0, encode(br#"{"op":"hello","version":"1"}"#).unwrap())]));
+    s.insert(
+        "bad-json".into(),
+        stream_seed(true, &[(0, encode(br#"{"op":"hello","version":"1"}"#).unwrap())]),
+    );
     s.insert("bad-client-firecracker".into(), stream_seed(false, &[(0, b"[]".to_vec())]));
     let mut after = firecracker_json(&[(0x10_0000, 1 << 20, 0, 4096)]);
     after.extend_from_slice(&status);
@@ -383,8 +417,10 @@ fn corpus_dir(target: &str) -> PathBuf {
 #[test]
 fn wire_seeds_decode_as_intended() {
     for (name, bytes) in wire_seeds() {
-        let mut dec = Decoder::with_blocks(Limits { max_payload: 64 << 10, ..Limits::default() },
-            postcopy_broker::migration::fuzz_block_table());
+        let mut dec = Decoder::with_blocks(
+            Limits { max_payload: 64 << 10, ..Limits::default() },
+            postcopy_broker::migration::fuzz_block_table(),
+        );
         dec.feed(&bytes[1..]);
         let mut frames = 0;
         let outcome = loop {
@@ -509,9 +545,16 @@ fn corpus_files_match_the_generator() {
                 std::fs::write(&path, bytes).unwrap();
             }
             let on_disk = std::fs::read(&path).unwrap_or_else(|e| {
-                panic!("{}: {e}; regenerate: PCB_WRITE_FUZZ_CORPUS=1 cargo test --test fuzz_corpus", path.display())
+                panic!(
+                    "{}: {e}; regenerate: PCB_WRITE_FUZZ_CORPUS=1 cargo test --test fuzz_corpus",
+                    path.display()
+                )
             });
-            assert!(on_disk == *bytes, "{} is stale; regenerate: PCB_WRITE_FUZZ_CORPUS=1 cargo test --test fuzz_corpus", path.display());
+            assert!(
+                on_disk == *bytes,
+                "{} is stale; regenerate: PCB_WRITE_FUZZ_CORPUS=1 cargo test --test fuzz_corpus",
+                path.display()
+            );
             total += bytes.len();
         }
         let on_disk = std::fs::read_dir(&dir)

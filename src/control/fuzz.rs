@@ -213,7 +213,8 @@ fn check_private(regions: &[FcRegion]) {
         for addr in [r.client_addr, r.client_addr + r.len / 2, end - 1] {
             match table.translate(addr) {
                 Some((tr, page, off)) if tr == *r => {
-                    if page > addr || addr - page >= r.page_size || (page - r.client_addr) % r.page_size != 0 {
+                    if page > addr || addr - page >= r.page_size || (page - r.client_addr) % r.page_size != 0
+                    {
                         panic!("address {addr:#x} of {r:?} translated to page {page:#x}");
                     }
                     if off.checked_add(r.page_size).is_none_or(|e| e > r.file_offset + r.len) {
