@@ -517,7 +517,8 @@ mod tests {
     /// or the buffer has doubled.
     #[test]
     fn trickled_firecracker_handshake_is_parsed_a_logarithmic_number_of_times() {
-        let region = r#"{"base_host_virt_addr":1048576,"size":4096,"offset":0,"page_size":4096,"x":"]}[{\\\""}"#;
+        let region =
+            r#"{"base_host_virt_addr":1048576,"size":4096,"offset":0,"page_size":4096,"x":"]}[{\\\""}"#;
         let mut json = String::from("[");
         while json.len() + 2 * (region.len() + 1) < MAX_PAYLOAD {
             json.push_str(region);
