@@ -47,10 +47,11 @@ for t in "${targets[@]}"; do
   mkdir -p "$work" "$root/fuzz/artifacts/$t"
   echo "fuzz: $t for ${secs}s"
   rc=0
-  cargo fuzz run "${flags[@]}" "$t" "$work" "corpus/$t" -- \
+  seeds=(); [ -d "corpus/$t" ] && seeds=("corpus/$t")
+  cargo fuzz run "${flags[@]}" "$t" "$work" "${seeds[@]}" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || rc=$?
-  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
-  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | cut -d' ' -f2)
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1 || true)
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1 | cut -d' ' -f2 || true)
   summary+=("$(printf '%-16s %10s execs  cov %5s  %s' "$t" "${execs:-?}" "${cov:-?}" "$([ $rc -eq 0 ] && echo ok || echo FAILED)")")
   if [ $rc -ne 0 ]; then
     failed+=("$t")
