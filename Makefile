@@ -4,8 +4,11 @@
 setup:
 	@bash scripts/setup.sh
 
+# A whole local migration of 1 GiB (source, destination broker, vhost-user-blk backend, guest
+# driver doing I/O during postcopy); DEMO_ARGS="--size 256M --backend qsd --keep" to vary it.
 demo: setup
-	cargo run --release --bin postcopy-broker -- probe
+	cargo build --release --bins --examples
+	target/release/postcopy-broker demo $(DEMO_ARGS)
 
 test: setup
 	cargo test --release

@@ -76,14 +76,7 @@ struct Args {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1u64 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1u64 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|e| format!("size '{s}': {e}"))?;
-    let size = n.checked_mul(mult).ok_or_else(|| format!("size '{s}' overflows"))?;
+    let size = postcopy_broker::cli::parse_size(s)?;
     if size == 0 || size % SECTOR != 0 {
         return Err(format!("size '{s}' must be a positive multiple of 512"));
     }

@@ -5,9 +5,12 @@
 //! → [`place`] (atomic placement). [`incoming`] drives the destination's lifecycle through
 //! [`state`] and [`notify`]; [`probe`] says whether the host can do it at all.
 
+pub mod bench;
+pub mod cli;
 pub mod client;
 pub mod control;
 pub mod error;
+pub mod eventfd;
 pub mod fault;
 pub mod incoming;
 pub mod migration;

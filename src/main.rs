@@ -1,8 +1,11 @@
 //! The `postcopy-broker` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use postcopy_broker::cli;
+use postcopy_broker::migration::destination::cli::IncomingOptions;
 
 /// Postcopy live migration of shared guest RAM.
 #[derive(Debug, Parser)]
@@ -20,30 +23,148 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve guest RAM to a destination: connect, authenticate, precopy (optional), postcopy.
+    Source(postcopy_broker::migration::source::SourceArgs),
+    /// Run the broker: own the RAM blocks, serve client faults from a page source, answer on
+    /// the control socket. With --incoming it receives a live migration from `source`; with
+    /// --block and --image it restores lazily from a snapshot; with --image alone it serves
+    /// Firecracker's private memory.
+    Serve {
+        /// Receive a migration: listen on ADDR:PORT (port 0 picks one; the first stdout line
+        /// is `listening ADDR`). The RAM blocks come from the source's Hello.
+        #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["image", "blocks"])]
+        incoming: Option<String>,
+        /// Pre-shared key file of --incoming (hex or raw, >= 16 bytes, mode 0600).
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        key: Option<PathBuf>,
+        /// With --incoming: write the RAM's checksums (JSON, as `source --verify-file`) here.
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        verify_file: Option<PathBuf>,
+        /// With --incoming: write the migration summary as JSON here.
+        #[arg(long, value_name = "FILE", requires = "incoming")]
+        summary_json: Option<PathBuf>,
+        /// With --incoming: if the connection to the source drops during postcopy, wait this many
+        /// seconds for it to reconnect and resume before giving up (docs/recovery.md).
+        #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "incoming")]
+        resume_timeout: f64,
+        /// Control socket path (mode 0600).
+        #[arg(long, default_value = "/run/postcopy-broker.sock")]
+        control: PathBuf,
+        /// Peer uid allowed on the control socket (repeatable; default: root and our own uid).
+        #[arg(long = "allow-uid")]
+        allow_uid: Vec<u32>,
+        /// Blocks a non-root allowed uid may map: UID=BLOCK[,BLOCK...] (repeatable). Root and
+        /// the broker's own uid may map every block; other uids only what is granted.
+        #[arg(long = "grant", value_parser = cli::serve::parse_grant)]
+        grant: Vec<(u32, Vec<String>)>,
+        /// Snapshot image: the blocks back to back (lazy restore), and the memory file of
+        /// Firecracker clients.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// A RAM block NAME:SIZE[:4k|2m] (repeatable), in image order.
+        #[arg(long = "block", value_parser = cli::serve::parse_block)]
+        blocks: Vec<(String, u64, u64)>,
+        /// Do not push pages in the background; serve faults only.
+        #[arg(long)]
+        no_background: bool,
+        /// Busy-poll the fault loop instead of sleeping in epoll_wait.
+        #[arg(long)]
+        busy_poll: bool,
+        /// When every page arrived, write per-block FNV-1a checksums (JSON) here.
+        #[arg(long)]
+        checksums: Option<PathBuf>,
+        /// Hold the background fill until this many clients have registered.
+        #[arg(long, default_value_t = 0)]
+        wait_clients: u64,
+        /// Be the frontend of the vhost-user backend at this socket for postcopy (repeatable):
+        /// refuse to start if it lacks PAGEFAULT, run the postcopy handshake with the blocks'
+        /// memfds, register it as a client, send POSTCOPY_END at the end. (Lazy restore only;
+        /// with --incoming the VMM registers its backends over the control socket.)
+        #[arg(long = "vhost-user-backend", value_name = "SOCKET", conflicts_with = "incoming")]
+        vhost_user_backends: Vec<PathBuf>,
+    },
+    /// A whole local migration as separate processes (source, destination broker, a
+    /// vhost-user-blk backend, a guest driver doing I/O during postcopy), with progress, a
+    /// summary and a verification of RAM and disk.
+    Demo(cli::demo::DemoArgs),
+    /// Benchmark the fault path against the machine's limits (uffd_limit.c, run alternately).
+    Bench(cli::bench::BenchArgs),
+    /// Show a running broker's state and statistics.
+    Status {
+        /// Control socket path.
+        #[arg(long, default_value = "/run/postcopy-broker.sock")]
+        control: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Probe { json } => {
-            let report = postcopy_broker::probe::probe();
-            if json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(s) => println!("{s}"),
-                    Err(e) => {
-                        eprintln!("error: cannot encode the report: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
-            } else {
-                print!("{}", postcopy_broker::probe::render(&report));
-            }
-            if report.postcopy_shared_ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+    match Cli::parse().command {
+        Command::Probe { json } => cli::probe::run(json),
+        Command::Bench(a) => cli::bench::run(a),
+        Command::Source(a) => report(postcopy_broker::migration::source::cli::run(&a)),
+        Command::Serve {
+            incoming: Some(addr),
+            key,
+            verify_file,
+            summary_json,
+            resume_timeout,
+            control,
+            allow_uid,
+            grant,
+            busy_poll,
+            ..
+        } => report(postcopy_broker::migration::destination::cli::run(&IncomingOptions {
+            addr,
+            key,
+            control,
+            allowed_uids: allow_uid,
+            grants: grant,
+            busy_poll,
+            verify_file,
+            summary_json,
+            resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
+                .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
+        })),
+        Command::Serve {
+            control,
+            allow_uid,
+            grant,
+            image,
+            blocks,
+            no_background,
+            busy_poll,
+            checksums,
+            wait_clients,
+            vhost_user_backends,
+            ..
+        } => cli::serve::run(cli::serve::ServeOptions {
+            control,
+            allowed_uids: allow_uid,
+            grants: grant,
+            image,
+            blocks,
+            background: !no_background,
+            busy_poll,
+            checksums,
+            wait_clients,
+            vhost_user_backends,
+        }),
+        Command::Status { control, json } => cli::status::run(&control, json),
+        Command::Demo(a) => cli::demo::run(&a),
+    }
+}
+
+fn report(r: postcopy_broker::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

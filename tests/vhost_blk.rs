@@ -212,7 +212,7 @@ fn postcopy_handshake_via_driver_example_backend() {
     let b = spawn_ours(&dir, &[]);
     let s = run_driver(&b, &["--requests", "24", "--seed", "31", "--postcopy-handshake"]);
     check_summary(&b, &s, 24);
-    let pc = &s["postcopy"];
+    let pc = &s["handshake"];
     // rust-vmm reports its real bases.
     assert_eq!(pc["corrected"], 0);
     assert_eq!(pc["client_addrs"], pc["reported_bases"]);
@@ -224,10 +224,10 @@ fn postcopy_handshake_via_driver_qemu_storage_daemon() {
     let b = spawn_qsd(&dir);
     let s = run_driver(&b, &["--requests", "24", "--seed", "41", "--postcopy-handshake"]);
     check_summary(&b, &s, 24);
-    let pc = &s["postcopy"];
+    let pc = &s["handshake"];
     // libvhost-user echoes the frontend's addresses; the handshake found the real base.
     assert_eq!(pc["reported_bases"], pc["frontend_addrs"]);
-    assert_eq!(pc["corrected"], 1);
+    assert_eq!(pc["corrected"], 2); // the migrated RAM and the driver block
     assert_ne!(pc["client_addrs"], pc["reported_bases"]);
 }
 

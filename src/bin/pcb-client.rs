@@ -12,6 +12,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nix::sys::mman::{madvise, mmap, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
+use postcopy_broker::control::{
+    send_firecracker_handshake, ClientKind, ControlClient, FcRegion, MappingSpec,
+};
 use postcopy_broker::uffd::{feature, Uffd};
 use serde_json::json;
 
@@ -22,9 +25,20 @@ struct Args {
     /// maps private anonymous memory (a Firecracker-style private client).
     #[arg(long)]
     memfd: Option<String>,
-    /// Block (or private region) size in bytes.
+    /// Get the block's memfd from a broker's control socket and register there (instead of
+    /// --memfd and a hand-over by pidfd_getfd).
     #[arg(long)]
-    size: u64,
+    control: Option<String>,
+    /// The block to map when using --control.
+    #[arg(long, default_value = "ram")]
+    block: String,
+    /// With --control: act like Firecracker: private anonymous memory, handed over with
+    /// Firecracker's UFFD handshake (served from the broker's image at file offset 0).
+    #[arg(long)]
+    firecracker: bool,
+    /// Block (or private region) size in bytes (with --control: taken from the broker).
+    #[arg(long)]
+    size: Option<u64>,
     /// Page size of the block.
     #[arg(long, default_value_t = 4096)]
     page_size: u64,
@@ -41,7 +55,10 @@ struct Args {
     /// Steps, separated by ';': touch:LIST (read pages through mapping 0), touchall:LIST (through
     /// every mapping), write:LIST:BYTE (fill the first 8 bytes), remove:RANGE (MADV_REMOVE on
     /// mapping 0), unmap:RANGE (munmap on mapping 0), fork (the child runs the rest of the
-    /// script, then the parent), wait (read a line from stdin). LIST is like 0,5,7-20.
+    /// script, then the parent), wait (read a line from stdin), timed:LIST (read one byte of each
+    /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
+    /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
+    /// 10 us or more). LIST is like 0,5,7-20.
     #[arg(long, default_value = "")]
     script: String,
 }
@@ -91,6 +108,42 @@ impl Client {
         out
     }
 
+    /// Read one byte of each page in `list` through mapping 0, timing each access (the benchmark's
+    /// demand client). Latencies are kept in a buffer allocated before the first access.
+    fn timed(&self, list: &[u64]) -> serde_json::Value {
+        let mut lat = vec![0f64; list.len()];
+        let mut sum = 0u64;
+        let t0 = std::time::Instant::now();
+        for (i, &p) in list.iter().enumerate() {
+            let addr = self.bases[0] + p * self.page_size;
+            let s = std::time::Instant::now();
+            // SAFETY: addr lies inside a live mapping made by this process; the read may block in
+            // the kernel until the broker places the page.
+            sum += u64::from(unsafe { std::ptr::read_volatile(addr as *const u8) });
+            lat[i] = s.elapsed().as_secs_f64() * 1e6;
+        }
+        let total = t0.elapsed().as_secs_f64() * 1e6;
+        lat.sort_unstable_by(f64::total_cmp);
+        let n = lat.len();
+        let at = |k: usize| lat.get(k.min(n.saturating_sub(1))).copied().unwrap_or(0.0);
+        // Accesses that waited for a page from a source: 10 us or more (a page already in the
+        // page cache maps in a minor fault of a few microseconds).
+        let first_blocked = lat.partition_point(|&l| l < 10.0);
+        let blocked = &lat[first_blocked..];
+        let bat = |k: usize| blocked.get(k.min(blocked.len().saturating_sub(1))).copied().unwrap_or(0.0);
+        json!({
+            "blocked": blocked.len(),
+            "blocked_p50": bat(blocked.len() / 2),
+            "blocked_p99": bat(blocked.len() * 99 / 100),
+            "pages": n,
+            "us_per_fault": if n == 0 { 0.0 } else { total / n as f64 },
+            "p50": at(n / 2),
+            "p99": at(n * 99 / 100),
+            "max": at(n.saturating_sub(1)),
+            "checksum": sum,
+        })
+    }
+
     fn range(&self, spec: &str) -> Result<(std::ptr::NonNull<std::ffi::c_void>, usize), String> {
         let v = pages(spec)?;
         let (s, e) = (*v.first().ok_or("empty range")?, *v.last().ok_or("empty range")? + 1);
@@ -105,6 +158,10 @@ impl Client {
             "touch" => json!({"who": who, "step": step, "pages": self.read(&pages(arg)?, 1)}),
             "touchall" => {
                 json!({"who": who, "step": step, "pages": self.read(&pages(arg)?, self.bases.len())})
+            }
+            "timed" => {
+                let t = self.timed(&pages(arg)?);
+                json!({"who": who, "step": step, "timed": t})
             }
             "write" => {
                 let (list, byte) = arg.rsplit_once(':').ok_or("write:LIST:BYTE")?;
@@ -142,9 +199,33 @@ impl Client {
     }
 }
 
-fn run(a: Args) -> Result<(), String> {
-    let len = std::num::NonZeroUsize::new(a.size as usize).ok_or("size 0")?;
-    let mut want = match (&a.memfd, a.page_size > 4096) {
+fn run(mut a: Args) -> Result<(), String> {
+    let mut ctl = match (&a.control, a.firecracker) {
+        (Some(path), false) => Some(ControlClient::connect(path).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let fd: Option<OwnedFd> = match (&a.memfd, &mut ctl) {
+        (Some(path), _) => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| format!("{path}: {e}"))?
+                .into(),
+        ),
+        (None, Some(c)) => {
+            c.hello("pcb-client").map_err(|e| e.to_string())?;
+            let mut blocks = c.get_blocks(Some(vec![a.block.clone()])).map_err(|e| e.to_string())?;
+            let (info, fd) = blocks.pop().ok_or("the broker sent no block")?;
+            a.size = Some(info.size);
+            a.page_size = info.page_size;
+            Some(fd.ok_or("the broker sent the block without its fd")?)
+        }
+        (None, None) => None,
+    };
+    let size = a.size.ok_or("--size is needed without --control")?;
+    let len = std::num::NonZeroUsize::new(size as usize).ok_or("size 0")?;
+    let mut want = match (&fd, a.page_size > 4096) {
         (None, _) => 0,
         (Some(_), true) => feature::MISSING_HUGETLBFS,
         (Some(_), false) => feature::MISSING_SHMEM,
@@ -159,17 +240,6 @@ fn run(a: Args) -> Result<(), String> {
         };
     }
     let uffd = Uffd::open(want).map_err(|e| format!("userfaultfd: {e}"))?;
-    let fd: Option<OwnedFd> = match &a.memfd {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| format!("{path}: {e}"))?
-                .into(),
-        ),
-        None => None,
-    };
     let mut bases = Vec::new();
     for _ in 0..a.maps {
         let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
@@ -181,16 +251,32 @@ fn run(a: Args) -> Result<(), String> {
         }
         .map_err(|e| format!("mmap: {e}"))?;
         let base = p.as_ptr() as u64;
-        uffd.register_missing(base, a.size).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
+        uffd.register_missing(base, size).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
         bases.push(base);
     }
-    let mappings: Vec<_> = bases
-        .iter()
-        .map(|b| json!({"client_addr": b, "block": 0, "block_offset": 0, "len": a.size}))
-        .collect();
+    let mappings: Vec<_> =
+        bases.iter().map(|b| json!({"client_addr": b, "block": 0, "block_offset": 0, "len": size})).collect();
+    let mut client_id = None;
+    let mut _fc_stream = None;
+    if let Some(c) = &mut ctl {
+        let specs: Vec<MappingSpec> = bases
+            .iter()
+            .map(|&b| MappingSpec { client_addr: b, block: a.block.clone(), offset: 0, len: size })
+            .collect();
+        let id = c
+            .register("pcb-client", ClientKind::Shared, Some(std::process::id()), &specs, uffd.as_fd())
+            .map_err(|e| format!("register: {e}"))?;
+        client_id = Some(id);
+    } else if let (Some(path), true) = (&a.control, a.firecracker) {
+        let regions: Vec<FcRegion> = bases
+            .iter()
+            .map(|&b| FcRegion { base_host_virt_addr: b, size, offset: 0, page_size: a.page_size })
+            .collect();
+        _fc_stream =
+            Some(send_firecracker_handshake(path, &regions, uffd.as_fd()).map_err(|e| e.to_string())?);
+    }
     let mut out = std::io::stdout().lock();
-    let ready =
-        json!({"ready": true, "pid": std::process::id(), "uffd_fd": uffd.as_raw_fd(), "mappings": mappings});
+    let ready = json!({"ready": true, "pid": std::process::id(), "uffd_fd": uffd.as_raw_fd(), "mappings": mappings, "client": client_id});
     writeln!(out, "{ready}").map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
     if !a.no_wait {

@@ -63,9 +63,21 @@ pub struct Client {
     pub map: AddressMap,
     /// Counters.
     pub stats: ClientStats,
+    /// The last page it faulted on although present, and how many times in a row.
+    pub repeat: (u64, u32),
 }
 
 impl Client {
+    /// Record a fault on a present page at `addr`; returns how many times in a row it happened.
+    pub fn repeat_fault(&mut self, addr: u64) -> u32 {
+        if self.repeat.0 == addr {
+            self.repeat.1 += 1;
+        } else {
+            self.repeat = (addr, 1);
+        }
+        self.repeat.1
+    }
+
     /// Shared or private.
     pub fn kind(&self) -> ClientKind {
         match self.map {
@@ -101,14 +113,15 @@ impl Client {
 /// The registered clients.
 #[derive(Debug, Default)]
 pub struct Registry {
-    clients: HashMap<ClientId, Client>,
+    /// Looked up several times per fault: hashed with a cheap multiply-rotate hash.
+    clients: HashMap<ClientId, Client, std::hash::BuildHasherDefault<crate::fault::PageHasher>>,
     next: u64,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new() -> Registry {
-        Registry { clients: HashMap::new(), next: 1 }
+        Registry { clients: HashMap::default(), next: 1 }
     }
 
     /// A fresh id.

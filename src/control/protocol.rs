@@ -112,10 +112,40 @@ pub enum Request {
     },
     /// Ask for the broker's status report.
     Status,
+    /// Source page server only: hand over the guest RAM, one memfd per block (in order, at
+    /// most 8 per message) before the migration starts.
+    ProvideBlocks {
+        /// The blocks, in wire order; block i is the i-th fd.
+        blocks: Vec<BlockSpec>,
+    },
+    /// Source page server only: these bytes changed after they were sent; discard them on the
+    /// destination and send them again.
+    Dirty {
+        /// Block name.
+        block: String,
+        /// Offset in the block.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Source page server only: start postcopy now (the guest moves to the destination).
+    StartPostcopy,
+}
+
+/// A block handed to the source page server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockSpec {
+    /// Unique name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
 }
 
 /// The `op` values of [`Request`], for telling an unknown op from a malformed message.
-pub const REQUEST_OPS: &[&str] = &["hello", "register", "unregister", "get_blocks", "status"];
+pub const REQUEST_OPS: &[&str] =
+    &["hello", "register", "unregister", "get_blocks", "status", "provide_blocks", "dirty", "start_postcopy"];
 
 impl Request {
     /// The request's `op` string.
@@ -126,6 +156,9 @@ impl Request {
             Request::Unregister { .. } => "unregister",
             Request::GetBlocks { .. } => "get_blocks",
             Request::Status => "status",
+            Request::ProvideBlocks { .. } => "provide_blocks",
+            Request::Dirty { .. } => "dirty",
+            Request::StartPostcopy => "start_postcopy",
         }
     }
 
@@ -133,6 +166,7 @@ impl Request {
     pub fn expected_fds(&self) -> usize {
         match self {
             Request::Register { .. } => 1,
+            Request::ProvideBlocks { blocks } => blocks.len(),
             _ => 0,
         }
     }
@@ -281,7 +315,10 @@ mod tests {
                 r.clone(),
                 Request::Unregister { client: 1 },
                 g.clone(),
-                s.clone()
+                s.clone(),
+                Request::ProvideBlocks { blocks: vec![] },
+                Request::Dirty { block: String::new(), offset: 0, len: 0 },
+                Request::StartPostcopy,
             ]
             .iter()
             .any(|q| q.op() == *op));

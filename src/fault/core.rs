@@ -16,6 +16,9 @@ use crate::source::{is_zero, FileSource, PageRequest, PageSink, PageSource, Urge
 use crate::stats::BrokerStats;
 use crate::uffd::{Fill, Message, Uffd};
 
+/// Consecutive faults on one present page after which a client is considered broken.
+const REPEAT_LIMIT: u32 = 10_000;
+
 /// Largest run asked of a source in one request.
 pub const MAX_RUN: u64 = 2 << 20;
 
@@ -28,6 +31,8 @@ pub struct Core {
     pub(crate) pending: Pending,
     pub(crate) wakes: WakeQueue,
     wake_buf: Vec<(ClientId, u64, u64)>,
+    /// Waiters of a landed page (reused: the fault path does not allocate).
+    taken: Vec<Waiter>,
     pub(crate) clients: Registry,
     pub(crate) stats: BrokerStats,
     /// Pages that must fault in as zero (a client removed them), per block.
@@ -61,6 +66,7 @@ impl Core {
             pending: Pending::default(),
             wakes: WakeQueue::default(),
             wake_buf: Vec::new(),
+            taken: Vec::with_capacity(64),
             clients: Registry::new(),
             stats: BrokerStats::default(),
             zero_marks,
@@ -169,6 +175,17 @@ impl Core {
             if let Some(c) = self.clients.get_mut(client) {
                 c.stats.already_there += 1;
                 c.stats.latency.record(now.elapsed().as_nanos() as u64);
+                if c.repeat_fault(page_addr) > REPEAT_LIMIT {
+                    // Its mapping is not the shared block (private or another file): waking it
+                    // only makes it fault again. Stop serving it rather than spin.
+                    log::error!(
+                        "client {} '{}' faults again and again at {page_addr:#x} although the page is present: its mapping is not the shared RAM block; dropping it",
+                        client.0,
+                        c.name
+                    );
+                    self.failed.push(client);
+                    return;
+                }
             }
             self.wakes.push(client, page_addr, ps);
             return;
@@ -253,6 +270,7 @@ impl Core {
             pidfd: None,
             map,
             stats: Default::default(),
+            repeat: (0, 0),
         });
         self.stats.clients_registered += 1;
         self.born.push(id);
@@ -407,10 +425,14 @@ impl Core {
         let mut waited = false;
         if !self.pending.is_empty() {
             let now = Instant::now();
+            let mut ws = std::mem::take(&mut self.taken);
             for i in 0..pages {
-                let Some(ws) = self.pending.take(block, offset / ps + i) else { continue };
+                ws.clear();
+                if !self.pending.take_into(block, offset / ps + i, &mut ws) {
+                    continue;
+                }
                 waited = true;
-                for w in ws {
+                for &w in &ws {
                     let ns = now.duration_since(w.since).as_nanos() as u64;
                     if let Some(c) = self.clients.get_mut(w.client) {
                         c.stats.latency.record(ns);
@@ -422,6 +444,8 @@ impl Core {
                     }
                 }
             }
+            ws.clear();
+            self.taken = ws;
         }
         if urgency == Urgency::Demand || waited {
             self.stats.pages_demand += pages;

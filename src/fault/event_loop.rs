@@ -9,7 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, PrivateRegion, PrivateTable};
+use crate::control::{ControlConn, ControlListener};
 use crate::error::{Error, IoContext, Result};
+use crate::eventfd::EventFd;
 use crate::fault::core::Core;
 use crate::incoming::Incoming;
 use crate::source::{FileSource, PageSource, SourceState};
@@ -18,12 +20,14 @@ use crate::uffd::{message_buffer, Message, RawMsg, Uffd};
 
 const T_EVENT: u64 = 0;
 const T_OWN: u64 = 1;
+pub(crate) const T_LISTEN: u64 = 2;
 const KIND_SHIFT: u32 = 56;
 const K_UFFD: u64 = 1;
 const K_PIDFD: u64 = 2;
 const K_SOURCE: u64 = 3;
+pub(crate) const K_CONN: u64 = 4;
 
-fn token(kind: u64, id: u64) -> u64 {
+pub(crate) fn token(kind: u64, id: u64) -> u64 {
     (kind << KIND_SHIFT) | id
 }
 
@@ -56,10 +60,18 @@ pub struct BrokerConfig {
     pub background: bool,
     /// Bytes per background pull.
     pub background_chunk: u64,
+    /// Start the background pull only once this many clients have registered.
+    pub background_after_clients: u64,
     /// Image file that serves private clients.
     pub image: Option<PathBuf>,
     /// Busy-poll instead of blocking in epoll_wait.
     pub busy_poll: bool,
+    /// Serve a control socket at this path.
+    pub control: Option<PathBuf>,
+    /// Peer uids allowed on the control socket (empty: root and the broker's own uid).
+    pub allowed_uids: Vec<u32>,
+    /// Blocks each other uid may map (root and the broker's own uid may map all).
+    pub grants: HashMap<u32, Vec<String>>,
 }
 
 enum Command {
@@ -77,43 +89,15 @@ pub struct Broker;
 #[derive(Debug)]
 pub struct BrokerHandle {
     tx: Sender<Command>,
-    kick: Arc<OwnedFd>,
+    kick: Arc<EventFd>,
     thread: Option<JoinHandle<Result<StatusReport>>>,
     blocks: Arc<crate::ram::RamBlocks>,
 }
 
-fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: eventfd(2) takes an initial value and flags and returns a new fd or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(Error::io("eventfd", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn kick(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live buffer to an eventfd.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
-}
-
-fn drain_eventfd(fd: RawFd) {
-    let mut v = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live buffer.
-    let _ = unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
-}
-
-/// pidfd_open(2).
+/// pidfd_open(2) of a pid.
 pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
-    // SAFETY: a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let pid = i32::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    crate::control::pidfd_open(pid)
 }
 
 fn set_nonblocking(fd: RawFd) -> Result<()> {
@@ -126,13 +110,18 @@ fn set_nonblocking(fd: RawFd) -> Result<()> {
     Ok(())
 }
 
-struct Loop {
+pub(crate) struct Loop {
     epfd: OwnedFd,
-    event: Arc<OwnedFd>,
+    event: Arc<EventFd>,
+    pub(crate) listener: Option<ControlListener>,
+    pub(crate) conns: HashMap<u64, ControlConn>,
+    pub(crate) next_conn: u64,
+    /// The uid that registered each client over the control socket.
+    pub(crate) owners: HashMap<ClientId, u32>,
     rx: Receiver<Command>,
-    core: Core,
+    pub(crate) core: Core,
     source: Box<dyn PageSource>,
-    config: BrokerConfig,
+    pub(crate) config: BrokerConfig,
     msgs: Vec<RawMsg>,
     /// Clients no longer served whose process may still live: their uffds stay open.
     retired: HashMap<ClientId, Client>,
@@ -142,18 +131,18 @@ struct Loop {
 }
 
 impl Loop {
-    fn add(&self, fd: RawFd, tok: u64) -> Result<()> {
+    pub(crate) fn add(&self, fd: RawFd, tok: u64) -> Result<()> {
         let ev = epoll::Event::new(epoll::Events::EPOLLIN, tok);
         epoll::ctl(self.epfd.as_raw_fd(), epoll::ControlOptions::EPOLL_CTL_ADD, fd, ev)
             .ctx(|| format!("epoll add fd {fd}"))
     }
 
-    fn del(&self, fd: RawFd) {
+    pub(crate) fn del(&self, fd: RawFd) {
         let ev = epoll::Event::new(epoll::Events::empty(), 0);
         let _ = epoll::ctl(self.epfd.as_raw_fd(), epoll::ControlOptions::EPOLL_CTL_DEL, fd, ev);
     }
 
-    fn register(&mut self, reg: Registration) -> Result<ClientId> {
+    pub(crate) fn register(&mut self, reg: Registration) -> Result<ClientId> {
         let map = match reg.map {
             RegistrationMap::Shared(entries) => {
                 AddressMap::Shared(MappingTable::new(&self.core.blocks, entries)?)
@@ -195,6 +184,7 @@ impl Loop {
             pidfd,
             map,
             stats: Default::default(),
+            repeat: (0, 0),
         });
         self.core.stats.clients_registered += 1;
         Ok(id)
@@ -203,7 +193,7 @@ impl Loop {
     /// Stop serving a client. Its uffd stays open while its process may live (closing it would
     /// let its faults fill shared RAM with zeros); it is closed when the pidfd reports the exit
     /// or the loop ends.
-    fn retire(&mut self, id: ClientId, exited: bool) {
+    pub(crate) fn retire(&mut self, id: ClientId, exited: bool) {
         let Some(c) = self.core.clients.remove(id) else {
             if exited {
                 if let Some(c) = self.retired.remove(&id) {
@@ -232,7 +222,7 @@ impl Loop {
         }
     }
 
-    fn status(&self) -> StatusReport {
+    pub(crate) fn status(&self) -> StatusReport {
         let blocks = &self.core.blocks;
         let mut clients: Vec<_> = self.core.clients.iter().map(|c| c.status()).collect();
         clients.sort_by_key(|c| c.id);
@@ -317,17 +307,19 @@ impl Loop {
     fn dispatch(&mut self, tok: u64) -> Result<()> {
         match tok {
             T_EVENT => {
-                drain_eventfd(self.event.as_raw_fd());
+                self.event.drain();
                 while let Ok(cmd) = self.rx.try_recv() {
                     self.on_command(cmd);
                 }
             }
             T_OWN => self.drain_uffd(ClientId::BROKER),
+            T_LISTEN => self.accept_peers(),
             t => {
                 let id = ClientId(t & ((1 << KIND_SHIFT) - 1));
                 match t >> KIND_SHIFT {
                     K_UFFD => self.drain_uffd(id),
                     K_PIDFD => self.retire(id, true),
+                    K_CONN => self.serve_conn(id.0),
                     K_SOURCE => {
                         let fd = RawFd::try_from(id.0).unwrap_or(-1);
                         match self.source.on_ready(fd, &mut self.core) {
@@ -370,18 +362,20 @@ impl Loop {
         let chunk = if self.config.background_chunk == 0 { 256 << 10 } else { self.config.background_chunk };
         let mut background = self.config.background && self.source.wants_background_pull();
         while !self.stop {
-            let busy = background || !self.core.deferred.is_empty() || self.config.busy_poll;
+            let bg_now =
+                background && self.core.stats.clients_registered >= self.config.background_after_clients;
+            let busy = bg_now || !self.core.deferred.is_empty() || self.config.busy_poll;
             let timeout = if busy { 0 } else { -1 };
             let n = match epoll::wait(self.epfd.as_raw_fd(), timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::io("epoll_wait", e)),
             };
-            for ev in events.iter().take(n).map(|e| e.data).collect::<Vec<_>>() {
-                self.dispatch(ev)?;
+            for ev in events.iter().take(n) {
+                self.dispatch(ev.data)?;
             }
             self.after_round();
-            if n == 0 && background {
+            if n == 0 && bg_now {
                 background = self.core.background_step(self.source.as_mut(), chunk);
                 self.core.flush_wakes();
             }
@@ -392,7 +386,30 @@ impl Loop {
                 self.after_round();
             }
         }
+        self.final_wake();
         Ok(self.status())
+    }
+
+    /// Before the loop lets go of the clients: read what they still queued and wake every
+    /// mapped range once, so no thread stays asleep on a fault the loop will never read (its
+    /// own copy of the uffd keeps the registration alive after ours closes). Pages that are
+    /// present map on retry; pages that are not fault again and wait in the client's queue.
+    fn final_wake(&mut self) {
+        for id in self.core.clients.ids() {
+            self.drain_uffd(id);
+        }
+        self.after_round();
+        for c in self.core.clients.iter() {
+            let ranges: Vec<(u64, u64)> = match &c.map {
+                AddressMap::Shared(t) => t.entries().iter().map(|e| (e.client_addr, e.len)).collect(),
+                AddressMap::Private(t) => t.regions().iter().map(|r| (r.client_addr, r.len)).collect(),
+            };
+            for (a, l) in ranges {
+                if let Err(e) = c.uffd.wake(a, l) {
+                    log::debug!("final wake of client {} at {a:#x}: {e}", c.id.0);
+                }
+            }
+        }
     }
 }
 
@@ -412,11 +429,26 @@ impl Broker {
         let epfd = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
-        let event = Arc::new(eventfd()?);
+        let event = Arc::new(EventFd::new()?);
         let (tx, rx) = mpsc::channel();
+        let listener = match &config.control {
+            Some(path) => {
+                let uids = if config.allowed_uids.is_empty() {
+                    ControlListener::default_allowed_uids()
+                } else {
+                    config.allowed_uids.clone()
+                };
+                Some(ControlListener::bind(path, uids)?)
+            }
+            None => None,
+        };
         let lp = Loop {
             epfd,
             event: Arc::clone(&event),
+            listener,
+            conns: HashMap::new(),
+            next_conn: 1,
+            owners: HashMap::new(),
             rx,
             core,
             source,
@@ -428,6 +460,9 @@ impl Broker {
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
+        if let Some(l) = &lp.listener {
+            lp.add(l.as_raw_fd(), T_LISTEN)?;
+        }
         for fd in lp.source.poll_fds() {
             lp.add(fd, token(K_SOURCE, u64::try_from(fd).unwrap_or(0)))?;
         }
@@ -442,7 +477,7 @@ impl Broker {
 impl BrokerHandle {
     fn send(&self, c: Command) -> Result<()> {
         self.tx.send(c).map_err(|_| Error::Invalid("the fault loop has stopped".into()))?;
-        kick(&self.kick);
+        self.kick.kick();
         Ok(())
     }
 

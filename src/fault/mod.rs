@@ -5,6 +5,7 @@
 //! [`Broker::spawn`] runs the loop on its own thread and returns a [`BrokerHandle`] through which
 //! an in-process VMM registers clients, reads status and stops the loop.
 
+mod control;
 mod core;
 mod event_loop;
 mod pending;
@@ -12,5 +13,5 @@ mod wake;
 
 pub use self::core::MAX_RUN;
 pub use event_loop::{pidfd_open, Broker, BrokerConfig, BrokerHandle, Registration, RegistrationMap};
-pub use pending::{Pending, Waiter};
+pub use pending::{PageHasher, Pending, Waiter};
 pub use wake::WakeQueue;

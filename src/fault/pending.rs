@@ -1,8 +1,14 @@
 //! Outstanding page requests and their waiters, keyed by (block, page) — never by a client's
 //! virtual address — so that concurrent faults from any clients join one request (invariant 4)
 //! and a landing page wakes exactly the clients that wait for it.
+//!
+//! The fault path allocates nothing here in steady state: waiters live in a slab of nodes reused
+//! through a free list (each request holds a linked list of its waiters), and the request map
+//! keeps its capacity when requests complete. Keys are hashed with a multiply-rotate hash, not
+//! SipHash (the keys are page numbers, not attacker-chosen strings).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Instant;
 
 use crate::client::ClientId;
@@ -19,28 +25,90 @@ pub struct Waiter {
     pub since: Instant,
 }
 
+/// A cheap hasher for small integer keys: (block, page) here, client ids in the registry.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PageHasher(u64);
+
+impl Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+}
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    w: Waiter,
+    next: u32,
+}
+
+/// First and last waiter node of one request (NIL when nobody waits any more).
+#[derive(Debug, Clone, Copy)]
+struct List {
+    first: u32,
+    last: u32,
+}
+
 /// The outstanding requests.
 #[derive(Debug, Default)]
 pub struct Pending {
-    map: HashMap<(BlockId, u64), Vec<Waiter>>,
+    map: HashMap<(BlockId, u64), List, BuildHasherDefault<PageHasher>>,
+    nodes: Vec<Node>,
+    free: Vec<u32>,
 }
 
 impl Pending {
+    fn alloc(&mut self, w: Waiter) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = Node { w, next: NIL };
+                i
+            }
+            None => {
+                self.nodes.push(Node { w, next: NIL });
+                u32::try_from(self.nodes.len() - 1).unwrap_or(NIL)
+            }
+        }
+    }
+
     /// Record `w` as waiting for page `page` of `block`. Returns true when this creates a new
     /// request (nobody asked for the page before), false when it joins an outstanding one.
     pub fn join(&mut self, block: BlockId, page: u64, w: Waiter) -> bool {
-        match self.map.get_mut(&(block, page)) {
-            Some(ws) => {
-                if !ws.iter().any(|x| x.client == w.client && x.addr == w.addr) {
-                    ws.push(w);
+        if let Some(list) = self.map.get(&(block, page)).copied() {
+            let mut i = list.first;
+            while i != NIL {
+                let n = &self.nodes[i as usize];
+                if n.w.client == w.client && n.w.addr == w.addr {
+                    return false;
                 }
-                false
+                i = n.next;
             }
-            None => {
-                self.map.insert((block, page), vec![w]);
-                true
-            }
+            let node = self.alloc(w);
+            let list = match list.last {
+                NIL => List { first: node, last: node },
+                last => {
+                    self.nodes[last as usize].next = node;
+                    List { first: list.first, last: node }
+                }
+            };
+            self.map.insert((block, page), list);
+            return false;
         }
+        let node = self.alloc(w);
+        self.map.insert((block, page), List { first: node, last: node });
+        true
     }
 
     /// Whether a request for the page is outstanding.
@@ -48,30 +116,60 @@ impl Pending {
         self.map.contains_key(&(block, page))
     }
 
+    /// The page landed: end its request and append its waiters to `out`. Returns whether a
+    /// request was outstanding. Allocates nothing when `out` has room.
+    pub fn take_into(&mut self, block: BlockId, page: u64, out: &mut Vec<Waiter>) -> bool {
+        let Some(list) = self.map.remove(&(block, page)) else { return false };
+        let mut i = list.first;
+        while i != NIL {
+            let n = self.nodes[i as usize];
+            out.push(n.w);
+            self.free.push(i);
+            i = n.next;
+        }
+        true
+    }
+
     /// The page landed: take its waiters.
     pub fn take(&mut self, block: BlockId, page: u64) -> Option<Vec<Waiter>> {
-        self.map.remove(&(block, page))
+        let mut out = Vec::new();
+        self.take_into(block, page, &mut out).then_some(out)
+    }
+
+    /// Unlink the waiters of every request for which `hit` says so, passing each to `taken`.
+    fn unlink(&mut self, mut hit: impl FnMut(&Waiter) -> bool, mut taken: impl FnMut(Waiter)) {
+        for list in self.map.values_mut() {
+            let (mut prev, mut i) = (NIL, list.first);
+            while i != NIL {
+                let n = self.nodes[i as usize];
+                if hit(&n.w) {
+                    taken(n.w);
+                    self.free.push(i);
+                    if prev == NIL {
+                        list.first = n.next;
+                    } else {
+                        self.nodes[prev as usize].next = n.next;
+                    }
+                    if list.last == i {
+                        list.last = prev;
+                    }
+                } else {
+                    prev = i;
+                }
+                i = n.next;
+            }
+        }
     }
 
     /// Forget a client's waiters (it exited); requests stay outstanding (the page still comes).
     pub fn drop_client(&mut self, client: ClientId) {
-        for ws in self.map.values_mut() {
-            ws.retain(|w| w.client != client);
-        }
+        self.unlink(|w| w.client == client, |_| {});
     }
 
     /// Take a client's waiters whose address lies in `[start, end)`.
     pub fn take_client_range(&mut self, client: ClientId, start: u64, end: u64) -> Vec<Waiter> {
         let mut out = Vec::new();
-        for ws in self.map.values_mut() {
-            ws.retain(|w| {
-                let hit = w.client == client && w.addr >= start && w.addr < end;
-                if hit {
-                    out.push(*w);
-                }
-                !hit
-            });
-        }
+        self.unlink(|w| w.client == client && w.addr >= start && w.addr < end, |w| out.push(w));
         out
     }
 
@@ -113,5 +211,34 @@ mod tests {
         assert!(!p.contains(0, 5) && p.contains(0, 6));
         assert_eq!(p.take_client_range(ClientId(1), 0x2000, 0x3000), vec![w(1, 0x2000)]);
         assert_eq!(p.keys(), vec![(0, 6)]);
+    }
+
+    #[test]
+    fn waiters_keep_order_and_nodes_are_reused() {
+        let now = Instant::now();
+        let w = |c, a| Waiter { client: ClientId(c), addr: a, since: now };
+        let mut p = Pending::default();
+        for round in 0..100u64 {
+            assert!(p.join(1, round, w(1, 0x1000)));
+            assert!(!p.join(1, round, w(2, 0x2000)));
+            assert!(!p.join(1, round, w(3, 0x3000)));
+            // Unlink the middle one, then the last: the list stays consistent.
+            assert_eq!(p.take_client_range(ClientId(2), 0, u64::MAX), vec![w(2, 0x2000)]);
+            assert!(!p.join(1, round, w(4, 0x4000)));
+            p.drop_client(ClientId(4));
+            assert!(!p.join(1, round, w(5, 0x5000)));
+            let mut out = Vec::with_capacity(8);
+            assert!(p.take_into(1, round, &mut out));
+            assert_eq!(out, vec![w(1, 0x1000), w(3, 0x3000), w(5, 0x5000)]);
+            assert!(!p.take_into(1, round, &mut out));
+        }
+        assert!(p.is_empty());
+        assert!(p.nodes.len() <= 5, "nodes are reused: {}", p.nodes.len());
+        // A request whose every waiter left stays outstanding, and can be joined again.
+        assert!(p.join(2, 0, w(1, 0x1000)));
+        p.drop_client(ClientId(1));
+        assert!(p.contains(2, 0));
+        assert!(!p.join(2, 0, w(6, 0x6000)));
+        assert_eq!(p.take(2, 0).unwrap(), vec![w(6, 0x6000)]);
     }
 }

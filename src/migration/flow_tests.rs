@@ -52,6 +52,7 @@ fn run_source(mut s: TcpStream, t: BlockTable, ram: Vec<Vec<u8>>) -> Result<(), 
         capabilities: caps,
         channel: Channel::Main,
         session_id: 7,
+        resume: false,
         blocks: t.clone(),
     };
     write_frame(&mut s, &Frame::Hello(hello))?;

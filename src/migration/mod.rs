@@ -7,14 +7,22 @@
 //! - [`discard`]: source-side batching of dirty ranges into Discard frames per block.
 //! - [`zero`]: zero-page detection, so zero pages travel as ZeroRun frames.
 //! - [`bitmap`]: dirty / received bitmaps to ranges, and received bitmaps to Resume frames.
+//! - [`source`]: the source page server (`postcopy-broker source`).
+//! - [`destination`]: the destination session, the network page source, lazy restore
+//!   (`postcopy-broker serve`).
+//! - [`verify`]: RAM checksums both ends can write; [`spec`]: CLI size/block/range specs.
 //! - [`fuzz_decode`]: the decoder's fuzzing entry point.
 
 pub mod auth;
 pub mod bitmap;
+pub mod destination;
 pub mod discard;
 #[cfg(test)]
 mod flow_tests;
 mod fuzz;
+pub mod source;
+pub mod spec;
+pub mod verify;
 pub mod wire;
 pub mod zero;
 

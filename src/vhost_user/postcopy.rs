@@ -14,7 +14,10 @@
 //!    with the broker;
 //! 8. [`end`]: POSTCOPY_END when every page has arrived.
 //!
-//! [`handshake`] runs steps 1-6.
+//! [`Handshake`] runs steps 1-5, lets the caller register the backend with the broker, then acks
+//! (step 6); [`handshake_with`] does the same with a closure; [`handshake`] runs 1-6 with no broker
+//! (every page already present). [`crate::vhost_user::register`] turns the result into a broker
+//! registration, in process or over the control socket.
 
 use std::os::fd::OwnedFd;
 
@@ -61,17 +64,22 @@ pub struct BackendPostcopy {
 /// Refuse postcopy with a clear error unless the backend negotiated PAGEFAULT and REPLY_ACK.
 /// Sends nothing.
 pub fn check_capable(conn: &BackendConn) -> Result<()> {
-    let acked = conn.acked_protocol();
+    check_features(&conn.socket_name(), conn.acked_protocol())
+}
+
+/// [`check_capable`] on a snapshot of a backend's negotiated protocol features (what a Probe
+/// notifier holds after the connection moved elsewhere).
+pub fn check_features(socket: &str, acked: VhostUserProtocolFeatures) -> Result<()> {
     if !acked.contains(VhostUserProtocolFeatures::PAGEFAULT) {
         return Err(Error::BackendFeature {
-            socket: conn.socket_name(),
+            socket: socket.to_string(),
             feature: "the PAGEFAULT protocol feature",
             why: "postcopy needs (the backend cannot fault on missing pages); migrate with precopy only or use a backend built with postcopy support",
         });
     }
     if !acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
         return Err(Error::BackendFeature {
-            socket: conn.socket_name(),
+            socket: socket.to_string(),
             feature: "the REPLY_ACK protocol feature",
             why: "the postcopy handshake needs to stay in step with the backend's replies",
         });
@@ -166,26 +174,71 @@ pub fn end(conn: &mut BackendConn) -> Result<()> {
     conn.frontend_mut().postcopy_end().map_err(|e| conn.err("POSTCOPY_END", e))
 }
 
-/// Steps 1-6: check, advise, listen, memory table, base correction, ack. Needs a local backend
-/// (its pid from SO_PEERCRED) to verify the bases. The caller then sets up or re-addresses the
-/// vrings and hands the result to the broker.
+/// Steps 1-6 without a broker in between: check, advise, listen, memory table, base correction,
+/// ack. Use [`Handshake`] (or [`handshake_with`]) when a broker must learn the backend's uffd and
+/// mapping before the ack, which is always the case once pages can be missing.
 pub fn handshake(conn: &mut BackendConn, regions: &[MemRegion<'_>]) -> Result<BackendPostcopy> {
-    check_capable(conn)?;
-    let pid = conn.peer_pid().ok_or_else(|| {
-        Error::Invalid(format!(
-            "the backend at {} is not a local process (no SO_PEERCRED pid): its mapping bases cannot be verified",
-            conn.socket_name()
-        ))
-    })?;
-    let uffd = advise(conn)?;
-    listen(conn)?;
-    let reported = set_mem_table_listening(conn, regions)?;
-    let (mappings, corrected) = correct_bases(pid, regions, &reported)?;
-    ack_mem_regions(conn)?;
-    info!(
-        "postcopy handshake with {} (pid {pid}) done: {} region(s), {corrected} base(s) corrected",
-        conn.socket_name(),
-        mappings.len()
-    );
-    Ok(BackendPostcopy { uffd, mappings, reported_bases: reported, corrected, pid: Some(pid) })
+    Ok(handshake_with(conn, regions, |_| Ok(()))?.0)
+}
+
+/// Steps 1-6 with `register` called between the base correction and the ack: the backend may
+/// fault right after the ack, so the broker must know its uffd and mapping table by then.
+/// Returns what `register` returned. If `register` fails the ack is not sent.
+pub fn handshake_with<R>(
+    conn: &mut BackendConn,
+    regions: &[MemRegion<'_>],
+    register: impl FnOnce(&BackendPostcopy) -> Result<R>,
+) -> Result<(BackendPostcopy, R)> {
+    let hs = Handshake::begin(conn, regions)?;
+    let r = register(hs.postcopy())?;
+    Ok((hs.ack()?, r))
+}
+
+/// A postcopy handshake stopped before its ack (steps 1-5 done): the backend listens, has its
+/// memory table and waits for the ack before it may touch guest RAM. Register
+/// [`Handshake::postcopy`] with the broker, then call [`Handshake::ack`].
+#[derive(Debug)]
+pub struct Handshake<'c> {
+    conn: &'c mut BackendConn,
+    pc: BackendPostcopy,
+}
+
+impl<'c> Handshake<'c> {
+    /// Steps 1-5: check PAGEFAULT and REPLY_ACK (nothing is sent if they are missing), find the
+    /// backend's pid (SO_PEERCRED; it must be local to verify its bases), POSTCOPY_ADVISE,
+    /// POSTCOPY_LISTEN, SET_MEM_TABLE with reply, base correction from /proc/PID/maps.
+    pub fn begin(conn: &'c mut BackendConn, regions: &[MemRegion<'_>]) -> Result<Handshake<'c>> {
+        check_capable(conn)?;
+        let pid = conn.peer_pid().ok_or_else(|| {
+            Error::Invalid(format!(
+                "the backend at {} is not a local process (no SO_PEERCRED pid): its mapping bases cannot be verified",
+                conn.socket_name()
+            ))
+        })?;
+        let uffd = advise(conn)?;
+        listen(conn)?;
+        let reported = set_mem_table_listening(conn, regions)?;
+        let (mappings, corrected) = correct_bases(pid, regions, &reported)?;
+        let pc = BackendPostcopy { uffd, mappings, reported_bases: reported, corrected, pid: Some(pid) };
+        Ok(Handshake { conn, pc })
+    }
+
+    /// The backend's uffd and corrected mapping table, to register with the broker.
+    pub fn postcopy(&self) -> &BackendPostcopy {
+        &self.pc
+    }
+
+    /// Step 6: acknowledge the memory table; the backend registers its mappings and may fault
+    /// from now on.
+    pub fn ack(self) -> Result<BackendPostcopy> {
+        ack_mem_regions(self.conn)?;
+        info!(
+            "postcopy handshake with {} (pid {:?}) done: {} region(s), {} base(s) corrected",
+            self.conn.socket_name(),
+            self.pc.pid,
+            self.pc.mappings.len(),
+            self.pc.corrected
+        );
+        Ok(self.pc)
+    }
 }

@@ -209,3 +209,44 @@ pub fn client_args(b: &RamBlock, maps: usize, script: &str, extra: &[&str]) -> V
     v.extend(extra.iter().map(|s| s.to_string()));
     v
 }
+
+/// A memory source that never answers requests for the pages in `held` (to keep a client
+/// blocked on a fault) and answers every other request at once.
+#[derive(Debug)]
+pub struct HoldSource {
+    pub inner: postcopy_broker::source::MemorySource,
+    pub held: Vec<u64>,
+}
+
+impl postcopy_broker::source::PageSource for HoldSource {
+    fn request(
+        &mut self,
+        req: postcopy_broker::source::PageRequest,
+        sink: &mut dyn postcopy_broker::source::PageSink,
+    ) -> postcopy_broker::Result<()> {
+        let first = req.offset / 4096;
+        let n = req.len / 4096;
+        for p in first..first + n {
+            if !self.held.contains(&p) {
+                let one = postcopy_broker::source::PageRequest { offset: p * 4096, len: 4096, ..req };
+                self.inner.request(one, sink)?;
+            }
+        }
+        Ok(())
+    }
+    fn wants_background_pull(&self) -> bool {
+        false
+    }
+}
+
+/// A unique control socket path for a test.
+pub fn socket_path(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("pcb-test-{}-{name}.sock", std::process::id()))
+}
+
+/// pcb-client arguments for a client that talks to the broker's control socket.
+pub fn control_args(sock: &std::path::Path, script: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = vec!["--control".to_string(), sock.display().to_string(), "--script".into(), script.into()];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}

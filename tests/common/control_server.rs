@@ -1,8 +1,6 @@
 //! A tiny control-socket server for tests: a thread that polls a real `ControlListener` and its
 //! connections, answers requests like a broker would, and reports what it saw over a channel.
 
-
-
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -203,6 +201,10 @@ fn handle(
                 });
                 c.send(&Response::Registered { client: *next_client }, &[]).unwrap();
                 *next_client += 1;
+            }
+            Request::ProvideBlocks { .. } | Request::Dirty { .. } | Request::StartPostcopy => {
+                let _ = tx.send(Event::Request { op: req.op() });
+                c.send(&Response::error("refused", "not a source"), &[]).unwrap();
             }
             Request::Unregister { .. } => {
                 let _ = tx.send(Event::Request { op: "unregister" });

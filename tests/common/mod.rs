@@ -196,3 +196,5 @@ pub fn ensure_free_huge_pages(min_free: u64) {
 
 pub mod clients;
 pub mod control_server;
+pub mod mig;
+pub mod proxy;

@@ -49,6 +49,7 @@ fn right_key_passes_and_leaves_the_hello_in_the_socket() {
                 capabilities: 0,
                 channel: Channel::Main,
                 session_id: 42,
+                resume: false,
                 blocks: BlockTable::new(vec![BlockInfo::new("ram", 4096, 4096)]).unwrap(),
             };
             let mut b = Vec::new();

@@ -12,7 +12,7 @@ use std::io::{self, Read};
 use super::blocks::{BlockInfo, BlockTable, MAX_BLOCKS};
 use super::error::WireError;
 use super::frame::{
-    ByteRange, Channel, Frame, FrameType, Header, Hello, Side, AUTH_LEN, FLAG_DEMAND, HEADER_LEN,
+    ByteRange, Channel, Frame, FrameType, Header, Hello, Side, AUTH_LEN, CAP_RESUME, FLAG_DEMAND, HEADER_LEN,
 };
 
 /// Longest Error text in bytes.
@@ -119,13 +119,6 @@ impl<'a> Fields<'a> {
             ));
         }
         Ok(())
-    }
-
-    fn zero_u8(&mut self, what: &str) -> Result<(), WireError> {
-        match self.u8(what)? {
-            0 => Ok(()),
-            v => Err(WireError::malformed(self.frame, format!("{what} is {v:#x}, must be 0"))),
-        }
     }
 
     fn zero_u16(&mut self, what: &str) -> Result<(), WireError> {
@@ -331,8 +324,20 @@ fn decode_hello(f: &mut Fields<'_>) -> Result<Hello, WireError> {
             ))
         }
     };
-    f.zero_u8("reserved byte")?;
+    let resume = match f.u8("flags")? {
+        0 => false,
+        1 => true,
+        v => {
+            return Err(WireError::malformed(
+                frame,
+                format!("flags {v:#x} has undefined bits (only bit 0, resume)"),
+            ))
+        }
+    };
     let capabilities = f.u64("capabilities")?;
+    if resume && capabilities & CAP_RESUME == 0 {
+        return Err(WireError::malformed(frame, "the resume flag is set but CAP_RESUME is not offered"));
+    }
     let session_id = f.u64("session id")?;
     let count = f.u32("block count")? as usize;
     // Each entry takes at least 1 + 1 + 8 + 8 bytes: refuse counts the payload cannot hold before
@@ -356,7 +361,7 @@ fn decode_hello(f: &mut Fields<'_>) -> Result<Hello, WireError> {
         blocks.push(BlockInfo::new(name, size, page_size));
     }
     let blocks = BlockTable::new(blocks)?;
-    Ok(Hello { version, capabilities, channel, session_id, blocks })
+    Ok(Hello { version, capabilities, channel, session_id, resume, blocks })
 }
 
 /// Incremental frame decoder for a byte stream.

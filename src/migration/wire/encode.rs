@@ -47,7 +47,7 @@ fn encode_payload(frame: &Frame<'_>, out: &mut Vec<u8>, flags: &mut u8) -> Resul
         Frame::Hello(h) => {
             out.extend_from_slice(&h.version.to_le_bytes());
             out.push(h.channel as u8);
-            out.push(0);
+            out.push(u8::from(h.resume));
             out.extend_from_slice(&h.capabilities.to_le_bytes());
             out.extend_from_slice(&h.session_id.to_le_bytes());
             out.extend_from_slice(&(h.blocks.len() as u32).to_le_bytes());

@@ -199,6 +199,9 @@ pub struct Hello {
     pub channel: Channel,
     /// Random id shared by the main and urgent connections of one migration (and kept on resume).
     pub session_id: u64,
+    /// This connection resumes a paused postcopy session (Hello flags bit 0; only with
+    /// `CAP_RESUME` offered). A destination without that session refuses it.
+    pub resume: bool,
     /// The RAM blocks, in index order (the index is the `block` field of later frames).
     pub blocks: BlockTable,
 }

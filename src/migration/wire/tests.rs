@@ -16,6 +16,7 @@ fn hello() -> Hello {
         capabilities: CAP_ALL,
         channel: Channel::Main,
         session_id: 0x1122_3344_5566_7788,
+        resume: false,
         blocks: table(),
     }
 }
@@ -401,4 +402,19 @@ proptest! {
         dec.feed(&bytes);
         prop_assert_eq!(dec.next_frame().unwrap(), Some(f));
     }
+}
+
+#[test]
+fn hello_resume_flag_round_trips_and_needs_cap_resume() {
+    let h = Hello { resume: true, capabilities: CAP_RESUME | CAP_ZERO_RUN, ..hello() };
+    let b = frame_bytes(&Frame::Hello(h.clone()));
+    assert_eq!(b[HEADER_LEN + 3], 1, "flags byte");
+    let mut dec = Decoder::new(Limits::default());
+    dec.feed(&b);
+    assert_eq!(dec.next_frame().unwrap(), Some(Frame::Hello(h)));
+    let no_cap = frame_bytes(&Frame::Hello(Hello { resume: true, capabilities: CAP_ZERO_RUN, ..hello() }));
+    assert!(decode_one(&no_cap, None).unwrap_err().to_string().contains("CAP_RESUME"));
+    let mut bad = frame_bytes(&Frame::Hello(hello()));
+    bad[HEADER_LEN + 3] = 2;
+    assert!(decode_one(&bad, None).unwrap_err().to_string().contains("undefined bits"));
 }

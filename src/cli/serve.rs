@@ -1,0 +1,203 @@
+//! `postcopy-broker serve`: the broker daemon. It owns the RAM blocks (or none, when it only
+//! serves Firecracker's private memory), listens on its control socket, serves faults from its
+//! page source, and ends postcopy when every page has arrived.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::cli::progress::Progress;
+use crate::error::{Error, Result};
+use crate::fault::{Broker, BrokerConfig};
+use crate::ram::{RamBlock, RamBlocks, HUGE_2M};
+use crate::source::{FileSource, MemorySource, PageSource};
+use crate::vhost_user::daemon::DaemonBackends;
+use crate::Incoming;
+
+/// Options of `serve` for a local source.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Control socket path.
+    pub control: PathBuf,
+    /// Allowed peer uids (empty: root and our own uid).
+    pub allowed_uids: Vec<u32>,
+    /// Blocks each non-root allowed uid may map.
+    pub grants: Vec<(u32, Vec<String>)>,
+    /// Image file: lazy-restore source of the blocks and/or private clients' memory.
+    pub image: Option<PathBuf>,
+    /// Blocks: (name, size, page size).
+    pub blocks: Vec<(String, u64, u64)>,
+    /// Pull background pages.
+    pub background: bool,
+    /// Busy-poll.
+    pub busy_poll: bool,
+    /// Hold the background fill until this many clients registered.
+    pub wait_clients: u64,
+    /// Write per-block checksums (JSON) here when done.
+    pub checksums: Option<PathBuf>,
+    /// vhost-user backend sockets the daemon drives itself (postcopy handshake, registration,
+    /// POSTCOPY_END).
+    pub vhost_user_backends: Vec<PathBuf>,
+}
+
+/// Parse `NAME:SIZE[:4k|2m]` (for clap).
+pub fn parse_block(s: &str) -> std::result::Result<(String, u64, u64), String> {
+    crate::migration::spec::parse_block(s).map(|b| (b.name, b.size, b.page_size)).map_err(|e| e.to_string())
+}
+
+/// Parse `UID=BLOCK[,BLOCK...]` (for clap).
+pub fn parse_grant(s: &str) -> std::result::Result<(u32, Vec<String>), String> {
+    let bad = || format!("grant '{s}': want UID=BLOCK[,BLOCK...], e.g. 1000=pc.ram");
+    let (uid, blocks) = s.split_once('=').ok_or_else(bad)?;
+    let uid: u32 = uid.trim().parse().map_err(|_| bad())?;
+    let blocks: Vec<String> = blocks.split(',').filter(|b| !b.is_empty()).map(str::to_string).collect();
+    if blocks.is_empty() {
+        return Err(bad());
+    }
+    Ok((uid, blocks))
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Make SIGINT and SIGTERM request a clean stop.
+pub fn install_stop_handler() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    for s in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        if let Err(e) = unsafe { sigaction(s, &act) } {
+            log::warn!("cannot install a {s} handler: {e}");
+        }
+    }
+}
+
+/// Whether a stop was requested by a signal.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// FNV-1a 64 of a byte slice.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Per-block checksums of received RAM (every page must have arrived).
+pub fn block_checksums(blocks: &RamBlocks) -> Result<serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    for (_, b) in blocks.iter() {
+        if !b.received().all_set() {
+            return Err(Error::Invalid(format!("block '{}' is not complete; refusing to read it", b.name())));
+        }
+        // SAFETY: every page of the block has been placed, so reading the placement mapping
+        // faults nothing in and aliases no Rust object.
+        let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), b.size() as usize) };
+        m.insert(b.name().into(), serde_json::json!(format!("{:016x}", fnv1a64(data))));
+    }
+    Ok(serde_json::Value::Object(m))
+}
+
+fn build_blocks(specs: &[(String, u64, u64)]) -> Result<RamBlocks> {
+    let mut blocks = RamBlocks::new();
+    for (name, size, ps) in specs {
+        let b = match *ps {
+            4096 => RamBlock::memfd(name, *size)?,
+            HUGE_2M => RamBlock::hugetlb(name, *size, HUGE_2M)?,
+            other => {
+                return Err(Error::UnsupportedPageSize {
+                    page_size: other,
+                    why: "serve creates 4k or 2m blocks".into(),
+                })
+            }
+        };
+        blocks.add(b)?;
+    }
+    Ok(blocks)
+}
+
+/// Serve from a local image (lazy restore) and/or for private clients.
+pub fn run(o: ServeOptions) -> ExitCode {
+    match serve(o) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(o: ServeOptions) -> Result<()> {
+    install_stop_handler();
+    let blocks = build_blocks(&o.blocks)?;
+    let lazy = !blocks.is_empty();
+    let source: Box<dyn PageSource> = match (&o.image, lazy) {
+        (Some(img), true) => Box::new(FileSource::open(img, &blocks)?),
+        (None, true) => {
+            return Err(Error::Invalid(
+                "blocks need a page source: give --image FILE (a snapshot of the blocks back to back)".into(),
+            ))
+        }
+        (_, false) => Box::new(MemorySource::new(Vec::new())),
+    };
+    if !lazy && o.image.is_none() {
+        return Err(Error::Invalid(
+            "nothing to serve: give --block specs with --image, or --image alone for Firecracker clients"
+                .into(),
+        ));
+    }
+    let mut inc = Incoming::new(blocks);
+    // Backends first: their Probe notifiers veto postcopy before anything is touched.
+    let mut backends = DaemonBackends::connect(&o.vhost_user_backends, inc.notifiers_mut())?;
+    inc.probe()?;
+    inc.advise()?;
+    inc.listen()?;
+    let config = BrokerConfig {
+        background: o.background,
+        background_chunk: 0,
+        background_after_clients: o.wait_clients,
+        image: o.image.clone(),
+        busy_poll: o.busy_poll,
+        control: Some(o.control.clone()),
+        allowed_uids: o.allowed_uids.clone(),
+        grants: o.grants.iter().cloned().collect(),
+    };
+    let h = Broker::spawn(&inc, source, config)?;
+    backends.register_all(&h, inc.blocks())?;
+    inc.run()?;
+    log::info!("serving on {}", o.control.display());
+    let start = Instant::now();
+    let total = inc.blocks().total_pages();
+    let mut progress = Progress::new("restore", total);
+    loop {
+        if stop_requested() {
+            log::warn!("stop requested before every page arrived");
+            break;
+        }
+        if lazy {
+            let got = inc.blocks().received_pages();
+            progress.update(got, "");
+            if got == total {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    progress.finish();
+    let done = lazy && inc.blocks().all_received();
+    let report = h.stop()?;
+    if let (true, Some(path)) = (done, &o.checksums) {
+        let sums = block_checksums(inc.blocks())?;
+        std::fs::write(path, serde_json::to_vec_pretty(&sums).unwrap_or_default())
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    }
+    inc.cleanup()?;
+    println!("{}", crate::stats::render(&report).trim_end());
+    if lazy {
+        println!("restore: {} pages in {:.2}s, complete: {done}", total, start.elapsed().as_secs_f64());
+    }
+    Ok(())
+}

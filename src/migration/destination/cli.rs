@@ -1,0 +1,78 @@
+//! `postcopy-broker serve --incoming`: receive a migration, then print the summary and optionally
+//! write checksums and a JSON summary. (The rest of `serve` is in `crate::cli::serve`.)
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use super::{verify_report, Destination, DestinationOptions, Summary};
+use crate::error::{Error, IoContext, Result};
+use crate::fault::BrokerConfig;
+use crate::incoming::Incoming;
+use crate::migration::auth::load_key;
+
+/// What `postcopy-broker serve --incoming` needs.
+#[derive(Debug, Clone)]
+pub struct IncomingOptions {
+    /// Address to listen on for the source (port 0: any free port).
+    pub addr: String,
+    /// Pre-shared key file.
+    pub key: Option<PathBuf>,
+    /// Control socket for client processes.
+    pub control: PathBuf,
+    /// Peer uids allowed on the control socket (empty: root and our own uid).
+    pub allowed_uids: Vec<u32>,
+    /// Blocks each non-root allowed uid may map.
+    pub grants: Vec<(u32, Vec<String>)>,
+    /// Busy-poll the fault loop.
+    pub busy_poll: bool,
+    /// Write RAM checksums here at the end.
+    pub verify_file: Option<PathBuf>,
+    /// Write the summary as JSON here.
+    pub summary_json: Option<PathBuf>,
+    /// How long to wait for the source to reconnect after a drop during postcopy.
+    pub resume_timeout: std::time::Duration,
+}
+
+fn finish_outputs(a: &IncomingOptions, summary: &Summary, incoming: &Incoming) -> Result<()> {
+    print!("{}", summary.render());
+    let _ = std::io::stdout().flush();
+    if let Some(p) = &a.verify_file {
+        verify_report(incoming.blocks()).write(p)?;
+    }
+    if let Some(p) = &a.summary_json {
+        let text = serde_json::to_string_pretty(summary)
+            .map_err(|e| Error::Invalid(format!("cannot encode the summary: {e}")))?;
+        std::fs::write(p, text).ctx(|| format!("write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Run `postcopy-broker serve --incoming`: print `listening ADDR`, accept the source, migrate,
+/// print the summary.
+pub fn run(a: &IncomingOptions) -> Result<()> {
+    let key_path = a.key.as_ref().ok_or_else(|| Error::Invalid("--incoming needs --key FILE".into()))?;
+    let key = load_key(key_path)?;
+    let listener = TcpListener::bind(&a.addr).ctx(|| format!("listen on {}", a.addr))?;
+    let local = listener.local_addr().ctx(|| "local address".into())?;
+    println!("listening {local}");
+    let _ = std::io::stdout().flush();
+    let broker = BrokerConfig {
+        control: Some(a.control.clone()),
+        allowed_uids: a.allowed_uids.clone(),
+        grants: a.grants.iter().cloned().collect(),
+        busy_poll: a.busy_poll,
+        ..BrokerConfig::default()
+    };
+    let opts =
+        DestinationOptions { broker, resume_timeout: a.resume_timeout, ..DestinationOptions::default() };
+    let d = Destination::accept(&listener, &key, None, opts).map_err(|e| match e {
+        Error::Auth(e) => Error::Invalid(format!(
+            "authentication of the source failed using key file {}: {e}",
+            key_path.display()
+        )),
+        e => e,
+    })?;
+    let (summary, incoming) = d.run()?;
+    finish_outputs(a, &summary, &incoming)
+}

@@ -1,0 +1,38 @@
+//! The destination broker of a live migration.
+//!
+//! - [`session`]: [`Destination`], the network migration (accept, auth, Hello, the postcopy
+//!   states, finish);
+//! - [`network`]: [`NetworkSource`], the fault loop's page source over the two connections
+//!   (pauses when they drop, resumes with new ones);
+//! - `resume`: the destination's half of the resume handshake;
+//! - [`summary`]: progress display and the end [`Summary`];
+//! - [`cli`]: `postcopy-broker serve --incoming`.
+
+pub mod cli;
+pub mod network;
+mod resume;
+pub mod session;
+pub mod summary;
+
+pub use cli::IncomingOptions;
+pub use network::{Connections, NetState, NetworkSource, Resumer};
+pub use session::{create_blocks, Destination, DestinationOptions, DEFAULT_RESUME_TIMEOUT, DESTINATION_CAPS};
+pub use summary::{ClientLatency, Progress, Summary};
+
+use crate::migration::verify::{BlockChecksum, VerifyReport};
+use crate::ram::RamBlocks;
+
+/// Checksums of every block's RAM as the destination holds it. Call only after the Incoming's
+/// cleanup (unregistered: nothing can block) or when every page is received.
+pub fn verify_report(blocks: &RamBlocks) -> VerifyReport {
+    let blocks = blocks
+        .iter()
+        .map(|(_, b)| {
+            // SAFETY: the placement mapping is live for the block's size; after cleanup or with
+            // every page received no read of it blocks, and no Rust reference writes it.
+            let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), b.size() as usize) };
+            BlockChecksum::of(b.name(), b.page_size(), data)
+        })
+        .collect();
+    VerifyReport { side: "destination".into(), blocks }
+}

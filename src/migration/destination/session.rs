@@ -1,0 +1,529 @@
+//! The destination side of one migration: accept and authenticate the two connections, read
+//! Hello and create (or check) the RAM blocks, then follow the source through the postcopy
+//! states with the [`Incoming`]: Advise (discard all RAM), precopy pages written directly and
+//! marked received, Discards, Listen (own uffd, then the fault loop with the [`NetworkSource`]),
+//! Run, and the end when every page is received and the source said Complete.
+//!
+//! If a connection drops during postcopy (and both sides accepted `CAP_RESUME`), the network
+//! source pauses and [`finish`](Destination::finish) waits on the same listening socket for the
+//! source to reconnect with the same session id: it authenticates the new connections, sends the
+//! received bitmaps (Resume frames, ResumeEnd), reads ResumeAck and hands the connections to the
+//! fault loop. A source that does not come back within `resume_timeout` ends the migration with
+//! an error (docs/recovery.md says what state RAM and clients are left in).
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::network::{Connections, NetState, NetworkSource, Resumer};
+use super::resume::Link;
+use super::summary::{Progress, Summary};
+use crate::error::{Error, IoContext, Result};
+use crate::fault::{Broker, BrokerConfig, BrokerHandle};
+use crate::incoming::Incoming;
+use crate::migration::auth::authenticate_tcp;
+use crate::migration::wire::{
+    negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, Hello, Limits, Side, WireError,
+    CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
+};
+use crate::ram::{BlockId, RamBlock, RamBlocks, HUGE_1G, HUGE_2M, SMALL_PAGE};
+use crate::state::PostcopyState;
+
+/// Capabilities this destination accepts.
+pub const DESTINATION_CAPS: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME;
+
+/// Default of [`DestinationOptions::resume_timeout`].
+pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings of a destination session.
+#[derive(Debug, Clone)]
+pub struct DestinationOptions {
+    /// Authentication timeout per connection (None: 10 s).
+    pub auth_timeout: Option<Duration>,
+    /// How long to wait for the source's urgent connection after the main one.
+    pub accept_timeout: Duration,
+    /// Fault loop settings (background pull is off for a network source in any case).
+    pub broker: BrokerConfig,
+    /// Progress display.
+    pub progress: Progress,
+    /// How long to wait for the source to reconnect after a connection drops during postcopy
+    /// before giving up.
+    pub resume_timeout: Duration,
+}
+
+impl Default for DestinationOptions {
+    fn default() -> DestinationOptions {
+        DestinationOptions {
+            auth_timeout: None,
+            accept_timeout: Duration::from_secs(30),
+            broker: BrokerConfig::default(),
+            progress: Progress::Auto,
+            resume_timeout: DEFAULT_RESUME_TIMEOUT,
+        }
+    }
+}
+
+/// A destination session (see the module doc for the order of calls).
+#[derive(Debug)]
+pub struct Destination {
+    incoming: Incoming,
+    main: TcpStream,
+    main_dec: Option<Decoder>,
+    urgent: Option<(TcpStream, Decoder)>,
+    /// Wire block index → RamBlocks id.
+    ids: Vec<BlockId>,
+    net: Arc<NetState>,
+    broker: Option<BrokerHandle>,
+    opts: DestinationOptions,
+    started: Instant,
+    listen_at: Option<Instant>,
+    precopy_pages: u64,
+    precopy_bytes: u64,
+    peer: SocketAddr,
+    /// What a resume must match and repeat.
+    link: Link,
+    resumer: Option<Resumer>,
+    /// Capabilities both sides accepted.
+    caps: u64,
+    /// Pauses already answered by a resume handshake.
+    handled_pauses: u64,
+}
+
+pub(super) fn accept_one(listener: &TcpListener, timeout: Duration) -> Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true).ctx(|| "set the listener non-blocking".into())?;
+    let end = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, a)) => {
+                s.set_nonblocking(false).ctx(|| "set the connection blocking".into())?;
+                s.set_nodelay(true).ctx(|| "set TCP_NODELAY".into())?;
+                return Ok((s, a));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::Invalid(format!(
+                    "no connection from the source within {timeout:?}; start `postcopy-broker source --connect` with this address"
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("accept a migration connection", e)),
+        }
+    }
+}
+
+/// Send an Error frame (best effort) and return `e`.
+pub(super) fn refuse(s: &mut TcpStream, e: Error) -> Error {
+    let text = e.to_string();
+    let _ = write_frame(s, &Frame::Error { text: &text });
+    e
+}
+
+pub(super) fn read_hello(s: &mut TcpStream, dec: &mut Decoder, want: Channel) -> Result<Hello> {
+    s.set_read_timeout(Some(Duration::from_secs(30))).ctx(|| "set a read timeout".into())?;
+    let hello = match dec.read_frame(s)? {
+        Frame::Hello(h) if h.channel == want => h,
+        Frame::Hello(h) => {
+            return Err(Error::Invalid(format!(
+                "expected a Hello for the {want:?} connection, got {:?}",
+                h.channel
+            )))
+        }
+        Frame::Error { text } => return Err(Error::Invalid(format!("the source reported: {text}"))),
+        f => return Err(Error::Invalid(format!("expected Hello, got a {:?} frame", f.frame_type()))),
+    };
+    s.set_read_timeout(None).ctx(|| "clear the read timeout".into())?;
+    Ok(hello)
+}
+
+/// RAM blocks for an announced table: memfds for 4 KiB pages, hugetlbfs memfds for huge pages.
+pub fn create_blocks(table: &BlockTable) -> Result<RamBlocks> {
+    let mut blocks = RamBlocks::new();
+    for b in table.iter() {
+        let block = match b.page_size {
+            SMALL_PAGE => RamBlock::memfd(&b.name, b.size)?,
+            HUGE_2M | HUGE_1G => RamBlock::hugetlb(&b.name, b.size, b.page_size)?,
+            ps => {
+                return Err(Error::UnsupportedPageSize {
+                    page_size: ps,
+                    why: format!(
+                        "block '{}' announces it; only 4 KiB, 2 MiB and 1 GiB pages exist here",
+                        b.name
+                    ),
+                })
+            }
+        };
+        blocks.add(block)?;
+    }
+    Ok(blocks)
+}
+
+/// Map each announced block to a block of `blocks` with the same name, size and page size.
+fn match_blocks(table: &BlockTable, blocks: &RamBlocks) -> Result<Vec<BlockId>> {
+    table
+        .iter()
+        .map(|b: &BlockInfo| {
+            let (id, ours) = blocks.named(&b.name)?;
+            if ours.size() != b.size || ours.page_size() != b.page_size {
+                return Err(Error::Invalid(format!(
+                    "block '{}': the source has {} bytes of {}-byte pages, this destination {} of {}",
+                    b.name,
+                    b.size,
+                    b.page_size,
+                    ours.size(),
+                    ours.page_size()
+                )));
+            }
+            Ok(id)
+        })
+        .collect()
+}
+
+impl Destination {
+    /// Accept the source's main and urgent connections on `listener`, authenticate both with
+    /// `key`, and answer their Hellos. The RAM blocks are created from the Hello (`blocks`
+    /// None) or must match the given ones.
+    pub fn accept(
+        listener: &TcpListener,
+        key: &[u8],
+        blocks: Option<RamBlocks>,
+        opts: DestinationOptions,
+    ) -> Result<Destination> {
+        let (mut main, peer) = accept_one(listener, Duration::from_secs(365 * 24 * 3600))?;
+        let started = Instant::now();
+        log::info!("migration connection from {peer}");
+        authenticate_tcp(&mut main, key, Side::Destination, opts.auth_timeout)?;
+        let mut main_dec = Decoder::new(Limits::default());
+        let hello = read_hello(&mut main, &mut main_dec, Channel::Main).map_err(|e| refuse(&mut main, e))?;
+        if hello.resume {
+            return Err(refuse(
+                &mut main,
+                Error::Invalid(format!(
+                    "no paused session {:016x} to resume here: this destination was started after the migration began (a destination restarted during postcopy cannot resume it); start a new migration",
+                    hello.session_id
+                )),
+            ));
+        }
+        let (version, caps) = negotiate(&hello, DESTINATION_CAPS).map_err(|e| refuse(&mut main, e.into()))?;
+        if caps & CAP_URGENT_CHANNEL == 0 {
+            return Err(refuse(
+                &mut main,
+                Error::Invalid(
+                    "the source does not offer the urgent channel, which this destination requires".into(),
+                ),
+            ));
+        }
+        let setup = match blocks {
+            Some(b) => match_blocks(&hello.blocks, &b).map(|ids| (b, ids)),
+            None => create_blocks(&hello.blocks).map(|b| {
+                let ids = (0..b.len()).collect();
+                (b, ids)
+            }),
+        };
+        let (blocks, ids) = setup.map_err(|e| refuse(&mut main, e))?;
+        main_dec.set_blocks(hello.blocks.clone());
+        write_frame(&mut main, &Frame::HelloAck { version, capabilities: caps })?;
+        log::info!(
+            "hello: {} blocks, {} bytes, session {:016x}, version {version}, capabilities {caps:#x}",
+            hello.blocks.len(),
+            blocks.total_size(),
+            hello.session_id
+        );
+
+        let (mut urgent, upeer) = accept_one(listener, opts.accept_timeout)?;
+        if upeer.ip() != peer.ip() {
+            return Err(Error::Invalid(format!(
+                "the urgent connection came from {upeer}, not from the source at {peer}"
+            )));
+        }
+        authenticate_tcp(&mut urgent, key, Side::Destination, opts.auth_timeout)?;
+        let mut urgent_dec = Decoder::new(Limits::default());
+        let uh =
+            read_hello(&mut urgent, &mut urgent_dec, Channel::Urgent).map_err(|e| refuse(&mut urgent, e))?;
+        if uh.session_id != hello.session_id || uh.blocks != hello.blocks || uh.resume {
+            return Err(refuse(
+                &mut urgent,
+                Error::Invalid(
+                    "the urgent connection's Hello does not match the main one (session or blocks)".into(),
+                ),
+            ));
+        }
+        urgent_dec.set_blocks(hello.blocks.clone());
+        write_frame(&mut urgent, &Frame::HelloAck { version, capabilities: caps })?;
+        let link = Link {
+            listener: listener.try_clone().ctx(|| "clone the listening socket".into())?,
+            key: key.to_vec(),
+            session_id: hello.session_id,
+            table: hello.blocks.clone(),
+            caps: DESTINATION_CAPS,
+        };
+        Ok(Destination {
+            incoming: Incoming::new(blocks),
+            main,
+            main_dec: Some(main_dec),
+            urgent: Some((urgent, urgent_dec)),
+            ids,
+            net: Arc::new(NetState::default()),
+            broker: None,
+            opts,
+            started,
+            listen_at: None,
+            precopy_pages: 0,
+            precopy_bytes: 0,
+            peer,
+            link,
+            resumer: None,
+            caps,
+            handled_pauses: 0,
+        })
+    }
+
+    /// The Incoming (add notifiers before [`run_until_listening`](Destination::run_until_listening)).
+    pub fn incoming_mut(&mut self) -> &mut Incoming {
+        &mut self.incoming
+    }
+
+    /// The Incoming.
+    pub fn incoming(&self) -> &Incoming {
+        &self.incoming
+    }
+
+    /// The fault loop, once listening: register clients with it.
+    pub fn broker(&self) -> Option<&BrokerHandle> {
+        self.broker.as_ref()
+    }
+
+    /// The network counters.
+    pub fn net(&self) -> &Arc<NetState> {
+        &self.net
+    }
+
+    /// Follow the main connection through Advise, precopy pages and Discards up to Listen; then
+    /// listen and start the fault loop with the network source. Returns the loop's handle.
+    pub fn run_until_listening(&mut self) -> Result<&BrokerHandle> {
+        let mut dec = self.main_dec.take().ok_or_else(|| Error::Invalid("already listening".into()))?;
+        loop {
+            let r = self.pre_listen_frame(&mut dec);
+            match r {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => return Err(refuse(&mut self.main, e)),
+            }
+        }
+        let (urgent, urgent_dec) =
+            self.urgent.take().ok_or_else(|| Error::Invalid("no urgent connection".into()))?;
+        let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
+        let mut src = NetworkSource::new(
+            Connections { main, main_dec: dec, urgent, urgent_dec },
+            Arc::clone(self.incoming.blocks()),
+            self.ids.clone(),
+            Arc::clone(self.incoming.state()),
+            Arc::clone(&self.net),
+        )?;
+        if self.caps & CAP_RESUME != 0 {
+            self.resumer = Some(src.resumer());
+        }
+        let mut config = self.opts.broker.clone();
+        config.background = false;
+        let h = Broker::spawn(&self.incoming, Box::new(src), config)?;
+        self.listen_at = Some(Instant::now());
+        log::info!(
+            "listening: {} of {} pages already here from precopy",
+            self.incoming.blocks().received_pages(),
+            self.incoming.blocks().total_pages()
+        );
+        Ok(self.broker.insert(h))
+    }
+
+    /// Handle one frame before Listen; true when it was Listen (and listen() succeeded).
+    fn pre_listen_frame(&mut self, dec: &mut Decoder) -> Result<bool> {
+        let state = self.incoming.state().get();
+        let f = match dec.read_frame(&mut self.main) {
+            Ok(f) => f,
+            Err(e) => {
+                let why = match e {
+                    WireError::Closed => "the source closed the connection".to_string(),
+                    e => format!("the connection to the source failed ({e})"),
+                };
+                return Err(Error::Invalid(format!(
+                    "{why} in state {state}, before postcopy started: the destination RAM is incomplete and no client was attached; run the migration again (docs/recovery.md)"
+                )));
+            }
+        };
+        let advised = matches!(state, PostcopyState::Advise | PostcopyState::Discard);
+        match f {
+            Frame::Advise => self.incoming.advise()?,
+            Frame::Page { block, offset, data, .. } if advised => {
+                let id = self.id(block)?;
+                let b =
+                    self.incoming.blocks().get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
+                // Not registered with userfaultfd yet: write directly, then mark received.
+                // SAFETY: the decoder checked that [offset, offset + len) lies inside the block,
+                // whose placement mapping is live; no Rust reference points into it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        b.host_ptr().add(offset as usize),
+                        data.len(),
+                    )
+                };
+                let ps = b.page_size();
+                b.received().set_range((offset / ps) as usize, data.len() / ps as usize);
+                self.precopy_pages += data.len() as u64 / ps;
+                self.precopy_bytes += data.len() as u64;
+            }
+            Frame::ZeroRun { block, offset, len, .. } if advised => {
+                let id = self.id(block)?;
+                let b =
+                    self.incoming.blocks().get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
+                let ps = b.page_size();
+                let (first, n) = ((offset / ps) as usize, (len / ps) as usize);
+                if b.received().count_range(first, n) > 0 {
+                    b.discard(offset, len)?; // holes read as zero
+                }
+                b.received().set_range(first, n);
+                self.precopy_pages += n as u64;
+            }
+            Frame::Discard { block, ranges } if advised => {
+                let id = self.id(block)?;
+                for r in ranges {
+                    self.incoming.discard(id, r.offset, r.len)?;
+                }
+            }
+            Frame::Listen if advised => {
+                self.incoming.listen()?;
+                return Ok(true);
+            }
+            Frame::Error { text } => return Err(Error::Invalid(format!("the source reported: {text}"))),
+            f => {
+                return Err(Error::Invalid(format!(
+                    "a {:?} frame is not allowed in state {state} (order: Advise, pages, Discard, Listen)",
+                    f.frame_type()
+                )))
+            }
+        }
+        Ok(false)
+    }
+
+    fn id(&self, wire: u32) -> Result<BlockId> {
+        self.ids.get(wire as usize).copied().ok_or_else(|| Error::UnknownBlock(format!("wire #{wire}")))
+    }
+
+    /// Wait until every page is received and the source said Complete (showing progress), then
+    /// stop the fault loop, clean up (state End, InboundEnd notifiers), confirm Complete to the
+    /// source, and return the summary and the Incoming (whose RAM now holds the guest's memory).
+    pub fn finish(mut self) -> Result<(Summary, Incoming)> {
+        if self.broker.is_none() {
+            self.run_until_listening()?;
+        }
+        let blocks = Arc::clone(self.incoming.blocks());
+        let total = blocks.total_pages();
+        let mut progress = self.opts.progress.start(total, blocks.total_size());
+        loop {
+            if let Some(why) = self.net.failure() {
+                if let Some(h) = self.broker.take() {
+                    let _ = h.stop();
+                }
+                progress.clear();
+                return Err(Error::Invalid(format!(
+                    "migration from {} failed during postcopy: {why}",
+                    self.peer
+                )));
+            }
+            if self.net.pauses.load(Ordering::Acquire) > self.handled_pauses {
+                if let Err(e) = self.recover() {
+                    if let Some(h) = self.broker.take() {
+                        let _ = h.stop();
+                    }
+                    progress.clear();
+                    return Err(e);
+                }
+                continue;
+            }
+            let done = self.net.complete.load(Ordering::Acquire)
+                && blocks.all_received()
+                && self.net.paused().is_none();
+            progress
+                .update(blocks.received_pages(), self.precopy_bytes + self.net.bytes.load(Ordering::Relaxed));
+            if done {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        progress.clear();
+        let h = self.broker.take().ok_or_else(|| Error::Invalid("no fault loop".into()))?;
+        let status = h.stop()?;
+        self.incoming.cleanup()?;
+        self.main.set_nonblocking(false).ctx(|| "set the main connection blocking".into())?;
+        write_frame(&mut self.main, &Frame::Complete)?;
+        let _ = self.main.flush();
+        let _ = self.main.shutdown(std::net::Shutdown::Write);
+        let summary = Summary::new(
+            self.started.elapsed(),
+            self.listen_at.map(|t| t.elapsed()).unwrap_or_default(),
+            self.precopy_pages,
+            self.precopy_bytes,
+            &self.net,
+            status,
+        );
+        Ok((summary, self.incoming))
+    }
+
+    /// The connections dropped during postcopy: wait for the source to reconnect (until
+    /// `resume_timeout` after the drop), do the resume handshake and hand the new connections to
+    /// the network source. Connections that fail the handshake are refused and waiting goes on.
+    fn recover(&mut self) -> Result<()> {
+        let pauses = self.net.pauses.load(Ordering::Acquire);
+        let (why, since) =
+            self.net.paused().unwrap_or_else(|| ("the connection dropped".into(), Instant::now()));
+        let resumer =
+            self.resumer.clone().ok_or_else(|| Error::Invalid(format!("migration failed: {why}")))?;
+        let deadline = since + self.opts.resume_timeout;
+        let blocks = Arc::clone(self.incoming.blocks());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let accepted = if left.is_zero() { None } else { accept_one(&self.link.listener, left).ok() };
+            let Some((main, peer)) = accepted else {
+                let (have, total) = (blocks.received_pages(), blocks.total_pages());
+                let e = format!(
+                    "migration from {} failed during postcopy: {why}; the source did not resume within {:?}. \
+                     {have} of {total} pages are here, {} never arrived: they stay unfilled (never zero-filled), \
+                     clients that touch them stay blocked; stop the clients, this guest cannot run here \
+                     (see docs/recovery.md)",
+                    self.peer,
+                    self.opts.resume_timeout,
+                    total - have
+                );
+                self.net.give_up(e.clone());
+                return Err(Error::Invalid(e));
+            };
+            log::info!("reconnect from {peer}: resume handshake");
+            match self.link.handshake(
+                main,
+                &blocks,
+                &self.ids,
+                self.opts.auth_timeout,
+                self.opts.accept_timeout,
+            ) {
+                Ok(conns) => {
+                    self.main = conns.main.try_clone().ctx(|| "clone the main connection".into())?;
+                    self.peer = peer;
+                    self.handled_pauses = pauses;
+                    resumer.resume(conns);
+                    return Ok(());
+                }
+                Err(e) => log::warn!("the reconnect from {peer} failed: {e}; still waiting for the source"),
+            }
+        }
+    }
+
+    /// [`run_until_listening`](Destination::run_until_listening) and
+    /// [`finish`](Destination::finish).
+    pub fn run(mut self) -> Result<(Summary, Incoming)> {
+        self.run_until_listening()?;
+        self.finish()
+    }
+}

@@ -1,0 +1,142 @@
+//! `postcopy-broker source`: serve an image file's blocks to a destination.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::migration::auth::load_key;
+use crate::migration::spec::{parse_block, parse_dirty, parse_size};
+use crate::migration::verify::{BlockChecksum, VerifyReport};
+
+use super::control::SourceControl;
+use super::{SourceOptions, SourceRam, SourceSession};
+
+/// Arguments of `postcopy-broker source`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// Destination to connect to (its `serve --incoming` address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub connect: String,
+    /// Pre-shared key file (hex or raw bytes, at least 16 bytes, mode 0600); the same as the
+    /// destination's.
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Image file holding the blocks back to back, in --block order.
+    #[arg(long, value_name = "FILE", required_unless_present = "control", requires = "blocks")]
+    pub image: Option<PathBuf>,
+    /// A RAM block: NAME:SIZE[:4k|2m|1g] (repeat, in image order), e.g. pc.ram:192M huge:64M:2m.
+    #[arg(long = "block", value_name = "SPEC")]
+    pub blocks: Vec<String>,
+    /// Control socket (mode 0600) where the VMM hands over its RAM memfds (provide_blocks, when
+    /// there is no --image), reports pages it dirtied after precopy (dirty), and says when the
+    /// guest moves (start_postcopy). See docs/control-protocol.md.
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+    /// Peer uid allowed on --control (repeatable; default: root and our own uid).
+    #[arg(long = "allow-uid")]
+    pub allow_uid: Vec<u32>,
+    /// Send every page once before postcopy starts.
+    #[arg(long)]
+    pub precopy: bool,
+    /// Pages dirtied after precopy (simulated: their bytes are inverted, then they are discarded
+    /// on the destination and sent again): NAME:OFFSET+LEN[,NAME:OFFSET+LEN...].
+    #[arg(long, value_name = "SPEC")]
+    pub dirty: Option<String>,
+    /// Pages to prefetch after each demanded page.
+    #[arg(long, default_value_t = 0, value_name = "PAGES")]
+    pub prefetch: u64,
+    /// Background bandwidth limit per second, e.g. 200M (default: unlimited).
+    #[arg(long, value_name = "BYTES")]
+    pub bandwidth: Option<String>,
+    /// If a connection fails during postcopy, keep reconnecting (with a backoff of 20 ms doubling
+    /// up to 1 s) for this many seconds, then resume where the destination is.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub resume_timeout: f64,
+    /// Do not offer postcopy recovery: a connection failure during postcopy ends the migration.
+    #[arg(long)]
+    pub no_resume: bool,
+    /// Write the checksums of the final source RAM (after --dirty) to this JSON file.
+    #[arg(long, value_name = "FILE")]
+    pub verify_file: Option<PathBuf>,
+    /// Write the session summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+}
+
+/// Run `postcopy-broker source`.
+pub fn run(a: &SourceArgs) -> Result<()> {
+    let key = load_key(&a.key)?;
+    let mut control = match &a.control {
+        Some(path) => Some(SourceControl::bind(path, a.allow_uid.clone())?),
+        None => None,
+    };
+    let ram = match (&a.image, &mut control) {
+        (Some(image), _) => {
+            let infos = a.blocks.iter().map(|s| parse_block(s)).collect::<Result<Vec<_>>>()?;
+            SourceRam::from_image(image, infos)?
+        }
+        (None, Some(c)) => {
+            log::info!("waiting for the RAM blocks on {}", c.path().display());
+            c.wait_blocks()?
+        }
+        (None, None) => return Err(Error::Invalid("give --image with --block specs, or --control".into())),
+    };
+    let dirty = a.dirty.as_deref().map(parse_dirty).transpose()?.unwrap_or_default();
+    for d in &dirty {
+        let b = ram.table().index_of(&d.block).and_then(|i| ram.table().get(i));
+        let b = b.ok_or_else(|| Error::UnknownBlock(d.block.clone()))?;
+        if d.offset.checked_add(d.len).is_none_or(|e| e > b.size) {
+            return Err(Error::Invalid(format!(
+                "dirty range {}:{:#x}+{:#x} is outside the block ({} bytes)",
+                d.block, d.offset, d.len, b.size
+            )));
+        }
+    }
+    let opts = SourceOptions {
+        prefetch_pages: a.prefetch,
+        bandwidth: a.bandwidth.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+        resume: !a.no_resume,
+        resume_timeout: std::time::Duration::try_from_secs_f64(a.resume_timeout).map_err(|_| {
+            Error::Invalid(format!("--resume-timeout {} is not a duration in seconds", a.resume_timeout))
+        })?,
+        ..SourceOptions::default()
+    };
+    let mut s = SourceSession::connect(&a.connect, &key, ram, opts).map_err(|e| match e {
+        Error::Auth(e) => Error::Invalid(format!(
+            "authentication with the destination at {} failed using key file {}: {e}",
+            a.connect,
+            a.key.display()
+        )),
+        e => e,
+    })?;
+    s.advise()?;
+    if a.precopy {
+        s.precopy()?;
+    }
+    for d in &dirty {
+        let i = s.ram().table().index_of(&d.block).ok_or_else(|| Error::UnknownBlock(d.block.clone()))?;
+        if let Some(b) = s.ram().block(i) {
+            b.invert(d.offset, d.len);
+        }
+        s.mark_dirty(&d.block, d.offset, d.len)?;
+    }
+    if let Some(c) = &mut control {
+        log::info!("precopy done; waiting for dirty ranges and start_postcopy on {}", c.path().display());
+        c.until_postcopy(&mut s)?;
+    }
+    if let Some(path) = &a.verify_file {
+        let blocks = s
+            .ram()
+            .blocks()
+            .iter()
+            .map(|b| BlockChecksum::of(&b.info().name, b.info().page_size, b.bytes(0, b.info().size)))
+            .collect();
+        VerifyReport { side: "source".into(), blocks }.write(path)?;
+    }
+    let summary = s.postcopy()?;
+    if let Some(path) = &a.summary_json {
+        let text = serde_json::to_string_pretty(&summary)
+            .map_err(|e| Error::Invalid(format!("cannot encode the summary: {e}")))?;
+        std::fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,397 @@
+//! The source side of one migration: connect both TCP connections to the destination,
+//! authenticate, Hello; then Advise, an optional precopy pass, dirty ranges as batched Discards,
+//! Listen, Run, and the postcopy phase: a background stream on the main connection and demand
+//! requests answered on the urgent connection by their own thread, until the destination says
+//! Complete.
+//!
+//! If a connection fails during postcopy (and the destination accepted `CAP_RESUME`), the source
+//! stops both threads and reconnects by itself, retrying with a bounded exponential backoff for
+//! at most `resume_timeout`; after the resume handshake it sends exactly the pages the destination
+//! does not have (see [`handshake`](super::handshake)).
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::handshake::{unexpected, Peer, NO_SESSION};
+use super::ram::SourceRam;
+use super::sender::{send_run, Kind, RateLimit, SourceCounts, SourceStats};
+use super::urgent::{serve_urgent, Hint};
+use crate::error::{Error, IoContext, Result};
+use crate::migration::discard::DiscardBatcher;
+use crate::migration::wire::{
+    write_frame, Channel, Decoder, Frame, WireError, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL,
+    CAP_ZERO_RUN, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN,
+};
+
+/// First delay between reconnect attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// Longest delay between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Default of [`SourceOptions::resume_timeout`].
+pub const DEFAULT_SOURCE_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings of a source session.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Pages to send after each demanded page (on the urgent connection), if not sent yet.
+    pub prefetch_pages: u64,
+    /// Background bandwidth limit in bytes per second (0: unlimited).
+    pub bandwidth: u64,
+    /// Authentication timeout (None: the default of 10 s).
+    pub auth_timeout: Option<Duration>,
+    /// How long to keep retrying a refused TCP connect.
+    pub connect_timeout: Duration,
+    /// Ranges per Discard frame (at most the destination's limit, 256 by default).
+    pub max_discard_ranges: usize,
+    /// Offer zero runs (otherwise zero pages travel as data).
+    pub zero_runs: bool,
+    /// Offer postcopy recovery (`CAP_RESUME`).
+    pub resume: bool,
+    /// How long to keep trying to reconnect after a connection fails during postcopy.
+    pub resume_timeout: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> SourceOptions {
+        SourceOptions {
+            prefetch_pages: 0,
+            bandwidth: 0,
+            auth_timeout: None,
+            connect_timeout: Duration::from_secs(10),
+            max_discard_ranges: DEFAULT_MAX_DISCARD_RANGES,
+            zero_runs: true,
+            resume: true,
+            resume_timeout: DEFAULT_SOURCE_RESUME_TIMEOUT,
+        }
+    }
+}
+
+/// What a finished source session reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceSummary {
+    /// Seconds from connect to the destination's Complete.
+    pub total_secs: f64,
+    /// Seconds from Listen to the destination's Complete.
+    pub postcopy_secs: f64,
+    /// Counters.
+    pub counts: SourceCounts,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Connected,
+    Advised,
+}
+
+/// A connected, authenticated source session (see the module doc for the order of calls).
+#[derive(Debug)]
+pub struct SourceSession {
+    ram: Arc<SourceRam>,
+    main: TcpStream,
+    urgent: TcpStream,
+    main_dec: Decoder,
+    caps: u64,
+    opts: SourceOptions,
+    stats: Arc<SourceStats>,
+    discards: Vec<DiscardBatcher>,
+    phase: Phase,
+    started: Instant,
+    peer: Peer,
+}
+
+impl SourceSession {
+    /// Connect to the destination at `addr`, authenticate both connections with `key`, and
+    /// announce `ram`'s blocks (main connection, then urgent connection).
+    pub fn connect(addr: &str, key: &[u8], ram: SourceRam, opts: SourceOptions) -> Result<SourceSession> {
+        let mut sid = [0u8; 8];
+        getrandom::fill(&mut sid).map_err(|e| Error::Invalid(format!("no random session id: {e}")))?;
+        let session_id = u64::from_le_bytes(sid);
+        let mut caps = CAP_URGENT_CHANNEL | CAP_DISCARD;
+        if opts.zero_runs {
+            caps |= CAP_ZERO_RUN;
+        }
+        if opts.resume {
+            caps |= CAP_RESUME;
+        }
+        let peer = Peer {
+            addr: addr.to_string(),
+            key: key.to_vec(),
+            session_id,
+            caps,
+            auth_timeout: opts.auth_timeout,
+        };
+        let open = |channel| peer.open(&ram, channel, false, opts.connect_timeout);
+        let (main, main_dec, accepted) = open(Channel::Main)?;
+        if accepted & CAP_URGENT_CHANNEL == 0 {
+            return Err(Error::Invalid(
+                "the destination did not accept the urgent channel; this source needs it".into(),
+            ));
+        }
+        let (urgent, _, _) = open(Channel::Urgent)?;
+        log::info!(
+            "connected to {addr}: {} blocks, {} bytes, session {session_id:016x}, capabilities {accepted:#x}",
+            ram.table().len(),
+            ram.total_size()
+        );
+        let discards = (0..ram.table().len() as u32)
+            .map(|i| DiscardBatcher::for_block(ram.table(), i, opts.max_discard_ranges))
+            .collect::<std::result::Result<Vec<_>, WireError>>()?;
+        Ok(SourceSession {
+            ram: Arc::new(ram),
+            main,
+            urgent,
+            main_dec,
+            caps: accepted,
+            opts,
+            stats: Arc::new(SourceStats::default()),
+            discards,
+            phase: Phase::Connected,
+            started: Instant::now(),
+            peer,
+        })
+    }
+
+    /// The RAM being served.
+    pub fn ram(&self) -> &SourceRam {
+        &self.ram
+    }
+
+    /// The counters so far.
+    pub fn counts(&self) -> SourceCounts {
+        self.stats.counts()
+    }
+
+    /// Postcopy advise: the destination discards its RAM and waits for pages.
+    pub fn advise(&mut self) -> Result<()> {
+        if self.phase < Phase::Advised {
+            write_frame(&mut self.main, &Frame::Advise)?;
+            self.phase = Phase::Advised;
+        }
+        Ok(())
+    }
+
+    /// Precopy pass: send every page once on the main connection (advises first if needed).
+    pub fn precopy(&mut self) -> Result<()> {
+        self.advise()?;
+        let zero = self.caps & CAP_ZERO_RUN != 0;
+        let mut limit = RateLimit::new(self.opts.bandwidth);
+        for (i, b) in self.ram.blocks().iter().enumerate() {
+            let size = b.info().size;
+            let mut o = 0;
+            while o < size {
+                let n = u64::from(DEFAULT_MAX_RUN).max(b.info().page_size).min(size - o);
+                let w = send_run(&mut self.main, i as u32, b, o, n, Kind::Precopy, zero, &self.stats)?;
+                limit.pace(w);
+                o += n;
+            }
+            b.sent().set_range(0, b.sent().len());
+        }
+        log::info!("precopy pass sent {} pages", self.stats.counts().precopy_pages);
+        Ok(())
+    }
+
+    /// Report `[offset, offset + len)` of block `name` as changed since it was sent: it is
+    /// discarded on the destination (batched per block) and sent again during postcopy. Only
+    /// before [`postcopy`](SourceSession::postcopy).
+    pub fn mark_dirty(&mut self, name: &str, offset: u64, len: u64) -> Result<()> {
+        let i = self.ram.table().index_of(name).ok_or_else(|| Error::UnknownBlock(name.to_string()))?;
+        self.mark_dirty_index(i, offset, len)
+    }
+
+    /// [`mark_dirty`](SourceSession::mark_dirty) by block index.
+    pub fn mark_dirty_index(&mut self, block: u32, offset: u64, len: u64) -> Result<()> {
+        let (Some(batcher), Some(b)) = (self.discards.get_mut(block as usize), self.ram.block(block)) else {
+            return Err(Error::UnknownBlock(format!("#{block}")));
+        };
+        batcher.add(offset, len)?;
+        if len > 0 {
+            let ps = b.info().page_size;
+            let first = offset / ps;
+            let last = (offset + len).div_ceil(ps);
+            b.sent().clear_range(first as usize, (last - first) as usize);
+        }
+        Ok(())
+    }
+
+    /// Send the Discards, Listen and Run, then serve postcopy until the destination has every
+    /// page and says Complete.
+    pub fn postcopy(mut self) -> Result<SourceSummary> {
+        self.advise()?;
+        let mut discarded = 0;
+        for b in &mut self.discards {
+            for f in b.finish() {
+                if let Frame::Discard { block, ranges } = &f {
+                    let ps = self.ram.block(*block).map_or(4096, |b| b.info().page_size);
+                    discarded += ranges.iter().map(|r| r.len / ps).sum::<u64>();
+                }
+                write_frame(&mut self.main, &f)?;
+            }
+        }
+        self.stats.discarded_pages.fetch_add(discarded, std::sync::atomic::Ordering::Relaxed);
+        if discarded > 0 {
+            log::info!("discarded {discarded} dirty pages on the destination");
+        }
+        write_frame(&mut self.main, &Frame::Listen)?;
+        write_frame(&mut self.main, &Frame::Run)?;
+        let postcopy_start = Instant::now();
+        log::info!("postcopy: listen and run sent");
+
+        loop {
+            match self.serve() {
+                Ok(()) => break,
+                Err(e) if self.caps & CAP_RESUME != 0 => self.reconnect(e)?,
+                Err(e) => return Err(e),
+            }
+        }
+        let s = SourceSummary {
+            total_secs: self.started.elapsed().as_secs_f64(),
+            postcopy_secs: postcopy_start.elapsed().as_secs_f64(),
+            counts: self.stats.counts(),
+        };
+        log::info!(
+            "migration complete in {:.2}s (postcopy {:.2}s): background {} demand {} prefetch {} zero {} pages, {} requests, {} bytes",
+            s.total_secs, s.postcopy_secs, s.counts.background_pages, s.counts.demand_pages,
+            s.counts.prefetch_pages, s.counts.zero_pages, s.counts.requests, s.counts.bytes
+        );
+        Ok(s)
+    }
+
+    /// One postcopy run over the current connections: the urgent thread and the background
+    /// stream, until the destination's Complete or an error on either connection.
+    fn serve(&mut self) -> Result<()> {
+        let hint: Arc<Mutex<Option<Hint>>> = Arc::new(Mutex::new(None));
+        let urgent = {
+            let (ram, stats, hint) = (Arc::clone(&self.ram), Arc::clone(&self.stats), Arc::clone(&hint));
+            let stream = self.urgent.try_clone().ctx(|| "clone the urgent connection".into())?;
+            let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
+            let zero = self.caps & CAP_ZERO_RUN != 0;
+            let prefetch = self.opts.prefetch_pages;
+            thread::Builder::new()
+                .name("source-urgent".into())
+                .spawn(move || {
+                    let r = serve_urgent(stream, &ram, &stats, &hint, zero, prefetch);
+                    if r.is_err() {
+                        // The background stream must notice too (a resume restarts both).
+                        let _ = main.shutdown(std::net::Shutdown::Both);
+                    }
+                    r
+                })
+                .ctx(|| "spawn the urgent thread".into())?
+        };
+        let r = self.background(&hint);
+        // Whatever happened, the urgent thread must end: shut its connection down.
+        let _ = self.urgent.shutdown(std::net::Shutdown::Both);
+        let u = urgent.join().map_err(|_| Error::Invalid("the urgent thread panicked".into()))?;
+        match (r, u) {
+            (Ok(()), Err(e)) => {
+                log::debug!("urgent connection ended: {e}");
+                Ok(())
+            }
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(u)) => Err(Error::Invalid(format!("{e} (urgent connection: {u})"))),
+        }
+    }
+
+    /// A connection failed during postcopy: reconnect and resume, retrying with a bounded
+    /// backoff for at most `resume_timeout`.
+    fn reconnect(&mut self, why: Error) -> Result<()> {
+        let _ = self.main.shutdown(std::net::Shutdown::Both);
+        log::warn!("connection to the destination lost during postcopy: {why}; reconnecting");
+        let start = Instant::now();
+        let mut delay = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match self.peer.resume(&self.ram) {
+                Ok((main, dec, urgent, missing)) => {
+                    self.main = main;
+                    self.main_dec = dec;
+                    self.urgent = urgent;
+                    self.stats.resumes.fetch_add(1, Ordering::Relaxed);
+                    log::info!("resumed after {attempts} attempt(s): {missing} pages to send again");
+                    return Ok(());
+                }
+                Err(e) => {
+                    let fatal = e.to_string().contains(NO_SESSION);
+                    if fatal || start.elapsed() + delay > self.opts.resume_timeout {
+                        return Err(Error::Invalid(format!(
+                            "the connection to the destination at {} failed during postcopy ({why}) and resuming failed after {attempts} attempt(s) in {:.1}s: {e}",
+                            self.peer.addr,
+                            start.elapsed().as_secs_f64()
+                        )));
+                    }
+                    log::info!("resume attempt {attempts} failed: {e}; retrying in {delay:?}");
+                    thread::sleep(delay);
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// The background stream: every page not sent yet, in runs of up to 2 MiB, continuing near
+    /// the last demanded address; then Complete, then wait for the destination's Complete.
+    fn background(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
+        let zero = self.caps & CAP_ZERO_RUN != 0;
+        let mut limit = RateLimit::new(self.opts.bandwidth);
+        let nblocks = self.ram.blocks().len();
+        let mut cursor: (usize, usize) = (0, 0);
+        let mut idle_blocks = 0;
+        while idle_blocks <= nblocks {
+            if let Some(h) = hint.lock().ok().and_then(|mut g| g.take()) {
+                cursor = (h.block as usize, h.page as usize);
+                idle_blocks = 0;
+            }
+            let Some(b) = self.ram.blocks().get(cursor.0) else {
+                cursor = (0, 0);
+                idle_blocks += 1;
+                continue;
+            };
+            let Some(start) = b.sent().next_clear(cursor.1) else {
+                cursor = ((cursor.0 + 1) % nblocks, 0);
+                idle_blocks += 1;
+                continue;
+            };
+            idle_blocks = 0;
+            let ps = b.info().page_size;
+            let max = (u64::from(DEFAULT_MAX_RUN) / ps).max(1) as usize;
+            let mut n = 0;
+            while n < max && start + n < b.sent().len() && !b.sent().set(start + n) {
+                n += 1;
+            }
+            cursor = (cursor.0, start + n.max(1));
+            if n == 0 {
+                continue; // the urgent thread took it meanwhile
+            }
+            let w = send_run(
+                &mut self.main,
+                cursor.0 as u32,
+                b,
+                start as u64 * ps,
+                n as u64 * ps,
+                Kind::Background,
+                zero,
+                &self.stats,
+            )?;
+            limit.pace(w);
+        }
+        write_frame(&mut self.main, &Frame::Complete)?;
+        self.main.flush().ctx(|| "flush the main connection".into())?;
+        log::info!("every page sent; waiting for the destination to place them");
+        match self.main_dec.read_frame(&mut self.main) {
+            Ok(Frame::Complete) => Ok(()),
+            Ok(f) => Err(unexpected("Complete", &f)),
+            Err(WireError::Closed) => Err(Error::Invalid(
+                "the destination closed the connection before it confirmed every page (see its log)".into(),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

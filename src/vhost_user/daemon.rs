@@ -1,0 +1,110 @@
+//! The broker daemon as the frontend of vhost-user backends (`serve --vhost-user-backend`): it
+//! connects to each backend socket before postcopy starts (a Probe notifier vetoes postcopy for a
+//! backend without PAGEFAULT), runs the postcopy part of the handshake with the memfds of its own
+//! RAM blocks, registers each backend as a shared client in process, and sends POSTCOPY_END from
+//! an InboundEnd notifier.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use log::info;
+
+use crate::error::{Error, Result};
+use crate::fault::BrokerHandle;
+use crate::notify::Notifiers;
+use crate::ram::RamBlocks;
+use crate::vhost_user::blk::VIRTIO_F_VERSION_1;
+use crate::vhost_user::frontend::{BackendConn, MemRegion, Negotiation};
+use crate::vhost_user::notifier::{add_end_notifier, add_probe_notifier};
+use crate::vhost_user::register::{block_names_by_fd, handshake_and_register, BrokerLink};
+
+/// One backend the daemon drives.
+#[derive(Debug)]
+struct Attached {
+    socket: PathBuf,
+    conn: Arc<Mutex<BackendConn>>,
+    client: Option<u64>,
+}
+
+/// The backends the daemon is the frontend of.
+#[derive(Debug, Default)]
+pub struct DaemonBackends {
+    backends: Vec<Attached>,
+}
+
+/// The memory table of `blocks`: each block at a guest physical address after the previous one,
+/// its fd at offset 0, the broker's placement mapping as the frontend address.
+pub fn regions_of(blocks: &RamBlocks) -> Result<Vec<MemRegion<'_>>> {
+    let mut gpa = 0u64;
+    let mut out = Vec::new();
+    for (_, b) in blocks.iter() {
+        let fd = b.fd().ok_or_else(|| {
+            Error::Invalid(format!(
+                "RAM block '{}' has no fd; vhost-user backends can only share fd-backed blocks",
+                b.name()
+            ))
+        })?;
+        out.push(MemRegion {
+            guest_phys_addr: gpa,
+            size: b.size(),
+            fd,
+            mmap_offset: 0,
+            user_addr: b.host_addr(),
+        });
+        gpa += b.size();
+    }
+    Ok(out)
+}
+
+impl DaemonBackends {
+    /// Connect to every socket, negotiate, and add a Probe notifier (veto without PAGEFAULT or
+    /// REPLY_ACK) and an InboundEnd notifier (POSTCOPY_END) per backend. Call before
+    /// [`crate::Incoming::probe`].
+    pub fn connect(sockets: &[PathBuf], notifiers: &mut Notifiers) -> Result<DaemonBackends> {
+        let mut backends = Vec::new();
+        for s in sockets {
+            let mut conn = BackendConn::connect(s, &Negotiation::default())?;
+            conn.set_features(VIRTIO_F_VERSION_1)?;
+            add_probe_notifier(notifiers, &conn);
+            let conn = Arc::new(Mutex::new(conn));
+            add_end_notifier(notifiers, Arc::clone(&conn));
+            backends.push(Attached { socket: s.clone(), conn, client: None });
+        }
+        Ok(DaemonBackends { backends })
+    }
+
+    /// Number of backends.
+    pub fn len(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
+    }
+
+    /// Run the postcopy handshake with each backend over the memfds of `blocks`, registering it
+    /// with the running fault loop before the ack. Returns the client ids.
+    pub fn register_all(&mut self, handle: &BrokerHandle, blocks: &RamBlocks) -> Result<Vec<u64>> {
+        let regions = regions_of(blocks)?;
+        let names = block_names_by_fd(&regions, blocks)?;
+        let mut ids = Vec::new();
+        for b in &mut self.backends {
+            let mut conn =
+                b.conn.lock().map_err(|_| Error::Invalid("backend connection lock poisoned".into()))?;
+            let name = format!("vhost-user:{}", b.socket.display());
+            let mut link = BrokerLink::InProcess { handle, blocks };
+            let reg = handshake_and_register(&mut conn, &regions, &mut link, &name, &names)?;
+            info!(
+                "backend {} registered as client {} ({} region(s), {} base(s) corrected)",
+                b.socket.display(),
+                reg.client,
+                reg.postcopy.mappings.len(),
+                reg.postcopy.corrected
+            );
+            b.client = Some(reg.client);
+            ids.push(reg.client);
+        }
+        Ok(ids)
+    }
+}

@@ -1,0 +1,53 @@
+//! Smoke run of `postcopy-broker bench --quick`: every case produces numbers. Speed is not
+//! asserted here (it lives in the benchmark and BENCHMARKS.md), only that the harness works.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+        .arg("bench")
+        .args(["--client", env!("CARGO_BIN_EXE_pcb-client")])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn quick_bench_prints_a_number_for_every_case() {
+    let out = bench(&["--quick"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| case")).collect();
+    for case in [
+        "demand us/fault",
+        "background placement",
+        "wakes per placed page",
+        "register 4 clients",
+        "broker private memory",
+    ] {
+        let row =
+            rows.iter().find(|r| r.contains(case)).unwrap_or_else(|| panic!("no {case} row in\n{text}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let median: f64 = cells[4].split_whitespace().next().unwrap().parse().unwrap();
+        assert!(median.is_finite(), "{row}");
+    }
+    // The demand rows carry a reference figure and a ratio, for both placements when there are
+    // two CPUs.
+    let demand: Vec<_> = rows.iter().filter(|r| r.contains("| demand us/fault ")).collect();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(demand.len(), if cpus > 1 { 4 } else { 2 }, "{text}");
+    for r in demand {
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        assert!(cells[5].split_whitespace().next().unwrap().parse::<f64>().is_ok(), "{r}");
+        assert!(cells[6].parse::<f64>().is_ok(), "ratio in {r}");
+    }
+}
+
+#[test]
+fn a_missing_reference_program_is_a_clear_error() {
+    let out = bench(&["--quick", "--reference", "/nonexistent/uffd_limit.c"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/uffd_limit.c") && err.contains("POSTCOPY_BENCH_REFERENCE"), "{err}");
+}

@@ -1,0 +1,61 @@
+//! Migration test helpers: a scratch directory, a key file, a seeded PRNG and RAM contents.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// A scratch directory removed at the end.
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    pub fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("pcb-recovery-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn write_key(path: &Path) -> Vec<u8> {
+    let key: String = (0..32u8).map(|i| format!("{:02x}", i.wrapping_mul(53) ^ 0x5a)).collect();
+    std::fs::write(path, key).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    postcopy_broker::migration::load_key(path).unwrap()
+}
+
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Pseudo-random pages, every `zero_every`-th page zero.
+pub fn contents(size: usize, ps: usize, seed: u64, zero_every: usize) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    let mut r = Rng(seed | 1);
+    for (i, page) in v.chunks_mut(ps).enumerate() {
+        if i % zero_every == zero_every - 1 {
+            continue;
+        }
+        for w in page.chunks_mut(8) {
+            w.copy_from_slice(&r.next().to_le_bytes()[..w.len()]);
+        }
+    }
+    v
+}

@@ -1,0 +1,171 @@
+//! A TCP proxy for fault injection: it forwards every connection to a target and, when the bytes
+//! forwarded from clients to the target reach a cut point, runs a hook and cuts every live
+//! connection (shutdown of both sides, then close). Cut points come in ascending order; after
+//! the last one connections pass untouched, unless `refuse_after_cut` makes the proxy close
+//! every new connection at once (a peer that never comes back) until `set_refuse(false)`.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+type Hook = Box<dyn Fn(u64) + Send + Sync>;
+
+struct State {
+    target: SocketAddr,
+    /// Cut points still to come, ascending (bytes client → target, all connections together).
+    cuts: Mutex<Vec<u64>>,
+    forwarded: AtomicU64,
+    live: Mutex<Vec<TcpStream>>,
+    cuts_done: AtomicU64,
+    refuse_after_cut: bool,
+    refuse: AtomicBool,
+    stop: AtomicBool,
+    hook: Option<Hook>,
+    connections: AtomicU64,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    addr: SocketAddr,
+    st: Arc<State>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Forward to `target`, cutting at each of `cuts` (bytes). `hook(n)` runs before the n-th cut.
+    pub fn start(
+        target: SocketAddr,
+        mut cuts: Vec<u64>,
+        refuse_after_cut: bool,
+        hook: Option<Hook>,
+    ) -> Proxy {
+        cuts.sort_unstable();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let st = Arc::new(State {
+            target,
+            cuts: Mutex::new(cuts),
+            forwarded: AtomicU64::new(0),
+            live: Mutex::new(Vec::new()),
+            cuts_done: AtomicU64::new(0),
+            refuse_after_cut,
+            refuse: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            hook,
+            connections: AtomicU64::new(0),
+        });
+        let s = Arc::clone(&st);
+        let thread = std::thread::spawn(move || accept_loop(listener, s));
+        Proxy { addr, st, thread: Some(thread) }
+    }
+
+    /// The address to connect to.
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Cuts made so far.
+    pub fn cuts_done(&self) -> u64 {
+        self.st.cuts_done.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.st.connections.load(Ordering::SeqCst)
+    }
+
+    /// Refuse (close at once) new connections, or let them through again.
+    pub fn set_refuse(&self, on: bool) {
+        self.st.refuse.store(on, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.st.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for s in self.st.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, st: Arc<State>) {
+    for conn in listener.incoming() {
+        if st.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = conn else { continue };
+        if st.refuse.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
+        let Ok(server) = TcpStream::connect(st.target) else {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        };
+        st.connections.fetch_add(1, Ordering::SeqCst);
+        let _ = client.set_nodelay(true);
+        let _ = server.set_nodelay(true);
+        {
+            let mut live = st.live.lock().unwrap();
+            live.push(client.try_clone().unwrap());
+            live.push(server.try_clone().unwrap());
+        }
+        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let a = Arc::clone(&st);
+        std::thread::spawn(move || forward(client, server, &a, true));
+        let b = Arc::clone(&st);
+        std::thread::spawn(move || forward(s2, c2, &b, false));
+    }
+}
+
+fn cut(st: &State) {
+    let n = st.cuts_done.fetch_add(1, Ordering::SeqCst) + 1;
+    if let Some(h) = &st.hook {
+        h(n);
+    }
+    if st.refuse_after_cut {
+        st.refuse.store(true, Ordering::SeqCst);
+    }
+    for s in st.live.lock().unwrap().drain(..) {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
+
+fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut keep = n;
+        let mut cut_now = false;
+        if counting {
+            let mut cuts = st.cuts.lock().unwrap();
+            let before = st.forwarded.fetch_add(n as u64, Ordering::SeqCst);
+            if let Some(&c) = cuts.first() {
+                if before + n as u64 >= c {
+                    keep = c.saturating_sub(before) as usize;
+                    cuts.remove(0);
+                    cut_now = true;
+                }
+            }
+        }
+        if keep > 0 && to.write_all(&buf[..keep]).is_err() {
+            break;
+        }
+        if cut_now {
+            cut(st);
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}

@@ -1,0 +1,470 @@
+//! Live migration end to end over loopback TCP: the `postcopy-broker source` process serves an
+//! image; the destination is either the `postcopy-broker serve` process or this test process
+//! driving the library's `Destination` (so that pcb-client processes can be registered with its
+//! fault loop). Every test ends by comparing checksums of the whole RAM with the source's.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use common::clients::{check_pages, client_args, Peer};
+use common::ensure_free_huge_pages;
+use postcopy_broker::fault::{Registration, RegistrationMap};
+use postcopy_broker::migration::destination::{verify_report, Destination, DestinationOptions, Progress};
+use postcopy_broker::migration::verify::{checksum, VerifyReport};
+use postcopy_broker::ram::RamBlock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_postcopy-broker");
+
+/// A scratch directory removed at the end.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("pcb-migration-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn write_key(path: &Path, seed: u8) {
+    let key: String = (0..32u8).map(|i| format!("{:02x}", i.wrapping_mul(37) ^ seed)).collect();
+    std::fs::write(path, key).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Block contents: pseudo-random pages with every third page zero (every page zero for `zero`
+/// = 1 in 1... see `zero_every`).
+fn contents(size: usize, ps: usize, seed: u64, zero_every: usize) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    let mut x = seed | 1;
+    for (i, page) in v.chunks_mut(ps).enumerate() {
+        if zero_every > 0 && i % zero_every == zero_every - 1 {
+            continue;
+        }
+        for w in page.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+        }
+    }
+    v
+}
+
+fn write_image(path: &Path, blocks: &[&Vec<u8>]) {
+    let mut all = Vec::new();
+    for b in blocks {
+        all.extend_from_slice(b);
+    }
+    std::fs::write(path, all).unwrap();
+}
+
+fn source_cmd(addr: &str, key: &Path, image: &Path, blocks: &[&str], extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["source", "--connect", addr, "--key"]).arg(key).arg("--image").arg(image);
+    for b in blocks {
+        c.args(["--block", b]);
+    }
+    c.args(extra).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+fn wait_ok(mut child: Child, what: &str) -> String {
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{what} exited with {st}: {err}");
+    err
+}
+
+fn sum(data: &[u8]) -> String {
+    format!("{:016x}", checksum(data))
+}
+
+fn checksums(r: &VerifyReport) -> Vec<(String, String)> {
+    r.blocks.iter().map(|b| (b.name.clone(), b.checksum.clone())).collect()
+}
+
+/// A `serve --incoming` process and the address it listens on.
+fn spawn_serve(
+    dir: &Dir,
+    key: &Path,
+    extra: &[&str],
+) -> (Child, String, BufReader<std::process::ChildStdout>) {
+    let mut c = Command::new(BIN)
+        .args(["serve", "--incoming", "127.0.0.1:0", "--control"])
+        .arg(dir.path("control.sock"))
+        .arg("--key")
+        .arg(key)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr =
+        line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("serve said {line:?}")).to_string();
+    (c, addr, out)
+}
+
+/// Pages `list` of a block with the first 8 bytes set to `byte` (what pcb-client's write does).
+fn apply_writes(data: &mut [u8], ps: usize, list: &[usize], byte: u8) {
+    for &p in list {
+        data[p * ps..p * ps + 8].fill(byte);
+    }
+}
+
+fn spread(n: usize, pages: usize, seed: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).map(|i| (i * 7919 + seed * 104_729) % pages).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn list(v: &[usize]) -> String {
+    v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn migrates_256_mib_while_client_processes_read_and_write() {
+    ensure_free_huge_pages(40);
+    let dir = Dir::new("big");
+    let (small, huge) = (192usize << 20, 64usize << 20);
+    let mut ram = contents(small, 4096, 0x1234_5678, 3);
+    let mut hram = contents(huge, 2 << 20, 0x9abc_def1, 4);
+    write_image(&dir.path("img"), &[&ram, &hram]);
+    let key = dir.path("key");
+    write_key(&key, 1);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    // A bandwidth limit keeps postcopy running while the clients work (about 1.5 s).
+    let source = source_cmd(
+        &addr,
+        &key,
+        &dir.path("img"),
+        &["pc.ram:192M", "huge:64M:2m"],
+        &["--bandwidth", "128M", "--prefetch", "4", "--verify-file", dir.path("src.json").to_str().unwrap()],
+    )
+    .spawn()
+    .unwrap();
+
+    let key_bytes = postcopy_broker::migration::load_key(&key).unwrap();
+    let opts = DestinationOptions { progress: Progress::Log, ..Default::default() };
+    let mut dest = Destination::accept(&listener, &key_bytes, None, opts).unwrap();
+    dest.run_until_listening().unwrap();
+    let h = dest.broker().unwrap();
+    let blocks = Arc::clone(dest.incoming().blocks());
+    let (b0, b1): (&RamBlock, &RamBlock) = (blocks.get(0).unwrap(), blocks.get(1).unwrap());
+
+    // Two client processes, one per block: read pages, write some, read more.
+    let reads0 = spread(600, small / 4096, 1);
+    let writes0 = spread(200, small / 4096, 2);
+    let reads1 = spread(12, huge >> 21, 3);
+    let writes1 = spread(6, huge >> 21, 4);
+    let script0 =
+        format!("touch:{};write:{}:171;touch:{}", list(&reads0[..300]), list(&writes0), list(&reads0[300..]));
+    let script1 = format!("touch:{};write:{}:93", list(&reads1), list(&writes1));
+    let mut c0 = Peer::spawn(&client_args(b0, 1, &script0, &[]));
+    let mut c1 = Peer::spawn(&client_args(b1, 1, &script1, &[]));
+    c0.register(h, "client-small");
+    let mut m1 = c1.mappings();
+    for m in &mut m1 {
+        m.block = 1;
+    }
+    h.register(Registration {
+        name: "client-huge".into(),
+        uffd: c1.take_uffd(),
+        pid: Some(c1.pid()),
+        map: RegistrationMap::Shared(m1),
+    })
+    .unwrap();
+    c0.go();
+    c1.go();
+    let (l0, l1) = (c0.finish(), c1.finish());
+    // Reads see the source's bytes (the reads after the writes touch other pages or see the write).
+    let before_writes: Vec<_> = l0.iter().take(2).cloned().collect();
+    assert_eq!(check_pages(&before_writes, &ram, 4096), 300);
+    assert_eq!(check_pages(&l1[..1], &hram, 2 << 20), reads1.len());
+
+    let (summary, incoming) = dest.finish().unwrap();
+    wait_ok(source, "source");
+    println!("{}", summary.render());
+
+    // Every byte equals the source, with the clients' writes on top.
+    let src = VerifyReport::read(&dir.path("src.json")).unwrap();
+    assert_eq!(checksums(&src), vec![("pc.ram".into(), sum(&ram)), ("huge".into(), sum(&hram))]);
+    apply_writes(&mut ram, 4096, &writes0, 171);
+    apply_writes(&mut hram, 2 << 20, &writes1, 93);
+    let got = verify_report(incoming.blocks());
+    assert_eq!(checksums(&got), vec![("pc.ram".into(), sum(&ram)), ("huge".into(), sum(&hram))]);
+    let total = (small / 4096 + (huge >> 21)) as u64;
+    assert_eq!(summary.demand_pages + summary.background_pages, total, "{summary:?}");
+    assert!(summary.zero_pages > 0, "zero pages travel as zero runs: {summary:?}");
+    assert_eq!(summary.clients.len(), 2);
+}
+
+#[test]
+fn pages_dirtied_after_precopy_are_discarded_and_sent_again() {
+    ensure_free_huge_pages(8);
+    let dir = Dir::new("dirty");
+    let ram = contents(16 << 20, 4096, 77, 3);
+    let hram = contents(8 << 20, 2 << 20, 78, 2);
+    write_image(&dir.path("img"), &[&ram, &hram]);
+    let key = dir.path("key");
+    write_key(&key, 2);
+    let (dv, ds, sv, ss) = (dir.path("d.json"), dir.path("ds.json"), dir.path("s.json"), dir.path("ss.json"));
+    let (serve, addr, _out) = spawn_serve(
+        &dir,
+        &key,
+        &["--verify-file", dv.to_str().unwrap(), "--summary-json", ds.to_str().unwrap()],
+    );
+    // 3 + 1 + 2 small pages (one range overlaps another), and 1 byte of a huge page: the whole
+    // 2 MiB page is discarded and sent again.
+    let dirty = "pc.ram:0x3000+0x3000,pc.ram:0x5000+0x1000,pc.ram:0x100000+8K,huge:0x200005+1";
+    let source = source_cmd(
+        &addr,
+        &key,
+        &dir.path("img"),
+        &["pc.ram:16M", "huge:8M:2m"],
+        &[
+            "--precopy",
+            "--dirty",
+            dirty,
+            "--verify-file",
+            sv.to_str().unwrap(),
+            "--summary-json",
+            ss.to_str().unwrap(),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    wait_ok(source, "source");
+    wait_ok(serve, "serve");
+    let src = VerifyReport::read(&sv).unwrap();
+    let dst = VerifyReport::read(&dv).unwrap();
+    assert_eq!(checksums(&dst), checksums(&src), "destination equals the source's final RAM");
+    // The source's final RAM is the image with each dirty range inverted (page 5 twice).
+    let (mut ram2, mut hram2) = (ram.clone(), hram.clone());
+    for r in [0x3000..0x6000, 0x5000..0x6000, 0x100000..0x102000] {
+        for b in &mut ram2[r] {
+            *b = !*b;
+        }
+    }
+    hram2[0x200005] = !hram2[0x200005];
+    assert_eq!(checksums(&src), vec![("pc.ram".into(), sum(&ram2)), ("huge".into(), sum(&hram2))]);
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ss).unwrap()).unwrap();
+    assert_eq!(s["counts"]["discarded_pages"], 3 + 2 + 1, "pages of their block: {s}");
+    assert_eq!(s["counts"]["precopy_pages"], 4096 + 4, "{s}");
+    assert_eq!(s["counts"]["background_pages"], 3 + 2 + 1, "exactly the dirty pages go again: {s}");
+    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ds).unwrap()).unwrap();
+    assert_eq!(d["precopy_pages"], 4096 + 4, "{d}");
+    assert_eq!(
+        d["background_pages"].as_u64().unwrap() + d["demand_pages"].as_u64().unwrap(),
+        3 + 2 + 1,
+        "{d}"
+    );
+}
+
+#[test]
+fn a_demand_fault_is_answered_on_the_urgent_connection_while_the_stream_is_saturated() {
+    let dir = Dir::new("demand");
+    let size = 192usize << 20;
+    let ram = contents(size, 4096, 5, 0);
+    write_image(&dir.path("img"), &[&ram]);
+    let key = dir.path("key");
+    write_key(&key, 3);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    // No bandwidth limit: the background stream fills the socket buffers from the first page on.
+    let source = source_cmd(&addr, &key, &dir.path("img"), &["ram:192M"], &[]).spawn().unwrap();
+    let key_bytes = postcopy_broker::migration::load_key(&key).unwrap();
+    let opts = DestinationOptions { progress: Progress::Off, ..Default::default() };
+    let mut dest = Destination::accept(&listener, &key_bytes, None, opts).unwrap();
+    dest.run_until_listening().unwrap();
+    // Fault on the last pages (the background stream starts at the first) through the broker's
+    // own mapping, from a thread of this process.
+    let blocks = Arc::clone(dest.incoming().blocks());
+    let b = blocks.get(0).unwrap();
+    let offsets: Vec<u64> = (1..=4u64).map(|i| size as u64 - i * 997 * 4096).collect();
+    let got: Vec<Vec<u8>> = offsets.iter().map(|&o| common::read_block(b, o, 4096)).collect();
+    for (o, g) in offsets.iter().zip(&got) {
+        assert_eq!(g[..], ram[*o as usize..*o as usize + 4096], "page at {o:#x}");
+    }
+    let st = dest.broker().unwrap().status().unwrap();
+    assert!(st.broker.pages_demand >= 4, "the faulted pages count as demand: {:?}", st.broker);
+    let (summary, incoming) = dest.finish().unwrap();
+    wait_ok(source, "source");
+    assert!(summary.demand_flagged_pages >= 4, "answers flagged DEMAND: {summary:?}");
+    assert!(summary.urgent_pages >= 4, "answers came on the urgent connection: {summary:?}");
+    assert!(summary.requests >= 4, "{summary:?}");
+    let got = verify_report(incoming.blocks());
+    assert_eq!(checksums(&got), vec![("ram".into(), sum(&ram))]);
+}
+
+#[test]
+fn a_wrong_key_is_refused_on_both_sides() {
+    let dir = Dir::new("key");
+    write_image(&dir.path("img"), &[&contents(1 << 20, 4096, 9, 3)]);
+    let (k1, k2) = (dir.path("k1"), dir.path("k2"));
+    write_key(&k1, 4);
+    write_key(&k2, 5);
+    let (mut serve, addr, _out) = spawn_serve(&dir, &k1, &[]);
+    let mut source = source_cmd(&addr, &k2, &dir.path("img"), &["ram:1M"], &[]).spawn().unwrap();
+    let mut serr = String::new();
+    source.stderr.take().unwrap().read_to_string(&mut serr).unwrap();
+    let sst = source.wait().unwrap();
+    let mut derr = String::new();
+    serve.stderr.take().unwrap().read_to_string(&mut derr).unwrap();
+    let dst = serve.wait().unwrap();
+    assert!(!sst.success() && !dst.success(), "source {sst}, serve {dst}");
+    for (who, err, path) in [("source", &serr, &k2), ("destination", &derr, &k1)] {
+        assert!(err.contains("pre-shared key"), "{who}: {err}");
+        assert!(err.contains(path.to_str().unwrap()), "{who} names its key file: {err}");
+    }
+}
+
+#[test]
+fn a_lazy_restore_from_an_image_gives_identical_memory() {
+    ensure_free_huge_pages(8);
+    let dir = Dir::new("restore");
+    let ram = contents(24 << 20, 4096, 11, 3);
+    let hram = contents(8 << 20, 2 << 20, 12, 3);
+    write_image(&dir.path("img"), &[&ram, &hram]);
+    let out = dir.path("sums.json");
+    let o = Command::new(BIN)
+        .args(["serve", "--control"])
+        .arg(dir.path("control.sock"))
+        .arg("--image")
+        .arg(dir.path("img"))
+        .args(["--block", "pc.ram:24M", "--block", "huge:8M:2m", "--checksums"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let fnv = |d: &[u8]| format!("{:016x}", common::fnv1a64(d));
+    assert_eq!(got, serde_json::json!({"pc.ram": fnv(&ram), "huge": fnv(&hram)}));
+}
+
+#[test]
+fn library_source_from_bytes_and_a_memfd_with_dirty_ranges() {
+    use postcopy_broker::migration::source::{SourceBlock, SourceOptions, SourceRam, SourceSession};
+    let a = contents(4 << 20, 4096, 21, 3);
+    let mut b = contents(2 << 20, 4096, 22, 5);
+    // Block "b" lives in a memfd the caller keeps writing (a running guest's RAM).
+    let memfd = postcopy_broker::RamBlock::memfd("src-b", b.len() as u64).unwrap();
+    // SAFETY: the test's own mapping of its memfd, b.len() bytes long.
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), memfd.host_ptr(), b.len()) };
+    let fd = memfd.fd().unwrap().try_clone_to_owned().unwrap();
+    let ram = SourceRam::new(vec![
+        SourceBlock::from_bytes("a", 4096, &a).unwrap(),
+        SourceBlock::from_fd("b", 4096, &fd, b.len() as u64).unwrap(),
+    ])
+    .unwrap();
+    let key = [7u8; 32];
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let writer_ptr = memfd.host_ptr() as usize;
+    let src = std::thread::spawn(move || {
+        let mut s = SourceSession::connect(&addr, &key, ram, SourceOptions::default()).unwrap();
+        s.precopy().unwrap();
+        // The guest writes pages 3 and 100 of "b" after precopy sent them.
+        for p in [3usize, 100] {
+            // SAFETY: inside the memfd mapping, which outlives this thread (joined below).
+            unsafe { std::ptr::write_bytes((writer_ptr + p * 4096) as *mut u8, 0xee, 16) };
+            s.mark_dirty("b", (p * 4096) as u64, 16).unwrap();
+        }
+        s.postcopy().unwrap()
+    });
+    let opts = DestinationOptions { progress: Progress::Off, ..Default::default() };
+    let dest = Destination::accept(&listener, &key, None, opts).unwrap();
+    let (summary, incoming) = dest.run().unwrap();
+    let s = src.join().unwrap();
+    for p in [3usize, 100] {
+        b[p * 4096..p * 4096 + 16].fill(0xee);
+    }
+    let got = verify_report(incoming.blocks());
+    assert_eq!(checksums(&got), vec![("a".into(), sum(&a)), ("b".into(), sum(&b))]);
+    assert_eq!(s.counts.discarded_pages, 2);
+    assert_eq!(s.counts.background_pages, 2);
+    assert_eq!(summary.precopy_pages, (6 << 20) / 4096);
+    drop(memfd);
+}
+
+#[test]
+fn client_processes_register_over_the_control_socket_of_serve_incoming() {
+    ensure_free_huge_pages(8);
+    let dir = Dir::new("control");
+    let mut ram = contents(64 << 20, 4096, 31, 3);
+    let mut hram = contents(8 << 20, 2 << 20, 32, 3);
+    write_image(&dir.path("img"), &[&ram, &hram]);
+    let key = dir.path("key");
+    write_key(&key, 6);
+    let (dv, sv) = (dir.path("d.json"), dir.path("s.json"));
+    let (serve, addr, _out) = spawn_serve(&dir, &key, &["--verify-file", dv.to_str().unwrap()]);
+    let source = source_cmd(
+        &addr,
+        &key,
+        &dir.path("img"),
+        &["pc.ram:64M", "huge:8M:2m"],
+        &["--bandwidth", "24M", "--verify-file", sv.to_str().unwrap()],
+    )
+    .spawn()
+    .unwrap();
+    // The control socket appears when the destination listens.
+    let sock = dir.path("control.sock");
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed().as_secs() < 30, "no control socket");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let reads = spread(200, (64 << 20) / 4096, 5);
+    let writes = spread(50, (64 << 20) / 4096, 6);
+    let args = |block: &str, script: String| -> Vec<String> {
+        vec![
+            "--control".into(),
+            sock.to_str().unwrap().into(),
+            "--block".into(),
+            block.into(),
+            "--script".into(),
+            script,
+        ]
+    };
+    let mut c0 = Peer::spawn(&args("pc.ram", format!("touch:{};write:{}:201", list(&reads), list(&writes))));
+    let mut c1 = Peer::spawn(&args("huge", "touch:0,3;write:1,2:7".into()));
+    c0.go();
+    c1.go();
+    let (l0, l1) = (c0.finish(), c1.finish());
+    assert_eq!(check_pages(&l0[..1], &ram, 4096), reads.len());
+    assert_eq!(check_pages(&l1[..1], &hram, 2 << 20), 2);
+    wait_ok(source, "source");
+    let err = wait_ok(serve, "serve");
+    assert!(err.contains("registered"), "{err}");
+    assert_eq!(
+        checksums(&VerifyReport::read(&sv).unwrap()),
+        vec![("pc.ram".into(), sum(&ram)), ("huge".into(), sum(&hram))]
+    );
+    apply_writes(&mut ram, 4096, &writes, 201);
+    apply_writes(&mut hram, 2 << 20, &[1, 2], 7);
+    let dst = VerifyReport::read(&dv).unwrap();
+    assert_eq!(checksums(&dst), vec![("pc.ram".into(), sum(&ram)), ("huge".into(), sum(&hram))]);
+}

@@ -1,0 +1,377 @@
+//! vhost-user backends under postcopy with a broker process (`postcopy-broker serve --image`, lazy
+//! restore): the guest driver example plays the VMM (its own uffd registered with the broker, the
+//! backend's uffd registered over the control socket before the ack), the backend (ours and
+//! qemu-storage-daemon) serves writes from missing pages and reads into missing pages through its
+//! own faults; disk and RAM end right. Also: a backend without PAGEFAULT is refused before
+//! anything is touched (by the driver and by `serve --vhost-user-backend`), the daemon as a
+//! backend's frontend, and a backend killed during postcopy is dropped alone.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const RAM: u64 = 16 << 20;
+const DISK: u64 = 64 << 20;
+const PAGE: u64 = 4096;
+const MIRROR_GPA: u64 = 8 << 20;
+const MIRROR_SECTORS: u64 = 4096;
+
+fn examples_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("examples")
+}
+
+fn fnv(data: &[u8]) -> String {
+    let h =
+        data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{h:016x}")
+}
+
+/// A work directory with an image (random pages, every fourth page zero) and a disk whose mirror
+/// sectors hold the image at [`MIRROR_GPA`]; removed on drop, with every process in it killed.
+struct Setup {
+    dir: PathBuf,
+    image: Vec<u8>,
+    kids: Vec<Child>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for k in &mut self.kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let dir = std::env::temp_dir().join(format!("pcb-vpc-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let mut x = 0x1234_5678_9abc_def0u64 ^ name.len() as u64;
+        let mut image = vec![0u8; RAM as usize];
+        for (i, c) in image.chunks_mut(8).enumerate() {
+            if (i * 8 / PAGE as usize) % 4 == 3 {
+                continue;
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        fs::write(dir.join("image"), &image).unwrap();
+        let mut disk = vec![0u8; DISK as usize];
+        let m = (MIRROR_SECTORS * 512) as usize;
+        disk[..m].copy_from_slice(&image[MIRROR_GPA as usize..MIRROR_GPA as usize + m]);
+        fs::write(dir.join("disk"), &disk).unwrap();
+        Setup { dir, image, kids: Vec::new() }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn wait_for(&self, p: &Path, what: &str) {
+        let t = Instant::now();
+        while !p.exists() {
+            assert!(t.elapsed() < Duration::from_secs(30), "{what} never appeared at {}", p.display());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `postcopy-broker serve` lazily restoring the image; returns its index in `kids`.
+    fn serve(&mut self, extra: &[&str]) -> usize {
+        let child = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+            .args(["serve", "--block", "ram:16M", "--image"])
+            .arg(self.path("image"))
+            .arg("--control")
+            .arg(self.path("ctl.sock"))
+            .arg("--checksums")
+            .arg(self.path("sums.json"))
+            .args(extra)
+            .stdout(fs::File::create(self.path("serve.out")).unwrap())
+            .stderr(fs::File::create(self.path("serve.err")).unwrap())
+            .spawn()
+            .unwrap();
+        self.kids.push(child);
+        self.kids.len() - 1
+    }
+
+    /// A backend ("ours", "nopf" = ours without PAGEFAULT, or "qsd") on the disk; its socket.
+    fn backend(&mut self, kind: &str) -> (PathBuf, usize) {
+        let sock = self.path(&format!("{kind}.sock"));
+        let log = fs::File::create(self.path(&format!("{kind}.log"))).unwrap();
+        let mut cmd = if kind == "qsd" {
+            let mut c = Command::new("qemu-storage-daemon");
+            c.arg("--blockdev")
+                .arg(format!("driver=file,node-name=disk,filename={}", self.path("disk").display()))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                    sock.display()
+                ));
+            c
+        } else {
+            let mut c = Command::new(examples_dir().join("vhost_user_blk"));
+            c.arg("--socket")
+                .arg(&sock)
+                .arg("--disk")
+                .arg(self.path("disk"))
+                .arg("--size")
+                .arg(DISK.to_string());
+            if kind == "nopf" {
+                c.arg("--no-pagefault");
+            }
+            c
+        };
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.kids.push(child);
+        self.wait_for(&sock, "the backend socket");
+        (sock, self.kids.len() - 1)
+    }
+
+    fn driver(&self, backend: &Path, extra: &[&str]) -> Child {
+        self.wait_for(&self.path("ctl.sock"), "the broker's control socket");
+        Command::new(examples_dir().join("guest_driver"))
+            .arg("--socket")
+            .arg(backend)
+            .arg("--control")
+            .arg(self.path("ctl.sock"))
+            .args([
+                "--json",
+                "--mirror-gpa",
+                &MIRROR_GPA.to_string(),
+                "--mirror-sectors",
+                &MIRROR_SECTORS.to_string(),
+            ])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(self.path("driver.err")).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+            .args(["status", "--json", "--control"])
+            .arg(self.path("ctl.sock"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+
+    fn wait_serve(&mut self, i: usize) {
+        let st = self.kids[i].wait().unwrap();
+        assert!(st.success(), "serve failed: {}\n{}", self.log("serve.err"), self.log("driver.err"));
+    }
+
+    /// The broker's checksums and the driver's equal the image's; the disk holds the mirror
+    /// unchanged and each logged write equals the image page it came from.
+    fn check_results(&self, s: &serde_json::Value) {
+        let want = fnv(&self.image);
+        let sums: serde_json::Value =
+            serde_json::from_slice(&fs::read(self.path("sums.json")).unwrap()).unwrap();
+        assert_eq!(sums["ram"], want.as_str(), "destination RAM differs from the image");
+        assert_eq!(s["ram_checksums"]["ram"]["fnv"], want.as_str(), "the driver saw other RAM");
+        let disk = fs::read(self.path("disk")).unwrap();
+        let m = (MIRROR_SECTORS * 512) as usize;
+        assert!(disk[..m] == self.image[MIRROR_GPA as usize..MIRROR_GPA as usize + m], "mirror changed");
+        let writes = s["postcopy"]["writes"].as_array().unwrap();
+        assert!(!writes.is_empty());
+        for w in writes {
+            let (gpa, sector) = (w[0].as_u64().unwrap() as usize, w[1].as_u64().unwrap() as usize);
+            assert_eq!(
+                &disk[sector * 512..sector * 512 + PAGE as usize],
+                &self.image[gpa..gpa + PAGE as usize],
+                "write of guest page {gpa:#x} to sector {sector}"
+            );
+        }
+    }
+}
+
+/// Read JSON lines until one has `key`.
+fn line_with(out: &mut BufReader<ChildStdout>, key: &str) -> serde_json::Value {
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the driver ended before printing {key}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get(key).is_some() {
+            return v;
+        }
+    }
+}
+
+fn client<'a>(st: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    st["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(st["departed"].as_array().unwrap())
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no client {name} in {st}"))
+}
+
+/// No background transfer: every page the backend touches is missing until the backend faults
+/// on it. After the I/O, the driver reads every page (its own faults finish the restore).
+fn backend_serves_missing_pages(kind: &str) {
+    let mut s = Setup::new(kind);
+    let serve = s.serve(&["--no-background"]);
+    let (sock, _) = s.backend(kind);
+    let mut drv =
+        s.driver(&sock, &["--postcopy-ops", "24", "--requests", "16", "--pause-after-io", "--touch-all"]);
+    let mut out = BufReader::new(drv.stdout.take().unwrap());
+    line_with(&mut out, "phase");
+    let st = s.status();
+    let be = &client(&st, "vhost-user-blk")["stats"];
+    // 24 writes from distinct missing pages and 24 reads into distinct missing pages.
+    assert_eq!(be["pages_requested"], 48, "{st}");
+    assert!(be["faults"].as_u64().unwrap() >= 48);
+    assert_eq!(be["unmapped_faults"], 0);
+    assert_eq!(st["broker"]["pages_background"], 0);
+    assert!(st["received_pages"].as_u64().unwrap() < RAM / PAGE);
+    writeln!(drv.stdin.as_mut().unwrap(), "go").unwrap();
+    let summary = line_with(&mut out, "postcopy");
+    assert!(drv.wait().unwrap().success(), "{}", s.log("driver.err"));
+    s.wait_serve(serve);
+    assert_eq!(summary["postcopy_end"], "ok");
+    assert_eq!(summary["postcopy"]["reads"].as_array().unwrap().len(), 24);
+    assert_eq!(summary["writes"], 16);
+    s.check_results(&summary);
+}
+
+#[test]
+fn example_backend_serves_missing_pages() {
+    backend_serves_missing_pages("ours");
+}
+
+#[test]
+fn qemu_storage_daemon_serves_missing_pages() {
+    backend_serves_missing_pages("qsd");
+}
+
+/// With the background fill running the driver keeps doing I/O until every page arrived.
+#[test]
+fn io_until_complete_with_background_fill() {
+    let mut s = Setup::new("bg");
+    let serve = s.serve(&["--wait-clients", "2"]);
+    let (sock, _) = s.backend("ours");
+    let drv = s.driver(&sock, &["--postcopy-ops", "100000", "--until-complete", "--touch-all"]);
+    let out = drv.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", s.log("driver.err"));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    s.wait_serve(serve);
+    s.check_results(&summary);
+    assert!(s.log("serve.out").contains("vhost-user-blk"));
+}
+
+#[test]
+fn driver_refuses_a_backend_without_pagefault_before_touching_anything() {
+    let mut s = Setup::new("nopf");
+    let serve = s.serve(&["--no-background"]);
+    let (sock, _) = s.backend("nopf");
+    let out = s.driver(&sock, &[]).wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = s.log("driver.err");
+    assert!(err.contains("PAGEFAULT") && err.contains(&sock.display().to_string()), "{err}");
+    let st = s.status();
+    assert_eq!(st["broker"]["clients_registered"], 0);
+    assert_eq!(st["received_pages"], 0);
+    let _ = s.kids[serve].kill();
+}
+
+#[test]
+fn serve_refuses_a_backend_without_pagefault_before_touching_anything() {
+    let mut s = Setup::new("serve-nopf");
+    let (sock, _) = s.backend("nopf");
+    let serve = s.serve(&["--vhost-user-backend", sock.to_str().unwrap()]);
+    let st = s.kids[serve].wait().unwrap();
+    assert!(!st.success());
+    let err = s.log("serve.err");
+    assert!(err.contains("PAGEFAULT") && err.contains(&sock.display().to_string()), "{err}");
+    assert!(!s.path("ctl.sock").exists(), "the control socket was opened before the veto");
+}
+
+/// The daemon is the backend's frontend: handshake with its own memfds, registration, END.
+#[test]
+fn serve_drives_a_backend_itself() {
+    for kind in ["ours", "qsd"] {
+        let mut s = Setup::new(&format!("serve-{kind}"));
+        let (sock, _) = s.backend(kind);
+        let serve = s.serve(&["--vhost-user-backend", sock.to_str().unwrap(), "--wait-clients", "1"]);
+        s.wait_serve(serve);
+        let out = s.log("serve.out");
+        assert!(out.contains(&format!("vhost-user:{}", sock.display())), "{out}");
+        let sums: serde_json::Value =
+            serde_json::from_slice(&fs::read(s.path("sums.json")).unwrap()).unwrap();
+        assert_eq!(sums["ram"], fnv(&s.image).as_str());
+        assert!(!s.log("serve.err").contains("POSTCOPY_END"), "{}", s.log("serve.err"));
+    }
+}
+
+/// Kill the backend during postcopy: the broker drops it alone, the driver's own faults still
+/// complete the restore, and RAM ends equal to the image.
+#[test]
+fn a_killed_backend_is_dropped_alone() {
+    let mut s = Setup::new("kill");
+    let serve = s.serve(&["--no-background"]);
+    let (sock, be) = s.backend("ours");
+    let mut drv =
+        s.driver(&sock, &["--postcopy-ops", "8", "--requests", "4", "--pause-after-io", "--touch-all"]);
+    let mut out = BufReader::new(drv.stdout.take().unwrap());
+    line_with(&mut out, "phase");
+    s.kids[be].kill().unwrap();
+    s.kids[be].wait().unwrap();
+    let t = Instant::now();
+    loop {
+        let st = s.status();
+        let gone = st["departed"].as_array().unwrap().iter().any(|c| c["name"] == "vhost-user-blk");
+        if gone {
+            assert!(st["clients"].as_array().unwrap().iter().any(|c| c["name"] == "guest-driver"));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the broker never dropped the dead backend: {st}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    writeln!(drv.stdin.as_mut().unwrap(), "go").unwrap();
+    let summary = line_with(&mut out, "postcopy");
+    assert!(drv.wait().unwrap().success(), "{}", s.log("driver.err"));
+    s.wait_serve(serve);
+    assert_ne!(summary["postcopy_end"], "ok", "END to a dead backend cannot succeed");
+    let text = s.log("serve.out");
+    assert!(text.contains("guest-driver"), "{text}");
+    s.check_results(&summary);
+    // The driver's own faults did the rest.
+    let line = text.lines().find(|l| l.contains("guest-driver")).unwrap();
+    assert!(!line.contains("faults        0 "), "{line}");
+}
+
+/// The demo itself, small: a live migration with both backends, verified end to end.
+#[test]
+fn demo_migrates_and_verifies_with_both_backends() {
+    for backend in ["ours", "qsd"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+            .args(["demo", "--size", "64M", "--backend", backend, "--timeout", "300"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "demo --backend {backend} failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("result: PASS"), "{text}");
+        assert!(text.contains("vhost-user-blk"), "{text}");
+        assert!(text.contains("RAM block ram: source"), "{text}");
+    }
+}
