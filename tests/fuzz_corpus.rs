@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use postcopy_broker::control::frame::{encode, encode_message, Decoded, FrameDecoder};
 use postcopy_broker::control::message::{decode_incoming, decode_request, decode_response, Incoming};
-use postcopy_broker::control::protocol::{BlockInfo as CtlBlock, FcRegionWire};
+use postcopy_broker::control::protocol::{BlockInfo as CtlBlock, BlockSpec, FcRegionWire};
 use postcopy_broker::control::{
     fuzz_control_stream, fuzz_firecracker, fuzz_request, fuzz_response, ClientKind, MappingSpec, Request,
     Response,
@@ -43,6 +43,7 @@ fn hello(channel: Channel) -> Hello {
         capabilities: CAP_ALL,
         channel,
         session_id: 0x5eed_0000_0000_0001,
+        resume: false,
         blocks: postcopy_broker::migration::fuzz_block_table(),
     }
 }
@@ -53,6 +54,7 @@ fn wire_seeds() -> Seeds {
     let singles: Vec<(&str, Frame<'_>)> = vec![
         ("hello", Frame::Hello(hello(Channel::Main))),
         ("hello-urgent", Frame::Hello(hello(Channel::Urgent))),
+        ("hello-resume", Frame::Hello(Hello { resume: true, ..hello(Channel::Main) })),
         ("hello-ack", Frame::HelloAck { version: 1, capabilities: CAP_ZERO_RUN }),
         ("page", Frame::Page { block: 2, offset: 0, demand: false, data: &page }),
         ("page-demand", Frame::Page { block: 0, offset: 4096, demand: true, data: &page }),
@@ -215,6 +217,17 @@ fn requests() -> Vec<(&'static str, Request)> {
         ("get-blocks", Request::GetBlocks { names: Some(vec!["pc.ram".into(), "vga.vram".into()]) }),
         ("get-blocks-all", Request::GetBlocks { names: None }),
         ("status", Request::Status),
+        (
+            "provide-blocks",
+            Request::ProvideBlocks {
+                blocks: vec![
+                    BlockSpec { name: "pc.ram".into(), size: 1 << 30, page_size: 4096 },
+                    BlockSpec { name: "huge".into(), size: 8 << 20, page_size: 2 << 20 },
+                ],
+            },
+        ),
+        ("dirty", Request::Dirty { block: "pc.ram".into(), offset: 8192, len: 4096 }),
+        ("start-postcopy", Request::StartPostcopy),
     ]
 }
 
@@ -371,7 +384,8 @@ fn frame<T: serde::Serialize>(m: &T) -> Vec<u8> {
 fn message_seeds() -> Seeds {
     let mut s = Seeds::new();
     for (name, r) in requests() {
-        let lead = if r.expected_fds() == 1 { b'\t' } else { b' ' };
+        // JSON whitespace whose value % 4 is the fd count: ' ' 0, '\t' 1, '\n' 2.
+        let lead = [b' ', b'\t', b'\n'][r.expected_fds()];
         let mut v = vec![lead];
         v.extend(serde_json::to_vec(&r).unwrap());
         s.insert(format!("ok-request-{name}"), v);
