@@ -137,11 +137,27 @@ impl ControlError {
         }
     }
 
-    /// The `error` response for this error, if one should be sent.
+    /// The `error` response for this error, if one should be sent. Its message is cut to
+    /// [`MAX_REPLY_MESSAGE`] bytes: it may quote the peer's input (an unknown op, a bad field
+    /// value), and the reply must still fit in one frame.
     pub fn to_response(&self) -> Option<Response> {
-        self.code().map(|c| Response::error(c, self.to_string()))
+        self.code().map(|c| {
+            let mut message = self.to_string();
+            if message.len() > MAX_REPLY_MESSAGE {
+                let mut end = MAX_REPLY_MESSAGE;
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.truncate(end);
+                message.push_str("...");
+            }
+            Response::error(c, message)
+        })
     }
 }
+
+/// Longest error message sent in a reply, in bytes (longer ones are cut).
+pub const MAX_REPLY_MESSAGE: usize = 1024;
 
 /// Escape the first bytes of a stream for an error message.
 pub(crate) fn escape_prefix(bytes: &[u8]) -> String {
@@ -152,4 +168,34 @@ pub(crate) fn escape_prefix(bytes: &[u8]) -> String {
         s.push_str("...");
     }
     format!("\"{s}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::frame::encode_message;
+    use crate::control::message::decode_request;
+
+    /// Found by fuzzing: an unknown op of 65400 bytes made an error reply larger than a frame, so
+    /// the peer got no reply at all.
+    #[test]
+    fn replies_quoting_huge_input_still_fit_a_frame() {
+        // "a" first: the cut at 1024 bytes falls inside a two-byte character.
+        let op = format!("a{}", "\u{e9}".repeat(32700));
+        let payload = format!(r#"{{"op":"{op}"}}"#);
+        let err = decode_request(payload.as_bytes(), Vec::new()).unwrap_err();
+        assert!(matches!(&err, ControlError::UnknownOp(o) if *o == op));
+        let reply = err.to_response().unwrap();
+        encode_message(&reply).unwrap();
+        match reply {
+            Response::Error { code, message } => {
+                assert_eq!(code, code::UNKNOWN_OP);
+                assert!(message.len() <= MAX_REPLY_MESSAGE + 3 && message.ends_with("..."), "{message}");
+                assert!(message.starts_with("unknown op 'a\u{e9}"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let short = ControlError::UnknownOp("x".into()).to_response().unwrap();
+        assert!(matches!(short, Response::Error { message, .. } if !message.ends_with("...")));
+    }
 }

@@ -223,5 +223,101 @@ mod tests {
             }
             prop_assert_eq!(got, want);
         }
+
+        /// A dirty bitmap at any unit (smaller than, equal to or larger than the page) adds the
+        /// same pages as its bits added one by one, and the page model agrees.
+        #[test]
+        fn bitmap_equals_its_bits_added_one_by_one(
+            huge in any::<bool>(),
+            unit_shift in 0u32..4,
+            words in proptest::collection::vec(any::<u64>(), 0..5),
+            sparse in any::<bool>(),
+            nbits in 0u64..320,
+        ) {
+            let (ps, pages) = if huge { (16384u64, 64u64) } else { (4096u64, 256u64) };
+            let size = ps * pages;
+            // 1 KiB, 2 KiB, 4 KiB or 8 KiB per bit.
+            let unit = 1024u64 << unit_shift;
+            let words: Vec<u64> = if sparse { words.iter().map(|w| w & w.rotate_left(7) & w.rotate_left(29)).collect() } else { words };
+            let bit = |i: u64| words.get((i / 64) as usize).is_some_and(|w| w >> (i % 64) & 1 == 1);
+            let mut by_bitmap = batcher(ps, pages, 12);
+            let mut by_bits = batcher(ps, pages, 12);
+            let mut want = vec![false; pages as usize];
+            let mut in_block = true;
+            for i in (0..nbits).filter(|&i| bit(i)) {
+                let (off, len) = (i * unit, unit);
+                if off + len > size {
+                    in_block = false;
+                    prop_assert!(by_bits.add(off, len).is_err());
+                    continue;
+                }
+                by_bits.add(off, len).unwrap();
+                for p in off / ps..(off + len).div_ceil(ps) {
+                    want[p as usize] = true;
+                }
+            }
+            let r = by_bitmap.add_bitmap(&words, nbits, unit);
+            prop_assert_eq!(r.is_ok(), in_block);
+            if in_block {
+                prop_assert_eq!(by_bitmap.ranges().collect::<Vec<_>>(), by_bits.ranges().collect::<Vec<_>>());
+            }
+            let mut got = vec![false; pages as usize];
+            for rg in by_bits.ranges() {
+                for p in rg.offset / ps..rg.end() / ps {
+                    got[p as usize] = true;
+                }
+            }
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(by_bits.bytes(), want.iter().filter(|&&w| w).count() as u64 * ps);
+        }
+
+        /// A refused add (outside the block, overflowing) changes nothing; any max per frame,
+        /// including 0 and huge values, gives frames of 1..=65535 ranges that cover every range.
+        #[test]
+        fn refusals_change_nothing_and_frames_respect_any_max(
+            adds in proptest::collection::vec(
+                prop_oneof![
+                    4 => (0u64..64 * 4096, 0u64..8 * 4096),
+                    1 => (any::<u64>(), any::<u64>()),
+                    1 => ((u64::MAX - 8192)..=u64::MAX, 0u64..16384),
+                ],
+                0..60,
+            ),
+            max in prop_oneof![Just(0usize), 1usize..5, Just(usize::MAX)],
+        ) {
+            let mut b = batcher(4096, 64, max);
+            for &(off, len) in &adds {
+                let before: Vec<ByteRange> = b.ranges().collect();
+                let ok = b.add(off, len).is_ok();
+                prop_assert_eq!(ok, off.checked_add(len).is_some_and(|e| e <= 64 * 4096));
+                if !ok || len == 0 {
+                    prop_assert_eq!(b.ranges().collect::<Vec<_>>(), before);
+                }
+            }
+            let all: Vec<ByteRange> = b.ranges().collect();
+            let bytes = b.bytes();
+            prop_assert_eq!(b.range_count(), all.len());
+            let frames = b.finish();
+            prop_assert!(b.is_empty() && b.range_count() == 0 && b.bytes() == 0);
+            let per = max.clamp(1, u16::MAX as usize);
+            let mut seen = Vec::new();
+            for f in &frames {
+                let Frame::Discard { block, ranges } = f else { panic!("{f:?}") };
+                prop_assert_eq!(*block, 2);
+                prop_assert!(!ranges.is_empty() && ranges.len() <= per);
+                seen.extend_from_slice(ranges);
+            }
+            prop_assert_eq!(frames.len(), all.len().div_ceil(per));
+            prop_assert_eq!(seen.iter().map(|r| r.len).sum::<u64>(), bytes);
+            prop_assert_eq!(seen, all);
+        }
+    }
+
+    #[test]
+    fn for_block_checks_the_index() {
+        let table = BlockTable::new(vec![BlockInfo::new("a", 8192, 4096)]).unwrap();
+        let b = DiscardBatcher::for_block(&table, 0, 12).unwrap();
+        assert_eq!(b.block(), 0);
+        assert!(DiscardBatcher::for_block(&table, 1, 12).is_err());
     }
 }

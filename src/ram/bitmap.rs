@@ -151,4 +151,99 @@ mod tests {
         let e = AtomicBitmap::new(0);
         assert!(e.is_empty() && e.all_set() && e.next_clear(0).is_none());
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(usize),
+        Clear(usize),
+        SetRange(usize, usize),
+        ClearRange(usize, usize),
+    }
+
+    /// A start or count: mostly near the bitmap's size, sometimes huge (saturation).
+    fn arg() -> impl Strategy<Value = usize> {
+        prop_oneof![8 => 0usize..400, 1 => Just(usize::MAX), 1 => (usize::MAX - 64)..=usize::MAX]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0usize..400).prop_map(Op::Set),
+            (0usize..400).prop_map(Op::Clear),
+            (arg(), arg()).prop_map(|(s, n)| Op::SetRange(s, n)),
+            (arg(), arg()).prop_map(|(s, n)| Op::ClearRange(s, n)),
+        ]
+    }
+
+    /// The model's view of `[start, start+n)` clipped to the bitmap.
+    fn span(model: &[bool], start: usize, n: usize) -> std::ops::Range<usize> {
+        let end = start.saturating_add(n).min(model.len());
+        start.min(end)..end
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Every operation and query agrees with a `Vec<bool>` after every step.
+        #[test]
+        fn matches_a_vec_of_bools(
+            bits in prop_oneof![0usize..4, 60usize..70, 126usize..131, 0usize..300],
+            ops in proptest::collection::vec(op(), 0..40),
+            queries in proptest::collection::vec((arg(), arg()), 1..8),
+        ) {
+            let b = AtomicBitmap::new(bits);
+            let mut model = vec![false; bits];
+            prop_assert_eq!(b.len(), bits);
+            for o in &ops {
+                match *o {
+                    Op::Set(i) => {
+                        let was = b.set(i);
+                        prop_assert_eq!(was, model.get(i).copied().unwrap_or(true));
+                        if let Some(m) = model.get_mut(i) { *m = true; }
+                    }
+                    Op::Clear(i) => {
+                        let was = b.clear(i);
+                        prop_assert_eq!(was, model.get(i).copied().unwrap_or(false));
+                        if let Some(m) = model.get_mut(i) { *m = false; }
+                    }
+                    Op::SetRange(s, n) => {
+                        b.set_range(s, n);
+                        let r = span(&model, s, n);
+                        model[r].iter_mut().for_each(|m| *m = true);
+                    }
+                    Op::ClearRange(s, n) => {
+                        b.clear_range(s, n);
+                        let r = span(&model, s, n);
+                        model[r].iter_mut().for_each(|m| *m = false);
+                    }
+                }
+                let ones = model.iter().filter(|&&m| m).count();
+                prop_assert_eq!(b.count_ones(), ones);
+                prop_assert_eq!(b.all_set(), ones == bits);
+            }
+            for i in 0..bits + 70 {
+                prop_assert_eq!(b.test(i), model.get(i).copied().unwrap_or(false), "bit {}", i);
+            }
+            for &(s, n) in &queries {
+                let want = model[span(&model, s, n)].iter().filter(|&&m| m).count();
+                prop_assert_eq!(b.count_range(s, n), want, "count_range({}, {})", s, n);
+                let want_clear = model.iter().enumerate().skip(s).find(|(_, &m)| !m).map(|(i, _)| i);
+                prop_assert_eq!(b.next_clear(s), want_clear, "next_clear({})", s);
+            }
+            for from in 0..bits + 2 {
+                let want_clear = model.iter().enumerate().skip(from).find(|(_, &m)| !m).map(|(i, _)| i);
+                prop_assert_eq!(b.next_clear(from), want_clear, "next_clear({})", from);
+            }
+            // The words: bit i of the map is bit i % 64 of word i / 64, and nothing past the end.
+            let words = b.to_words();
+            prop_assert_eq!(words.len(), bits.div_ceil(64));
+            for (w, word) in words.iter().enumerate() {
+                for k in 0..64 {
+                    let want = model.get(w * 64 + k).copied().unwrap_or(false);
+                    prop_assert_eq!(word >> k & 1 == 1, want, "word {} bit {}", w, k);
+                }
+            }
+        }
+    }
 }
