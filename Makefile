@@ -12,6 +12,7 @@ demo: setup
 
 test: setup
 	cargo test --release
+	bash scripts/fuzz.sh $${FUZZ_SECONDS:-40}
 
 lint:
 	cargo fmt --all -- --check
