@@ -69,12 +69,6 @@ pub trait PageSource: Send + std::fmt::Debug {
         Ok(SourceState::Open)
     }
 
-    /// Outstanding demand requests were lost (for example with a dropped connection) and the
-    /// source is usable again: ask for them again. The default does nothing.
-    fn reissue(&mut self, _pending: &[(crate::ram::BlockId, u64, u64)]) -> Result<()> {
-        Ok(())
-    }
-
     /// Whether the fault loop should pull background pages with `Urgency::Background` requests
     /// when idle (true for local sources; a network source pushes them itself).
     fn wants_background_pull(&self) -> bool {
@@ -82,14 +76,7 @@ pub trait PageSource: Send + std::fmt::Debug {
     }
 }
 
-/// Whether a page is all zero.
-pub fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: u64 has no invalid bit patterns, so viewing aligned bytes as u64 is sound.
-        unsafe { page.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
+pub use crate::migration::zero::is_zero;
 
 /// Hand `data` (pages of `page_size` covering `[offset, ..)` of `block`) to `sink`, as runs of
 /// data pages and runs of zero pages.
