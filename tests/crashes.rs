@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -37,23 +37,7 @@ fn serve_cmd(
     listen: &str,
     extra: &[&str],
 ) -> (Child, String, BufReader<std::process::ChildStdout>) {
-    let mut c = Command::new(BIN)
-        .args(["serve", "--incoming", listen, "--control"])
-        .arg(dir.path("control.sock"))
-        .arg("--key")
-        .arg(key)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(c.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr =
-        line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("serve said {line:?}")).to_string();
-    (c, addr, out)
+    common::mig::spawn_serve(&dir.path("control.sock"), key, listen, extra)
 }
 
 fn end(mut child: Child) -> (bool, String) {

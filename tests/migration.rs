@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -107,23 +107,7 @@ fn spawn_serve(
     key: &Path,
     extra: &[&str],
 ) -> (Child, String, BufReader<std::process::ChildStdout>) {
-    let mut c = Command::new(BIN)
-        .args(["serve", "--incoming", "127.0.0.1:0", "--control"])
-        .arg(dir.path("control.sock"))
-        .arg("--key")
-        .arg(key)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(c.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let addr =
-        line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("serve said {line:?}")).to_string();
-    (c, addr, out)
+    common::mig::spawn_serve(&dir.path("control.sock"), key, "127.0.0.1:0", extra)
 }
 
 /// Pages `list` of a block with the first 8 bytes set to `byte` (what pcb-client's write does).

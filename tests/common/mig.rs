@@ -59,3 +59,31 @@ pub fn contents(size: usize, ps: usize, seed: u64, zero_every: usize) -> Vec<u8>
     }
     v
 }
+
+/// A `postcopy-broker serve --incoming LISTEN` process with its control socket at `control`,
+/// the address it listens on (its first stdout line), and the rest of its stdout.
+pub fn spawn_serve(
+    control: &Path,
+    key: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> (std::process::Child, String, std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::BufRead;
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+        .args(["serve", "--incoming", listen, "--control"])
+        .arg(control)
+        .arg("--key")
+        .arg(key)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr =
+        line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("serve said {line:?}")).to_string();
+    (c, addr, out)
+}
