@@ -375,3 +375,79 @@ fn demo_migrates_and_verifies_with_both_backends() {
         assert!(text.contains("RAM block ram: source"), "{text}");
     }
 }
+
+/// Whether a thread of `pid` sleeps in a userfault (a backend blocked mid-request).
+fn in_userfault(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks
+        .flatten()
+        .any(|t| fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.trim() == "handle_userfault"))
+}
+
+/// Kill the backend while it is blocked on a missing page in the middle of a virtio request:
+/// the broker drops it alone, and another client's faults still complete the restore.
+#[test]
+fn a_backend_killed_mid_request_is_dropped_alone() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let mut s = Setup::new("midreq");
+    let serve = s.serve(&["--no-background"]);
+    let (sock, be) = s.backend("ours");
+    let drv = s.driver(&sock, &["--until-complete", "--requests", "4"]);
+    // The driver's device dies under it; Setup's drop ends the driver with the others.
+    s.kids.push(drv);
+    let broker = Pid::from_raw(s.kids[serve].id() as i32);
+    let backend = s.kids[be].id();
+    // Wait until the backend serves I/O that faults, then freeze the broker until a backend
+    // thread is caught waiting for a page (retrying if the freeze fell between requests).
+    let t = Instant::now();
+    let backend_faults = |st: &serde_json::Value| {
+        st["clients"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == "vhost-user-blk"))
+            .map_or(0, |c| c["stats"]["faults"].as_u64().unwrap_or(0))
+    };
+    while backend_faults(&s.status()) < 8 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the backend never faulted");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut caught = false;
+    for _ in 0..40 {
+        kill(broker, Signal::SIGSTOP).unwrap();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(500) && !in_userfault(backend) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if in_userfault(backend) {
+            caught = true;
+            break;
+        }
+        kill(broker, Signal::SIGCONT).unwrap();
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(caught, "the backend was never caught waiting for a page");
+    s.kids[be].kill().unwrap();
+    s.kids[be].wait().unwrap();
+    kill(broker, Signal::SIGCONT).unwrap();
+    let t = Instant::now();
+    loop {
+        let st = s.status();
+        if st["departed"].as_array().unwrap().iter().any(|c| c["name"] == "vhost-user-blk") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the broker never dropped the dead backend: {st}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Another client reads every page: its faults are served and the restore completes.
+    let other = Command::new(env!("CARGO_BIN_EXE_pcb-client"))
+        .arg("--control")
+        .arg(s.path("ctl.sock"))
+        .args(["--block", "ram", "--no-wait", "--script", "touch:0-4095"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(other.success());
+    s.wait_serve(serve);
+    let sums: serde_json::Value = serde_json::from_slice(&fs::read(s.path("sums.json")).unwrap()).unwrap();
+    assert_eq!(sums["ram"], fnv(&s.image).as_str(), "destination RAM differs from the image");
+}
