@@ -52,9 +52,6 @@ impl DiscardBatcher {
     /// Add the dirty bytes `[offset, offset + len)`, widened to whole pages of the block. A zero
     /// length adds nothing. Bytes outside the block are an error (nothing is added).
     pub fn add(&mut self, offset: u64, len: u64) -> Result<(), WireError> {
-        if len == 0 {
-            return Ok(());
-        }
         let ps = self.info.page_size;
         let outside = || WireError::BadRange {
             frame: FrameType::Discard,
@@ -66,6 +63,9 @@ impl DiscardBatcher {
             why: "outside the block",
         };
         let end = offset.checked_add(len).filter(|&e| e <= self.info.size).ok_or_else(outside)?;
+        if len == 0 {
+            return Ok(());
+        }
         // size is a multiple of ps, so rounding end up stays inside the block.
         let mut start = offset - offset % ps;
         let mut end = end.div_ceil(ps) * ps;
