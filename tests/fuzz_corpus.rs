@@ -173,15 +173,7 @@ fn wire_seeds() -> Seeds {
 
 /// The control_stream target's input: side byte, then reads `[fds, len, bytes]`.
 fn stream_seed(server: bool, reads: &[(u8, Vec<u8>)]) -> Vec<u8> {
-    let mut v = vec![u8::from(server)];
-    for (fds, bytes) in reads {
-        for (i, c) in bytes.chunks(255).enumerate() {
-            v.push(if i == 0 { *fds } else { 0 });
-            v.push(c.len() as u8);
-            v.extend_from_slice(c);
-        }
-    }
-    v
+    postcopy_broker::control::stream_input(server, reads)
 }
 
 fn requests() -> Vec<(&'static str, Request)> {

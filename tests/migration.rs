@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use common::clients::{check_pages, client_args, Peer};
+use common::clients::{check_pages, client_args, control_args, Peer};
 use common::ensure_free_huge_pages;
+use common::mig::contents;
 use postcopy_broker::fault::{Registration, RegistrationMap};
 use postcopy_broker::migration::destination::{verify_report, Destination, DestinationOptions, Progress};
 use postcopy_broker::migration::verify::{checksum, VerifyReport};
@@ -46,25 +47,6 @@ fn write_key(path: &Path, seed: u8) {
     let key: String = (0..32u8).map(|i| format!("{:02x}", i.wrapping_mul(37) ^ seed)).collect();
     std::fs::write(path, key).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// Block contents: pseudo-random pages with every third page zero (every page zero for `zero`
-/// = 1 in 1... see `zero_every`).
-fn contents(size: usize, ps: usize, seed: u64, zero_every: usize) -> Vec<u8> {
-    let mut v = vec![0u8; size];
-    let mut x = seed | 1;
-    for (i, page) in v.chunks_mut(ps).enumerate() {
-        if zero_every > 0 && i % zero_every == zero_every - 1 {
-            continue;
-        }
-        for w in page.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-        }
-    }
-    v
 }
 
 fn write_image(path: &Path, blocks: &[&Vec<u8>]) {
@@ -423,16 +405,7 @@ fn client_processes_register_over_the_control_socket_of_serve_incoming() {
     }
     let reads = spread(200, (64 << 20) / 4096, 5);
     let writes = spread(50, (64 << 20) / 4096, 6);
-    let args = |block: &str, script: String| -> Vec<String> {
-        vec![
-            "--control".into(),
-            sock.to_str().unwrap().into(),
-            "--block".into(),
-            block.into(),
-            "--script".into(),
-            script,
-        ]
-    };
+    let args = |block: &str, script: String| control_args(&sock, &script, &["--block", block]);
     let mut c0 = Peer::spawn(&args("pc.ram", format!("touch:{};write:{}:201", list(&reads), list(&writes))));
     let mut c1 = Peer::spawn(&args("huge", "touch:0,3;write:1,2:7".into()));
     c0.go();

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::clients::{fnv, Peer};
+use common::clients::{control_args, fnv, Peer};
 use common::ensure_free_huge_pages;
 use common::mig::{contents, write_key, Dir, Rng};
 use common::proxy::Proxy;
@@ -55,14 +55,7 @@ fn pick(r: &mut Rng, n: usize, pages: u64) -> Vec<u64> {
 }
 
 fn client(sock: &Path, block: &str, script: String) -> Peer {
-    Peer::spawn(&[
-        "--control".into(),
-        sock.to_str().unwrap().into(),
-        "--block".into(),
-        block.into(),
-        "--script".into(),
-        script,
-    ])
+    Peer::spawn(&control_args(sock, &script, &["--block", block]))
 }
 
 /// Pages the client read, checked against `data` unless `skip` holds them; returns the count.

@@ -245,29 +245,31 @@ fn fake_fds(n: usize) -> Vec<OwnedFd> {
     (0..n).filter_map(|_| File::open("/dev/null").ok().map(OwnedFd::from)).collect()
 }
 
+/// Encode an input of the control_stream target: the side byte, then each read as
+/// `[fds, len, bytes]` (reads longer than 255 bytes are split; only the first piece carries fds).
+pub fn stream_input<B: AsRef<[u8]>>(server: bool, reads: &[(u8, B)]) -> Vec<u8> {
+    let mut v = vec![u8::from(server)];
+    for (fds, bytes) in reads {
+        for (i, c) in bytes.as_ref().chunks(255).enumerate() {
+            v.push(if i == 0 { *fds } else { 0 });
+            v.push(c.len() as u8);
+            v.extend_from_slice(c);
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::control::frame::encode;
 
-    fn records(server: bool, reads: &[(u8, &[u8])]) -> Vec<u8> {
-        let mut v = vec![u8::from(server)];
-        for (fds, bytes) in reads {
-            for (i, c) in bytes.chunks(255).enumerate() {
-                v.push(if i == 0 { *fds } else { 0 });
-                v.push(c.len() as u8);
-                v.extend_from_slice(c);
-            }
-        }
-        v
-    }
-
     #[test]
     fn entry_points_accept_valid_and_garbage_input() {
         let reg = encode(br#"{"op":"register","name":"vm","kind":"private","mappings":[]}"#).unwrap();
-        fuzz_control_stream(&records(true, &[(1, &reg), (0, b"PCB1\xff\xff")]));
+        fuzz_control_stream(&stream_input(true, &[(1, &reg[..]), (0, &b"PCB1\xff\xff"[..])]));
         let ok = encode(br#"{"op":"registered","client":3}"#).unwrap();
-        fuzz_control_stream(&records(false, &[(0, &ok)]));
+        fuzz_control_stream(&stream_input(false, &[(0, &ok)]));
         fuzz_control_stream(&[]);
         fuzz_request(b"\x00{\"op\":\"status\"}");
         fuzz_request(b"\x01{\"op\":\"register\"");

@@ -19,7 +19,9 @@ pub mod server;
 
 pub use client::{send_firecracker_handshake, BrokerHello, ControlClient};
 pub use error::ControlError;
-pub use fuzz::{fuzz_control_stream, fuzz_firecracker, fuzz_request, fuzz_response, FUZZ_IMAGE_LEN};
+pub use fuzz::{
+    fuzz_control_stream, fuzz_firecracker, fuzz_request, fuzz_response, stream_input, FUZZ_IMAGE_LEN,
+};
 pub use message::Incoming;
 pub use protocol::{
     BlockInfo, ClientKind, FcRegion, MappingSpec, Request, Response, BROKER_VERSION, PROTOCOL_VERSION,

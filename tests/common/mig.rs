@@ -45,12 +45,12 @@ impl Rng {
     }
 }
 
-/// Pseudo-random pages, every `zero_every`-th page zero.
+/// Pseudo-random pages, every `zero_every`-th page zero (none when `zero_every` is 0).
 pub fn contents(size: usize, ps: usize, seed: u64, zero_every: usize) -> Vec<u8> {
     let mut v = vec![0u8; size];
     let mut r = Rng(seed | 1);
     for (i, page) in v.chunks_mut(ps).enumerate() {
-        if i % zero_every == zero_every - 1 {
+        if zero_every > 0 && i % zero_every == zero_every - 1 {
             continue;
         }
         for w in page.chunks_mut(8) {
