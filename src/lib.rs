@@ -18,6 +18,7 @@ pub mod notify;
 pub mod place;
 pub mod probe;
 pub mod ram;
+pub mod sched;
 pub mod source;
 pub mod state;
 pub mod stats;

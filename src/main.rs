@@ -47,6 +47,11 @@ enum Command {
         /// seconds for it to reconnect and resume before giving up (docs/recovery.md).
         #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "incoming")]
         resume_timeout: f64,
+        /// With --incoming: nice value (0-19) of the thread that places the background stream, so
+        /// that client faults and demand answers preempt it; 0 runs it at the daemon's priority.
+        #[arg(long, value_name = "NICE", default_value_t = postcopy_broker::migration::source::DEFAULT_BACKGROUND_NICE,
+              value_parser = clap::value_parser!(i32).range(0..=19), requires = "incoming")]
+        stream_nice: i32,
         /// Control socket path (mode 0600).
         #[arg(long, default_value = "/run/postcopy-broker.sock")]
         control: PathBuf,
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
             verify_file,
             summary_json,
             resume_timeout,
+            stream_nice,
             control,
             allow_uid,
             grant,
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
             summary_json,
             resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
                 .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
+            stream_nice,
         })),
         Command::Serve {
             control,

@@ -5,8 +5,13 @@
 //! block sees either no page (and faults) or the whole page. The received bit is set only after
 //! the ioctl succeeded. EEXIST on a page whose received bit is clear means someone populated
 //! shared RAM behind the broker's back: it is counted, logged, repaired (the page is punched out
-//! and placed again) and reported. One thread places into a given block at a time (the fault
-//! loop or the incoming session that owns the placer).
+//! and placed again) and reported.
+//!
+//! Several placers may fill one block at once (the fault loop placing demand answers, a stream
+//! thread placing the background stream): a placer first claims the pages of a run in the
+//! block's `placing` bitmap and fills only the pages it claimed; a page another placer is filling
+//! at that moment is skipped (that placer sets its received bit). So no page is filled twice and
+//! an EEXIST with a clear received bit can only be a foreign page.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,14 +40,18 @@ pub struct PlaceStats {
     pub data_pages: AtomicU64,
     /// Pages placed as zero.
     pub zero_pages: AtomicU64,
-    /// Ioctls issued (COPY + ZEROPAGE).
+    /// Placement calls issued (COPY and ZEROPAGE ioctls, fallocates of zero runs).
     pub ioctls: AtomicU64,
+    /// Of the zero pages, those allocated over a hole with fallocate (no ioctl).
+    pub zero_fallocated: AtomicU64,
     /// EEXIST on pages the broker had placed (harmless).
     pub already_present: AtomicU64,
     /// EEXIST on pages the broker never placed (shared RAM touched behind its back).
     pub foreign_pages: AtomicU64,
     /// Retries after EAGAIN / partial copies.
     pub retries: AtomicU64,
+    /// Pages skipped because another placer was filling them at that moment.
+    pub busy_skipped: AtomicU64,
 }
 
 /// A snapshot of [`PlaceStats`].
@@ -52,14 +61,18 @@ pub struct PlaceCounts {
     pub data_pages: u64,
     /// Pages placed as zero.
     pub zero_pages: u64,
-    /// Ioctls issued.
+    /// Placement calls issued.
     pub ioctls: u64,
+    /// Zero pages allocated with fallocate.
+    pub zero_fallocated: u64,
     /// Harmless EEXIST.
     pub already_present: u64,
     /// Foreign pages detected and repaired.
     pub foreign_pages: u64,
     /// Retries.
     pub retries: u64,
+    /// Pages skipped because another placer was filling them.
+    pub busy_skipped: u64,
 }
 
 impl PlaceStats {
@@ -70,9 +83,11 @@ impl PlaceStats {
             data_pages: g(&self.data_pages),
             zero_pages: g(&self.zero_pages),
             ioctls: g(&self.ioctls),
+            zero_fallocated: g(&self.zero_fallocated),
             already_present: g(&self.already_present),
             foreign_pages: g(&self.foreign_pages),
             retries: g(&self.retries),
+            busy_skipped: g(&self.busy_skipped),
         }
     }
 }
@@ -158,18 +173,66 @@ impl Placer {
             });
         }
         b.check_range(offset, len)?;
-        self.fill(b, offset, len, &self.stats.data_pages, |dst, done, n| {
-            let src = data[usize::try_from(done).unwrap_or(0)..].as_ptr();
-            // SAFETY: `src` points at `n` readable bytes of `data` (done + n <= data.len()).
-            unsafe { self.uffd.copy(dst, src, n, self.wake) }
+        self.claimed(b, offset, len, |o, l| {
+            let base = o - offset;
+            self.fill(b, o, l, &self.stats.data_pages, |dst, done, n| {
+                let src = data[usize::try_from(base + done).unwrap_or(0)..].as_ptr();
+                // SAFETY: `src` points at `n` readable bytes of `data`: the run [o, o+l) lies
+                // inside [offset, offset+len) and base + done + n <= data.len().
+                unsafe { self.uffd.copy(dst, src, n, self.wake) }
+            })
         })
     }
 
-    /// Place zero pages over `[offset, offset+len)`: one UFFDIO_ZEROPAGE where the block supports
-    /// it, otherwise UFFDIO_COPY from a zeroed staging page (hugetlbfs).
+    /// Place zero pages over `[offset, offset+len)`: a hole of an fd-backed block is allocated
+    /// with one fallocate (see [`RamBlock::allocate_zero_hole`]); otherwise one UFFDIO_ZEROPAGE
+    /// where the block supports it, or UFFDIO_COPY from a zeroed staging page (hugetlbfs).
     pub fn place_zero(&self, blocks: &RamBlocks, id: BlockId, offset: u64, len: u64) -> Result<Placed> {
         let b = block(blocks, id)?;
         b.check_range(offset, len)?;
+        let ps = b.page_size();
+        self.claimed(b, offset, len, |o, l| {
+            // fallocate does not fail on pages that exist (as UFFDIO_ZEROPAGE's EEXIST does):
+            // skip the received ones here (claimed, so their bits cannot change meanwhile).
+            let (first, end) = (b.page_index(o), b.page_index(o + l));
+            let mut outcome = Placed::Placed;
+            let mut i = first;
+            while i < end {
+                if b.received().test(i) {
+                    self.stats.already_present.fetch_add(1, Ordering::Relaxed);
+                    outcome = worst(outcome, Placed::AlreadyPresent);
+                    i += 1;
+                    continue;
+                }
+                let j = b.received().next_set(i + 1, end);
+                let (ro, rl) = (i as u64 * ps, (j - i) as u64 * ps);
+                let r = if b.allocate_zero_hole(ro, rl)? {
+                    self.allocated_zero(b, ro, rl);
+                    Placed::Placed
+                } else {
+                    self.zero_by_uffd(b, ro, rl)?
+                };
+                outcome = worst(outcome, r);
+                i = j;
+            }
+            Ok(outcome)
+        })
+    }
+
+    /// Book-keeping after `allocate_zero_hole` filled `[offset, offset+len)`.
+    fn allocated_zero(&self, b: &RamBlock, offset: u64, len: u64) {
+        let pages = len / b.page_size();
+        self.stats.ioctls.fetch_add(1, Ordering::Relaxed);
+        b.received().set_range(b.page_index(offset), pages as usize);
+        self.stats.zero_pages.fetch_add(pages, Ordering::Relaxed);
+        self.stats.zero_fallocated.fetch_add(pages, Ordering::Relaxed);
+        if self.wake {
+            // No ioctl woke this process's threads waiting on the range: wake them now.
+            let _ = self.uffd.wake(b.host_addr() + offset, len);
+        }
+    }
+
+    fn zero_by_uffd(&self, b: &RamBlock, offset: u64, len: u64) -> Result<Placed> {
         let zero_pages = &self.stats.zero_pages;
         if b.zeropage_supported() {
             self.fill(b, offset, len, zero_pages, |dst, _, n| self.uffd.zeropage(dst, n, self.wake))
@@ -177,17 +240,66 @@ impl Placer {
             let ps = b.page_size();
             let zero = self.zero.as_slice().as_ptr();
             let mut outcome = Placed::Placed;
-            let mut o = offset;
-            while o < offset + len {
-                // SAFETY: the zero page is at least one block page long and lives as long as self.
-                let r = self.fill(b, o, ps, zero_pages, |dst, done, n| unsafe {
+            let mut p = offset;
+            while p < offset + len {
+                // SAFETY: the zero page is at least one block page long and lives as long as
+                // self; one page at a time, so done + n <= its length.
+                let r = self.fill(b, p, ps, zero_pages, |dst, done, n| unsafe {
                     self.uffd.copy(dst, zero.add(done as usize), n, self.wake)
                 })?;
                 outcome = worst(outcome, r);
-                o += ps;
+                p += ps;
             }
             Ok(outcome)
         }
+    }
+
+    /// Fill `[offset, offset+len)` with `fill_run(run_offset, run_len)` over the runs of pages
+    /// this placer claims; pages another placer is filling right now are skipped. Each run's
+    /// claims are released once it is filled (its received bits are set by then) or failed.
+    fn claimed(
+        &self,
+        b: &RamBlock,
+        offset: u64,
+        len: u64,
+        mut fill_run: impl FnMut(u64, u64) -> Result<Placed>,
+    ) -> Result<Placed> {
+        let ps = b.page_size();
+        let placing = b.placing();
+        let first = b.page_index(offset);
+        let end = first.saturating_add((len / ps) as usize);
+        let mut outcome = Placed::Placed;
+        let mut i = first;
+        while i < end {
+            let k = (64 - i % 64).min(end - i);
+            let got = placing.claim_in_word(i, k);
+            let mut j = 0;
+            while j < k {
+                if got & (1u64 << j) == 0 {
+                    self.stats.busy_skipped.fetch_add(1, Ordering::Relaxed);
+                    outcome = worst(outcome, Placed::AlreadyPresent);
+                    j += 1;
+                    continue;
+                }
+                let run = ((got >> j).trailing_ones() as usize).min(k - j);
+                let r = fill_run((i + j) as u64 * ps, run as u64 * ps);
+                placing.clear_range(i + j, run);
+                match r {
+                    Ok(p) => outcome = worst(outcome, p),
+                    Err(e) => {
+                        for rest in j + run..k {
+                            if got & (1u64 << rest) != 0 {
+                                placing.clear(i + rest);
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
+                j += run;
+            }
+            i += k;
+        }
+        Ok(outcome)
     }
 
     /// Run `op(dst, done, remaining)` until the range is filled, handling partial progress,

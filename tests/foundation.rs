@@ -75,6 +75,82 @@ fn zero_pages_read_as_zero_and_are_marked_received() {
     assert_peer_sees(b, 8 * PS, &vec![0u8; 8 * PS as usize]);
     let c = placer.stats().counts();
     assert_eq!((c.zero_pages, c.data_pages, c.ioctls), (9, 0, 2));
+    assert_eq!(c.zero_fallocated, 9, "zero runs over holes of a memfd are allocated, not ioctl'd");
+}
+
+#[test]
+fn a_zero_run_over_a_foreign_page_goes_through_the_userfaultfd_and_repairs_it() {
+    let mut blocks = RamBlocks::new();
+    blocks.add(RamBlock::memfd("ram", 8 * PS).unwrap()).unwrap();
+    let mut inc = Incoming::new(blocks);
+    inc.advise().unwrap();
+    let (id, b) = inc.blocks().named("ram").unwrap();
+    write_mapping(&second_mapping(b), 5 * PS, &[0xEEu8; 16]);
+    inc.listen().unwrap();
+    let placer = inc.placer().unwrap();
+    let b = inc.blocks().get(id).unwrap();
+
+    // Pages 0-3 are a hole: allocated. Pages 4-7 hold the intruder's page 5: the userfaultfd
+    // places them, sees EEXIST on page 5 and repairs it.
+    assert_eq!(placer.place_zero(inc.blocks(), id, 0, 4 * PS).unwrap(), Placed::Placed);
+    assert_eq!(placer.place_zero(inc.blocks(), id, 4 * PS, 4 * PS).unwrap(), Placed::Repaired);
+    let c = placer.stats().counts();
+    assert_eq!((c.zero_pages, c.zero_fallocated, c.foreign_pages), (8, 4, 1));
+    assert_eq!(b.received().count_ones(), 8);
+    assert_eq!(read_block(b, 0, 8 * PS), vec![0u8; 8 * PS as usize]);
+    assert_peer_sees(b, 0, &vec![0u8; 8 * PS as usize]);
+}
+
+#[test]
+fn two_placers_racing_over_the_same_pages_fill_each_page_exactly_once() {
+    const PAGES: u64 = 4096;
+    let inc = listening_memfd("ram", PAGES);
+    let (id, b) = inc.blocks().named("ram").unwrap();
+    // Every 7th page is zero, the rest data.
+    let mut data = pattern(0x21, (PAGES * PS) as usize);
+    for p in (3..PAGES).step_by(7) {
+        data[(p * PS) as usize..((p + 1) * PS) as usize].fill(0);
+    }
+    let uffd = inc.uffd().unwrap();
+    let placers: Vec<postcopy_broker::Placer> =
+        (0..2).map(|_| postcopy_broker::Placer::new(Arc::clone(uffd), PS).unwrap()).collect();
+    std::thread::scope(|s| {
+        for (k, placer) in placers.iter().enumerate() {
+            let (blocks, data) = (inc.blocks(), &data);
+            s.spawn(move || {
+                // One goes up in runs of 16 pages, the other down in runs of 11: they cross in
+                // the middle, where both try the same pages at the same time.
+                let run = if k == 0 { 16 } else { 11 };
+                let starts: Vec<u64> = (0..PAGES).step_by(run).collect();
+                let order: Vec<u64> = if k == 0 { starts } else { starts.into_iter().rev().collect() };
+                for first in order {
+                    let end = (first + run as u64).min(PAGES);
+                    let mut p = first;
+                    while p < end {
+                        let zero = p % 7 == 3;
+                        let mut q = p + 1;
+                        while q < end && (q % 7 == 3) == zero {
+                            q += 1;
+                        }
+                        let (o, l) = (p * PS, (q - p) * PS);
+                        if zero {
+                            placer.place_zero(blocks, id, o, l).unwrap();
+                        } else {
+                            placer.place(blocks, id, o, &data[o as usize..(o + l) as usize]).unwrap();
+                        }
+                        p = q;
+                    }
+                }
+            });
+        }
+    });
+    let counts: Vec<_> = placers.iter().map(|p| p.stats().counts()).collect();
+    let filled: u64 = counts.iter().map(|c| c.data_pages + c.zero_pages).sum();
+    assert_eq!(filled, PAGES, "every page filled by exactly one placer: {counts:?}");
+    assert_eq!(counts.iter().map(|c| c.foreign_pages).sum::<u64>(), 0, "{counts:?}");
+    assert_eq!(b.received().count_ones() as u64, PAGES);
+    assert_eq!(read_block(b, 0, PAGES * PS), data);
+    assert_peer_sees(b, 0, &data);
 }
 
 #[test]

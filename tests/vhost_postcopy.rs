@@ -393,7 +393,9 @@ fn a_backend_killed_mid_request_is_dropped_alone() {
     let mut s = Setup::new("midreq");
     let serve = s.serve(&["--no-background"]);
     let (sock, be) = s.backend("ours");
-    let drv = s.driver(&sock, &["--until-complete", "--requests", "4"]);
+    // Postcopy operations until the restore completes (not the default 256), so the backend
+    // keeps faulting on new pages however fast the first ones are served.
+    let drv = s.driver(&sock, &["--until-complete", "--requests", "4", "--postcopy-ops", "1000000"]);
     // The driver's device dies under it; Setup's drop ends the driver with the others.
     s.kids.push(drv);
     let broker = Pid::from_raw(s.kids[serve].id() as i32);

@@ -241,6 +241,11 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     let mig = format!("migration {} MiB, half zero, s (ref: non-zero bytes / raw TCP)", cfg.migrate_mib);
     let mut m_secs = Row::new(&mig, "unpinned", "blocking", Target::RatioAtMost(1.2), 3).with_reference();
     let mut m_tcp = Row::new("loopback TCP GiB/s, one connection", "unpinned", "-", Target::None, 2);
+    let floor = format!(
+        "migration {} MiB, half zero, s (ref: non-zero bytes / uffd_limit copy_2m, placing them on one thread)",
+        cfg.migrate_mib
+    );
+    let mut m_floor = Row::new(&floor, "unpinned", "blocking", Target::None, 3).with_reference();
     let sat = "demand {} during migration, faults that waited (>= 10 us) (ref: idle stream)";
     let mut m_p50 =
         Row::new(&sat.replace("{}", "p50 us"), "unpinned", "blocking", Target::RatioAtMost(2.0), 1)
@@ -347,11 +352,22 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             // Made per run and dropped after it: the scale case measures this process's memory.
             let mig_data = migrate::half_zero(cfg.migrate_mib << 20);
             let raw = migrate::tcp_throughput(cfg.migrate_mib << 20)?;
+            // What placing the non-zero half costs at the machine's UFFDIO_COPY speed.
+            let all = (0..sys::online_cpus()).collect::<Vec<_>>();
+            let unpinned = Placement { name: "unpinned".into(), client: all.clone(), broker: all };
+            let copy = refp.run(&unpinned, 100, (cfg.migrate_mib / 2).max(2))?;
+            let copy_2m = copy
+                .get("place", "copy_2m_gibs")
+                .ok_or_else(|| Error::Invalid("the reference printed no `place` copy_2m_gibs".into()))?;
             let m = migrate::migrate(&mig_data)?;
             m_tcp.ours.push(raw / f64::from(1 << 30));
             m_secs.ours.push(m.secs);
+            m_floor.ours.push(m.secs);
             if let Some(r) = m_secs.reference.as_mut() {
                 r.push(m.nonzero as f64 / raw);
+            }
+            if let Some(r) = m_floor.reference.as_mut() {
+                r.push(m.nonzero as f64 / (copy_2m * f64::from(1 << 30)));
             }
             progress(&format!(
                 "run {}/{}: demand faults during a migration, idle then saturating",
@@ -382,7 +398,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
         rows.extend(pr.rows().into_iter().filter(|r| !r.ours.is_empty()));
     }
     rows.extend(
-        [reg, down, mem, mem_mib, m_tcp, m_secs, m_p50, m_p99, m_blocked, m_mean, m_overlap]
+        [reg, down, mem, mem_mib, m_tcp, m_secs, m_floor, m_p50, m_p99, m_blocked, m_mean, m_overlap]
             .into_iter()
             .filter(|r| !r.ours.is_empty()),
     );

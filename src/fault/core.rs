@@ -225,8 +225,10 @@ impl Core {
         if self.zero_marks[block].clear(idx) {
             self.zero_marked = self.zero_marked.saturating_sub(1);
         }
+        let before = self.filled();
         self.placer.place_zero(&self.blocks, block, off, ps)?;
-        self.landed(block, off, ps, Urgency::Demand, true);
+        let filled = self.filled() - before;
+        self.landed(block, off, ps, Urgency::Demand, true, filled);
         Ok(())
     }
 
@@ -403,13 +405,11 @@ impl Core {
                 continue;
             }
             let max = (chunk / ps).max(1);
-            let mut n = 1;
-            while n < max
-                && start + n < b.pages()
-                && !b.received().test((start + n) as usize)
-                && !self.pending.contains(block, start + n)
-            {
-                n += 1;
+            let limit = (start + max).min(b.pages());
+            // The run ends at the next received page, or at the next requested one.
+            let mut n = b.received().next_set(start as usize + 1, limit as usize) as u64 - start;
+            if !self.pending.is_empty() {
+                n = (1..n).find(|&k| self.pending.contains(block, start + k)).unwrap_or(n);
             }
             self.bg_cursor = (block, start + n);
             let req = PageRequest { block, offset: start * ps, len: n * ps, urgency: Urgency::Background };
@@ -422,8 +422,17 @@ impl Core {
         false
     }
 
+    /// Pages this core's placer filled so far (data and zero).
+    fn filled(&self) -> u64 {
+        let s = self.placer.stats();
+        s.data_pages.load(std::sync::atomic::Ordering::Relaxed)
+            + s.zero_pages.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Pages `[offset, offset+len)` of `block` are placed: take their waiters and owe them wakes.
-    fn landed(&mut self, block: BlockId, offset: u64, len: u64, urgency: Urgency, zero: bool) {
+    /// `filled` of them were filled by this core's placer and are counted (pages another placer
+    /// filled meanwhile are counted by that one).
+    fn landed(&mut self, block: BlockId, offset: u64, len: u64, urgency: Urgency, zero: bool, filled: u64) {
         let Some(b) = self.blocks.get(block) else { return };
         let ps = b.page_size();
         let pages = len / ps;
@@ -433,7 +442,10 @@ impl Core {
             let mut ws = std::mem::take(&mut self.taken);
             for i in 0..pages {
                 ws.clear();
-                if !self.pending.take_into(block, offset / ps + i, &mut ws) {
+                // A page another placer is still filling (claimed elsewhere) has no received bit
+                // yet: its waiters are woken when that placer reports it.
+                let page = offset / ps + i;
+                if !b.received().test(page as usize) || !self.pending.take_into(block, page, &mut ws) {
                     continue;
                 }
                 waited = true;
@@ -450,12 +462,12 @@ impl Core {
             self.taken = ws;
         }
         if urgency == Urgency::Demand || waited {
-            self.stats.pages_demand += pages;
+            self.stats.pages_demand += filled;
         } else {
-            self.stats.pages_background += pages;
+            self.stats.pages_background += filled;
         }
         if zero {
-            self.stats.pages_zero += pages;
+            self.stats.pages_zero += filled;
         }
     }
 
@@ -508,23 +520,29 @@ impl PageSink for Core {
                     self.place_zero_marked(block, offset + o, ps)?;
                 } else {
                     let chunk = &data[o as usize..(o + ps) as usize];
+                    let before = self.filled();
                     self.placer.place(&self.blocks, block, offset + o, chunk)?;
-                    self.landed(block, offset + o, ps, urgency, false);
+                    let filled = self.filled() - before;
+                    self.landed(block, offset + o, ps, urgency, false, filled);
                 }
                 o += ps;
             }
             return Ok(());
         }
+        let before = self.filled();
         let r = self.placer.place(&self.blocks, block, offset, data)?;
         if r == Placed::Repaired {
             self.stats.foreign_pages = self.placer.stats().counts().foreign_pages;
         }
-        self.landed(block, offset, len, urgency, false);
+        let filled = self.filled() - before;
+        self.landed(block, offset, len, urgency, false, filled);
         Ok(())
     }
 
     fn zero(&mut self, block: BlockId, offset: u64, len: u64, urgency: Urgency) -> Result<()> {
+        let before = self.filled();
         let r = self.placer.place_zero(&self.blocks, block, offset, len)?;
+        let filled = self.filled() - before;
         if r == Placed::Repaired {
             self.stats.foreign_pages = self.placer.stats().counts().foreign_pages;
         }
@@ -536,7 +554,11 @@ impl PageSink for Core {
                 }
             }
         }
-        self.landed(block, offset, len, urgency, true);
+        self.landed(block, offset, len, urgency, true, filled);
         Ok(())
+    }
+
+    fn landed_elsewhere(&mut self, block: BlockId, offset: u64, len: u64) {
+        self.landed(block, offset, len, Urgency::Background, false, 0);
     }
 }

@@ -228,6 +228,10 @@ impl Loop {
         clients.sort_by_key(|c| c.id);
         let mut broker = self.core.stats.clone();
         broker.foreign_pages = self.core.placer.stats().counts().foreign_pages;
+        let elsewhere = self.source.placed_elsewhere();
+        broker.pages_demand += elsewhere.demand;
+        broker.pages_background += elsewhere.background;
+        broker.pages_zero += elsewhere.zero;
         StatusReport {
             state: "serving".into(),
             received_pages: blocks.received_pages(),

@@ -4,22 +4,32 @@
 
 /// Whether every byte of `page` is zero.
 ///
-/// Reads 256-byte blocks as sixteen `u128` words ORed together (which the compiler turns into
-/// vector instructions) and stops at the first block that is not zero.
+/// Looks at the first cache line alone first (a data page almost always shows itself there, and
+/// a page not yet in cache then costs one miss instead of four), then reads 256-byte blocks as
+/// sixteen `u128` words ORed together (which the compiler turns into vector instructions) and
+/// stops at the first block that is not zero.
 pub fn is_zero(page: &[u8]) -> bool {
+    if page.len() >= 64 && !or_zero(&page[..64]) {
+        return false;
+    }
     let mut blocks = page.chunks_exact(256);
     for block in &mut blocks {
-        let mut acc = 0u128;
-        for w in block.chunks_exact(16) {
-            let mut b = [0u8; 16];
-            b.copy_from_slice(w);
-            acc |= u128::from_ne_bytes(b);
-        }
-        if acc != 0 {
+        if !or_zero(block) {
             return false;
         }
     }
     blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Whether `bytes` (a multiple of 16 long) is all zero, ORing 16-byte words.
+fn or_zero(bytes: &[u8]) -> bool {
+    let mut acc = 0u128;
+    for w in bytes.chunks_exact(16) {
+        let mut b = [0u8; 16];
+        b.copy_from_slice(w);
+        acc |= u128::from_ne_bytes(b);
+    }
+    acc == 0
 }
 
 /// A piece of a page run: `len` bytes at `offset` (relative to the run) that are all zero pages or

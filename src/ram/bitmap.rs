@@ -82,6 +82,19 @@ impl AtomicBitmap {
         });
     }
 
+    /// Set the clear bits among `[start, start+n)`, which must lie in one word; returns which
+    /// bits this call set, bit 0 standing for `start` (bits already set, or out of range, are 0).
+    pub fn claim_in_word(&self, start: usize, n: usize) -> u64 {
+        let n = n.min(64 - start % 64).min(self.bits.saturating_sub(start));
+        if n == 0 {
+            return 0;
+        }
+        let lo = start % 64;
+        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << lo };
+        let prev = self.words[start / 64].fetch_or(mask, Ordering::AcqRel);
+        (mask & !prev) >> lo
+    }
+
     /// Number of set bits in `[start, start+n)`.
     pub fn count_range(&self, start: usize, n: usize) -> usize {
         let mut c = 0;
@@ -113,6 +126,20 @@ impl AtomicBitmap {
         None
     }
 
+    /// The first set bit in `[from, end)`, or `end` (clipped to the length) when there is none.
+    pub fn next_set(&self, from: usize, end: usize) -> usize {
+        let end = end.min(self.bits);
+        let mut i = from;
+        while i < end {
+            let w = self.words[i / 64].load(Ordering::Acquire) & !((1u64 << (i % 64)) - 1);
+            if w != 0 {
+                return ((i / 64) * 64 + w.trailing_zeros() as usize).min(end);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        end
+    }
+
     /// The bits as little-endian words (for the resume message).
     pub fn to_words(&self) -> Vec<u64> {
         self.words.iter().map(|w| w.load(Ordering::Acquire)).collect()
@@ -122,6 +149,32 @@ impl AtomicBitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_set_finds_the_end_of_a_clear_run() {
+        let b = AtomicBitmap::new(200);
+        assert_eq!(b.next_set(0, 200), 200);
+        assert_eq!(b.next_set(0, 500), 200, "clipped to the length");
+        b.set(130);
+        assert_eq!(b.next_set(0, 200), 130);
+        assert_eq!(b.next_set(130, 200), 130);
+        assert_eq!(b.next_set(131, 200), 200);
+        assert_eq!(b.next_set(5, 100), 100);
+        b.set(3);
+        assert_eq!(b.next_set(0, 64), 3);
+        assert_eq!(b.next_set(4, 4), 4);
+    }
+
+    #[test]
+    fn claim_in_word_returns_only_the_bits_it_set() {
+        let b = AtomicBitmap::new(100);
+        b.set(66);
+        assert_eq!(b.claim_in_word(64, 4), 0b1011);
+        assert_eq!(b.claim_in_word(64, 4), 0);
+        assert_eq!(b.claim_in_word(0, 64), u64::MAX);
+        assert_eq!(b.claim_in_word(98, 10), 0b11, "clipped at the end of the bitmap");
+        assert_eq!(b.claim_in_word(100, 1), 0);
+    }
 
     #[test]
     fn ranges_across_word_boundaries() {

@@ -55,7 +55,13 @@ pub struct RamBlock {
     page_size: u64,
     map: Mapping,
     received: AtomicBitmap,
+    /// Pages a placer is placing right now (claimed before the ioctl, released after the
+    /// received bit is set), so two placing threads never fill the same page.
+    placing: AtomicBitmap,
     zeropage: AtomicBool,
+    /// Whether zero runs over holes may be allocated with fallocate (fd-backed, until the
+    /// filesystem refuses).
+    falloc_zero: AtomicBool,
 }
 
 fn check_size(name: &str, size: u64, page_size: u64) -> Result<()> {
@@ -102,6 +108,7 @@ impl RamBlock {
             None => Mapping::private(len)?,
         };
         let pages = usize::try_from(size / page_size).map_err(|_| Error::Invalid("too many pages".into()))?;
+        let has_fd = fd.is_some();
         Ok(RamBlock {
             name: name.to_string(),
             backing,
@@ -110,7 +117,9 @@ impl RamBlock {
             page_size,
             map,
             received: AtomicBitmap::new(pages),
+            placing: AtomicBitmap::new(pages),
             zeropage: AtomicBool::new(false),
+            falloc_zero: AtomicBool::new(has_fd),
         })
     }
 
@@ -228,6 +237,10 @@ impl RamBlock {
     pub fn received(&self) -> &AtomicBitmap {
         &self.received
     }
+    /// Pages being placed at this moment (see [`crate::place::Placer`]).
+    pub(crate) fn placing(&self) -> &AtomicBitmap {
+        &self.placing
+    }
     /// Whether the page at `offset` has been received.
     pub fn is_received(&self, offset: u64) -> bool {
         self.received.test(self.page_index(offset))
@@ -246,6 +259,52 @@ impl RamBlock {
     /// Whether the backing uses huge pages.
     pub fn is_hugetlb(&self) -> bool {
         self.page_size > SMALL_PAGE
+    }
+
+    /// Make the pages of `[offset, offset+len)` zero pages without any process faulting on them
+    /// again, if the range is a hole of the backing file: fallocate puts pages in the page cache
+    /// (shmem clears each page on its first access, under the page lock, so nobody sees a
+    /// partial page), which costs about half of UFFDIO_ZEROPAGE's allocate-clear-map. Returns
+    /// false, having done nothing, when the block has no fd, the range holds data (possibly a
+    /// foreign page: the caller's userfaultfd placement detects it), or the filesystem refuses
+    /// (then the block stops trying). Waiters are not woken and received bits are not set.
+    pub(crate) fn allocate_zero_hole(&self, offset: u64, len: u64) -> Result<bool> {
+        if !self.falloc_zero.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let Some(fd) = &self.fd else { return Ok(false) };
+        let (o, l) = (to_off(offset)?, to_off(len)?);
+        // SAFETY: lseek on an fd this block owns; it moves only the file offset, which nothing
+        // else uses (all access is through mappings).
+        let data = unsafe { libc::lseek(fd.as_raw_fd(), o, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENXIO) {
+                self.falloc_zero.store(false, Ordering::Relaxed);
+                log::debug!(
+                    "block '{}': SEEK_DATA fails ({e}); zero pages go through the userfaultfd",
+                    self.name
+                );
+                return Ok(false);
+            }
+        } else if data < o + l {
+            return Ok(false);
+        }
+        match fallocate(fd.as_raw_fd(), FallocateFlags::FALLOC_FL_KEEP_SIZE, o, l) {
+            Ok(()) => Ok(true),
+            Err(e @ (nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL | nix::errno::Errno::ENODEV)) => {
+                self.falloc_zero.store(false, Ordering::Relaxed);
+                log::debug!("block '{}': fallocate fails ({e}); zero pages go through the userfaultfd", self.name);
+                Ok(false)
+            }
+            Err(e) => Err(Error::io(
+                format!(
+                    "allocate zero pages of block '{}' at {offset:#x}+{len:#x} (for hugetlbfs blocks, reserve more huge pages in /proc/sys/vm/nr_hugepages)",
+                    self.name
+                ),
+                std::io::Error::from(e),
+            )),
+        }
     }
 
     /// Check that `[offset, offset+len)` is inside the block and page aligned.

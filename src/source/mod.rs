@@ -41,6 +41,21 @@ pub trait PageSink {
     fn page(&mut self, block: BlockId, offset: u64, data: &[u8], urgency: Urgency) -> Result<()>;
     /// `[offset, offset+len)` of `block` is zero.
     fn zero(&mut self, block: BlockId, offset: u64, len: u64, urgency: Urgency) -> Result<()>;
+    /// `[offset, offset+len)` of `block` was placed by someone else (a source's own placing
+    /// thread) and its received bits are set: wake whoever waits for it. The placer counted it.
+    fn landed_elsewhere(&mut self, _block: BlockId, _offset: u64, _len: u64) {}
+}
+
+/// Pages a source placed itself, off the fault loop thread (see
+/// [`PageSource::placed_elsewhere`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlacedElsewhere {
+    /// Pages somebody had requested.
+    pub demand: u64,
+    /// Background pages.
+    pub background: u64,
+    /// Of both, pages placed as zero.
+    pub zero: u64,
 }
 
 /// Whether a source is still usable.
@@ -73,6 +88,12 @@ pub trait PageSource: Send + std::fmt::Debug {
     /// when idle (true for local sources; a network source pushes them itself).
     fn wants_background_pull(&self) -> bool {
         true
+    }
+
+    /// Pages this source placed itself on a thread of its own (they are not in the fault loop's
+    /// own counters); zero for sources that hand every page to the sink.
+    fn placed_elsewhere(&self) -> PlacedElsewhere {
+        PlacedElsewhere::default()
     }
 }
 

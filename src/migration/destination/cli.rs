@@ -32,6 +32,8 @@ pub struct IncomingOptions {
     pub summary_json: Option<PathBuf>,
     /// How long to wait for the source to reconnect after a drop during postcopy.
     pub resume_timeout: std::time::Duration,
+    /// Nice value of the stream thread (0: unchanged).
+    pub stream_nice: i32,
 }
 
 fn finish_outputs(a: &IncomingOptions, summary: &Summary, incoming: &Incoming) -> Result<()> {
@@ -64,8 +66,12 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         busy_poll: a.busy_poll,
         ..BrokerConfig::default()
     };
-    let opts =
-        DestinationOptions { broker, resume_timeout: a.resume_timeout, ..DestinationOptions::default() };
+    let opts = DestinationOptions {
+        broker,
+        resume_timeout: a.resume_timeout,
+        stream_nice: a.stream_nice,
+        ..DestinationOptions::default()
+    };
     let d = Destination::accept(&listener, &key, None, opts).map_err(|e| match e {
         Error::Auth(e) => Error::Invalid(format!(
             "authentication of the source failed using key file {}: {e}",

@@ -4,6 +4,7 @@
 //!   states, finish);
 //! - [`network`]: [`NetworkSource`], the fault loop's page source over the two connections
 //!   (pauses when they drop, resumes with new ones);
+//! - `stream`: the stream thread that reads and places the background stream;
 //! - `resume`: the destination's half of the resume handshake;
 //! - [`summary`]: progress display and the end [`Summary`];
 //! - [`cli`]: `postcopy-broker serve --incoming`.
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod network;
 mod resume;
 pub mod session;
+mod stream;
 pub mod summary;
 
 pub use cli::IncomingOptions;

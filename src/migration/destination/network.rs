@@ -1,24 +1,25 @@
-//! [`NetworkSource`]: the fault loop's page source during postcopy. It owns the main and urgent
-//! connections (non-blocking) with their decoders, and exposes one pollable fd: an epoll over both
-//! sockets and an eventfd it kicks itself when whole frames are still buffered in a decoder
-//! (buffered bytes do not make a socket readable).
+//! [`NetworkSource`]: the fault loop's page source during postcopy. It owns the urgent connection
+//! (non-blocking) with its decoder and the stream thread of the main connection, and exposes one
+//! pollable fd: an epoll over the urgent socket and an eventfd that the stream thread kicks (wanted
+//! pages placed, or the main connection failed), as does the resumer and the source itself after
+//! installing connections whose decoders already hold frames.
 //!
-//! On every call it drains the urgent connection first (demand answers are placed at once), then
-//! takes a bounded amount of the background stream so the loop gets back to client faults soon,
-//! checking the urgent connection again after every background frame. Pages that arrive for
-//! pages already received are ignored (a demand answer and the background copy may both come).
-//! Demand faults become Request frames on the urgent connection.
+//! The background stream (the main connection) is read and placed by a stream thread of its own
+//! (the `stream` module); the fault loop keeps the urgent connection: on every call it places
+//! the demand answers that arrived and wakes the waiters of wanted pages the stream thread
+//! placed. Pages that arrive for pages already received are ignored (a demand answer and the
+//! background copy may both come). Demand faults become Request frames on the urgent connection.
 //!
 //! Postcopy recovery (when `CAP_RESUME` was accepted): an error on either connection drops both
 //! and *pauses* the source instead of closing it. While paused, faults keep waiting (their
 //! requests are kept), pages already present still wake at once (the fault loop checks the
 //! received bitmap), and nothing is placed. The session accepts the reconnect off this thread
 //! and hands the new connections over through a [`Resumer`]; on the next call the source installs
-//! them and re-sends every outstanding demand Request on the new urgent connection before it
-//! reads anything.
+//! them (starting a new stream thread) and re-sends every outstanding demand Request on the new
+//! urgent connection before it reads anything.
 
 use std::io::{ErrorKind, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,19 +28,17 @@ use std::time::Instant;
 use crate::error::{Error, IoContext, Result};
 use crate::eventfd::EventFd;
 use crate::migration::wire::{encode, Decoder, Frame, WireError};
+use crate::place::Placer;
 use crate::ram::{BlockId, RamBlocks};
-use crate::source::{PageRequest, PageSink, PageSource, SourceState, Urgency};
+use crate::source::{PageRequest, PageSink, PageSource, PlacedElsewhere, SourceState, Urgency};
+use crate::uffd::Uffd;
+
+use super::stream::{Stream, StreamCounts, StreamParts, Wanted};
 
 /// Outstanding requests kept beyond this many are pruned of those already answered.
 const PRUNE_AT: usize = 4096;
 use crate::state::{PostcopyState, StateCell};
 
-/// Background bytes taken from the main connection per call before yielding to the fault loop.
-/// Placing them takes about 0.1-0.3 ms here; client faults are read only between calls, so this
-/// bounds how long a demand fault waits behind the stream (4 MiB made it several milliseconds).
-const MAIN_BUDGET: usize = 256 << 10;
-
-const TOK_MAIN: u64 = 1;
 const TOK_URGENT: u64 = 2;
 const TOK_KICK: u64 = 3;
 
@@ -145,10 +144,26 @@ impl Resumer {
     }
 }
 
+/// The urgent connection with its decoder.
+#[derive(Debug)]
+struct Urgent {
+    sock: TcpStream,
+    dec: Decoder,
+}
+
 /// The network page source (see the module doc).
 #[derive(Debug)]
 pub struct NetworkSource {
-    conns: Option<Connections>,
+    /// The urgent connection, while connected.
+    urgent: Option<Urgent>,
+    /// The stream thread over the main connection, while connected.
+    stream: Option<Stream>,
+    uffd: Arc<Uffd>,
+    wanted: Arc<Wanted>,
+    counts: Arc<StreamCounts>,
+    /// Ranges the stream thread placed (reused).
+    landed: Vec<(BlockId, u64, u64)>,
+    stream_nice: i32,
     ep: OwnedFd,
     kick: Arc<EventFd>,
     slot: Arc<Mutex<Option<Connections>>>,
@@ -162,9 +177,9 @@ pub struct NetworkSource {
     outstanding: Vec<(BlockId, u64, u64)>,
 }
 
-#[derive(Debug)]
-struct Ctx {
-    blocks: Arc<RamBlocks>,
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    pub(crate) blocks: Arc<RamBlocks>,
     /// Wire block index → RamBlocks id.
     ids: Vec<BlockId>,
     state: Arc<StateCell>,
@@ -179,13 +194,17 @@ impl NetworkSource {
     /// A source over the two connections (each with its decoder, which may hold frames already
     /// read).
     /// `ids[i]` is the RAM block of wire block `i`; `state` is the Incoming's state cell (Run
-    /// moves it to Running); `net` is shared with the session.
+    /// moves it to Running); `net` is shared with the session; `uffd` is the broker's own
+    /// userfaultfd (where every block is registered), through which the stream thread places;
+    /// `stream_nice` is the stream thread's nice value (0: unchanged).
     pub fn new(
         conns: Connections,
+        uffd: Arc<Uffd>,
         blocks: Arc<RamBlocks>,
         ids: Vec<BlockId>,
         state: Arc<StateCell>,
         net: Arc<NetState>,
+        stream_nice: i32,
     ) -> Result<NetworkSource> {
         let ep = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
@@ -198,8 +217,15 @@ impl NetworkSource {
             epoll::Events::EPOLLIN,
             TOK_KICK,
         )?;
+        let wanted = Arc::new(Wanted::new(&blocks));
         let mut s = NetworkSource {
-            conns: None,
+            urgent: None,
+            stream: None,
+            uffd,
+            wanted,
+            counts: Arc::new(StreamCounts::default()),
+            landed: Vec::new(),
+            stream_nice,
             ep,
             kick: kickfd,
             slot: Arc::new(Mutex::new(None)),
@@ -221,19 +247,39 @@ impl NetworkSource {
         Resumer { slot: Arc::clone(&self.slot), kick: Arc::clone(&self.kick) }
     }
 
-    /// Start using `c`: watch both sockets, then (after a resume) send every outstanding request.
+    /// Start using `c`: watch the urgent connection, start a stream thread on the main one, then
+    /// (after a resume) send every outstanding request.
     fn install(&mut self, c: Connections) -> Result<()> {
-        c.main.set_nonblocking(true).ctx(|| "set the main connection non-blocking".into())?;
         c.urgent.set_nonblocking(true).ctx(|| "set the urgent connection non-blocking".into())?;
-        let add = |fd: RawFd, tok| {
-            ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_ADD, fd, epoll::Events::EPOLLIN, tok)
+        ep_ctl(
+            &self.ep,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            c.urgent.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            TOK_URGENT,
+        )?;
+        let parts = StreamParts {
+            ctx: self.ctx.clone(),
+            placer: {
+                let mut p = Placer::new(Arc::clone(&self.uffd), self.ctx.blocks.largest_page_size())?;
+                // Waiters are woken by the fault loop once it hears of the range.
+                p.set_wake_on_place(false);
+                p
+            },
+            wanted: Arc::clone(&self.wanted),
+            counts: Arc::clone(&self.counts),
+            kick: Arc::clone(&self.kick),
+            nice: self.stream_nice,
         };
-        add(c.main.as_raw_fd(), TOK_MAIN)?;
-        if let Err(e) = add(c.urgent.as_raw_fd(), TOK_URGENT) {
-            self.unwatch(&c);
-            return Err(e);
-        }
-        self.conns = Some(c);
+        let stream = match Stream::spawn(c.main, c.main_dec, parts) {
+            Ok(s) => s,
+            Err(e) => {
+                self.unwatch(&c.urgent);
+                return Err(e);
+            }
+        };
+        self.stream = Some(stream);
+        self.urgent = Some(Urgent { sock: c.urgent, dec: c.urgent_dec });
         self.outbox.clear();
         self.want_out = false;
         self.prune();
@@ -241,25 +287,31 @@ impl NetworkSource {
             let (block, offset, len) = self.outstanding[i];
             self.encode_request(block, offset, len)?;
         }
-        // Frames read with the handshake may already wait in the decoders.
+        // Frames read with the handshake may already wait in the urgent decoder.
         self.kick.kick();
         Ok(())
     }
 
-    fn unwatch(&self, c: &Connections) {
-        for fd in [c.main.as_raw_fd(), c.urgent.as_raw_fd()] {
-            let _ = ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_DEL, fd, epoll::Events::empty(), 0);
-        }
+    fn unwatch(&self, urgent: &TcpStream) {
+        let _ = ep_ctl(
+            &self.ep,
+            epoll::ControlOptions::EPOLL_CTL_DEL,
+            urgent.as_raw_fd(),
+            epoll::Events::empty(),
+            0,
+        );
     }
 
     /// Drop the connections after an error: pause (resumable) or close.
     fn lose(&mut self, e: Error) -> SourceState {
         let text = e.to_string();
         self.send_error(&text);
-        if let Some(c) = self.conns.take() {
-            self.unwatch(&c);
-            let _ = c.main.shutdown(std::net::Shutdown::Both);
-            let _ = c.urgent.shutdown(std::net::Shutdown::Both);
+        if let Some(mut st) = self.stream.take() {
+            st.stop(Shutdown::Both);
+        }
+        if let Some(u) = self.urgent.take() {
+            self.unwatch(&u.sock);
+            let _ = u.sock.shutdown(Shutdown::Both);
         }
         self.outbox.clear();
         self.want_out = false;
@@ -298,9 +350,9 @@ impl NetworkSource {
     }
 
     fn flush_outbox(&mut self) -> Result<()> {
-        let Some(c) = self.conns.as_mut() else { return Ok(()) };
+        let Some(c) = self.urgent.as_mut() else { return Ok(()) };
         while !self.outbox.is_empty() {
-            match c.urgent.write(&self.outbox) {
+            match c.sock.write(&self.outbox) {
                 Ok(0) => return Err(Error::Invalid("the urgent connection stopped accepting bytes".into())),
                 Ok(n) => {
                     self.outbox.drain(..n);
@@ -314,20 +366,20 @@ impl NetworkSource {
         if want != self.want_out {
             let ev =
                 if want { epoll::Events::EPOLLIN | epoll::Events::EPOLLOUT } else { epoll::Events::EPOLLIN };
-            ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_MOD, c.urgent.as_raw_fd(), ev, TOK_URGENT)?;
+            ep_ctl(&self.ep, epoll::ControlOptions::EPOLL_CTL_MOD, c.sock.as_raw_fd(), ev, TOK_URGENT)?;
             self.want_out = want;
         }
         Ok(())
     }
 
     /// Read and handle everything the urgent connection has.
-    fn pump_urgent(c: &mut Connections, ctx: &mut Ctx, sink: &mut dyn PageSink) -> Result<()> {
+    fn pump_urgent(c: &mut Urgent, ctx: &mut Ctx, sink: &mut dyn PageSink) -> Result<()> {
         loop {
-            while let Some(f) = c.urgent_dec.next_frame()? {
+            while let Some(f) = c.dec.next_frame()? {
                 ctx.handle(f, true, sink)?;
             }
-            match c.urgent_dec.read_from(&mut c.urgent) {
-                Ok(0) => return Err(eof("urgent", c.urgent_dec.at_eof())),
+            match c.dec.read_from(&mut c.sock) {
+                Ok(0) => return Err(eof("urgent", c.dec.at_eof())),
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
@@ -338,59 +390,40 @@ impl NetworkSource {
 
     fn pump(&mut self, sink: &mut dyn PageSink) -> Result<()> {
         self.flush_outbox()?;
-        let ctx = &mut self.ctx;
-        let Some(c) = self.conns.as_mut() else { return Ok(()) };
-        Self::pump_urgent(c, ctx, sink)?;
-        let mut budget = MAIN_BUDGET;
-        loop {
-            while budget > 0 {
-                let Some(f) = c.main_dec.next_frame()? else { break };
-                budget = budget.saturating_sub(frame_cost(&f));
-                ctx.handle(f, false, sink)?;
-                Self::pump_urgent(c, ctx, sink)?;
-            }
-            if budget == 0 {
-                break;
-            }
-            match c.main_dec.read_from(&mut c.main) {
-                Ok(0) => return Err(eof("main", c.main_dec.at_eof())),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => return Err(Error::io("read the main connection", e)),
-            }
+        if let Some(c) = self.urgent.as_mut() {
+            Self::pump_urgent(c, &mut self.ctx, sink)?;
         }
-        if c.main_dec.frame_ready()? || c.urgent_dec.frame_ready()? {
-            self.kick.kick();
+        let Some(st) = self.stream.as_ref() else { return Ok(()) };
+        st.take_landed(&mut self.landed);
+        for &(block, offset, len) in &self.landed {
+            sink.landed_elsewhere(block, offset, len);
         }
-        Ok(())
+        self.landed.clear();
+        match st.take_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn send_error(&mut self, text: &str) {
         let mut buf = Vec::new();
-        if let Some(c) = self.conns.as_mut() {
+        if let Some(st) = self.stream.as_ref() {
             if encode(&Frame::Error { text }, &mut buf).is_ok() {
-                let _ = c.main.write(&buf);
+                let mut sock = st.sock();
+                let _ = sock.write(&buf);
             }
         }
     }
 }
 
-fn eof(which: &str, e: WireError) -> Error {
+pub(crate) fn eof(which: &str, e: WireError) -> Error {
     Error::Invalid(format!(
         "the source closed the {which} connection before the migration completed ({e}); the missing pages cannot arrive over it"
     ))
 }
 
-fn frame_cost(f: &Frame<'_>) -> usize {
-    match f {
-        Frame::Page { data, .. } => data.len() + 24,
-        _ => 32,
-    }
-}
-
 impl Ctx {
-    fn handle(&mut self, f: Frame<'_>, urgent: bool, sink: &mut dyn PageSink) -> Result<()> {
+    pub(crate) fn handle(&mut self, f: Frame<'_>, urgent: bool, sink: &mut dyn PageSink) -> Result<()> {
         match f {
             Frame::Page { block, offset, demand, data } => {
                 self.net.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -476,7 +509,8 @@ impl Ctx {
 }
 
 impl PageSource for NetworkSource {
-    fn request(&mut self, req: PageRequest, _sink: &mut dyn PageSink) -> Result<()> {
+    fn request(&mut self, req: PageRequest, sink: &mut dyn PageSink) -> Result<()> {
+        self.mark_wanted(req, sink);
         if self.closed {
             return Err(Error::Invalid("the connection to the source is down; the request waits".into()));
         }
@@ -486,7 +520,7 @@ impl PageSource for NetworkSource {
             }
             self.outstanding.push((req.block, req.offset, req.len));
         }
-        if self.conns.is_none() {
+        if self.urgent.is_none() {
             // Paused: sent when the source reconnects.
             return Ok(());
         }
@@ -506,7 +540,7 @@ impl PageSource for NetworkSource {
             return Ok(SourceState::Closed);
         }
         self.kick.drain();
-        if self.conns.is_none() {
+        if self.urgent.is_none() {
             let Some(c) = self.slot.lock().ok().and_then(|mut g| g.take()) else {
                 return Ok(SourceState::Open);
             };
@@ -532,5 +566,42 @@ impl PageSource for NetworkSource {
 
     fn wants_background_pull(&self) -> bool {
         false
+    }
+
+    fn placed_elsewhere(&self) -> PlacedElsewhere {
+        self.counts.snapshot()
+    }
+}
+
+impl NetworkSource {
+    /// Mark the requested pages wanted, so the stream thread reports them when it places them;
+    /// pages it placed before it could see the mark are reported here (see `stream`).
+    fn mark_wanted(&mut self, req: PageRequest, sink: &mut dyn PageSink) {
+        let Some(b) = self.ctx.blocks.get(req.block) else { return };
+        let ps = b.page_size();
+        let (first, n) = ((req.offset / ps) as usize, (req.len / ps) as usize);
+        self.wanted.mark(req.block, first, n);
+        let received = b.received();
+        let mut i = 0;
+        while i < n {
+            if !received.test(first + i) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && received.test(first + j) {
+                j += 1;
+            }
+            sink.landed_elsewhere(req.block, (first + i) as u64 * ps, (j - i) as u64 * ps);
+            i = j;
+        }
+    }
+}
+
+impl Drop for NetworkSource {
+    fn drop(&mut self) {
+        if let Some(mut st) = self.stream.take() {
+            st.stop(Shutdown::Read);
+        }
     }
 }

@@ -51,6 +51,9 @@ pub struct DestinationOptions {
     /// How long to wait for the source to reconnect after a connection drops during postcopy
     /// before giving up.
     pub resume_timeout: Duration,
+    /// Nice value of the stream thread that places the background stream (0: the caller's),
+    /// so client faults and demand answers preempt it (see [`crate::sched`]).
+    pub stream_nice: i32,
 }
 
 impl Default for DestinationOptions {
@@ -61,6 +64,7 @@ impl Default for DestinationOptions {
             broker: BrokerConfig::default(),
             progress: Progress::Auto,
             resume_timeout: DEFAULT_RESUME_TIMEOUT,
+            stream_nice: crate::migration::source::DEFAULT_BACKGROUND_NICE,
         }
     }
 }
@@ -316,12 +320,19 @@ impl Destination {
         let (urgent, urgent_dec) =
             self.urgent.take().ok_or_else(|| Error::Invalid("no urgent connection".into()))?;
         let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
+        let uffd = self
+            .incoming
+            .uffd()
+            .cloned()
+            .ok_or_else(|| Error::Invalid("the incoming migration has no userfaultfd".into()))?;
         let mut src = NetworkSource::new(
             Connections { main, main_dec: dec, urgent, urgent_dec },
+            uffd,
             Arc::clone(self.incoming.blocks()),
             self.ids.clone(),
             Arc::clone(self.incoming.state()),
             Arc::clone(&self.net),
+            self.opts.stream_nice,
         )?;
         if self.caps & CAP_RESUME != 0 {
             self.resumer = Some(src.resumer());

@@ -54,6 +54,11 @@ pub struct SourceArgs {
     /// Do not offer postcopy recovery: a connection failure during postcopy ends the migration.
     #[arg(long)]
     pub no_resume: bool,
+    /// Nice value (0-19) of the background stream while it runs, so that the urgent thread
+    /// answering demand faults preempts it; 0 runs it at the process's priority.
+    #[arg(long, value_name = "NICE", default_value_t = super::DEFAULT_BACKGROUND_NICE,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub background_nice: i32,
     /// Write the checksums of the final source RAM (after --dirty) to this JSON file.
     #[arg(long, value_name = "FILE")]
     pub verify_file: Option<PathBuf>,
@@ -95,6 +100,7 @@ pub fn run(a: &SourceArgs) -> Result<()> {
         prefetch_pages: a.prefetch,
         bandwidth: a.bandwidth.as_deref().map(parse_size).transpose()?.unwrap_or(0),
         resume: !a.no_resume,
+        background_nice: a.background_nice,
         resume_timeout: std::time::Duration::try_from_secs_f64(a.resume_timeout).map_err(|_| {
             Error::Invalid(format!("--resume-timeout {} is not a duration in seconds", a.resume_timeout))
         })?,

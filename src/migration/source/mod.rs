@@ -20,4 +20,6 @@ pub mod urgent;
 pub use cli::SourceArgs;
 pub use ram::{SourceBlock, SourceRam};
 pub use sender::{SourceCounts, SourceStats};
-pub use session::{SourceOptions, SourceSession, SourceSummary, DEFAULT_SOURCE_RESUME_TIMEOUT};
+pub use session::{
+    SourceOptions, SourceSession, SourceSummary, DEFAULT_BACKGROUND_NICE, DEFAULT_SOURCE_RESUME_TIMEOUT,
+};

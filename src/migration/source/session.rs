@@ -37,6 +37,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Default of [`SourceOptions::resume_timeout`].
 pub const DEFAULT_SOURCE_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Default nice value of the background stream on either side: demand answers and faults
+/// (nice 0) preempt it, and it still gets most of an otherwise idle CPU.
+pub const DEFAULT_BACKGROUND_NICE: i32 = 10;
+
 /// Settings of a source session.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
@@ -56,6 +60,9 @@ pub struct SourceOptions {
     pub resume: bool,
     /// How long to keep trying to reconnect after a connection fails during postcopy.
     pub resume_timeout: Duration,
+    /// Nice value of the background stream while it runs (0: unchanged), so the urgent thread
+    /// answering demand faults preempts it (see [`crate::sched`]).
+    pub background_nice: i32,
 }
 
 impl Default for SourceOptions {
@@ -69,6 +76,7 @@ impl Default for SourceOptions {
             zero_runs: true,
             resume: true,
             resume_timeout: DEFAULT_SOURCE_RESUME_TIMEOUT,
+            background_nice: DEFAULT_BACKGROUND_NICE,
         }
     }
 }
@@ -339,6 +347,7 @@ impl SourceSession {
     /// The background stream: every page not sent yet, in runs of up to 2 MiB, continuing near
     /// the last demanded address; then Complete, then wait for the destination's Complete.
     fn background(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
+        let _nice = crate::sched::NiceGuard::lower(self.opts.background_nice, "background stream");
         let zero = self.caps & CAP_ZERO_RUN != 0;
         let mut limit = RateLimit::new(self.opts.bandwidth);
         let nblocks = self.ram.blocks().len();

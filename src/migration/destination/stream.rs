@@ -1,0 +1,232 @@
+//! The stream thread of a postcopy destination: it reads the main connection (the background
+//! stream) with blocking reads and places its pages with a placer of its own, so the fault loop
+//! keeps only client faults, the urgent connection and demand answers, and a fault never waits
+//! behind background placement. The placers claim pages before filling them (see
+//! [`crate::place`]), so a page that comes both as a demand answer and in the stream is filled
+//! once.
+//!
+//! The thread tells the fault loop only about placed pages somebody asked for. The fault loop
+//! marks a page *wanted* when it requests it and then tests its received bit; this thread sets
+//! received bits (the placer does) and then tests the wanted bits. A SeqCst fence between the
+//! two steps on both sides means at least one of them sees the other, so no waiter is left
+//! asleep (when both see it, the second wake finds no waiter).
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::error::{Error, IoContext, Result};
+use crate::eventfd::EventFd;
+use crate::migration::wire::Decoder;
+use crate::place::Placer;
+use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
+use crate::source::{PageSink, PlacedElsewhere, Urgency};
+
+use super::network::Ctx;
+
+/// Pages the fault loop has requested, one bitmap per block (bits are never cleared: a page is
+/// placed once, so a stale bit costs at most one needless notification).
+#[derive(Debug)]
+pub(crate) struct Wanted(Vec<AtomicBitmap>);
+
+impl Wanted {
+    /// No page wanted yet.
+    pub(crate) fn new(blocks: &RamBlocks) -> Wanted {
+        Wanted(blocks.iter().map(|(_, b)| AtomicBitmap::new(b.pages() as usize)).collect())
+    }
+
+    /// Mark `n` pages from `first` of `block` wanted, then fence (see the module doc).
+    pub(crate) fn mark(&self, block: BlockId, first: usize, n: usize) {
+        if let Some(b) = self.0.get(block) {
+            b.set_range(first, n);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    fn count(&self, block: BlockId, first: usize, n: usize) -> usize {
+        self.0.get(block).map_or(0, |b| b.count_range(first, n))
+    }
+}
+
+/// Counters of the pages the stream threads placed (shared across resumes).
+#[derive(Debug, Default)]
+pub(crate) struct StreamCounts {
+    demand: AtomicU64,
+    background: AtomicU64,
+    zero: AtomicU64,
+}
+
+impl StreamCounts {
+    pub(crate) fn snapshot(&self) -> PlacedElsewhere {
+        PlacedElsewhere {
+            demand: self.demand.load(Ordering::Relaxed),
+            background: self.background.load(Ordering::Relaxed),
+            zero: self.zero.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What one stream thread hands to the fault loop.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Placed ranges with wanted pages: (block, offset, len).
+    landed: Mutex<Vec<(BlockId, u64, u64)>>,
+    /// Why the thread stopped, when it stopped on its own.
+    error: Mutex<Option<Error>>,
+    /// The fault loop asked the thread to stop: errors from then on are not reported.
+    stopping: AtomicBool,
+}
+
+/// A running stream thread over one main connection.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    shared: Arc<Shared>,
+    /// A handle on the main connection, to send an Error frame and to shut it down.
+    sock: TcpStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What a stream thread needs besides its connection.
+pub(crate) struct StreamParts {
+    pub(crate) ctx: Ctx,
+    pub(crate) placer: Placer,
+    pub(crate) wanted: Arc<Wanted>,
+    pub(crate) counts: Arc<StreamCounts>,
+    pub(crate) kick: Arc<EventFd>,
+    /// Nice value of the thread (0: unchanged).
+    pub(crate) nice: i32,
+}
+
+impl Stream {
+    /// Start reading `main` (blocking) with `dec`, which may already hold frames.
+    pub(crate) fn spawn(main: TcpStream, dec: Decoder, parts: StreamParts) -> Result<Stream> {
+        main.set_nonblocking(false).ctx(|| "set the main connection blocking".into())?;
+        let sock = main.try_clone().ctx(|| "clone the main connection".into())?;
+        let shared = Arc::new(Shared::default());
+        let sh = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("postcopy-stream".into())
+            .spawn(move || run(main, dec, parts, &sh))
+            .ctx(|| "spawn the stream thread".into())?;
+        Ok(Stream { shared, sock, thread: Some(thread) })
+    }
+
+    /// Move the ranges placed since the last call into `out`.
+    pub(crate) fn take_landed(&self, out: &mut Vec<(BlockId, u64, u64)>) {
+        if let Ok(mut g) = self.shared.landed.lock() {
+            out.append(&mut g);
+        }
+    }
+
+    /// Why the thread stopped, if it stopped on its own (taken once).
+    pub(crate) fn take_error(&self) -> Option<Error> {
+        self.shared.error.lock().ok().and_then(|mut g| g.take())
+    }
+
+    /// The main connection (to send an Error frame on it).
+    pub(crate) fn sock(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// Stop the thread and wait for it. `how` shuts the connection down: `Read` leaves the
+    /// destination able to write its final frame; `Both` drops the connection.
+    pub(crate) fn stop(&mut self, how: Shutdown) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let _ = self.sock.shutdown(how);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("the stream thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop(Shutdown::Read);
+    }
+}
+
+fn run(mut main: TcpStream, mut dec: Decoder, parts: StreamParts, shared: &Shared) {
+    let StreamParts { mut ctx, placer, wanted, counts, kick, nice } = parts;
+    let _nice = crate::sched::NiceGuard::lower(nice, "stream thread");
+    let mut sink =
+        StreamSink { placer, blocks: Arc::clone(&ctx.blocks), wanted, counts, shared, kick: &kick };
+    let r = (|| -> Result<()> {
+        loop {
+            while let Some(f) = dec.next_frame()? {
+                ctx.handle(f, false, &mut sink)?;
+            }
+            match dec.read_from(&mut main) {
+                Ok(0) => return Err(super::network::eof("main", dec.at_eof())),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read the main connection", e)),
+            }
+        }
+    })();
+    if let Err(e) = r {
+        if !shared.stopping.load(Ordering::Acquire) {
+            if let Ok(mut g) = shared.error.lock() {
+                *g = Some(e);
+            }
+            kick.kick();
+        }
+    }
+}
+
+/// Places the stream's pages and reports the wanted ones.
+struct StreamSink<'a> {
+    placer: Placer,
+    blocks: Arc<RamBlocks>,
+    wanted: Arc<Wanted>,
+    counts: Arc<StreamCounts>,
+    shared: &'a Shared,
+    kick: &'a EventFd,
+}
+
+impl StreamSink<'_> {
+    fn filled(&self) -> u64 {
+        let s = self.placer.stats();
+        s.data_pages.load(Ordering::Relaxed) + s.zero_pages.load(Ordering::Relaxed)
+    }
+
+    /// After a placement that filled `filled` pages of `[offset, offset+len)`: count them, and
+    /// hand the range to the fault loop when a page of it is wanted.
+    fn placed(&mut self, block: BlockId, offset: u64, len: u64, filled: u64, zero: bool) {
+        let ps = self.blocks.get(block).map_or(4096, |b| b.page_size());
+        fence(Ordering::SeqCst);
+        let wanted = self.wanted.count(block, (offset / ps) as usize, (len / ps) as usize) as u64;
+        let demand = wanted.min(filled);
+        self.counts.demand.fetch_add(demand, Ordering::Relaxed);
+        self.counts.background.fetch_add(filled - demand, Ordering::Relaxed);
+        if zero {
+            self.counts.zero.fetch_add(filled, Ordering::Relaxed);
+        }
+        if wanted > 0 {
+            if let Ok(mut g) = self.shared.landed.lock() {
+                g.push((block, offset, len));
+            }
+            self.kick.kick();
+        }
+    }
+}
+
+impl PageSink for StreamSink<'_> {
+    fn page(&mut self, block: BlockId, offset: u64, data: &[u8], _: Urgency) -> Result<()> {
+        let before = self.filled();
+        self.placer.place(&self.blocks, block, offset, data)?;
+        let filled = self.filled() - before;
+        self.placed(block, offset, data.len() as u64, filled, false);
+        Ok(())
+    }
+
+    fn zero(&mut self, block: BlockId, offset: u64, len: u64, _: Urgency) -> Result<()> {
+        let before = self.filled();
+        self.placer.place_zero(&self.blocks, block, offset, len)?;
+        let filled = self.filled() - before;
+        self.placed(block, offset, len, filled, true);
+        Ok(())
+    }
+}
