@@ -324,7 +324,14 @@ impl Placer {
         while done < len {
             let n = if page_by_page { ps } else { len - done };
             self.stats.ioctls.fetch_add(1, Ordering::Relaxed);
-            let ctx = || format!("placing block '{}' offset {:#x}", b.name(), offset + done);
+            let ctx = || {
+                let hint = if b.is_hugetlb() {
+                    " (ENOMEM here means no free huge page: reserve more in /proc/sys/vm/nr_hugepages)"
+                } else {
+                    ""
+                };
+                format!("placing block '{}' offset {:#x}{hint}", b.name(), offset + done)
+            };
             match op(base + done, done, n).ctx(ctx)? {
                 Fill::Done(k) => {
                     let k = k.min(n) / ps * ps;

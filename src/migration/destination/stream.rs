@@ -151,6 +151,7 @@ impl Drop for Stream {
 fn run(mut main: TcpStream, mut dec: Decoder, parts: StreamParts, shared: &Shared) {
     let StreamParts { mut ctx, placer, wanted, counts, kick, nice } = parts;
     let _nice = crate::sched::NiceGuard::lower(nice, "stream thread");
+    let started = std::time::Instant::now();
     let mut sink =
         StreamSink { placer, blocks: Arc::clone(&ctx.blocks), wanted, counts, shared, kick: &kick };
     let r = (|| -> Result<()> {
@@ -166,6 +167,14 @@ fn run(mut main: TcpStream, mut dec: Decoder, parts: StreamParts, shared: &Share
             }
         }
     })();
+    let c = sink.counts.snapshot();
+    log::info!(
+        "stream thread: placed {} pages ({} zero) in {:.3} s, {:.3} s of CPU",
+        c.demand + c.background,
+        c.zero,
+        started.elapsed().as_secs_f64(),
+        crate::sched::thread_cpu_secs()
+    );
     if let Err(e) = r {
         if !shared.stopping.load(Ordering::Acquire) {
             if let Ok(mut g) = shared.error.lock() {

@@ -348,6 +348,17 @@ impl SourceSession {
     /// the last demanded address; then Complete, then wait for the destination's Complete.
     fn background(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
         let _nice = crate::sched::NiceGuard::lower(self.opts.background_nice, "background stream");
+        let (t0, cpu0) = (Instant::now(), crate::sched::thread_cpu_secs());
+        let r = self.background_stream(hint);
+        log::info!(
+            "background stream: {:.3} s, {:.3} s of CPU",
+            t0.elapsed().as_secs_f64(),
+            crate::sched::thread_cpu_secs() - cpu0
+        );
+        r
+    }
+
+    fn background_stream(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
         let zero = self.caps & CAP_ZERO_RUN != 0;
         let mut limit = RateLimit::new(self.opts.bandwidth);
         let nblocks = self.ram.blocks().len();

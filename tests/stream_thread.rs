@@ -1,0 +1,113 @@
+//! The destination's stream thread against real sockets and a real fault loop: a page somebody
+//! waits for that arrives in the background stream (not as an answer on the urgent connection)
+//! wakes its waiter, with the right contents, and is counted once; pages nobody waits for are
+//! placed without waking anyone; zero runs in the stream are allocated (fallocate), not ioctl'd.
+
+mod common;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use postcopy_broker::fault::{Broker, BrokerConfig};
+use postcopy_broker::migration::destination::{Connections, NetState, NetworkSource};
+use postcopy_broker::migration::wire::{encode, BlockInfo, BlockTable, Decoder, Frame, Limits};
+
+const PS: u64 = 4096;
+const PAGES: u64 = 64;
+
+fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
+    let src = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (dst, _) = l.accept().unwrap();
+    (src, dst)
+}
+
+fn send(s: &mut TcpStream, f: &Frame<'_>) {
+    let mut buf = Vec::new();
+    encode(f, &mut buf).unwrap();
+    s.write_all(&buf).unwrap();
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
+    let inc = listening_memfd("ram", PAGES);
+    let (id, b) = inc.blocks().named("ram").unwrap();
+    let table = BlockTable::new(vec![BlockInfo::new("ram", PAGES * PS, PS)]).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut main_src, main_dst) = pair(&l);
+    let (mut urgent_src, urgent_dst) = pair(&l);
+    let conns = Connections {
+        main: main_dst,
+        main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+        urgent: urgent_dst,
+        urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+    };
+    let net = Arc::new(NetState::default());
+    let src = NetworkSource::new(
+        conns,
+        Arc::clone(inc.uffd().unwrap()),
+        Arc::clone(inc.blocks()),
+        vec![id],
+        Arc::clone(inc.state()),
+        Arc::clone(&net),
+        0,
+    )
+    .unwrap();
+    let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
+
+    // A thread of this process touches page 5: the fault loop requests it on the urgent
+    // connection. The "source" reads the Request and never answers it there.
+    let reader = spawn_reader(inc.blocks(), id, 5 * PS, PS);
+    let mut urgent_dec = Decoder::with_blocks(Limits::default(), table.clone());
+    match urgent_dec.read_frame(&mut urgent_src).unwrap() {
+        Frame::Request { block: 0, offset, len } => assert_eq!((offset, len), (5 * PS, PS)),
+        f => panic!("expected a Request for page 5, got {f:?}"),
+    }
+    assert_still_blocked(&reader);
+
+    // The background stream brings pages 0-7 (data), nobody waits for 0-4 and 6-7.
+    let data = pattern(0x33, (8 * PS) as usize);
+    send(&mut main_src, &Frame::Page { block: 0, offset: 0, demand: false, data: &data });
+    let got = finish(reader);
+    assert_eq!(got, data[(5 * PS) as usize..(6 * PS) as usize], "the waiter sees the stream's page");
+
+    // A zero page waited for, arriving inside a zero run of the stream.
+    let reader = spawn_reader(inc.blocks(), id, 9 * PS, PS);
+    match urgent_dec.read_frame(&mut urgent_src).unwrap() {
+        Frame::Request { block: 0, offset, len } => assert_eq!((offset, len), (9 * PS, PS)),
+        f => panic!("expected a Request for page 9, got {f:?}"),
+    }
+    send(&mut main_src, &Frame::ZeroRun { block: 0, offset: 8 * PS, len: 8 * PS, demand: false });
+    assert_eq!(finish(reader), vec![0u8; PS as usize]);
+
+    // The rest of the block, nobody waiting.
+    let rest = pattern(0x44, ((PAGES - 16) * PS) as usize);
+    send(&mut main_src, &Frame::Page { block: 0, offset: 16 * PS, demand: false, data: &rest });
+    wait_until("every page", || b.received().count_ones() as u64 == PAGES);
+
+    let st = h.status().unwrap();
+    let g = &st.broker;
+    assert_eq!(g.pages_demand + g.pages_background, PAGES, "each page counted once: {g:?}");
+    assert_eq!(g.pages_demand, 2, "the two waited pages count as demand: {g:?}");
+    assert_eq!(g.pages_zero, 8, "{g:?}");
+    assert_eq!(g.wakes, 2, "exactly the two waiters were woken: {g:?}");
+    assert_eq!(g.requests, 2, "{g:?}");
+    h.stop().unwrap();
+
+    let mut want = data.clone();
+    want.extend(vec![0u8; (8 * PS) as usize]);
+    want.extend(&rest);
+    assert_eq!(read_block(b, 0, PAGES * PS), want);
+    assert_peer_sees(b, 0, &want);
+    assert!(net.failure().is_none(), "{:?}", net.failure());
+}
