@@ -3,19 +3,13 @@
 //! loop, urgent thread, the guest's vCPUs and devices), so that a thread woken for a demand
 //! fault preempts them at once instead of waiting for their timeslice to end.
 
-/// Lowers the calling thread's priority to a nice value while it lives, and restores the
-/// previous one when dropped (when the process may raise it again; otherwise it stays).
-#[derive(Debug)]
-pub struct NiceGuard {
-    previous: Option<i32>,
-}
-
 fn tid() -> libc::id_t {
     // SAFETY: gettid has no preconditions and cannot fail.
     unsafe { libc::gettid() as libc::id_t }
 }
 
-fn get() -> Option<i32> {
+/// The calling thread's nice value.
+pub fn thread_nice() -> Option<i32> {
     // getpriority returns -1 both as a valid value and on error: clear errno first.
     // SAFETY: errno is thread-local; writing it and calling getpriority on our own tid is sound.
     unsafe {
@@ -25,43 +19,23 @@ fn get() -> Option<i32> {
     }
 }
 
-fn set(nice: i32) -> std::io::Result<()> {
+/// Run the calling thread, which must do only background work (nothing is restored: going
+/// back needs a privilege an unprivileged process lacks), at nice value `nice` (clamped to
+/// 0..=19; 0 leaves it alone). Threads it creates afterwards inherit it. Failing only logs:
+/// priority is an optimisation, not a requirement.
+pub fn lower_thread_priority(nice: i32, what: &str) {
+    let nice = nice.clamp(0, 19);
+    if nice == 0 {
+        return;
+    }
     // SAFETY: setpriority on our own thread id only changes this thread's nice value.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid(), nice) } == 0 {
-        Ok(())
+        log::debug!("{what} runs at nice {nice}");
     } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-impl NiceGuard {
-    /// Run the calling thread at nice value `nice` (clamped to -20..=19). 0 leaves it alone.
-    /// Failing to change it only logs: priority is an optimisation, not a requirement.
-    pub fn lower(nice: i32, what: &str) -> NiceGuard {
-        if nice == 0 {
-            return NiceGuard { previous: None };
-        }
-        let previous = get();
-        match set(nice.clamp(-20, 19)) {
-            Ok(()) => {
-                log::debug!("{what} runs at nice {}", nice.clamp(-20, 19));
-                NiceGuard { previous }
-            }
-            Err(e) => {
-                log::warn!("could not set the nice value of the {what} to {nice}: {e}; it runs at its usual priority");
-                NiceGuard { previous: None }
-            }
-        }
-    }
-}
-
-impl Drop for NiceGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.previous {
-            if let Err(e) = set(p) {
-                log::debug!("could not restore nice {p}: {e}");
-            }
-        }
+        let e = std::io::Error::last_os_error();
+        log::warn!(
+            "could not set the nice value of the {what} to {nice}: {e}; it runs at its usual priority"
+        );
     }
 }
 
@@ -82,19 +56,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_guard_lowers_this_thread_only_and_restores_it() {
-        std::thread::spawn(|| {
-            let before = get().unwrap();
-            {
-                let _g = NiceGuard::lower(7, "test thread");
-                assert_eq!(get(), Some(7));
-                let other = std::thread::spawn(get).join().unwrap();
-                assert_eq!(other, Some(7), "a thread inherits the nice value of its creator");
-            }
-            // Restoring needs the right to raise priority, which root (the test setup) has.
-            assert_eq!(get(), Some(before));
-            let _z = NiceGuard::lower(0, "untouched");
-            assert_eq!(get(), Some(before));
+    fn lowering_affects_this_thread_and_its_children_only() {
+        let before = thread_nice().unwrap();
+        let (mine, child) = std::thread::spawn(|| {
+            lower_thread_priority(7, "test thread");
+            let child = std::thread::spawn(thread_nice).join().unwrap();
+            (thread_nice(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(mine, Some(7));
+        assert_eq!(child, Some(7), "a thread inherits the nice value of its creator");
+        assert_eq!(thread_nice(), Some(before), "other threads keep theirs");
+        std::thread::spawn(move || {
+            lower_thread_priority(0, "untouched");
+            assert_eq!(thread_nice(), Some(before));
+            lower_thread_priority(40, "clamped");
+            assert_eq!(thread_nice(), Some(19));
         })
         .join()
         .unwrap();

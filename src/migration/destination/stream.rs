@@ -150,7 +150,7 @@ impl Drop for Stream {
 
 fn run(mut main: TcpStream, mut dec: Decoder, parts: StreamParts, shared: &Shared) {
     let StreamParts { mut ctx, placer, wanted, counts, kick, nice } = parts;
-    let _nice = crate::sched::NiceGuard::lower(nice, "stream thread");
+    crate::sched::lower_thread_priority(nice, "stream thread");
     let started = std::time::Instant::now();
     let mut sink =
         StreamSink { placer, blocks: Arc::clone(&ctx.blocks), wanted, counts, shared, kick: &kick };

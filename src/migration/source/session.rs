@@ -347,15 +347,26 @@ impl SourceSession {
     /// The background stream: every page not sent yet, in runs of up to 2 MiB, continuing near
     /// the last demanded address; then Complete, then wait for the destination's Complete.
     fn background(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
-        let _nice = crate::sched::NiceGuard::lower(self.opts.background_nice, "background stream");
-        let (t0, cpu0) = (Instant::now(), crate::sched::thread_cpu_secs());
-        let r = self.background_stream(hint);
-        log::info!(
-            "background stream: {:.3} s, {:.3} s of CPU",
-            t0.elapsed().as_secs_f64(),
-            crate::sched::thread_cpu_secs() - cpu0
-        );
-        r
+        // A thread of its own, so its lower priority never sticks to the caller's thread (or to
+        // an urgent thread spawned from it after a resume).
+        let nice = self.opts.background_nice;
+        std::thread::scope(|s| {
+            let t = thread::Builder::new()
+                .name("source-background".into())
+                .spawn_scoped(s, || {
+                    crate::sched::lower_thread_priority(nice, "background stream");
+                    let t0 = Instant::now();
+                    let r = self.background_stream(hint);
+                    log::info!(
+                        "background stream: {:.3} s, {:.3} s of CPU",
+                        t0.elapsed().as_secs_f64(),
+                        crate::sched::thread_cpu_secs()
+                    );
+                    r
+                })
+                .ctx(|| "spawn the background stream thread".into())?;
+            t.join().map_err(|_| Error::Invalid("the background stream thread panicked".into()))?
+        })
     }
 
     fn background_stream(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
