@@ -23,8 +23,12 @@ fn quick_bench_prints_a_number_for_every_case() {
         "demand us/fault",
         "background placement",
         "wakes per placed page",
+        "UFFDIO_COPY 2 MiB from a cold source",
         "register 4 clients",
         "broker private memory",
+        "migration 32 MiB, half zero, s (ref: non-zero bytes / raw TCP)",
+        "migration 32 MiB, half zero, s (ref: non-zero bytes / uffd_limit copy_2m",
+        "demand p50 us during migration",
     ] {
         let row =
             rows.iter().find(|r| r.contains(case)).unwrap_or_else(|| panic!("no {case} row in\n{text}"));

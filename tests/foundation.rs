@@ -80,15 +80,9 @@ fn zero_pages_read_as_zero_and_are_marked_received() {
 
 #[test]
 fn a_zero_run_over_a_foreign_page_goes_through_the_userfaultfd_and_repairs_it() {
-    let mut blocks = RamBlocks::new();
-    blocks.add(RamBlock::memfd("ram", 8 * PS).unwrap()).unwrap();
-    let mut inc = Incoming::new(blocks);
-    inc.advise().unwrap();
+    let inc = listening_with_foreign_page(8, 5);
     let (id, b) = inc.blocks().named("ram").unwrap();
-    write_mapping(&second_mapping(b), 5 * PS, &[0xEEu8; 16]);
-    inc.listen().unwrap();
     let placer = inc.placer().unwrap();
-    let b = inc.blocks().get(id).unwrap();
 
     // Pages 0-3 are a hole: allocated. Pages 4-7 hold the intruder's page 5: the userfaultfd
     // places them, sees EEXIST on page 5 and repairs it.
@@ -282,6 +276,19 @@ fn the_received_bit_is_set_only_after_a_successful_placement() {
     assert_eq!(b.received().count_ones(), 1);
 }
 
+/// A listening memfd block "ram" of `pages` whose page `foreign` was written through an
+/// unregistered mapping after advise(): a page the broker never placed.
+fn listening_with_foreign_page(pages: u64, foreign: u64) -> Incoming {
+    let mut blocks = RamBlocks::new();
+    blocks.add(RamBlock::memfd("ram", pages * PS).unwrap()).unwrap();
+    let mut inc = Incoming::new(blocks);
+    inc.advise().unwrap();
+    let (_, b) = inc.blocks().named("ram").unwrap();
+    write_mapping(&second_mapping(b), foreign * PS, &[0xEEu8; 16]);
+    inc.listen().unwrap();
+    inc
+}
+
 #[test]
 fn eexist_on_a_page_the_broker_never_placed_is_detected_and_repaired() {
     let mut blocks = RamBlocks::new();
@@ -309,15 +316,9 @@ fn eexist_on_a_page_the_broker_never_placed_is_detected_and_repaired() {
 
 #[test]
 fn a_foreign_page_inside_a_run_is_repaired_and_the_rest_of_the_run_placed() {
-    let mut blocks = RamBlocks::new();
-    blocks.add(RamBlock::memfd("ram", 8 * PS).unwrap()).unwrap();
-    let mut inc = Incoming::new(blocks);
-    inc.advise().unwrap();
+    let inc = listening_with_foreign_page(8, 4);
     let (id, b) = inc.blocks().named("ram").unwrap();
-    write_mapping(&second_mapping(b), 4 * PS, &[0xEEu8; 16]);
-    inc.listen().unwrap();
     let placer = inc.placer().unwrap();
-    let b = inc.blocks().get(id).unwrap();
 
     let data = pattern(0xB0, 6 * PS as usize);
     assert_eq!(placer.place(inc.blocks(), id, PS, &data).unwrap(), Placed::Repaired);

@@ -128,6 +128,7 @@ struct PlacementRows {
     hot_poll: Row,
     hot_spin: Row,
     place: Row,
+    cold: Row,
     wakes: Row,
 }
 
@@ -167,6 +168,14 @@ impl PlacementRows {
                 2,
             )
             .with_reference(),
+            cold: Row::new(
+                "UFFDIO_COPY 2 MiB from a cold source GiB/s: a memory source's ceiling (ref: copy_2m)",
+                n,
+                "raw ioctl loop",
+                Target::None,
+                2,
+            )
+            .with_reference(),
             wakes: Row::new(
                 &format!("wakes per placed page, {} idle clients", cfg.idle_clients),
                 n,
@@ -189,6 +198,7 @@ impl PlacementRows {
             self.hot_poll,
             self.hot_spin,
             self.place,
+            self.cold,
             self.wakes,
         ]
     }
@@ -295,6 +305,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                 }
                 if background {
                     push_ref(&mut pr.place, &f, "place", "copy_2m_gibs")?;
+                    push_ref(&mut pr.cold, &f, "place", "copy_2m_gibs")?;
                 }
             }
             progress(&format!("run {}/{}: broker, {}", run + 1, cfg.runs, p.name));
@@ -322,6 +333,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                         background::run(&cfg.client, &p.client, cfg.place_mib, cfg.chunk, cfg.idle_clients)?;
                     pr.place.ours.push(b.gibs);
                     pr.wakes.ours.push(b.wakes_per_page);
+                    pr.cold.ours.push(background::cold_copy(cfg.place_mib)?);
                 }
                 Ok(())
             })();

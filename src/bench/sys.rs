@@ -91,6 +91,19 @@ pub fn pin(cpus: &[usize]) -> Result<libc::cpu_set_t> {
     Ok(old)
 }
 
+/// Move the calling thread off the CPUs it is pinned to, onto the other online ones (if there
+/// are any), for as long as it only waits: a thread that polls on the measured side's CPU would
+/// preempt it. Returns the affinity to restore.
+pub fn step_aside() -> Result<libc::cpu_set_t> {
+    let old = affinity()?;
+    // SAFETY: CPU_ISSET only reads the set.
+    let others: Vec<usize> = (0..online_cpus()).filter(|&c| !unsafe { libc::CPU_ISSET(c, &old) }).collect();
+    if !others.is_empty() {
+        set_affinity(&cpu_set(&others)?)?;
+    }
+    Ok(old)
+}
+
 /// Pin process (or thread) `pid` to `cpus`.
 pub fn pin_pid(pid: u32, cpus: &[usize]) -> Result<()> {
     let set = cpu_set(cpus)?;
