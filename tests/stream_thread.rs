@@ -1,7 +1,7 @@
 //! The destination's stream thread against real sockets and a real fault loop: a page somebody
 //! waits for that arrives in the background stream (not as an answer on the urgent connection)
 //! wakes its waiter, with the right contents, and is counted once; pages nobody waits for are
-//! placed without waking anyone; zero runs in the stream are allocated (fallocate), not ioctl'd.
+//! placed without waking anyone; a foreign page met by the stream is repaired and reported.
 
 mod common;
 
@@ -90,6 +90,9 @@ fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
     send(&mut main_src, &Frame::ZeroRun { block: 0, offset: 8 * PS, len: 8 * PS, demand: false });
     assert_eq!(finish(reader), vec![0u8; PS as usize]);
 
+    // Someone writes page 20 behind the broker's back: the stream's placer finds it (EEXIST on
+    // a page never received) and repairs it.
+    write_mapping(&second_mapping(b), 20 * PS, &[0xEEu8; 16]);
     // The rest of the block, nobody waiting.
     let rest = pattern(0x44, ((PAGES - 16) * PS) as usize);
     send(&mut main_src, &Frame::Page { block: 0, offset: 16 * PS, demand: false, data: &rest });
@@ -102,6 +105,7 @@ fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
     assert_eq!(g.pages_zero, 8, "{g:?}");
     assert_eq!(g.wakes, 2, "exactly the two waiters were woken: {g:?}");
     assert_eq!(g.requests, 2, "{g:?}");
+    assert_eq!(g.foreign_pages, 1, "the stream thread's repair is in the status: {g:?}");
     h.stop().unwrap();
 
     let mut want = data.clone();

@@ -232,6 +232,7 @@ impl Loop {
         broker.pages_demand += elsewhere.demand;
         broker.pages_background += elsewhere.background;
         broker.pages_zero += elsewhere.zero;
+        broker.foreign_pages += elsewhere.foreign;
         StatusReport {
             state: "serving".into(),
             received_pages: blocks.received_pages(),

@@ -56,6 +56,8 @@ pub struct PlacedElsewhere {
     pub background: u64,
     /// Of both, pages placed as zero.
     pub zero: u64,
+    /// Foreign pages found (and repaired) while placing them.
+    pub foreign: u64,
 }
 
 /// Whether a source is still usable.

@@ -55,6 +55,7 @@ pub(crate) struct StreamCounts {
     demand: AtomicU64,
     background: AtomicU64,
     zero: AtomicU64,
+    foreign: AtomicU64,
 }
 
 impl StreamCounts {
@@ -63,6 +64,7 @@ impl StreamCounts {
             demand: self.demand.load(Ordering::Relaxed),
             background: self.background.load(Ordering::Relaxed),
             zero: self.zero.load(Ordering::Relaxed),
+            foreign: self.foreign.load(Ordering::Relaxed),
         }
     }
 }
@@ -201,6 +203,12 @@ impl StreamSink<'_> {
         s.data_pages.load(Ordering::Relaxed) + s.zero_pages.load(Ordering::Relaxed)
     }
 
+    /// Count the foreign pages this thread's placer found since `before`.
+    fn foreign_since(&self, before: u64) {
+        let now = self.placer.stats().foreign_pages.load(Ordering::Relaxed);
+        self.counts.foreign.fetch_add(now - before, Ordering::Relaxed);
+    }
+
     /// After a placement that filled `filled` pages of `[offset, offset+len)`: count them, and
     /// hand the range to the fault loop when a page of it is wanted.
     fn placed(&mut self, block: BlockId, offset: u64, len: u64, filled: u64, zero: bool) {
@@ -224,16 +232,18 @@ impl StreamSink<'_> {
 
 impl PageSink for StreamSink<'_> {
     fn page(&mut self, block: BlockId, offset: u64, data: &[u8], _: Urgency) -> Result<()> {
-        let before = self.filled();
+        let (before, foreign) = (self.filled(), self.placer.stats().foreign_pages.load(Ordering::Relaxed));
         self.placer.place(&self.blocks, block, offset, data)?;
+        self.foreign_since(foreign);
         let filled = self.filled() - before;
         self.placed(block, offset, data.len() as u64, filled, false);
         Ok(())
     }
 
     fn zero(&mut self, block: BlockId, offset: u64, len: u64, _: Urgency) -> Result<()> {
-        let before = self.filled();
+        let (before, foreign) = (self.filled(), self.placer.stats().foreign_pages.load(Ordering::Relaxed));
         self.placer.place_zero(&self.blocks, block, offset, len)?;
+        self.foreign_since(foreign);
         let filled = self.filled() - before;
         self.placed(block, offset, len, filled, true);
         Ok(())
