@@ -65,6 +65,7 @@ fn a_zero_huge_page_is_copied_from_the_zeroed_staging_page() {
     assert_peer_sees(b, 0, &zeros);
     let c = placer.stats().counts();
     assert_eq!((c.zero_pages, c.data_pages, c.ioctls), (3, 0, 3));
+    assert_eq!(c.zero_fallocated, 0, "hugetlbfs holes cannot be found with SEEK_DATA: copied");
 
     // Again on a present page: harmless.
     assert_eq!(placer.place_zero(inc.blocks(), id, HP, HP).unwrap(), Placed::AlreadyPresent);

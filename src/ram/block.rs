@@ -59,8 +59,8 @@ pub struct RamBlock {
     /// received bit is set), so two placing threads never fill the same page.
     placing: AtomicBitmap,
     zeropage: AtomicBool,
-    /// Whether zero runs over holes may be allocated with fallocate (fd-backed, until the
-    /// filesystem refuses).
+    /// Whether zero runs over holes may be allocated with fallocate (fd-backed small pages,
+    /// until the filesystem refuses).
     falloc_zero: AtomicBool,
 }
 
@@ -108,7 +108,8 @@ impl RamBlock {
             None => Mapping::private(len)?,
         };
         let pages = usize::try_from(size / page_size).map_err(|_| Error::Invalid("too many pages".into()))?;
-        let has_fd = fd.is_some();
+        // hugetlbfs reports every offset as data to SEEK_DATA, so holes cannot be told apart.
+        let falloc_zero = fd.is_some() && page_size == SMALL_PAGE;
         Ok(RamBlock {
             name: name.to_string(),
             backing,
@@ -119,7 +120,7 @@ impl RamBlock {
             received: AtomicBitmap::new(pages),
             placing: AtomicBitmap::new(pages),
             zeropage: AtomicBool::new(false),
-            falloc_zero: AtomicBool::new(has_fd),
+            falloc_zero: AtomicBool::new(falloc_zero),
         })
     }
 
