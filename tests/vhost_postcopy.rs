@@ -264,9 +264,25 @@ fn qemu_storage_daemon_serves_missing_pages() {
 #[test]
 fn io_until_complete_with_background_fill() {
     let mut s = Setup::new("bg");
-    let serve = s.serve(&["--wait-clients", "2"]);
+    // The fill waits for a third client, registered only once the driver's I/O has faulted on
+    // missing pages: the I/O and the fill overlap however fast the fill is (16 MiB takes a few
+    // milliseconds, which the driver's first request could miss).
+    let serve = s.serve(&["--wait-clients", "3"]);
     let (sock, _) = s.backend("ours");
     let drv = s.driver(&sock, &["--postcopy-ops", "100000", "--until-complete", "--touch-all"]);
+    let t = Instant::now();
+    while client_faults(&s.status(), "vhost-user-blk") < 8 {
+        assert!(t.elapsed() < Duration::from_secs(60), "the backend never faulted");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let third = Command::new(env!("CARGO_BIN_EXE_pcb-client"))
+        .arg("--control")
+        .arg(s.path("ctl.sock"))
+        .args(["--block", "ram", "--no-wait", "--script", "touch:0"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(third.success());
     let out = drv.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", s.log("driver.err"));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -376,6 +392,14 @@ fn demo_migrates_and_verifies_with_both_backends() {
     }
 }
 
+/// Faults the broker's status counts for the client named `name` (0 if it is not there).
+fn client_faults(st: &serde_json::Value, name: &str) -> u64 {
+    st["clients"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .map_or(0, |c| c["stats"]["faults"].as_u64().unwrap_or(0))
+}
+
 /// Whether a thread of `pid` sleeps in a userfault (a backend blocked mid-request).
 fn in_userfault(pid: u32) -> bool {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
@@ -403,13 +427,7 @@ fn a_backend_killed_mid_request_is_dropped_alone() {
     // Wait until the backend serves I/O that faults, then freeze the broker until a backend
     // thread is caught waiting for a page (retrying if the freeze fell between requests).
     let t = Instant::now();
-    let backend_faults = |st: &serde_json::Value| {
-        st["clients"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["name"] == "vhost-user-blk"))
-            .map_or(0, |c| c["stats"]["faults"].as_u64().unwrap_or(0))
-    };
-    while backend_faults(&s.status()) < 8 {
+    while client_faults(&s.status(), "vhost-user-blk") < 8 {
         assert!(t.elapsed() < Duration::from_secs(60), "the backend never faulted");
         thread::sleep(Duration::from_millis(10));
     }
