@@ -157,6 +157,18 @@ impl Setup {
             .unwrap()
     }
 
+    /// A pcb-client registered with the broker runs `script` over block "ram" to its end.
+    fn run_client(&self, script: &str) {
+        let st = Command::new(env!("CARGO_BIN_EXE_pcb-client"))
+            .arg("--control")
+            .arg(self.path("ctl.sock"))
+            .args(["--block", "ram", "--no-wait", "--script", script])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "pcb-client --script {script} failed");
+    }
+
     fn status(&self) -> serde_json::Value {
         let out = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
             .args(["status", "--json", "--control"])
@@ -275,14 +287,7 @@ fn io_until_complete_with_background_fill() {
         assert!(t.elapsed() < Duration::from_secs(60), "the backend never faulted");
         thread::sleep(Duration::from_millis(10));
     }
-    let third = Command::new(env!("CARGO_BIN_EXE_pcb-client"))
-        .arg("--control")
-        .arg(s.path("ctl.sock"))
-        .args(["--block", "ram", "--no-wait", "--script", "touch:0"])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(third.success());
+    s.run_client("touch:0");
     let out = drv.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", s.log("driver.err"));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -459,14 +464,7 @@ fn a_backend_killed_mid_request_is_dropped_alone() {
         thread::sleep(Duration::from_millis(20));
     }
     // Another client reads every page: its faults are served and the restore completes.
-    let other = Command::new(env!("CARGO_BIN_EXE_pcb-client"))
-        .arg("--control")
-        .arg(s.path("ctl.sock"))
-        .args(["--block", "ram", "--no-wait", "--script", "touch:0-4095"])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(other.success());
+    s.run_client("touch:0-4095");
     s.wait_serve(serve);
     let sums: serde_json::Value = serde_json::from_slice(&fs::read(s.path("sums.json")).unwrap()).unwrap();
     assert_eq!(sums["ram"], fnv(&s.image).as_str(), "destination RAM differs from the image");
