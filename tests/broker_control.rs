@@ -5,14 +5,15 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::clients::*;
 use postcopy_broker::control::{ClientKind, ControlClient, MappingSpec};
-use postcopy_broker::fault::BrokerConfig;
+use postcopy_broker::fault::{BrokerConfig, BrokerHandle};
 use postcopy_broker::source::MemorySource;
 use postcopy_broker::uffd::Uffd;
-use postcopy_broker::{RamBlock, RamBlocks};
+use postcopy_broker::{Incoming, RamBlock, RamBlocks};
 
 fn config(sock: &std::path::Path) -> BrokerConfig {
     BrokerConfig { control: Some(sock.to_path_buf()), ..Default::default() }
@@ -24,12 +25,20 @@ fn blocks(pages: usize) -> RamBlocks {
     b
 }
 
+/// A broker over one memfd block "ram" of `pages` pages, served from a memory source holding
+/// `content(pages, 4096, seed)`, its control socket at a fresh path named after `name`.
+/// Returns the socket, the source's bytes, and the Incoming and handle to keep alive.
+fn memory_broker(name: &str, pages: usize, seed: u64) -> (PathBuf, Vec<u8>, Incoming, BrokerHandle) {
+    let sock = socket_path(name);
+    let data = content(pages, 4096, seed);
+    let (inc, h) =
+        broker_with(blocks(pages), Box::new(MemorySource::new(vec![(data.clone(), 4096)])), config(&sock));
+    (sock, data, inc, h)
+}
+
 #[test]
 fn clients_register_over_the_control_socket_and_read_the_source() {
-    let sock = socket_path("register");
-    let data = content(256, 4096, 21);
-    let (_inc, h) =
-        broker_with(blocks(256), Box::new(MemorySource::new(vec![(data.clone(), 4096)])), config(&sock));
+    let (sock, data, _inc, h) = memory_broker("register", 256, 21);
     let mut a = Peer::spawn(&control_args(&sock, "touch:0-127", &["--maps", "2"]));
     let mut b = Peer::spawn(&control_args(&sock, "touchall:64-191", &["--maps", "2"]));
     assert!(a.ready["client"].as_u64().is_some() && b.ready["client"].as_u64().is_some());
@@ -85,10 +94,7 @@ fn a_client_killed_mid_fault_does_not_disturb_the_others() {
 
 #[test]
 fn garbage_truncated_and_oversized_messages_get_an_error_and_the_broker_serves_on() {
-    let sock = socket_path("garbage");
-    let data = content(32, 4096, 9);
-    let (_inc, h) =
-        broker_with(blocks(32), Box::new(MemorySource::new(vec![(data.clone(), 4096)])), config(&sock));
+    let (sock, data, _inc, h) = memory_broker("garbage", 32, 9);
     let cases: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.0\r\n\r\n".to_vec(),
         {
@@ -130,9 +136,7 @@ fn garbage_truncated_and_oversized_messages_get_an_error_and_the_broker_serves_o
 
 #[test]
 fn registrations_outside_the_blocks_are_refused_with_a_reason() {
-    let sock = socket_path("refuse");
-    let data = content(16, 4096, 2);
-    let (_inc, h) = broker_with(blocks(16), Box::new(MemorySource::new(vec![(data, 4096)])), config(&sock));
+    let (sock, _, _inc, h) = memory_broker("refuse", 16, 2);
     let mut c = ControlClient::connect(&sock).unwrap();
     let u = Uffd::open(0).unwrap();
     let bad = [
@@ -157,10 +161,7 @@ fn registrations_outside_the_blocks_are_refused_with_a_reason() {
 
 #[test]
 fn removed_pages_fault_in_as_zero_and_unmapped_ranges_leave_the_table() {
-    let sock = socket_path("remove");
-    let data = content(64, 4096, 13);
-    let (_inc, h) =
-        broker_with(blocks(64), Box::new(MemorySource::new(vec![(data.clone(), 4096)])), config(&sock));
+    let (sock, data, _inc, h) = memory_broker("remove", 64, 13);
     let script = "touch:0-9;remove:2-3;touch:2-3;remove:40-41;touch:40-41;unmap:20-29;touch:10-11";
     let mut p = Peer::spawn(&control_args(&sock, script, &["--features", "remove,unmap"]));
     let id = p.ready["client"].as_u64().unwrap();
@@ -183,10 +184,7 @@ fn removed_pages_fault_in_as_zero_and_unmapped_ranges_leave_the_table() {
 
 #[test]
 fn a_forked_child_becomes_a_client() {
-    let sock = socket_path("fork");
-    let data = content(32, 4096, 17);
-    let (_inc, h) =
-        broker_with(blocks(32), Box::new(MemorySource::new(vec![(data.clone(), 4096)])), config(&sock));
+    let (sock, data, _inc, h) = memory_broker("fork", 32, 17);
     let mut p = Peer::spawn(&control_args(&sock, "fork;touch:0-15", &["--features", "fork"]));
     p.go();
     let lines = p.finish();
@@ -224,9 +222,7 @@ fn a_firecracker_style_private_client_is_served_from_the_image() {
 
 #[test]
 fn a_peer_of_another_uid_is_refused() {
-    let sock = socket_path("uid");
-    let data = content(8, 4096, 1);
-    let (_inc, h) = broker_with(blocks(8), Box::new(MemorySource::new(vec![(data, 4096)])), config(&sock));
+    let (sock, _, _inc, h) = memory_broker("uid", 8, 1);
     use std::os::unix::process::CommandExt;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pcb-client"))
         .args(control_args(&sock, "touch:0", &[]))
