@@ -76,6 +76,11 @@ pub struct PlaceCounts {
 }
 
 impl PlaceStats {
+    /// Pages filled so far, data and zero (a placer's share when several fill one block).
+    pub fn filled(&self) -> u64 {
+        self.data_pages.load(Ordering::Relaxed) + self.zero_pages.load(Ordering::Relaxed)
+    }
+
     /// Snapshot the counters.
     pub fn counts(&self) -> PlaceCounts {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -196,16 +201,9 @@ impl Placer {
             // skip the received ones here (claimed, so their bits cannot change meanwhile).
             let (first, end) = (b.page_index(o), b.page_index(o + l));
             let mut outcome = Placed::Placed;
-            let mut i = first;
-            while i < end {
-                if b.received().test(i) {
-                    self.stats.already_present.fetch_add(1, Ordering::Relaxed);
-                    outcome = worst(outcome, Placed::AlreadyPresent);
-                    i += 1;
-                    continue;
-                }
-                let j = b.received().next_set(i + 1, end);
-                let (ro, rl) = (i as u64 * ps, (j - i) as u64 * ps);
+            let mut missing = 0;
+            for (i, n) in b.received().runs(first, end, false) {
+                let (ro, rl) = (i as u64 * ps, n as u64 * ps);
                 let r = if b.allocate_zero_hole(ro, rl)? {
                     self.allocated_zero(b, ro, rl);
                     Placed::Placed
@@ -213,7 +211,12 @@ impl Placer {
                     self.zero_by_uffd(b, ro, rl)?
                 };
                 outcome = worst(outcome, r);
-                i = j;
+                missing += n;
+            }
+            let present = (end - first - missing) as u64;
+            if present > 0 {
+                self.stats.already_present.fetch_add(present, Ordering::Relaxed);
+                outcome = worst(outcome, Placed::AlreadyPresent);
             }
             Ok(outcome)
         })

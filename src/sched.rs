@@ -1,7 +1,7 @@
-//! Scheduling priority of background threads, and their CPU time. The destination's stream thread and the
-//! source's background sender may run at a higher nice value than the demand path (fault
-//! loop, urgent thread, the guest's vCPUs and devices), so that a thread woken for a demand
-//! fault preempts them at once instead of waiting for their timeslice to end.
+//! Scheduling priority of background threads, and their CPU time. The destination's stream
+//! thread and the source's background sender may run at a higher nice value than the demand
+//! path (fault loop, urgent thread, the guest's vCPUs and devices), so that a thread woken for a
+//! demand fault preempts them at once instead of waiting for their timeslice to end.
 
 fn tid() -> libc::id_t {
     // SAFETY: gettid has no preconditions and cannot fail.

@@ -10,7 +10,7 @@ use crate::client::{AddressMap, Client, ClientId, Registry};
 use crate::error::{Error, Result};
 use crate::fault::pending::{Pending, Waiter};
 use crate::fault::wake::WakeQueue;
-use crate::place::{Placed, Placer, StagingPage};
+use crate::place::{Placer, StagingPage};
 use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
 use crate::source::{is_zero, FileSource, PageRequest, PageSink, PageSource, Urgency};
 use crate::stats::BrokerStats;
@@ -225,9 +225,9 @@ impl Core {
         if self.zero_marks[block].clear(idx) {
             self.zero_marked = self.zero_marked.saturating_sub(1);
         }
-        let before = self.filled();
+        let before = self.placer.stats().filled();
         self.placer.place_zero(&self.blocks, block, off, ps)?;
-        let filled = self.filled() - before;
+        let filled = self.placer.stats().filled() - before;
         self.landed(block, off, ps, Urgency::Demand, true, filled);
         Ok(())
     }
@@ -422,13 +422,6 @@ impl Core {
         false
     }
 
-    /// Pages this core's placer filled so far (data and zero).
-    fn filled(&self) -> u64 {
-        let s = self.placer.stats();
-        s.data_pages.load(std::sync::atomic::Ordering::Relaxed)
-            + s.zero_pages.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Pages `[offset, offset+len)` of `block` are placed: take their waiters and owe them wakes.
     /// `filled` of them were filled by this core's placer and are counted (pages another placer
     /// filled meanwhile are counted by that one).
@@ -520,32 +513,26 @@ impl PageSink for Core {
                     self.place_zero_marked(block, offset + o, ps)?;
                 } else {
                     let chunk = &data[o as usize..(o + ps) as usize];
-                    let before = self.filled();
+                    let before = self.placer.stats().filled();
                     self.placer.place(&self.blocks, block, offset + o, chunk)?;
-                    let filled = self.filled() - before;
+                    let filled = self.placer.stats().filled() - before;
                     self.landed(block, offset + o, ps, urgency, false, filled);
                 }
                 o += ps;
             }
             return Ok(());
         }
-        let before = self.filled();
-        let r = self.placer.place(&self.blocks, block, offset, data)?;
-        if r == Placed::Repaired {
-            self.stats.foreign_pages = self.placer.stats().counts().foreign_pages;
-        }
-        let filled = self.filled() - before;
+        let before = self.placer.stats().filled();
+        self.placer.place(&self.blocks, block, offset, data)?;
+        let filled = self.placer.stats().filled() - before;
         self.landed(block, offset, len, urgency, false, filled);
         Ok(())
     }
 
     fn zero(&mut self, block: BlockId, offset: u64, len: u64, urgency: Urgency) -> Result<()> {
-        let before = self.filled();
-        let r = self.placer.place_zero(&self.blocks, block, offset, len)?;
-        let filled = self.filled() - before;
-        if r == Placed::Repaired {
-            self.stats.foreign_pages = self.placer.stats().counts().foreign_pages;
-        }
+        let before = self.placer.stats().filled();
+        self.placer.place_zero(&self.blocks, block, offset, len)?;
+        let filled = self.placer.stats().filled() - before;
         if self.zero_marked_in(block, offset, len, self.blocks.get(block).map_or(4096, |b| b.page_size())) {
             let ps = self.blocks.get(block).map_or(4096, |b| b.page_size());
             for i in 0..len / ps {

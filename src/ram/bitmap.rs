@@ -128,16 +128,37 @@ impl AtomicBitmap {
 
     /// The first set bit in `[from, end)`, or `end` (clipped to the length) when there is none.
     pub fn next_set(&self, from: usize, end: usize) -> usize {
+        self.next_equal(from, end, true)
+    }
+
+    /// The first bit in `[from, end)` equal to `value`, or `end` (clipped to the length).
+    fn next_equal(&self, from: usize, end: usize, value: bool) -> usize {
         let end = end.min(self.bits);
         let mut i = from;
         while i < end {
-            let w = self.words[i / 64].load(Ordering::Acquire) & !((1u64 << (i % 64)) - 1);
+            let w = self.words[i / 64].load(Ordering::Acquire);
+            let w = if value { w } else { !w } & !((1u64 << (i % 64)) - 1);
             if w != 0 {
                 return ((i / 64) * 64 + w.trailing_zeros() as usize).min(end);
             }
             i = (i / 64 + 1) * 64;
         }
         end
+    }
+
+    /// The maximal runs `(first, n)` of bits equal to `value` in `[start, end)`, in order. Bits
+    /// are read as the iteration goes: one that changes meanwhile may or may not be seen.
+    pub fn runs(&self, start: usize, end: usize, value: bool) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let end = end.min(self.bits);
+        let mut i = start;
+        std::iter::from_fn(move || {
+            let first = self.next_equal(i, end, value);
+            if first >= end {
+                return None;
+            }
+            i = self.next_equal(first + 1, end, !value);
+            Some((first, i - first))
+        })
     }
 
     /// The bits as little-endian words (for the resume message).
@@ -163,6 +184,21 @@ mod tests {
         b.set(3);
         assert_eq!(b.next_set(0, 64), 3);
         assert_eq!(b.next_set(4, 4), 4);
+    }
+
+    #[test]
+    fn runs_of_set_and_clear_bits_across_words() {
+        let b = AtomicBitmap::new(200);
+        b.set_range(3, 2);
+        b.set_range(60, 70);
+        b.set(199);
+        let set: Vec<_> = b.runs(0, 200, true).collect();
+        assert_eq!(set, vec![(3, 2), (60, 70), (199, 1)]);
+        let clear: Vec<_> = b.runs(0, 200, false).collect();
+        assert_eq!(clear, vec![(0, 3), (5, 55), (130, 69)]);
+        assert_eq!(b.runs(61, 100, true).collect::<Vec<_>>(), vec![(61, 39)], "clipped to the range");
+        assert_eq!(b.runs(100, 300, false).collect::<Vec<_>>(), vec![(130, 69)], "clipped to the length");
+        assert_eq!(b.runs(10, 10, false).count(), 0);
     }
 
     #[test]

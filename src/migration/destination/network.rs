@@ -486,24 +486,19 @@ impl Ctx {
             n.zero_pages.fetch_add(pages, Ordering::Relaxed);
         }
         let urgency = if demand { Urgency::Demand } else { Urgency::Background };
-        let mut i = 0;
-        while i < pages {
-            if b.received().test((first + i) as usize) {
-                n.duplicate_pages.fetch_add(1, Ordering::Relaxed);
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < pages && !b.received().test((first + j) as usize) {
-                j += 1;
-            }
-            let off = offset + i * ps;
+        let (start, end) = (first as usize, (first + pages) as usize);
+        let mut handed = 0;
+        for (p, k) in b.received().runs(start, end, false) {
+            let (i, k) = ((p - start) as u64, k as u64);
             match data {
-                Some(d) => sink.page(id, off, &d[(i * ps) as usize..(j * ps) as usize], urgency)?,
-                None => sink.zero(id, off, (j - i) * ps, urgency)?,
+                Some(d) => {
+                    sink.page(id, offset + i * ps, &d[(i * ps) as usize..((i + k) * ps) as usize], urgency)?
+                }
+                None => sink.zero(id, offset + i * ps, k * ps, urgency)?,
             }
-            i = j;
+            handed += k;
         }
+        n.duplicate_pages.fetch_add(pages - handed, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -581,27 +576,8 @@ impl NetworkSource {
         let ps = b.page_size();
         let (first, n) = ((req.offset / ps) as usize, (req.len / ps) as usize);
         self.wanted.mark(req.block, first, n);
-        let received = b.received();
-        let mut i = 0;
-        while i < n {
-            if !received.test(first + i) {
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < n && received.test(first + j) {
-                j += 1;
-            }
-            sink.landed_elsewhere(req.block, (first + i) as u64 * ps, (j - i) as u64 * ps);
-            i = j;
-        }
-    }
-}
-
-impl Drop for NetworkSource {
-    fn drop(&mut self) {
-        if let Some(mut st) = self.stream.take() {
-            st.stop(Shutdown::Read);
+        for (p, k) in b.received().runs(first, first + n, true) {
+            sink.landed_elsewhere(req.block, p as u64 * ps, k as u64 * ps);
         }
     }
 }

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use crate::error::{Error, IoContext, Result};
 use crate::eventfd::EventFd;
 use crate::migration::wire::Decoder;
-use crate::place::Placer;
+use crate::place::{Placed, Placer};
 use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
 use crate::source::{PageSink, PlacedElsewhere, Urgency};
 
@@ -198,26 +198,29 @@ struct StreamSink<'a> {
 }
 
 impl StreamSink<'_> {
-    fn filled(&self) -> u64 {
-        let s = self.placer.stats();
-        s.data_pages.load(Ordering::Relaxed) + s.zero_pages.load(Ordering::Relaxed)
-    }
-
-    /// Count the foreign pages this thread's placer found since `before`.
-    fn foreign_since(&self, before: u64) {
-        let now = self.placer.stats().foreign_pages.load(Ordering::Relaxed);
-        self.counts.foreign.fetch_add(now - before, Ordering::Relaxed);
-    }
-
-    /// After a placement that filled `filled` pages of `[offset, offset+len)`: count them, and
-    /// hand the range to the fault loop when a page of it is wanted.
-    fn placed(&mut self, block: BlockId, offset: u64, len: u64, filled: u64, zero: bool) {
+    /// Place `[offset, offset+len)` of `block` with `op`, then count what this placer filled
+    /// (and any foreign page it repaired), and hand the range to the fault loop when a page of
+    /// it is wanted.
+    fn place_with(
+        &mut self,
+        block: BlockId,
+        offset: u64,
+        len: u64,
+        zero: bool,
+        op: impl FnOnce(&Placer, &RamBlocks) -> Result<Placed>,
+    ) -> Result<()> {
+        let stats = Arc::clone(self.placer.stats());
+        let (filled, foreign) = (stats.filled(), stats.foreign_pages.load(Ordering::Relaxed));
+        op(&self.placer, &self.blocks)?;
+        let filled = stats.filled() - filled;
+        let foreign = stats.foreign_pages.load(Ordering::Relaxed) - foreign;
         let ps = self.blocks.get(block).map_or(4096, |b| b.page_size());
         fence(Ordering::SeqCst);
         let wanted = self.wanted.count(block, (offset / ps) as usize, (len / ps) as usize) as u64;
         let demand = wanted.min(filled);
         self.counts.demand.fetch_add(demand, Ordering::Relaxed);
         self.counts.background.fetch_add(filled - demand, Ordering::Relaxed);
+        self.counts.foreign.fetch_add(foreign, Ordering::Relaxed);
         if zero {
             self.counts.zero.fetch_add(filled, Ordering::Relaxed);
         }
@@ -227,25 +230,16 @@ impl StreamSink<'_> {
             }
             self.kick.kick();
         }
+        Ok(())
     }
 }
 
 impl PageSink for StreamSink<'_> {
     fn page(&mut self, block: BlockId, offset: u64, data: &[u8], _: Urgency) -> Result<()> {
-        let (before, foreign) = (self.filled(), self.placer.stats().foreign_pages.load(Ordering::Relaxed));
-        self.placer.place(&self.blocks, block, offset, data)?;
-        self.foreign_since(foreign);
-        let filled = self.filled() - before;
-        self.placed(block, offset, data.len() as u64, filled, false);
-        Ok(())
+        self.place_with(block, offset, data.len() as u64, false, |p, b| p.place(b, block, offset, data))
     }
 
     fn zero(&mut self, block: BlockId, offset: u64, len: u64, _: Urgency) -> Result<()> {
-        let (before, foreign) = (self.filled(), self.placer.stats().foreign_pages.load(Ordering::Relaxed));
-        self.placer.place_zero(&self.blocks, block, offset, len)?;
-        self.foreign_since(foreign);
-        let filled = self.filled() - before;
-        self.placed(block, offset, len, filled, true);
-        Ok(())
+        self.place_with(block, offset, len, true, |p, b| p.place_zero(b, block, offset, len))
     }
 }
