@@ -425,3 +425,49 @@ fn client_processes_register_over_the_control_socket_of_serve_incoming() {
     let dst = VerifyReport::read(&dv).unwrap();
     assert_eq!(checksums(&dst), vec![("pc.ram".into(), sum(&ram)), ("huge".into(), sum(&hram))]);
 }
+
+/// Nice value of the thread of process `pid` named `comm`, if one lives now (field 19 of its
+/// /proc stat line, counted after the ")" that ends the name).
+fn thread_nice(pid: u32, comm: &str) -> Option<i64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+        if name.trim() != comm {
+            return None;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        stat.rsplit_once(") ")?.1.split_whitespace().nth(16)?.parse().ok()
+    })
+}
+
+/// The background threads run at their nice values while the stream lasts: the source's at
+/// `--background-nice`, the destination's stream thread at its default (10); the threads that
+/// answer demand (the source's main and urgent threads, the fault loop) keep nice 0.
+#[test]
+fn background_threads_run_at_their_nice_values() {
+    let dir = Dir::new("nice");
+    let size = 16usize << 20;
+    let ram = contents(size, 4096, 31, 3);
+    write_image(&dir.path("img"), &[&ram]);
+    let key = dir.path("key");
+    write_key(&key, 6);
+    let (serve, addr, _out) = spawn_serve(&dir, &key, &[]);
+    // 4 MiB/s: the stream lasts about four seconds.
+    let extra = ["--bandwidth", "4M", "--background-nice", "5"];
+    let source = source_cmd(&addr, &key, &dir.path("img"), &["ram:16M"], &extra).spawn().unwrap();
+    let t = std::time::Instant::now();
+    let (mut src_bg, mut dst_stream) = (None, None);
+    while src_bg.is_none() || dst_stream.is_none() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "background threads not seen");
+        src_bg = src_bg.or_else(|| thread_nice(source.id(), "source-backgrou"));
+        dst_stream = dst_stream.or_else(|| thread_nice(serve.id(), "postcopy-stream"));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(src_bg, Some(5), "the source's background stream runs at --background-nice");
+    assert_eq!(dst_stream, Some(10), "the destination's stream thread runs at the default nice");
+    assert_eq!(thread_nice(source.id(), "source-urgent"), Some(0), "the urgent thread keeps nice 0");
+    assert_eq!(thread_nice(serve.id(), "postcopy-fault"), Some(0), "the fault loop keeps nice 0");
+    wait_ok(source, "source");
+    let mut serve = serve;
+    assert!(serve.wait().unwrap().success());
+}
