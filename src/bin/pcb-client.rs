@@ -48,6 +48,16 @@ struct Args {
     /// uffd features to ask for: comma list of remove,unmap,remap,fork.
     #[arg(long, default_value = "")]
     features: String,
+    /// Populate the mapping before registering the userfaultfd, as a misbehaving backend does:
+    /// `mlock` (mlock(2) of the mapping, like dpdk-testpmd's mlockall), `populate`
+    /// (MAP_POPULATE) or `touch` (read every page). The broker must refuse the registration.
+    #[arg(long)]
+    prefault: Option<String>,
+    /// With --control: map private anonymous memory instead of the block's memfd, but register
+    /// it as a shared mapping of the block (a client whose mapping is not the shared RAM: waking
+    /// it never helps, the broker must stop serving it).
+    #[arg(long)]
+    anon: bool,
     /// Start the script right after printing the ready line instead of waiting for a line on
     /// stdin (so the client may fault before the broker has its uffd).
     #[arg(long)]
@@ -58,7 +68,8 @@ struct Args {
     /// script, then the parent), wait (read a line from stdin), timed:LIST (read one byte of each
     /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
     /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
-    /// 10 us or more). LIST is like 0,5,7-20.
+    /// 10 us or more), parallel:LIST (read one byte of each page, each from a thread of its own, all
+    /// at once). LIST is like 0,5,7-20.
     #[arg(long, default_value = "")]
     script: String,
 }
@@ -163,6 +174,22 @@ impl Client {
                 let t = self.timed(&pages(arg)?);
                 json!({"who": who, "step": step, "timed": t})
             }
+            "parallel" => {
+                let list = pages(arg)?;
+                let sums: Vec<u64> = std::thread::scope(|sc| {
+                    let hs: Vec<_> = list
+                        .iter()
+                        .map(|&p| {
+                            let addr = self.bases[0] + p * self.page_size;
+                            // SAFETY: addr lies inside a live mapping made by this process; the
+                            // read may block in the kernel until the broker places the page.
+                            sc.spawn(move || u64::from(unsafe { std::ptr::read_volatile(addr as *const u8) }))
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+                });
+                json!({"who": who, "step": step, "sum": sums.iter().sum::<u64>()})
+            }
             "write" => {
                 let (list, byte) = arg.rsplit_once(':').ok_or("write:LIST:BYTE")?;
                 let byte: u8 = byte.parse().map_err(|_| "bad byte")?;
@@ -239,18 +266,40 @@ fn run(mut a: Args) -> Result<(), String> {
             other => return Err(format!("unknown feature {other}")),
         };
     }
+    if a.anon {
+        want &= !(feature::MISSING_SHMEM | feature::MISSING_HUGETLBFS);
+    }
     let uffd = Uffd::open(want).map_err(|e| format!("userfaultfd: {e}"))?;
     let mut bases = Vec::new();
     for _ in 0..a.maps {
         let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
-        let p = match &fd {
+        let populate = if a.prefault.as_deref() == Some("populate") {
+            MapFlags::MAP_POPULATE
+        } else {
+            MapFlags::empty()
+        };
+        let p = match fd.as_ref().filter(|_| !a.anon) {
             // SAFETY: a fresh mapping chosen by the kernel; nothing in Rust aliases it.
-            Some(fd) => unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, fd.as_fd(), 0) },
+            Some(fd) => unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED | populate, fd.as_fd(), 0) },
             // SAFETY: as above.
             None => unsafe { mmap_anonymous(None, len, prot, MapFlags::MAP_PRIVATE) },
         }
         .map_err(|e| format!("mmap: {e}"))?;
         let base = p.as_ptr() as u64;
+        match a.prefault.as_deref() {
+            None | Some("populate") => {}
+            Some("mlock") => {
+                // SAFETY: the range is this process's own fresh mapping.
+                unsafe { nix::sys::mman::mlock(p, size as usize) }.map_err(|e| format!("mlock: {e}"))?
+            }
+            Some("touch") => {
+                for off in (0..size).step_by(a.page_size as usize) {
+                    // SAFETY: the page lies inside the mapping just made; no uffd watches it yet.
+                    let _ = unsafe { std::ptr::read_volatile((base + off) as *const u8) };
+                }
+            }
+            Some(other) => return Err(format!("unknown --prefault {other}: mlock, populate or touch")),
+        }
         uffd.register_missing(base, size).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
         bases.push(base);
     }
