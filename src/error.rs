@@ -102,6 +102,14 @@ pub enum Error {
         /// Pages found (a lower bound on hugetlbfs blocks, whose holes cannot be listed).
         pages: u64,
     },
+    /// An fd handed in as a client's userfaultfd that is something else.
+    #[error("client '{client}': the fd handed in as its userfaultfd is not one (it is {what}); pass the fd that userfaultfd(2) or /dev/userfaultfd returned, after UFFDIO_API and UFFDIO_REGISTER")]
+    NotAUserfaultfd {
+        /// The client's name.
+        client: String,
+        /// What the fd is.
+        what: String,
+    },
     /// A placement failed for a local reason (the kernel refused the ioctl, memory ran out):
     /// reconnecting to the source cannot mend it.
     #[error("placing pages failed on this host: {0}")]

@@ -32,23 +32,6 @@ fn one_block(b: RamBlock) -> RamBlocks {
     blocks
 }
 
-/// Read the next lines of a client up to its done line, killing it after `secs` (so a client
-/// that would fault forever fails the test instead of hanging it).
-fn finish_within(p: &mut Peer, secs: u64) -> Vec<serde_json::Value> {
-    let pid = p.pid();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let guard = std::thread::spawn(move || {
-        if rx.recv_timeout(Duration::from_secs(secs)).is_err() {
-            // SAFETY: kill(2) with a pid and a signal number.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    });
-    let lines = p.finish();
-    let _ = tx.send(());
-    guard.join().unwrap();
-    lines
-}
-
 fn punch(b: &RamBlock, offset: u64, len: u64) {
     let fd = b.fd().unwrap().as_raw_fd();
     // SAFETY: fallocate on a valid fd with integer arguments.
@@ -100,14 +83,14 @@ fn a_received_page_whose_backing_became_a_hole_is_placed_again_not_woken_forever
     let (inc, h) = broker(64, &data, config(&sock));
     let mut first = Peer::spawn(&control_args(&sock, "touch:0-15", &[]));
     first.go();
-    assert_eq!(check_pages(&finish_within(&mut first, 30), &data, PS as usize), 16);
+    assert_eq!(check_pages(&first.finish_within(30), &data, PS as usize), 16);
     // Someone punches holes under received pages behind the broker (a peer's fallocate).
     let b = inc.blocks().get(0).unwrap();
     punch(b, 4 * PS, 2 * PS);
     assert!(b.is_received(4 * PS) && !b.is_resident(4 * PS));
     let mut second = Peer::spawn(&control_args(&sock, "touch:3-6", &[]));
     second.go();
-    let lines = finish_within(&mut second, 30);
+    let lines = second.finish_within(30);
     let pages = lines.iter().find_map(|l| l["pages"].as_array()).unwrap();
     let zero = fnv(&[0u8; PS as usize]);
     for p in pages {
@@ -150,7 +133,7 @@ fn a_client_that_populated_guest_ram_before_registering_is_refused_and_its_pages
         // Some pages arrive first: they are the broker's and must stay.
         let mut early = Peer::spawn(&control_args(&sock, "touch:0-3", &[]));
         early.go();
-        finish_within(&mut early, 30);
+        early.finish_within(30);
         let err = refused_client(&sock, how);
         assert!(err.contains("populated") && err.contains("--no-mlockall"), "{how}: {err}");
         let b = inc.blocks().get(0).unwrap();
@@ -161,7 +144,7 @@ fn a_client_that_populated_guest_ram_before_registering_is_refused_and_its_pages
         // Nobody reads zeros: the next client gets the source's bytes everywhere.
         let mut next = Peer::spawn(&control_args(&sock, "touch:0-31", &[]));
         next.go();
-        assert_eq!(check_pages(&finish_within(&mut next, 30), &data, PS as usize), 32, "{how}");
+        assert_eq!(check_pages(&next.finish_within(30), &data, PS as usize), 32, "{how}");
         h.stop().unwrap();
     }
 }
@@ -180,7 +163,7 @@ fn a_hugetlbfs_client_that_populated_guest_ram_is_refused_too() {
     assert_eq!(inc.blocks().get(0).unwrap().allocated_pages().unwrap(), 0);
     let mut next = Peer::spawn(&control_args(&sock, "touch:0-3", &[]));
     next.go();
-    assert_eq!(check_pages(&finish_within(&mut next, 30), &data, HP as usize), 4);
+    assert_eq!(check_pages(&next.finish_within(30), &data, HP as usize), 4);
     assert!(status(&h).broker.prefaulted_pages >= 4);
     h.stop().unwrap();
 }
@@ -192,7 +175,7 @@ fn a_client_faulting_on_present_pages_from_two_threads_is_dropped_and_the_others
     let (_inc, h) = broker(16, &data, config(&sock));
     let mut first = Peer::spawn(&control_args(&sock, "touch:0-7", &[]));
     first.go();
-    finish_within(&mut first, 30);
+    first.finish_within(30);
     // Its mapping is private memory registered as the shared block: every wake makes both of
     // its threads fault again, each on its own page, taking turns.
     let mut spinner = Peer::spawn(&control_args(&sock, "parallel:2,5", &["--anon"]));
@@ -211,7 +194,7 @@ fn a_client_faulting_on_present_pages_from_two_threads_is_dropped_and_the_others
     }
     let mut other = Peer::spawn(&control_args(&sock, "touch:0-15", &[]));
     other.go();
-    assert_eq!(check_pages(&finish_within(&mut other, 30), &data, PS as usize), 16);
+    assert_eq!(check_pages(&other.finish_within(30), &data, PS as usize), 16);
     drop(spinner);
     h.stop().unwrap();
 }
@@ -258,7 +241,7 @@ fn a_spawned_broker_serves_after_a_refused_registration() {
     let mut good = Peer::spawn(&client_args(b, 1, "touch:0-7", &[]));
     good.register(&h, "good");
     good.go();
-    assert_eq!(check_pages(&finish_within(&mut good, 30), &data, PS as usize), 8);
+    assert_eq!(check_pages(&good.finish_within(30), &data, PS as usize), 8);
     h.stop().unwrap();
 }
 

@@ -58,6 +58,11 @@ struct Args {
     /// it never helps, the broker must stop serving it).
     #[arg(long)]
     anon: bool,
+    /// Also map this many bytes of private anonymous memory (MAP_NORESERVE: address space only)
+    /// and register it with the same userfaultfd, outside the mapping table given to the broker;
+    /// the `dontneed-reserve` step then discards all of it at once (one huge REMOVE event).
+    #[arg(long, value_name = "BYTES")]
+    reserve_anon: Option<u64>,
     /// Start the script right after printing the ready line instead of waiting for a line on
     /// stdin (so the client may fault before the broker has its uffd).
     #[arg(long)]
@@ -69,7 +74,8 @@ struct Args {
     /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
     /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
     /// 10 us or more), parallel:LIST (read one byte of each page, each from a thread of its own, all
-    /// at once). LIST is like 0,5,7-20.
+    /// at once), dontneed-reserve (MADV_DONTNEED over the whole --reserve-anon region). LIST is like
+    /// 0,5,7-20.
     #[arg(long, default_value = "")]
     script: String,
 }
@@ -101,6 +107,8 @@ fn fnv(data: &[u8]) -> u64 {
 struct Client {
     bases: Vec<u64>,
     page_size: u64,
+    /// The --reserve-anon region: (start, len).
+    reserve: Option<(u64, u64)>,
 }
 
 impl Client {
@@ -214,6 +222,14 @@ impl Client {
                 unsafe { munmap(p, len) }.map_err(|e| format!("munmap: {e}"))?;
                 json!({"who": who, "step": step})
             }
+            "dontneed-reserve" => {
+                let (start, len) = self.reserve.ok_or("dontneed-reserve needs --reserve-anon")?;
+                let p = std::ptr::NonNull::new(start as *mut std::ffi::c_void).ok_or("null")?;
+                // SAFETY: the range is this process's own reserved mapping, holding nothing.
+                unsafe { madvise(p, len as usize, MmapAdvise::MADV_DONTNEED) }
+                    .map_err(|e| format!("madvise: {e}"))?;
+                json!({"who": who, "step": step})
+            }
             "wait" => {
                 let mut line = String::new();
                 std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
@@ -303,6 +319,25 @@ fn run(mut a: Args) -> Result<(), String> {
         uffd.register_missing(base, size).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
         bases.push(base);
     }
+    let reserve = match a.reserve_anon {
+        Some(n) => {
+            let len = std::num::NonZeroUsize::new(n as usize).ok_or("--reserve-anon 0")?;
+            // SAFETY: a fresh mapping chosen by the kernel; nothing in Rust aliases it.
+            let p = unsafe {
+                mmap_anonymous(
+                    None,
+                    len,
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| format!("mmap of the reserve: {e}"))?;
+            let start = p.as_ptr() as u64;
+            uffd.register_missing(start, n).map_err(|e| format!("UFFDIO_REGISTER of the reserve: {e}"))?;
+            Some((start, n))
+        }
+        None => None,
+    };
     let mappings: Vec<_> =
         bases.iter().map(|b| json!({"client_addr": b, "block": 0, "block_offset": 0, "len": size})).collect();
     let mut client_id = None;
@@ -332,7 +367,7 @@ fn run(mut a: Args) -> Result<(), String> {
         let mut line = String::new();
         std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
     }
-    let client = Client { bases, page_size: a.page_size };
+    let client = Client { bases, page_size: a.page_size, reserve };
     let steps: Vec<&str> = a.script.split(';').filter(|s| !s.is_empty()).collect();
     let mut i = 0;
     while i < steps.len() {

@@ -310,28 +310,36 @@ impl Core {
         match &mut c.map {
             AddressMap::Private(t) => t.remove(start, end),
             AddressMap::Shared(t) => {
-                let t = t.clone();
-                let mut a = start;
-                while a < end {
-                    let Some((block, off)) = t.translate(a) else {
-                        a += 4096;
-                        continue;
-                    };
-                    let Some(b) = self.blocks.get(block) else { break };
+                for e in t.overlapping(start, end) {
+                    let Some(b) = self.blocks.get(e.block) else { continue };
                     let ps = b.page_size();
-                    let idx = (off / ps) as usize;
-                    if !self.zero_marks[block].set(idx) {
-                        self.zero_marked += 1;
-                    }
-                    a = (a - off % ps) + ps;
+                    let (s, en) = (e.client_addr.max(start), (e.client_addr + e.len).min(end));
+                    let off = e.block_offset + (s - e.client_addr);
+                    let first = (off / ps) as usize;
+                    let n = ((off + (en - s)).div_ceil(ps) as usize).saturating_sub(first);
+                    let marks = &self.zero_marks[e.block];
+                    let before = marks.count_range(first, n);
+                    marks.set_range(first, n);
+                    self.zero_marked += n - before;
                 }
             }
         }
     }
 
     fn adopt_fork(&mut self, parent: ClientId, child_fd: std::os::fd::RawFd) {
-        // SAFETY: the kernel installed `child_fd` in this process while delivering the FORK event;
-        // nothing else owns it.
+        // The message is the kernel's only if the parent's fd is a real userfaultfd (checked at
+        // registration); check the fd anyway before owning it: a forged number could name one
+        // of the broker's own fds, which must then be neither adopted nor closed.
+        if let Err(what) = crate::uffd::check_userfaultfd(child_fd) {
+            log::error!(
+                "client {}: a FORK event names fd {child_fd}, which is not a new userfaultfd ({what}); serving this client no more",
+                parent.0
+            );
+            self.failed.push(parent);
+            return;
+        }
+        // SAFETY: the kernel installed `child_fd` in this process while delivering the FORK event
+        // (it is a userfaultfd, checked above); nothing else owns it.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(child_fd) };
         let Some(p) = self.clients.get_mut(parent) else { return };
         p.stats.events += 1;

@@ -143,6 +143,8 @@ impl Loop {
     }
 
     pub(crate) fn register(&mut self, reg: Registration) -> Result<ClientId> {
+        crate::uffd::check_userfaultfd(reg.uffd.as_raw_fd())
+            .map_err(|what| Error::NotAUserfaultfd { client: reg.name.clone(), what })?;
         let map = match reg.map {
             RegistrationMap::Shared(entries) => {
                 let table = MappingTable::new(&self.core.blocks, entries)?;
