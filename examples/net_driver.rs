@@ -25,7 +25,7 @@ use std::time::Duration;
 use clap::Parser;
 use log::{info, warn};
 use postcopy_broker::ram::RamBlock;
-use postcopy_broker::vhost_user::net::{DRIVER_FEATURES, NET_HDR_LEN};
+use postcopy_broker::vhost_user::net::{NetHdr, DRIVER_FEATURES, NET_HDR_LEN};
 use postcopy_broker::vhost_user::register::{register_backend, BrokerLink};
 use postcopy_broker::vhost_user::virtq::VIRTIO_F_VERSION_1;
 use postcopy_broker::vhost_user::{postcopy, BackendConn, BrokerSession, GuestRam, Handshake};
@@ -170,8 +170,10 @@ fn used_json(ram: &GuestRam, used: &[RxUsed]) -> Result<serde_json::Value> {
     for u in used {
         let mut bytes = vec![0u8; u.written as usize];
         ram.read(u.buf.gpa, &mut bytes)?;
+        let hdr = NetHdr::parse(&bytes)?;
         out.push(serde_json::json!({
             "gpa": u.buf.gpa, "len": u.buf.len, "written": u.written, "bytes": hex(&bytes),
+            "num_buffers": hdr.num_buffers, "gso_type": hdr.gso_type, "hdr_flags": hdr.flags,
         }));
     }
     Ok(serde_json::Value::Array(out))

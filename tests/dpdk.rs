@@ -15,14 +15,14 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::vhost::{client, examples_dir, fnv, wait_exit, Setup, PAGE};
+use common::vhost::{client, examples_dir, fnv, JsonLines, Setup, PAGE};
 
 const RAM: u64 = 16 << 20;
 /// The Ethernet destination testpmd's txonly mode is told to use.
@@ -117,8 +117,9 @@ impl Testpmd {
     }
 }
 
-/// The net_driver example against testpmd, with the broker at `ctl.sock`.
-fn net_driver(s: &Setup, tp: &Testpmd, extra: &[&str]) -> (Child, BufReader<ChildStdout>) {
+/// The net_driver example against testpmd, with the broker at `ctl.sock`: its index in
+/// `s.kids` and its stdout.
+fn net_driver(s: &mut Setup, tp: &Testpmd, extra: &[&str]) -> (usize, JsonLines) {
     s.wait_for(&s.path("ctl.sock"), "the broker's control socket");
     let mut child = Command::new(examples_dir().join("net_driver"))
         .arg("--socket")
@@ -132,21 +133,8 @@ fn net_driver(s: &Setup, tp: &Testpmd, extra: &[&str]) -> (Child, BufReader<Chil
         .stderr(fs::File::create(s.path("driver.err")).unwrap())
         .spawn()
         .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    (child, out)
-}
-
-/// The next JSON line of the driver that has `key` (earlier lines are skipped).
-fn line_with(s: &Setup, out: &mut BufReader<ChildStdout>, key: &str) -> serde_json::Value {
-    loop {
-        let mut line = String::new();
-        let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "the driver ended before printing {key}:\n{}", s.log("driver.err"));
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v.get(key).is_some() {
-            return v;
-        }
-    }
+    let out = JsonLines::new(&mut child);
+    (s.adopt(child), out)
 }
 
 fn unhex(s: &str) -> Vec<u8> {
@@ -198,7 +186,7 @@ fn as_u64s(v: &serde_json::Value) -> Vec<u64> {
 }
 
 /// pcb-client reads `pages` of block "ram" (bounded); returns each page's FNV-1a as it read it.
-fn client_reads(s: &Setup, pages: &[u64]) -> Vec<String> {
+fn client_reads(s: &mut Setup, pages: &[u64]) -> Vec<String> {
     let list: Vec<String> = pages.iter().map(u64::to_string).collect();
     let mut c = Command::new(env!("CARGO_BIN_EXE_pcb-client"))
         .arg("--control")
@@ -208,15 +196,10 @@ fn client_reads(s: &Setup, pages: &[u64]) -> Vec<String> {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(c.stdout.take().unwrap());
-    assert!(wait_exit(&mut c, 60, "pcb-client").success());
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut out, &mut text).unwrap();
-    let step = text
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v.get("pages").is_some())
-        .expect("pcb-client reported its reads");
+    let out = JsonLines::new(&mut c);
+    let c = s.adopt(c);
+    let step = out.next_with("pages", 60);
+    assert!(s.wait_kid(c, 60, "pcb-client").success());
     step["pages"].as_array().unwrap().iter().map(|p| p["fnv"].as_str().unwrap().to_string()).collect()
 }
 
@@ -230,8 +213,8 @@ fn dpdk_postcopy_handshake_reports_its_real_bases() {
     let mut s = Setup::new("dpdk-hs");
     let serve = s.serve(&["--no-background"]);
     let tp = Testpmd::spawn(&mut s, POSTCOPY);
-    let (mut drv, mut out) = net_driver(&s, &tp, &["--buffers", "0", "--pause-before-ack", "--touch-all"]);
-    let reg = line_with(&s, &mut out, "phase");
+    let (drv, out) = net_driver(&mut s, &tp, &["--buffers", "0", "--pause-before-ack", "--touch-all"]);
+    let reg = out.next_with("phase", 60);
     assert_eq!(reg["phase"], "registered");
     let hs = &reg["handshake"];
     assert_eq!(hs["corrected"], 0, "{hs}");
@@ -252,9 +235,9 @@ fn dpdk_postcopy_handshake_reports_its_real_bases() {
     let log = tp.log();
     assert!(log.contains("read message VHOST_USER_SET_MEM_TABLE"), "{log}");
     assert!(!log.contains("userfaultfd registered"), "DPDK registered before the ack:\n{log}");
-    writeln!(drv.stdin.as_mut().unwrap(), "go").unwrap();
-    let summary = line_with(&s, &mut out, "summary");
-    assert!(wait_exit(&mut drv, 120, "net_driver").success(), "{}", s.log("driver.err"));
+    s.say(drv, "go");
+    let summary = out.next_with("summary", 120);
+    assert!(s.wait_kid(drv, 60, "net_driver").success(), "{}", s.log("driver.err"));
     s.wait_serve(serve);
     assert_eq!(summary["pagefault"], true);
     assert_eq!(summary["postcopy_end"], "ok");
@@ -277,12 +260,12 @@ fn dpdk_writes_packets_into_pages_that_have_not_arrived() {
     let mut tp = Testpmd::spawn(&mut s, POSTCOPY);
     let dump = s.path("rx-pages");
     let args = ["--buffers", "32", "--pause-after-rx", "--touch-all", "--dump", dump.to_str().unwrap()];
-    let (mut drv, mut out) = net_driver(&s, &tp, &args);
-    let posted = line_with(&s, &mut out, "buffers");
+    let (drv, out) = net_driver(&mut s, &tp, &args);
+    let posted = out.next_with("buffers", 60);
     assert_eq!(posted["phase"], "rx-posted");
     assert_eq!(s.status()["received_pages"], 0, "a receive page arrived before DPDK wrote it");
     tp.command("start");
-    let done = line_with(&s, &mut out, "used");
+    let done = out.next_with("used", 120);
     tp.command("stop");
     assert_eq!(done["used"], 32);
     // DPDK faulted on each of the 33 pages (the last buffer spans two), and only on those.
@@ -293,9 +276,9 @@ fn dpdk_writes_packets_into_pages_that_have_not_arrived() {
     assert_eq!(be["unmapped_faults"], 0, "{st}");
     assert_eq!(st["received_pages"], 33, "{st}");
     assert_eq!(st["broker"]["pages_background"], 0, "{st}");
-    writeln!(drv.stdin.as_mut().unwrap(), "go").unwrap();
-    let summary = line_with(&s, &mut out, "summary");
-    assert!(wait_exit(&mut drv, 120, "net_driver").success(), "{}", s.log("driver.err"));
+    s.say(drv, "go");
+    let summary = out.next_with("summary", 120);
+    assert!(s.wait_kid(drv, 60, "net_driver").success(), "{}", s.log("driver.err"));
     s.wait_serve(serve);
     assert_eq!(summary["postcopy_end"], "ok");
 
@@ -316,6 +299,7 @@ fn dpdk_writes_packets_into_pages_that_have_not_arrived() {
         assert_eq!(data.len() as u64, n);
         assert!(n <= len);
         let frame = check_txonly_packet(&data, mac);
+        assert_eq!((r["num_buffers"].clone(), r["gso_type"].clone()), (1.into(), 0.into()), "{r}");
         assert_eq!(n as usize, 12 + frame);
         expect[gpa as usize..(gpa + n) as usize].copy_from_slice(&data);
         for a in gpa..gpa + n {
@@ -351,8 +335,8 @@ fn dpdk_without_postcopy_support_is_refused_before_anything_is_touched() {
     let mut s = Setup::new("dpdk-nopc");
     let serve = s.serve(&["--no-background"]);
     let tp = Testpmd::spawn(&mut s, TestpmdOpts { postcopy: false, mlockall: false });
-    let (mut drv, _out) = net_driver(&s, &tp, &["--buffers", "4"]);
-    assert!(!wait_exit(&mut drv, 60, "net_driver").success());
+    let (drv, _out) = net_driver(&mut s, &tp, &["--buffers", "4"]);
+    assert!(!s.wait_kid(drv, 60, "net_driver").success());
     let err = s.log("driver.err");
     assert!(err.contains("PAGEFAULT") && err.contains(&tp.socket.display().to_string()), "{err}");
     let st = s.status();
@@ -377,8 +361,8 @@ fn dpdk_with_mlockall_is_refused_before_the_ack() {
     let mut s = Setup::new("dpdk-mlock");
     let serve = s.serve(&["--no-background"]);
     let tp = Testpmd::spawn(&mut s, TestpmdOpts { postcopy: true, mlockall: true });
-    let (mut drv, _out) = net_driver(&s, &tp, &["--buffers", "4", "--rx-timeout", "10"]);
-    assert!(!wait_exit(&mut drv, 120, "net_driver").success(), "the driver went on with a populated backend");
+    let (drv, _out) = net_driver(&mut s, &tp, &["--buffers", "4", "--rx-timeout", "10"]);
+    assert!(!s.wait_kid(drv, 120, "net_driver").success(), "the driver went on with a populated backend");
     let err = s.log("driver.err");
     for word in ["populated", "--no-mlockall", "mlock"] {
         assert!(err.contains(word), "the error does not say {word:?}:\n{err}");
@@ -392,7 +376,7 @@ fn dpdk_with_mlockall_is_refused_before_the_ack() {
     let probe: Vec<u64> = (0..RAM / PAGE).filter(|p| p % 4 != 3).step_by(97).collect();
     let want: Vec<String> =
         probe.iter().map(|p| fnv(&s.image[(p * PAGE) as usize..((p + 1) * PAGE) as usize])).collect();
-    assert_eq!(client_reads(&s, &probe), want, "a client read zeros DPDK's mlockall populated");
+    assert_eq!(client_reads(&mut s, &probe), want, "a client read zeros DPDK's mlockall populated");
     s.run_client(&format!("touch:0-{}", RAM / PAGE - 1));
     s.wait_serve(serve);
     s.check_broker_sums();

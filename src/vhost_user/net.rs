@@ -87,7 +87,8 @@ pub struct RxUsed {
 #[derive(Debug)]
 pub struct NetDriver {
     rx: SplitQueue,
-    tx: SplitQueue,
+    /// Set up (the device starts only with both queues), never given buffers.
+    _tx: SplitQueue,
     posted: Vec<(u16, RxBuf)>,
     timeout: Duration,
 }
@@ -114,22 +115,12 @@ impl NetDriver {
         }
         conn.setup_vring(&rx.vring_setup(ram)?)?;
         conn.setup_vring(&tx.vring_setup(ram)?)?;
-        Ok(NetDriver { rx, tx, posted: Vec::new(), timeout: Duration::from_secs(30) })
+        Ok(NetDriver { rx, _tx: tx, posted: Vec::new(), timeout: Duration::from_secs(30) })
     }
 
     /// How long [`NetDriver::wait_rx`] waits without any buffer used before giving up.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
-    }
-
-    /// The receive queue.
-    pub fn rx_queue(&self) -> &SplitQueue {
-        &self.rx
-    }
-
-    /// The transmit queue (set up, never given buffers: this driver only receives).
-    pub fn tx_queue(&self) -> &SplitQueue {
-        &self.tx
     }
 
     /// Make `bufs` available to the device on the receive queue, one descriptor each, and kick.

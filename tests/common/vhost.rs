@@ -5,9 +5,10 @@
 //! end. Every process started here is killed when the [`Setup`] is dropped.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -227,6 +228,19 @@ impl Setup {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Keep `child` with the others (killed on drop); its index in `kids`.
+    pub fn adopt(&mut self, child: Child) -> usize {
+        self.kids.push(child);
+        self.kids.len() - 1
+    }
+
+    /// Write a line to child `i`'s stdin.
+    pub fn say(&mut self, i: usize, line: &str) {
+        let stdin = self.kids[i].stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
     pub fn log(&self, name: &str) -> String {
         fs::read_to_string(self.path(name)).unwrap_or_default()
     }
@@ -281,7 +295,8 @@ pub fn split_blocks<'a>(specs: &[BlockSpec], ram: &'a [u8]) -> Vec<(&'static str
 
 /// The guest driver's summary `s` against the final RAM `ram` (the blocks `specs` back to
 /// back): the driver read every block as `ram`, the disk's mirror sectors still equal `ram` at
-/// [`MIRROR_GPA`], and every write logged during postcopy holds the page of `ram` it came from.
+/// [`MIRROR_GPA`], every write logged during postcopy holds the page of `ram` it came from, and
+/// the bounce-buffer region holds what the driver read back.
 pub fn check_ram_and_disk(specs: &[BlockSpec], ram: &[u8], disk: &Path, s: &serde_json::Value) {
     for (name, bytes) in split_blocks(specs, ram) {
         assert_eq!(
@@ -303,6 +318,10 @@ pub fn check_ram_and_disk(specs: &[BlockSpec], ram: &[u8], disk: &Path, s: &serd
             "write of guest page {gpa:#x} to sector {sector}"
         );
     }
+    let (first, sectors) =
+        (s["first_sector"].as_u64().unwrap() as usize, s["sectors"].as_u64().unwrap() as usize);
+    let bounce = &disk[first * 512..(first + sectors) * 512];
+    assert_eq!(s["checksum"], format!("{:#018x}", super::fnv1a64(bounce)), "the bounce region");
 }
 
 /// Wait (at most `secs`) for `child` to exit; kill it and fail if it does not.
@@ -327,6 +346,46 @@ fn wait_exit_or(
             panic!("{what} did not finish within {secs} s\n{}", context());
         }
         thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child's stdout read on a thread as JSON lines (so a long summary never blocks the child on
+/// a full pipe), handed out with bounded waits.
+pub struct JsonLines {
+    rx: mpsc::Receiver<serde_json::Value>,
+}
+
+impl JsonLines {
+    pub fn new(child: &mut Child) -> JsonLines {
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        JsonLines { rx }
+    }
+
+    /// The next line that has `key` (earlier ones are skipped); fails after `secs` or when the
+    /// child's stdout ends first.
+    pub fn next_with(&self, key: &str, secs: u64) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(v) if v.get(key).is_some() => return v,
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!("no line with {key} within {secs} s"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("the output ended before a line with {key}")
+                }
+            }
+        }
     }
 }
 
