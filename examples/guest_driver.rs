@@ -52,8 +52,9 @@ const RING_GPA: u64 = DRIVER_GPA + 0x1_0000;
 const META_GPA: u64 = DRIVER_GPA + 0x2_0000;
 /// Guest address of the first bounce buffer.
 const DATA_GPA: u64 = DRIVER_GPA + 0x10_0000;
-/// How long the driver waits for the broker to receive every page after its I/O.
-const COMPLETE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the driver waits for the broker to receive every page after its I/O: a safety bound
+/// only (a slow migration, e.g. the demo with a low --bandwidth, may take many minutes).
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Bytes of a migrated page as the workload sees it.
 const PAGE: u64 = 4096;
 const SECTORS_PER_PAGE: u64 = PAGE / SECTOR_SIZE;

@@ -53,8 +53,9 @@ struct Testpmd {
 }
 
 impl Testpmd {
-    /// Two lcores pinned to the machine's two cores, no huge pages, no shared files, no PCI, a
-    /// small mbuf pool; txonly forwarding, started and stopped by [`Testpmd::command`].
+    /// Two lcores pinned to the machine's two cores, no huge pages, no shared files or telemetry
+    /// socket (nothing is left in /var/run/dpdk when it is killed), no PCI, a small mbuf pool;
+    /// txonly forwarding, started and stopped by [`Testpmd::command`].
     fn spawn(s: &mut Setup, o: TestpmdOpts) -> Testpmd {
         let socket = s.path("dpdk.sock");
         let log = s.path("testpmd.log");
@@ -64,7 +65,7 @@ impl Testpmd {
         }
         let peer: Vec<String> = PEER_MAC.iter().map(|b| format!("{b:02x}")).collect();
         let mut cmd = Command::new("dpdk-testpmd");
-        cmd.args(["-l", "0-1", "--no-huge", "-m", "128", "--no-shconf", "--no-pci"])
+        cmd.args(["-l", "0-1", "--no-huge", "-m", "128", "--no-shconf", "--no-telemetry", "--no-pci"])
             .arg("--log-level=lib.vhost.config:debug")
             .arg("--vdev")
             .arg(vdev)
