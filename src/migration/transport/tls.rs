@@ -216,14 +216,15 @@ impl TlsSetup {
         let ca = self.dir.join(CA_CERT);
         let ours = self.dir.join(if name.is_some() { CLIENT_CERT } else { SERVER_CERT });
         let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
-            return match e.kind() {
+            // A connection that just ends is not a refusal (a refusal comes as an alert or an
+            // Error frame): it may be the network, so a resume tries again.
+            let context = match e.kind() {
                 io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
-                    TransportError::Refused(format!(
-                        "the peer closed the connection during the TLS handshake: it refused us or does not use TLS (check that both ends use --tls-dir, and its log) ({e})"
-                    ))
+                    "TLS handshake: the peer closed the connection (if this repeats, check its log: does it use --tls-dir too?)"
                 }
-                _ => TransportError::Io { context: "TLS handshake".into(), source: e },
+                _ => "TLS handshake",
             };
+            return TransportError::Io { context: context.into(), source: e };
         };
         let why = match tls {
             rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => format!(
@@ -348,6 +349,9 @@ pub(super) fn read(
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // The socket ended without close_notify: an end of file like the plaintext
+                    // one (the wire protocol's own end frames say whether it came too early).
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && filled == 0 => return Ok(0),
                     Err(e) if filled == 0 => return Err(e),
                     Err(_) => break,
                 }
