@@ -240,9 +240,9 @@ impl Security {
         let done = {
             let mut io = Deadline::new(&stream, end);
             match &self.kind {
-                Kind::Tls(setup) => {
-                    setup.connect(&mut io, addr).map(|(c, id)| (Some(Sealer::Tls(Mutex::new(c))), id))
-                }
+                Kind::Tls(setup) => setup
+                    .connect(&mut io, addr)
+                    .map(|(c, id)| (Some(Sealer::Tls(Box::new(Mutex::new(c)))), id)),
                 Kind::Psk(psk) => psk.connect(&mut io).map(|s| (Some(Sealer::Noise(Box::new(s))), None)),
                 Kind::Plaintext(key) => {
                     authenticate(&mut io, key, Side::Source).map(|()| (None, None)).map_err(Into::into)
@@ -264,7 +264,7 @@ impl Security {
             self.check_peer_mode(&stream, &mut io, peer)?;
             match &self.kind {
                 Kind::Tls(setup) => {
-                    setup.accept(&mut io).map(|(c, id)| (Some(Sealer::Tls(Mutex::new(c))), id))
+                    setup.accept(&mut io).map(|(c, id)| (Some(Sealer::Tls(Box::new(Mutex::new(c)))), id))
                 }
                 Kind::Psk(psk) => psk.accept(&mut io).map(|s| (Some(Sealer::Noise(Box::new(s))), None)),
                 Kind::Plaintext(key) => {
@@ -345,7 +345,7 @@ fn timed_out(e: TransportError, stream: &TcpStream, peer: SocketAddr, timeout: D
 
 /// The record protection of a protected transport.
 enum Sealer {
-    Tls(Mutex<rustls::Connection>),
+    Tls(Box<Mutex<rustls::Connection>>),
     Noise(Box<snow::StatelessTransportState>),
 }
 
