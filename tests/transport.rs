@@ -63,7 +63,7 @@ fn a_certificate_from_another_ca_is_refused_and_the_real_source_migrates_after_i
     let refused = source_cmd(&addr, &["--tls-dir".into(), stranger.clone().into()], &dir.path("img"), &[]);
     let (ok, err) = end({ refused }.spawn().unwrap());
     assert!(!ok, "the stranger's source exits non-zero");
-    assert!(err.contains("refused this source"), "the source says it was refused: {err}");
+    assert!(err.contains("refused our certificate"), "the source says it was refused: {err}");
     assert!(serve.try_wait().unwrap().is_none(), "the destination keeps listening");
     let (ok, err) = end(source_cmd(&addr, &creds.args(), &dir.path("img"), &[]).spawn().unwrap());
     assert!(ok, "{err}");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::ram::SourceRam;
 use crate::error::{Error, IoContext, Result};
 use crate::migration::bitmap::{bit_runs, ReceivedMap};
-use crate::migration::transport::{refusal, Security, Transport, TransportError};
+use crate::migration::transport::{Security, Transport};
 use crate::migration::wire::{
     check_ack, write_frame, Channel, Decoder, Frame, Hello, Limits, CAP_RESUME, PROTOCOL_VERSION,
 };
@@ -107,11 +107,7 @@ impl Peer {
         write_frame(&mut s, &Frame::Hello(hello))?;
         let mut dec = Decoder::with_blocks(Limits::default(), ram.table().clone());
         s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ctx(|| "set a read timeout".into())?;
-        let answer = dec.read_frame(&mut s).map_err(|e| match refusal(&e) {
-            Some(why) => Error::Transport(TransportError::Refused(why)),
-            None => e.into(),
-        });
-        let accepted = match answer? {
+        let accepted = match dec.read_frame(&mut s)? {
             Frame::HelloAck { version, capabilities } => {
                 check_ack(PROTOCOL_VERSION, self.caps, version, capabilities)?;
                 capabilities

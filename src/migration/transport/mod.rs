@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::auth::{authenticate, load_key, AuthError};
-use super::wire::{write_frame, Frame, Side, WireError, MAGIC};
+use super::wire::{write_frame, Frame, Side, MAGIC};
 use deadline::Deadline;
 use sealed::{Rx, Tx};
 
@@ -240,9 +240,9 @@ impl Security {
         let done = {
             let mut io = Deadline::new(&stream, end);
             match &self.kind {
-                Kind::Tls(setup) => setup
-                    .connect(&mut io, addr)
-                    .map(|(c, id)| (Some(Sealer::Tls(Box::new(Mutex::new(c)))), id)),
+                Kind::Tls(setup) => {
+                    setup.connect(&mut io, addr).map(|(c, id)| (Some(Sealer::Tls(Box::new(c))), id))
+                }
                 Kind::Psk(psk) => psk.connect(&mut io).map(|s| (Some(Sealer::Noise(Box::new(s))), None)),
                 Kind::Plaintext(key) => {
                     authenticate(&mut io, key, Side::Source).map(|()| (None, None)).map_err(Into::into)
@@ -263,9 +263,7 @@ impl Security {
             let mut io = Deadline::new(&stream, end);
             self.check_peer_mode(&stream, &mut io, peer)?;
             match &self.kind {
-                Kind::Tls(setup) => {
-                    setup.accept(&mut io).map(|(c, id)| (Some(Sealer::Tls(Box::new(Mutex::new(c)))), id))
-                }
+                Kind::Tls(setup) => setup.accept(&mut io).map(|(c, id)| (Some(Sealer::Tls(Box::new(c))), id)),
                 Kind::Psk(psk) => psk.accept(&mut io).map(|s| (Some(Sealer::Noise(Box::new(s))), None)),
                 Kind::Plaintext(key) => {
                     authenticate(&mut io, key, Side::Destination).map(|()| (None, None)).map_err(Into::into)
@@ -345,7 +343,7 @@ fn timed_out(e: TransportError, stream: &TcpStream, peer: SocketAddr, timeout: D
 
 /// The record protection of a protected transport.
 enum Sealer {
-    Tls(Box<Mutex<rustls::Connection>>),
+    Tls(Box<tls::Records>),
     Noise(Box<snow::StatelessTransportState>),
 }
 
@@ -387,12 +385,16 @@ impl Transport {
     ) -> Result<Transport, TransportError> {
         sock.set_read_timeout(None).map_err(|e| TransportError::io("clear the read timeout", e))?;
         sock.set_write_timeout(None).map_err(|e| TransportError::io("clear the write timeout", e))?;
+        let (rx_seq, tx_seq) = match &sealer {
+            Some(Sealer::Tls(r)) => r.seqs,
+            _ => (0, 0),
+        };
         let inner = Inner {
             sock,
             peer,
             sealer,
-            rx: Mutex::new(Rx::default()),
-            tx: Mutex::new(Tx::default()),
+            rx: Mutex::new(Rx { nonce: rx_seq, ..Rx::default() }),
+            tx: Mutex::new(Tx::starting_at(tx_seq)),
             nonblocking: AtomicBool::new(false),
             identity,
         };
@@ -466,7 +468,7 @@ impl Transport {
     fn read_sealed(&self, sealer: &Sealer, out: &mut [u8]) -> io::Result<usize> {
         let mut rx = lock(&self.inner.rx);
         match sealer {
-            Sealer::Tls(conn) => tls::read(&self.inner.sock, conn, &mut rx, out),
+            Sealer::Tls(rec) => tls::read(&self.inner.sock, rec, &mut rx, out),
             Sealer::Noise(state) => noise::read(&self.inner.sock, state, &mut rx, out),
         }
     }
@@ -481,7 +483,7 @@ impl Transport {
         tx.drain(&self.inner.sock)?;
         for piece in sealed::pieces(bufs, sealed::SEAL_CHUNK) {
             match sealer {
-                Sealer::Tls(conn) => tls::seal(conn, &piece, &mut tx)?,
+                Sealer::Tls(rec) => tls::seal(rec, &piece, &mut tx)?,
                 Sealer::Noise(state) => noise::seal(state, &piece, &mut tx)?,
             }
             match tx.drain(&self.inner.sock) {
@@ -551,11 +553,4 @@ impl Write for Transport {
     fn flush(&mut self) -> io::Result<()> {
         (&*self).flush()
     }
-}
-
-/// If `e` (a read or write error of a transport, or a frame error wrapping one) says that the
-/// peer refused us during or right after the handshake, what it refused, for the user.
-pub fn refusal(e: &WireError) -> Option<String> {
-    let WireError::Io(io) = e else { return None };
-    tls::refusal(io)
 }

@@ -21,12 +21,10 @@ pub(super) struct Rx {
     pub(super) end: usize,
     /// The socket reached end of file.
     pub(super) eof: bool,
-    /// The record layer was told about the end of file (TLS).
-    pub(super) eof_told: bool,
     /// Opened bytes the caller had no room for: `plain[plain_pos..]`.
     pub(super) plain: Vec<u8>,
     pub(super) plain_pos: usize,
-    /// Number of the next record to open (Noise).
+    /// Number of the next record to open.
     pub(super) nonce: u64,
     /// Why the connection can no longer be read (a record failed to open).
     pub(super) broken: Option<String>,
@@ -101,7 +99,7 @@ pub(super) struct Tx {
     /// Sealed bytes; `pending[sent..]` are not written yet.
     pub(super) pending: Vec<u8>,
     sent: usize,
-    /// Number of the next record to seal (Noise).
+    /// Number of the next record to seal.
     pub(super) nonce: u64,
     /// Plaintext gathered from several slices into one record (Noise).
     pub(super) stage: Vec<u8>,
@@ -110,6 +108,11 @@ pub(super) struct Tx {
 }
 
 impl Tx {
+    /// Nothing sent yet; the first record to seal is number `nonce`.
+    pub(super) fn starting_at(nonce: u64) -> Tx {
+        Tx { nonce, ..Tx::default() }
+    }
+
     /// Whether sealed bytes wait to be written.
     pub(super) fn pending(&self) -> bool {
         self.sent < self.pending.len()
@@ -147,6 +150,12 @@ impl Tx {
 
 /// `bufs` cut into consecutive groups of at most `max` bytes each (slices split where needed).
 pub(super) fn pieces<'a>(bufs: &'a [IoSlice<'a>], max: usize) -> Vec<Vec<&'a [u8]>> {
+    let slices: Vec<&'a [u8]> = bufs.iter().map(|b| &**b).collect();
+    pieces_of(&slices, max)
+}
+
+/// [`pieces`] of plain slices.
+pub(super) fn pieces_of<'a>(bufs: &[&'a [u8]], max: usize) -> Vec<Vec<&'a [u8]>> {
     let mut out = Vec::new();
     let mut cur: Vec<&'a [u8]> = Vec::new();
     let mut room = max;

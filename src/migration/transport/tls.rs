@@ -13,24 +13,39 @@
 //! destination accepts any source certificate from the CA, or only one valid for
 //! `--tls-peer-name` when given. No session tickets, no early data, TLS 1.3 only.
 //!
-//! After the handshake the rustls connection lives behind a mutex that is held only while
-//! records are opened or sealed, never while the socket blocks, so a reader and a writer on
-//! different threads never wait for each other's I/O.
+//! After the handshake the destination sends one application record, [`READY`] (or, refusing a
+//! source whose certificate does not carry `--tls-peer-name`, an Error frame), so the source
+//! learns inside its handshake whether its certificate was accepted (a TLS 1.3 client otherwise
+//! finds out only at its first read). Then both ends take the traffic keys and sequence numbers
+//! out of rustls (`dangerous_extract_secrets`, the step that hands a connection to kernel TLS;
+//! this kernel has no kernel TLS) and protect the records with the negotiated suite's own rustls
+//! record ciphers ([`Records`]): standard TLS 1.3 application records of at most 16 KiB, opened
+//! in place in the receive buffer and sealed straight into the send buffer, one direction
+//! independent of the other (the sender and receiver of a connection never wait for each
+//! other). Keys are not updated: a connection that reaches the suite's confidentiality limit
+//! (2^24 records for AES-GCM, 256 GiB of records) fails, and postcopy recovery resumes on a new
+//! connection with new keys.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use rustls::crypto::cipher::{
+    InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
+};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{AlertDescription, CertificateError, ClientConfig, Connection, RootCertStore, ServerConfig};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, Connection, ConnectionTrafficSecrets, ContentType,
+    ProtocolVersion, RootCertStore, ServerConfig, SupportedCipherSuite,
+};
 
 use super::deadline::Deadline;
-use super::sealed::{Rx, Tx};
+use super::sealed::{pieces_of, Rx, Tx};
 use super::{lock, TransportError};
 
 /// First byte of a TLS handshake record (a ClientHello starts with it).
@@ -45,6 +60,16 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const CLIENT_CERT: &str = "client-cert.pem";
 /// The source's private key.
 pub const CLIENT_KEY: &str = "client-key.pem";
+/// The destination's first application record: the source's certificate is accepted.
+pub const READY: &[u8] = b"postcopy-broker migration tls ready v1";
+/// Largest plaintext of one record (TLS 1.3).
+const MAX_FRAGMENT: usize = 1 << 14;
+/// Largest ciphertext of one record: fragment, content type byte, padding and tag (RFC 8446).
+const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
+/// Record header: type, legacy version, length.
+const RECORD_HEADER: usize = 5;
+/// Outer type of every protected TLS 1.3 record.
+const APPLICATION_DATA: u8 = 23;
 
 enum Role {
     Source { config: Arc<ClientConfig>, name: Option<String> },
@@ -127,6 +152,8 @@ impl TlsSetup {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| config_err(dir, e))?;
+        let mut config = config;
+        config.enable_secret_extraction = true;
         Ok(TlsSetup {
             dir: dir.to_path_buf(),
             role: Role::Source { config: Arc::new(config), name: peer_name.map(str::to_string) },
@@ -152,6 +179,7 @@ impl TlsSetup {
             .with_single_cert(chain, key)
             .map_err(|e| config_err(dir, e))?;
         config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = true;
         Ok(TlsSetup { dir: dir.to_path_buf(), role: Role::Destination { config: Arc::new(config), pin } })
     }
 
@@ -160,7 +188,7 @@ impl TlsSetup {
         &self,
         io: &mut Deadline<'_, TcpStream>,
         addr: &str,
-    ) -> Result<(Connection, Option<Vec<u8>>), TransportError> {
+    ) -> Result<(Records, Option<Vec<u8>>), TransportError> {
         let Role::Source { config, name } = &self.role else {
             return Err(TransportError::Options(
                 "a destination's TLS setup (server-cert.pem) cannot connect; load the source's".into(),
@@ -172,16 +200,19 @@ impl TlsSetup {
             .map_err(|e| TransportError::Options(format!("TLS client: {e}")))?;
         let mut conn = Connection::Client(conn);
         drive(&mut conn, io).map_err(|e| self.describe(e, Some(&name)))?;
+        await_ready(&mut conn, io).map_err(|e| match e {
+            Ready::Io(e) => self.describe(e, Some(&name)),
+            Ready::Refused(why) => TransportError::Refused(why),
+        })?;
         let identity = conn.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
-        conn.set_buffer_limit(None);
-        Ok((conn, identity))
+        Ok((Records::take(conn)?, identity))
     }
 
     /// The destination's handshake with a source.
     pub(super) fn accept(
         &self,
         io: &mut Deadline<'_, TcpStream>,
-    ) -> Result<(Connection, Option<Vec<u8>>), TransportError> {
+    ) -> Result<(Records, Option<Vec<u8>>), TransportError> {
         let Role::Destination { config, pin } = &self.role else {
             return Err(TransportError::Options(
                 "a source's TLS setup (client-cert.pem) cannot accept; load the destination's".into(),
@@ -207,8 +238,8 @@ impl TlsSetup {
                 return Err(TransportError::Refused(text));
             }
         }
-        conn.set_buffer_limit(None);
-        Ok((conn, Some(cert.to_vec())))
+        send_inside(&mut conn, io, READY, false).map_err(|e| self.describe(e, None))?;
+        Ok((Records::take(conn)?, Some(cert.to_vec())))
     }
 
     /// A handshake error, for the user: who refused what, and what to check.
@@ -267,17 +298,6 @@ fn alert_text(a: AlertDescription, ours: &Path, ca: &Path) -> String {
     }
 }
 
-/// If `e` carries an alert the peer sent about our certificate (a TLS 1.3 client learns that
-/// the server refused its certificate only on its first read after the handshake), what it means.
-pub(super) fn refusal(e: &io::Error) -> Option<String> {
-    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::AlertReceived(a) if *a != AlertDescription::CloseNotify => Some(format!(
-            "the destination refused this source (TLS alert {a:?}): is client-cert.pem signed by the CA of the destination's ca-cert.pem, valid now, and for the name it requires (--tls-peer-name)?"
-        )),
-        _ => None,
-    }
-}
-
 fn server_name(n: &str) -> Result<ServerName<'static>, TransportError> {
     ServerName::try_from(n.to_string())
         .map_err(|_| TransportError::Options(format!("'{n}' is neither a DNS name nor an IP address")))
@@ -303,112 +323,235 @@ fn drive(conn: &mut Connection, io: &mut Deadline<'_, TcpStream>) -> io::Result<
     io.flush()
 }
 
-/// Tell an authenticated peer why it is refused: an Error frame inside the TLS connection.
-fn refuse_inside(conn: &mut Connection, io: &mut Deadline<'_, TcpStream>, text: &str) -> io::Result<()> {
-    let mut frame = Vec::new();
-    crate::migration::wire::encode(&crate::migration::wire::Frame::Error { text }, &mut frame)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    conn.writer().write_all(&frame)?;
-    conn.send_close_notify();
+/// Send `data` as application data through the handshake's connection (and close_notify after
+/// it when `close`).
+fn send_inside(
+    conn: &mut Connection,
+    io: &mut Deadline<'_, TcpStream>,
+    data: &[u8],
+    close: bool,
+) -> io::Result<()> {
+    conn.writer().write_all(data)?;
+    if close {
+        conn.send_close_notify();
+    }
     while conn.wants_write() {
         conn.write_tls(io)?;
     }
     io.flush()
 }
 
-fn tls_err(rx: &mut Rx, e: rustls::Error) -> io::Error {
-    rx.broken = Some(format!("TLS: {e}"));
-    io::Error::new(io::ErrorKind::InvalidData, e)
+/// Tell an authenticated peer why it is refused: an Error frame inside the TLS connection.
+fn refuse_inside(conn: &mut Connection, io: &mut Deadline<'_, TcpStream>, text: &str) -> io::Result<()> {
+    let mut frame = Vec::new();
+    crate::migration::wire::encode(&crate::migration::wire::Frame::Error { text }, &mut frame)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    send_inside(conn, io, &frame, true)
 }
 
-/// Read opened bytes into `out`: what rustls holds, then what `rx` holds, then the socket.
-pub(super) fn read(
-    sock: &TcpStream,
-    conn: &Mutex<Connection>,
-    rx: &mut Rx,
-    out: &mut [u8],
-) -> io::Result<usize> {
+enum Ready {
+    Io(io::Error),
+    Refused(String),
+}
+
+/// The source's wait for the destination's verdict: [`READY`], or an Error frame, or an alert.
+fn await_ready(conn: &mut Connection, io: &mut Deadline<'_, TcpStream>) -> Result<(), Ready> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while got.len() < READY.len() {
+        match conn.reader().read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(Ready::Io(e)),
+        }
+        if got.len() > 4096 {
+            break;
+        }
+        match conn.read_tls(io) {
+            Ok(0) => {
+                conn.process_new_packets()
+                    .map_err(|e| Ready::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                match conn.reader().read(&mut buf) {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Ready::Io(e)),
+        }
+        conn.process_new_packets().map_err(|e| Ready::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+    }
+    if got == READY {
+        return Ok(());
+    }
+    let mut dec = crate::migration::wire::Decoder::default();
+    dec.feed(&got);
+    Err(Ready::Refused(match dec.next_frame() {
+        Ok(Some(crate::migration::wire::Frame::Error { text })) => {
+            format!("the destination refused this source: {text}")
+        }
+        _ if got.is_empty() => {
+            "the destination closed the TLS connection right after the handshake (see its log)".into()
+        }
+        _ => {
+            "the destination answered the TLS handshake with something else than a migration destination does"
+                .into()
+        }
+    }))
+}
+
+/// The record protection of one connection after its handshake: the negotiated suite's rustls
+/// record ciphers, one per direction (see the module doc).
+pub(super) struct Records {
+    enc: Mutex<Box<dyn MessageEncrypter>>,
+    dec: Mutex<Box<dyn MessageDecrypter>>,
+    /// Records per direction before the keys would wear out.
+    limit: u64,
+    /// Sequence numbers of the next record to receive and to send.
+    pub(super) seqs: (u64, u64),
+}
+
+impl Records {
+    /// Take the keys out of the finished handshake.
+    fn take(conn: Connection) -> Result<Records, TransportError> {
+        let unusable = |why: String| {
+            TransportError::Options(format!("TLS: cannot take over the connection's keys: {why}"))
+        };
+        let Some(SupportedCipherSuite::Tls13(suite)) = conn.negotiated_cipher_suite() else {
+            return Err(unusable("no TLS 1.3 cipher suite was negotiated".into()));
+        };
+        let secrets = conn.dangerous_extract_secrets().map_err(|e| unusable(e.to_string()))?;
+        let keys = |s: ConnectionTrafficSecrets| match s {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
+            _ => Err(unusable("an unknown AEAD".into())),
+        };
+        let (rx_seq, rx) = secrets.rx;
+        let (tx_seq, tx) = secrets.tx;
+        let ((rk, riv), (tk, tiv)) = (keys(rx)?, keys(tx)?);
+        Ok(Records {
+            enc: Mutex::new(suite.aead_alg.encrypter(tk, tiv)),
+            dec: Mutex::new(suite.aead_alg.decrypter(rk, riv)),
+            limit: suite.common.confidentiality_limit,
+            seqs: (rx_seq, tx_seq),
+        })
+    }
+}
+
+/// Read opened bytes into `out`: what `rx` holds, then records from the socket.
+pub(super) fn read(sock: &TcpStream, rec: &Records, rx: &mut Rx, out: &mut [u8]) -> io::Result<usize> {
     rx.check()?;
     if out.is_empty() {
         return Ok(0);
     }
+    let mut filled = rx.take_plain(out);
     loop {
-        let mut filled = 0;
-        {
-            let mut c = lock(conn);
-            loop {
-                match c.reader().read(&mut out[filled..]) {
-                    // close_notify: end of file after what this call already has.
-                    Ok(0) if filled == 0 => return Ok(0),
-                    Ok(0) => break,
-                    Ok(n) => {
-                        filled += n;
-                        if filled == out.len() {
-                            break;
-                        }
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // The socket ended without close_notify: an end of file like the plaintext
-                    // one (the wire protocol's own end frames say whether it came too early).
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && filled == 0 => return Ok(0),
-                    Err(e) if filled == 0 => return Err(e),
-                    Err(_) => break,
-                }
-                if !rx.sealed().is_empty() {
-                    let n = c.read_tls(&mut rx.sealed())?;
-                    rx.start += n;
-                    c.process_new_packets().map_err(|e| tls_err(rx, e))?;
-                    continue;
-                }
-                if rx.eof && !rx.eof_told {
-                    rx.eof_told = true;
-                    c.read_tls(&mut io::empty())?;
-                    c.process_new_packets().map_err(|e| tls_err(rx, e))?;
-                    continue;
-                }
-                if rx.eof && filled == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection",
-                    ));
-                }
+        while filled < out.len() {
+            let sealed = rx.sealed();
+            if sealed.len() < RECORD_HEADER {
                 break;
+            }
+            let len = usize::from(u16::from_be_bytes([sealed[3], sealed[4]]));
+            if sealed[0] != APPLICATION_DATA || sealed[1..3] != [3, 3] || len > MAX_CIPHERTEXT {
+                return Err(rx.break_with(format!(
+                    "a record header {:02x?} that no TLS 1.3 peer sends: the stream is corrupt",
+                    &sealed[..RECORD_HEADER]
+                )));
+            }
+            if sealed.len() < RECORD_HEADER + len {
+                break;
+            }
+            let seq = rx.nonce;
+            if seq >= rec.limit {
+                return Err(rx.break_with("the TLS keys of this connection are worn out (confidentiality limit); a new connection gets new ones".into()));
+            }
+            let (start, end) = (rx.start + RECORD_HEADER, rx.start + RECORD_HEADER + len);
+            let base = rx.buf.as_ptr() as usize;
+            let opened = {
+                let msg = InboundOpaqueMessage::new(
+                    ContentType::ApplicationData,
+                    ProtocolVersion::TLSv1_2,
+                    &mut rx.buf[start..end],
+                );
+                lock(&rec.dec)
+                    .decrypt(msg, seq)
+                    .map(|m| (m.typ, m.payload.as_ptr() as usize - base, m.payload.len()))
+            };
+            let (typ, at, n) = opened.map_err(|e| {
+                rx.break_with(format!(
+                    "TLS record {seq} failed authentication ({e}): the stream was changed, cut or replayed on the way"
+                ))
+            })?;
+            rx.nonce += 1;
+            rx.start = end;
+            match typ {
+                ContentType::ApplicationData => {
+                    let room = out.len() - filled;
+                    let k = n.min(room);
+                    out[filled..filled + k].copy_from_slice(&rx.buf[at..at + k]);
+                    filled += k;
+                    if k < n {
+                        rx.plain.clear();
+                        rx.plain.extend_from_slice(&rx.buf[at + k..at + n]);
+                        rx.plain_pos = 0;
+                    }
+                }
+                ContentType::Alert if n == 2 && rx.buf[at + 1] == u8::from(AlertDescription::CloseNotify) => {
+                    rx.eof = true;
+                    rx.start = rx.end;
+                    return Ok(filled);
+                }
+                other => {
+                    let what = if other == ContentType::Alert {
+                        format!(
+                            "TLS alert {:?}",
+                            AlertDescription::from(rx.buf.get(at + 1).copied().unwrap_or(0))
+                        )
+                    } else {
+                        format!("a {other:?} record after the handshake")
+                    };
+                    return Err(rx.break_with(format!("the peer sent {what}")));
+                }
             }
         }
         if filled > 0 {
             return Ok(filled);
+        }
+        if rx.eof {
+            // A socket end without close_notify is an end of file like the plaintext one: the
+            // wire protocol's own end frames say whether it came too early.
+            return Ok(0);
         }
         rx.fill(sock)?;
     }
 }
 
 /// Seal one piece of plaintext into TLS records appended to `tx.pending`.
-pub(super) fn seal(conn: &Mutex<Connection>, piece: &[&[u8]], tx: &mut Tx) -> io::Result<()> {
-    let mut c = lock(conn);
-    let slices: Vec<IoSlice<'_>> = piece.iter().map(|s| IoSlice::new(s)).collect();
-    let total: usize = piece.iter().map(|s| s.len()).sum();
-    let mut done = 0;
-    while done < total {
-        // Without a buffer limit rustls takes everything at once; keep going if it ever does not.
-        let mut rest = Vec::new();
-        let mut skip = done;
-        for s in piece {
-            if skip >= s.len() {
-                skip -= s.len();
-                continue;
-            }
-            rest.push(IoSlice::new(&s[skip..]));
-            skip = 0;
+pub(super) fn seal(rec: &Records, piece: &[&[u8]], tx: &mut Tx) -> io::Result<()> {
+    let mut enc = lock(&rec.enc);
+    for record in pieces_of(piece, MAX_FRAGMENT) {
+        let seq = tx.nonce;
+        if seq >= rec.limit {
+            return Err(io::Error::other(
+                "the TLS keys of this connection are worn out (confidentiality limit); a new connection gets new ones",
+            ));
         }
-        let n = c.writer().write_vectored(if done == 0 { &slices } else { &rest })?;
-        if n == 0 {
-            return Err(io::Error::other("TLS did not accept the bytes to send"));
-        }
-        done += n;
-        while c.wants_write() {
-            c.write_tls(&mut tx.pending)?;
-        }
+        let msg = OutboundPlainMessage {
+            typ: ContentType::ApplicationData,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::new(&record),
+        };
+        let sealed =
+            enc.encrypt(msg, seq).map_err(|e| io::Error::other(format!("cannot seal a TLS record: {e}")))?;
+        tx.pending.extend_from_slice(&sealed.encode());
+        tx.nonce += 1;
     }
     Ok(())
 }
