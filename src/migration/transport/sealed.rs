@@ -4,6 +4,7 @@
 //! failed write, which breaks the connection). Writes are sealed in pieces of [`SEAL_CHUNK`]
 //! bytes so that the sealed copy is still in the cache when it goes to the socket.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 
@@ -93,12 +94,17 @@ impl Rx {
     }
 }
 
-/// Send state of a protected transport.
+/// Send state of a protected transport. A transport uses one of the two queues: records sealed
+/// in place (`pending`, Noise) or records sealed into buffers of their own (`records`, TLS),
+/// which go out with vectored writes instead of being copied once more.
 #[derive(Debug, Default)]
 pub(super) struct Tx {
     /// Sealed bytes; `pending[sent..]` are not written yet.
     pub(super) pending: Vec<u8>,
     sent: usize,
+    /// Whole sealed records; of the first, `records_sent` bytes are written.
+    records: VecDeque<Vec<u8>>,
+    records_sent: usize,
     /// Number of the next record to seal.
     pub(super) nonce: u64,
     /// Plaintext gathered from several slices into one record (Noise).
@@ -115,7 +121,19 @@ impl Tx {
 
     /// Whether sealed bytes wait to be written.
     pub(super) fn pending(&self) -> bool {
-        self.sent < self.pending.len()
+        self.sent < self.pending.len() || !self.records.is_empty()
+    }
+
+    /// Queue a sealed record.
+    pub(super) fn push_record(&mut self, r: Vec<u8>) {
+        self.records.push_back(r);
+    }
+
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            self.broken = true;
+        }
+        e
     }
 
     /// Write the sealed bytes to `sock`. Blocking socket: all of them (or an error, which breaks
@@ -127,23 +145,42 @@ impl Tx {
                 "an earlier write on this connection failed half way; it cannot be used any more",
             ));
         }
+        let stopped = || io::Error::new(io::ErrorKind::WriteZero, "the peer stopped accepting bytes");
         while self.sent < self.pending.len() {
             match (&*sock).write(&self.pending[self.sent..]) {
-                Ok(0) => {
-                    self.broken = true;
-                    return Err(io::Error::new(io::ErrorKind::WriteZero, "the peer stopped accepting bytes"));
-                }
+                Ok(0) => return Err(self.fail(stopped())),
                 Ok(n) => self.sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
-                Err(e) => {
-                    self.broken = true;
-                    return Err(e);
-                }
+                Err(e) => return Err(self.fail(e)),
             }
         }
         self.pending.clear();
         self.sent = 0;
+        while !self.records.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .records
+                .iter()
+                .take(64)
+                .enumerate()
+                .map(|(i, r)| IoSlice::new(if i == 0 { &r[self.records_sent..] } else { r }))
+                .collect();
+            let mut n = match (&*sock).write_vectored(&slices) {
+                Ok(0) => return Err(self.fail(stopped())),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.fail(e)),
+            };
+            while let Some(front) = self.records.front() {
+                let left = front.len() - self.records_sent;
+                if n < left {
+                    self.records_sent += n;
+                    break;
+                }
+                n -= left;
+                self.records_sent = 0;
+                self.records.pop_front();
+            }
+        }
         Ok(())
     }
 }

@@ -92,8 +92,20 @@ fn setup_err(path: &Path, why: impl Into<String>) -> TransportError {
     TransportError::Setup { path: path.display().to_string(), why: why.into() }
 }
 
+/// ring's provider with AES-128-GCM first: half again as fast as AES-256-GCM here (AES-NI), and
+/// a TLS 1.3 suite every implementation has; both ends prefer it, so it is the one negotiated.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
@@ -533,7 +545,7 @@ pub(super) fn read(sock: &TcpStream, rec: &Records, rx: &mut Rx, out: &mut [u8])
     }
 }
 
-/// Seal one piece of plaintext into TLS records appended to `tx.pending`.
+/// Seal one piece of plaintext into TLS records queued on `tx`.
 pub(super) fn seal(rec: &Records, piece: &[&[u8]], tx: &mut Tx) -> io::Result<()> {
     let mut enc = lock(&rec.enc);
     for record in pieces_of(piece, MAX_FRAGMENT) {
@@ -550,7 +562,7 @@ pub(super) fn seal(rec: &Records, piece: &[&[u8]], tx: &mut Tx) -> io::Result<()
         };
         let sealed =
             enc.encrypt(msg, seq).map_err(|e| io::Error::other(format!("cannot seal a TLS record: {e}")))?;
-        tx.pending.extend_from_slice(&sealed.encode());
+        tx.push_record(sealed.encode());
         tx.nonce += 1;
     }
     Ok(())
