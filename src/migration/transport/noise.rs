@@ -177,10 +177,13 @@ pub(super) fn read(
             }
             let nonce = rx.nonce;
             let room = out.len() - filled;
-            let opened = if room >= len - TAG {
+            // Opened in place where it lands: the output must hold the whole message (snow copies
+            // it there, then decrypts in place; with less room it would allocate).
+            let direct = room >= len;
+            let opened = if direct {
                 state.read_message(nonce, &sealed[2..2 + len], &mut out[filled..])
             } else {
-                rx.plain.resize(len - TAG, 0);
+                rx.plain.resize(len, 0);
                 let r = state.read_message(nonce, &rx.buf[rx.start + 2..rx.start + 2 + len], &mut rx.plain);
                 rx.plain_pos = 0;
                 r
@@ -192,7 +195,7 @@ pub(super) fn read(
             })?;
             rx.nonce += 1;
             rx.start += 2 + len;
-            if room >= len - TAG {
+            if direct {
                 filled += n;
             } else {
                 rx.plain.truncate(n);
