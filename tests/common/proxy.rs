@@ -3,6 +3,8 @@
 //! connection (shutdown of both sides, then close). Cut points come in ascending order; after
 //! the last one connections pass untouched, unless `refuse_after_cut` makes the proxy close
 //! every new connection at once (a peer that never comes back) until `set_refuse(false)`.
+//! [`Tamper`] makes it an attacker on the path too: flip a bit at given offsets of the client →
+//! target bytes, and watch both directions for a marker.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -11,6 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 type Hook = Box<dyn Fn(u64) + Send + Sync>;
+
+/// What an on-path attacker does besides cutting.
+#[derive(Default)]
+pub struct Tamper {
+    /// Flip bit 4 of the byte at each of these offsets of the client → target bytes (all
+    /// connections together).
+    pub flip_at: Vec<u64>,
+    /// Bytes to look for in the traffic, both directions.
+    pub watch: Option<Vec<u8>>,
+}
 
 struct State {
     target: SocketAddr,
@@ -24,6 +36,10 @@ struct State {
     stop: AtomicBool,
     hook: Option<Hook>,
     connections: AtomicU64,
+    flips: Mutex<Vec<u64>>,
+    flips_done: AtomicU64,
+    watch: Option<Vec<u8>>,
+    watched: AtomicBool,
 }
 
 /// A running proxy.
@@ -35,13 +51,20 @@ pub struct Proxy {
 
 impl Proxy {
     /// Forward to `target`, cutting at each of `cuts` (bytes). `hook(n)` runs before the n-th cut.
-    pub fn start(
+    pub fn start(target: SocketAddr, cuts: Vec<u64>, refuse_after_cut: bool, hook: Option<Hook>) -> Proxy {
+        Proxy::tampering(target, cuts, refuse_after_cut, hook, Tamper::default())
+    }
+
+    /// [`start`](Proxy::start) with an attacker's `tamper`.
+    pub fn tampering(
         target: SocketAddr,
         mut cuts: Vec<u64>,
         refuse_after_cut: bool,
         hook: Option<Hook>,
+        mut tamper: Tamper,
     ) -> Proxy {
         cuts.sort_unstable();
+        tamper.flip_at.sort_unstable();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let st = Arc::new(State {
@@ -55,6 +78,10 @@ impl Proxy {
             stop: AtomicBool::new(false),
             hook,
             connections: AtomicU64::new(0),
+            flips: Mutex::new(tamper.flip_at),
+            flips_done: AtomicU64::new(0),
+            watch: tamper.watch,
+            watched: AtomicBool::new(false),
         });
         let s = Arc::clone(&st);
         let thread = std::thread::spawn(move || accept_loop(listener, s));
@@ -74,6 +101,16 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.st.connections.load(Ordering::SeqCst)
+    }
+
+    /// Bits flipped so far.
+    pub fn flips_done(&self) -> u64 {
+        self.st.flips_done.load(Ordering::SeqCst)
+    }
+
+    /// Whether the watched bytes passed through (either direction).
+    pub fn saw_watched(&self) -> bool {
+        self.st.watched.load(Ordering::SeqCst)
     }
 
     /// Refuse (close at once) new connections, or let them through again.
@@ -138,18 +175,45 @@ fn cut(st: &State) {
     }
 }
 
+/// Whether `watch` occurs in `tail` + `buf`; keeps the last bytes of `buf` in `tail`.
+fn scan(watch: &[u8], tail: &mut Vec<u8>, buf: &[u8]) -> bool {
+    tail.extend_from_slice(buf);
+    let found = tail.windows(watch.len()).any(|w| w == watch);
+    let keep = watch.len().saturating_sub(1).min(tail.len());
+    tail.drain(..tail.len() - keep);
+    found
+}
+
 fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool) {
     let mut buf = vec![0u8; 64 << 10];
+    let mut tail = Vec::new();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(w) = &st.watch {
+            if scan(w, &mut tail, &buf[..n]) {
+                st.watched.store(true, Ordering::SeqCst);
+            }
+        }
         let mut keep = n;
         let mut cut_now = false;
         if counting {
             let mut cuts = st.cuts.lock().unwrap();
             let before = st.forwarded.fetch_add(n as u64, Ordering::SeqCst);
+            let mut flips = st.flips.lock().unwrap();
+            while let Some(&f) = flips.first() {
+                if f >= before + n as u64 {
+                    break;
+                }
+                if f >= before {
+                    buf[(f - before) as usize] ^= 0x10;
+                    st.flips_done.fetch_add(1, Ordering::SeqCst);
+                }
+                flips.remove(0);
+            }
+            drop(flips);
             if let Some(&c) = cuts.first() {
                 if before + n as u64 >= c {
                     keep = c.saturating_sub(before) as usize;
