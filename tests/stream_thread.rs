@@ -128,9 +128,9 @@ fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
     let (mut main_src, main_dst) = pair(&l);
     let (_urgent_src, urgent_dst) = pair(&l);
     let conns = Connections {
-        main: main_dst,
+        main: Transport::unprotected(main_dst).unwrap(),
         main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        urgent: urgent_dst,
+        urgent: Transport::unprotected(urgent_dst).unwrap(),
         urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
     };
     let net = Arc::new(NetState::default());
