@@ -2,6 +2,7 @@
 //! postcopy_ram_incoming_init / prepare_discard / incoming_setup / incoming_cleanup, driven through
 //! the state machine and the notifiers.
 
+use crate::conv::usize_of;
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
@@ -122,7 +123,7 @@ impl Incoming {
         // is live; no userfaultfd is registered on it before Listen, so the copy cannot block,
         // and no Rust reference points into it.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.host_ptr().add(at), data.len()) };
-        b.received().set_range(first, data.len() / ps as usize);
+        b.received().set_range(first, data.len() / usize_of(ps));
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod control;
+pub mod conv;
 pub mod error;
 pub mod eventfd;
 pub mod fault;

@@ -13,6 +13,7 @@
 //! at that moment is skipped (that placer sets its received bit). So no page is filled twice and
 //! an EEXIST with a clear received bit can only be a foreign page.
 
+use crate::conv::usize_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -239,7 +240,7 @@ impl Placer {
     fn allocated_zero(&self, b: &RamBlock, offset: u64, len: u64) {
         let pages = len / b.page_size();
         self.stats.ioctls.fetch_add(1, Ordering::Relaxed);
-        b.received().set_range(b.page_index(offset), pages as usize);
+        b.received().set_range(b.page_index(offset), usize_of(pages));
         self.stats.zero_pages.fetch_add(pages, Ordering::Relaxed);
         self.stats.zero_fallocated.fetch_add(pages, Ordering::Relaxed);
         if self.wake {
@@ -261,7 +262,7 @@ impl Placer {
                 // SAFETY: the zero page is at least one block page long and lives as long as
                 // self; one page at a time, so done + n <= its length.
                 let r = self.fill(b, p, ps, zero_pages, |dst, done, n| unsafe {
-                    self.uffd.copy(dst, zero.add(done as usize), n, self.wake)
+                    self.uffd.copy(dst, zero.add(usize_of(done)), n, self.wake)
                 })?;
                 outcome = worst(outcome, r);
                 p += ps;
@@ -283,7 +284,7 @@ impl Placer {
         let ps = b.page_size();
         let placing = b.placing();
         let first = b.page_index(offset);
-        let end = first.saturating_add((len / ps) as usize);
+        let end = first.saturating_add(usize_of(len / ps));
         let mut outcome = Placed::Placed;
         let mut i = first;
         while i < end {
@@ -359,7 +360,7 @@ impl Placer {
                         }
                         continue;
                     }
-                    b.received().set_range(b.page_index(offset + done), (k / ps) as usize);
+                    b.received().set_range(b.page_index(offset + done), usize_of(k / ps));
                     placed.fetch_add(k / ps, Ordering::Relaxed);
                     done += k;
                 }

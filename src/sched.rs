@@ -5,7 +5,9 @@
 
 fn tid() -> libc::id_t {
     // SAFETY: gettid has no preconditions and cannot fail.
-    unsafe { libc::gettid() as libc::id_t }
+    let tid = unsafe { libc::gettid() };
+    // Thread ids are positive; 0 would name the calling thread anyway.
+    libc::id_t::try_from(tid).unwrap_or(0)
 }
 
 /// The calling thread's nice value.

@@ -173,7 +173,8 @@ impl Message {
                         tid: pf.feat.ptid,
                     }
                 }
-                EVENT_FORK => Message::Fork { child_fd: m.arg.fork.ufd as RawFd },
+                // A number past i32 is no fd: -1, which nothing takes for one.
+                EVENT_FORK => Message::Fork { child_fd: RawFd::try_from(m.arg.fork.ufd).unwrap_or(-1) },
                 EVENT_REMAP => {
                     let r = m.arg.remap;
                     Message::Remap { from: r.from, to: r.to, len: r.len }
@@ -251,7 +252,13 @@ impl Uffd {
             Ok(dev) => {
                 // SAFETY: USERFAULTFD_IOC_NEW takes the open flags as its integer argument and
                 // returns a new fd or -1.
-                let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags as libc::c_ulong) };
+                let fd = unsafe {
+                    libc::ioctl(
+                        dev.as_raw_fd(),
+                        USERFAULTFD_IOC_NEW,
+                        libc::c_ulong::from(flags.unsigned_abs()),
+                    )
+                };
                 if fd < 0 {
                     return Err(io::Error::last_os_error());
                 }

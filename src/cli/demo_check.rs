@@ -2,6 +2,7 @@
 //! the disk it prepares (its first sectors mirror a window of guest RAM), and the checks that the
 //! destination's RAM and the disk hold what the source implies.
 
+use crate::conv::usize_of;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -34,7 +35,7 @@ pub fn page_content(seed: u64, index: u64, out: &mut [u8]) {
 pub fn write_image(path: &Path, size: u64, seed: u64) -> Result<()> {
     let f = File::create(path).ctx(|| format!("create {}", path.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, f);
-    let mut page = vec![0u8; PAGE as usize];
+    let mut page = vec![0u8; usize_of(PAGE)];
     for i in 0..size / PAGE {
         page_content(seed, i, &mut page);
         w.write_all(&page).ctx(|| format!("write {}", path.display()))?;
@@ -46,7 +47,7 @@ pub fn write_image(path: &Path, size: u64, seed: u64) -> Result<()> {
 /// at `mirror_gpa`.
 pub fn write_disk(path: &Path, size: u64, seed: u64, mirror_gpa: u64) -> Result<()> {
     let mut f = File::create(path).ctx(|| format!("create {}", path.display()))?;
-    let mut page = vec![0u8; PAGE as usize];
+    let mut page = vec![0u8; usize_of(PAGE)];
     for i in 0..MIRROR_SECTORS * 512 / PAGE {
         page_content(seed, mirror_gpa / PAGE + i, &mut page);
         f.write_all(&page).ctx(|| format!("write {}", path.display()))?;
@@ -96,7 +97,7 @@ pub fn check_disk(disk: &Path, seed: u64, driver: &serde_json::Value) -> Result<
     };
     let mirror_gpa = num(&pc["mirror_gpa"], "postcopy.mirror_gpa")?;
     let mut out = DiskCheck { mirror_ok: true, ..DiskCheck::default() };
-    let (mut got, mut want) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
+    let (mut got, mut want) = (vec![0u8; usize_of(PAGE)], vec![0u8; usize_of(PAGE)]);
     for i in 0..MIRROR_SECTORS * 512 / PAGE {
         read_at(&mut f, i * PAGE, &mut got)?;
         page_content(seed, mirror_gpa / PAGE + i, &mut want);
@@ -116,7 +117,7 @@ pub fn check_disk(disk: &Path, seed: u64, driver: &serde_json::Value) -> Result<
     }
     let first = num(&driver["first_sector"], "first_sector")?;
     let sectors = num(&driver["sectors"], "sectors")?;
-    let mut region = vec![0u8; (sectors * 512) as usize];
+    let mut region = vec![0u8; usize_of(sectors * 512)];
     read_at(&mut f, first * 512, &mut region)?;
     let sum = format!("{:#018x}", fnv1a64(FNV_OFFSET, &region));
     out.bounce_ok = driver["checksum"].as_str() == Some(sum.as_str());

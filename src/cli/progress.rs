@@ -1,5 +1,6 @@
 //! Progress of long work: a line redrawn in place on a terminal, periodic log lines otherwise.
 
+use crate::conv::share;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,7 @@ impl Progress {
                 return;
             }
             let width = 30usize;
-            let fill = ((pct / 100.0) * width as f64) as usize;
+            let fill = share(done, self.total, width);
             let bar: String = (0..width).map(|i| if i < fill { '#' } else { '-' }).collect();
             let mut e = std::io::stderr().lock();
             let _ =

@@ -3,6 +3,7 @@
 //! pages that arrive and owe a wake to exactly the clients that wait. It is the [`PageSink`] of
 //! every page source.
 
+use crate::conv::{nanos, usize_of};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,7 +61,7 @@ impl Core {
     /// A core over `blocks`, placing through `own`.
     pub fn new(blocks: Arc<RamBlocks>, own: Arc<Uffd>, image: Option<FileSource>) -> Result<Core> {
         let largest = blocks.largest_page_size();
-        let zero_marks = blocks.iter().map(|(_, b)| AtomicBitmap::new(b.pages() as usize)).collect();
+        let zero_marks = blocks.iter().map(|(_, b)| AtomicBitmap::new(usize_of(b.pages()))).collect();
         Ok(Core {
             placer: {
                 let mut p = Placer::new(Arc::clone(&own), largest)?;
@@ -173,7 +174,7 @@ impl Core {
         let page_addr = addr - (off - page_off);
         let idx = page_off / ps;
         let received = b.is_received(page_off);
-        let marked = self.zero_marked > 0 && self.zero_marks[block].test(idx as usize);
+        let marked = self.zero_marked > 0 && self.zero_marks[block].test(usize_of(idx));
         if let Some(c) = self.clients.get_mut(client) {
             c.stats.faults += 1;
         }
@@ -187,7 +188,7 @@ impl Core {
             // Received but absent: a hole was punched under it (a client's MADV_REMOVE, a
             // fallocate by a peer), which reads as zeros. Waking would only make the thread
             // fault here again.
-            if marked && self.zero_marks[block].clear(idx as usize) {
+            if marked && self.zero_marks[block].clear(usize_of(idx)) {
                 self.zero_marked = self.zero_marked.saturating_sub(1);
             }
             self.refill_hole(client, block, page_off, page_addr, ps, now, marked);
@@ -222,7 +223,7 @@ impl Core {
         let repeats = match self.clients.get_mut(client) {
             Some(c) => {
                 c.stats.already_there += 1;
-                c.stats.latency.record(now.elapsed().as_nanos() as u64);
+                c.stats.latency.record(nanos(now.elapsed()));
                 c.repeat.present(page_addr)
             }
             None if client == ClientId::BROKER => self.broker_repeat.present(page_addr),
@@ -279,7 +280,7 @@ impl Core {
                 if let Some(c) = self.clients.get_mut(client) {
                     c.repeat.progress();
                     c.stats.holes_refilled += 1;
-                    c.stats.latency.record(now.elapsed().as_nanos() as u64);
+                    c.stats.latency.record(nanos(now.elapsed()));
                 }
                 self.wakes.push(client, page_addr, ps);
             }
@@ -290,7 +291,7 @@ impl Core {
     }
 
     fn place_zero_marked(&mut self, block: BlockId, off: u64, ps: u64) -> Result<()> {
-        let idx = (off / ps) as usize;
+        let idx = usize_of(off / ps);
         if self.zero_marks[block].clear(idx) {
             self.zero_marked = self.zero_marked.saturating_sub(1);
         }
@@ -315,8 +316,8 @@ impl Core {
                     let ps = b.page_size();
                     let (s, en) = (e.client_addr.max(start), (e.client_addr + e.len).min(end));
                     let off = e.block_offset + (s - e.client_addr);
-                    let first = (off / ps) as usize;
-                    let n = ((off + (en - s)).div_ceil(ps) as usize).saturating_sub(first);
+                    let first = usize_of(off / ps);
+                    let n = usize_of((off + (en - s)).div_ceil(ps)).saturating_sub(first);
                     let marks = &self.zero_marks[e.block];
                     let before = marks.count_range(first, n);
                     marks.set_range(first, n);
@@ -401,7 +402,7 @@ impl Core {
                 continue;
             };
             let ps = b.page_size();
-            let Some(start) = b.received().next_clear(from as usize) else {
+            let Some(start) = b.received().next_clear(usize_of(from)) else {
                 self.bg_cursor = ((block + 1) % nblocks.max(1), 0);
                 scanned += 1;
                 continue;
@@ -414,7 +415,7 @@ impl Core {
             let max = (chunk / ps).max(1);
             let limit = (start + max).min(b.pages());
             // The run ends at the next received page, or at the next requested one.
-            let mut n = b.received().next_set(start as usize + 1, limit as usize) as u64 - start;
+            let mut n = b.received().next_set(usize_of(start) + 1, usize_of(limit)) as u64 - start;
             if !self.pending.is_empty() {
                 n = (1..n).find(|&k| self.pending.contains(block, start + k)).unwrap_or(n);
             }
@@ -445,12 +446,12 @@ impl Core {
                 // A page another placer is still filling (claimed elsewhere) has no received bit
                 // yet: its waiters are woken when that placer reports it.
                 let page = offset / ps + i;
-                if !b.received().test(page as usize) || !self.pending.take_into(block, page, &mut ws) {
+                if !b.received().test(usize_of(page)) || !self.pending.take_into(block, page, &mut ws) {
                     continue;
                 }
                 waited = true;
                 for &w in &ws {
-                    let ns = now.duration_since(w.since).as_nanos() as u64;
+                    let ns = nanos(now.duration_since(w.since));
                     if let Some(c) = self.clients.get_mut(w.client) {
                         c.stats.latency.record(ns);
                         c.stats.blocked_ns = c.stats.blocked_ns.saturating_add(ns);
@@ -503,7 +504,7 @@ impl Core {
 
     fn zero_marked_in(&self, block: BlockId, offset: u64, len: u64, ps: u64) -> bool {
         self.zero_marked > 0
-            && self.zero_marks[block].count_range((offset / ps) as usize, (len / ps) as usize) > 0
+            && self.zero_marks[block].count_range(usize_of(offset / ps), usize_of(len / ps)) > 0
     }
 }
 
@@ -515,11 +516,11 @@ impl PageSink for Core {
             // Some pages were removed by a client meanwhile: those become zero, the rest data.
             let mut o = 0;
             while o < len {
-                let idx = ((offset + o) / ps) as usize;
+                let idx = usize_of((offset + o) / ps);
                 if self.zero_marks[block].test(idx) {
                     self.place_zero_marked(block, offset + o, ps)?;
                 } else {
-                    let chunk = &data[o as usize..(o + ps) as usize];
+                    let chunk = &data[usize_of(o)..usize_of(o + ps)];
                     let before = self.placer.stats().filled();
                     self.placer.place(&self.blocks, block, offset + o, chunk)?;
                     let filled = self.placer.stats().filled() - before;
@@ -543,7 +544,7 @@ impl PageSink for Core {
         if self.zero_marked_in(block, offset, len, self.blocks.get(block).map_or(4096, |b| b.page_size())) {
             let ps = self.blocks.get(block).map_or(4096, |b| b.page_size());
             for i in 0..len / ps {
-                if self.zero_marks[block].clear(((offset / ps) + i) as usize) {
+                if self.zero_marks[block].clear(usize_of((offset / ps) + i)) {
                     self.zero_marked = self.zero_marked.saturating_sub(1);
                 }
             }

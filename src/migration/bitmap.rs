@@ -7,6 +7,7 @@
 //! are the same bits as little-endian bytes.
 
 use super::wire::{ByteRange, Frame, FrameType, WireError};
+use crate::conv::usize_of;
 
 fn bit(words: &[u64], i: u64) -> bool {
     words.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
@@ -106,7 +107,7 @@ pub fn resume_chunks(
         let n = per_chunk.min(page_count - first);
         let lo = (first / 8) as usize;
         let mut bitmap: Vec<u8> =
-            (lo..lo + n.div_ceil(8) as usize).map(|i| bytes.get(i).copied().unwrap_or(0)).collect();
+            (lo..lo + usize_of(n.div_ceil(8))).map(|i| bytes.get(i).copied().unwrap_or(0)).collect();
         if n % 8 != 0 {
             if let Some(last) = bitmap.last_mut() {
                 *last &= (1u8 << (n % 8)) - 1;
@@ -130,7 +131,7 @@ pub struct ReceivedMap {
 impl ReceivedMap {
     /// An empty map for a block of `page_count` pages.
     pub fn new(page_count: u64) -> ReceivedMap {
-        ReceivedMap { words: vec![0; page_count.div_ceil(64) as usize], page_count, next: 0 }
+        ReceivedMap { words: vec![0; usize_of(page_count.div_ceil(64))], page_count, next: 0 }
     }
 
     /// Apply one chunk (already checked by the decoder against the block). Fails if it is not the

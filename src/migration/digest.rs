@@ -19,6 +19,7 @@
 //! the way and the one placed may be it. This applies in every transport mode; with TLS or the
 //! PSK mode a changed record is caught earlier, by its authentication tag.
 
+use crate::conv::usize_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -65,15 +66,15 @@ pub struct BlockDigest {
 impl BlockDigest {
     /// A table of `pages` pages of `page_size` bytes, nothing recorded.
     pub fn new(page_size: u64, pages: u64) -> BlockDigest {
-        let zero = page_hash(&vec![0u8; page_size as usize]);
+        let zero = page_hash(&vec![0u8; usize_of(page_size)]);
         BlockDigest { page_size, zero, pages: (0..pages).map(|_| AtomicU64::new(0)).collect() }
     }
 
     /// Each page's hash of the run at `offset`: of `data`'s pages, or of zero pages for `len`.
     fn hashes<'a>(&'a self, data: Option<&'a [u8]>, len: u64) -> impl Iterator<Item = u64> + 'a {
-        let ps = self.page_size as usize;
+        let ps = usize_of(self.page_size);
         let n = data.map_or(len / self.page_size, |d| (d.len() / ps) as u64);
-        (0..n as usize).map(move |i| match data {
+        (0..usize_of(n)).map(move |i| match data {
             Some(d) => page_hash(&d[i * ps..(i + 1) * ps]),
             None => self.zero,
         })
@@ -81,7 +82,7 @@ impl BlockDigest {
 
     fn slots(&self, offset: u64) -> impl Iterator<Item = (u64, &AtomicU64)> {
         let first = offset / self.page_size;
-        self.pages.iter().enumerate().skip(first as usize).map(|(i, a)| (i as u64, a))
+        self.pages.iter().enumerate().skip(usize_of(first)).map(|(i, a)| (i as u64, a))
     }
 
     /// Record the run at `offset` (page data, or `len` bytes of zero pages), replacing what was
@@ -110,7 +111,7 @@ impl BlockDigest {
 
     /// Forget the pages of `[offset, offset + len)` (discarded: they will come again).
     pub fn clear(&self, offset: u64, len: u64) {
-        let n = (len / self.page_size) as usize;
+        let n = usize_of(len / self.page_size);
         for (_, slot) in self.slots(offset).take(n) {
             slot.store(0, Ordering::Relaxed);
         }

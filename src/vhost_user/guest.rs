@@ -1,6 +1,7 @@
 //! The frontend's view of guest RAM: RAM blocks placed at guest physical addresses, accessed
 //! through the frontend's own shared mappings, and described to vhost-user backends.
 
+use crate::conv::usize_of;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
@@ -112,7 +113,7 @@ impl GuestRam {
             let mut fnv = FNV_OFFSET;
             let mut off = 0;
             while off < size {
-                let n = (size - off).min(buf.len() as u64) as usize;
+                let n = usize_of((size - off).min(buf.len() as u64));
                 self.read(s.gpa + off, &mut buf[..n])?;
                 fnv = fnv1a64(fnv, &buf[..n]);
                 off += n as u64;
@@ -121,7 +122,7 @@ impl GuestRam {
             // slice; the mapping is live for as long as `self` holds the Arc, `size` bytes long,
             // and only read here. A device may write it concurrently, which is as racy as any
             // guest memory and cannot break a byte slice read.
-            let all = unsafe { std::slice::from_raw_parts(s.block.host_ptr(), size as usize) };
+            let all = unsafe { std::slice::from_raw_parts(s.block.host_ptr(), usize_of(size)) };
             out.push(BlockSums { name: s.block.name().to_string(), fnv, checksum: checksum(all) });
         }
         Ok(out)
@@ -148,7 +149,7 @@ impl GuestRam {
     pub fn fill(&self, gpa: u64, len: u64, byte: u8) -> Result<()> {
         let host = self.host_addr(gpa, len)?;
         // SAFETY: as in `write`.
-        unsafe { std::ptr::write_bytes(host as *mut u8, byte, len as usize) };
+        unsafe { std::ptr::write_bytes(host as *mut u8, byte, usize_of(len)) };
         Ok(())
     }
 

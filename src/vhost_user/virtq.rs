@@ -1,6 +1,7 @@
 //! A minimal split virtqueue driver (virtio 1.x, no indirect descriptors, no event index) whose
 //! rings live in guest RAM and are written through the frontend's mapping.
 
+use crate::conv::usize_of;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -154,7 +155,7 @@ impl SplitQueue {
                 }
                 None => 0,
             };
-            let mut d = [0u8; DESC_LEN as usize];
+            let mut d = [0u8; usize_of(DESC_LEN)];
             d[0..8].copy_from_slice(&b.gpa.to_le_bytes());
             d[8..12].copy_from_slice(&b.len.to_le_bytes());
             d[12..14].copy_from_slice(&flags.to_le_bytes());

@@ -23,6 +23,7 @@ pub use network::{Connections, NetState, NetworkSource, Resumer};
 pub use session::{create_blocks, Destination, DestinationOptions, DEFAULT_RESUME_TIMEOUT, DESTINATION_CAPS};
 pub use summary::{ClientLatency, Progress, Summary};
 
+use crate::conv::usize_of;
 use crate::migration::verify::{BlockChecksum, VerifyReport};
 use crate::ram::RamBlocks;
 
@@ -34,7 +35,7 @@ pub fn verify_report(blocks: &RamBlocks) -> VerifyReport {
         .map(|(_, b)| {
             // SAFETY: the placement mapping is live for the block's size; after cleanup or with
             // every page received no read of it blocks, and no Rust reference writes it.
-            let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), b.size() as usize) };
+            let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), usize_of(b.size())) };
             BlockChecksum::of(b.name(), b.page_size(), data)
         })
         .collect();

@@ -18,6 +18,8 @@
 //! them (starting a new stream thread) and re-sends every outstanding demand Request on the new
 //! urgent connection before it reads anything.
 
+use crate::conv::usize_of;
+use crate::migration::wire::wire_index;
 use std::io::{ErrorKind, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -363,7 +365,7 @@ impl NetworkSource {
         self.outstanding.retain(|&(block, offset, len)| {
             blocks.get(block).is_some_and(|b| {
                 let ps = b.page_size();
-                b.received().count_range((offset / ps) as usize, (len / ps) as usize) < (len / ps) as usize
+                b.received().count_range(usize_of(offset / ps), usize_of(len / ps)) < usize_of(len / ps)
             })
         });
     }
@@ -375,7 +377,7 @@ impl NetworkSource {
             .iter()
             .position(|&id| id == block)
             .ok_or_else(|| Error::UnknownBlock(format!("#{block}")))?;
-        let f = Frame::Request { block: wire as u32, offset, len };
+        let f = Frame::Request { block: wire_index(wire), offset, len };
         encode(&f, &mut self.outbox)?;
         self.ctx.net.requests.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -527,13 +529,13 @@ impl Ctx {
             n.zero_pages.fetch_add(pages, Ordering::Relaxed);
         }
         let urgency = if demand { Urgency::Demand } else { Urgency::Background };
-        let (start, end) = (first as usize, (first + pages) as usize);
+        let (start, end) = (usize_of(first), usize_of(first + pages));
         let mut handed = 0;
         for (p, k) in b.received().runs(start, end, false) {
             let (i, k) = ((p - start) as u64, k as u64);
             let placed = match data {
                 Some(d) => {
-                    sink.page(id, offset + i * ps, &d[(i * ps) as usize..((i + k) * ps) as usize], urgency)
+                    sink.page(id, offset + i * ps, &d[usize_of(i * ps)..usize_of((i + k) * ps)], urgency)
                 }
                 None => sink.zero(id, offset + i * ps, k * ps, urgency),
             };
@@ -619,7 +621,7 @@ impl NetworkSource {
     fn mark_wanted(&mut self, req: PageRequest, sink: &mut dyn PageSink) {
         let Some(b) = self.ctx.blocks.get(req.block) else { return };
         let ps = b.page_size();
-        let (first, n) = ((req.offset / ps) as usize, (req.len / ps) as usize);
+        let (first, n) = (usize_of(req.offset / ps), usize_of(req.len / ps));
         self.wanted.mark(req.block, first, n);
         for (p, k) in b.received().runs(first, first + n, true) {
             sink.landed_elsewhere(req.block, p as u64 * ps, k as u64 * ps);

@@ -4,6 +4,7 @@
 //! then sends the received bitmap of every block as Resume frames and ResumeEnd, and waits for
 //! ResumeAck. The caller hands the resulting connections to the paused network source.
 
+use crate::migration::wire::wire_index;
 use std::time::{Duration, Instant};
 
 use super::gate::{Arrival, Gate};
@@ -133,7 +134,7 @@ impl Link {
             let b = blocks.get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
             let words = b.received().to_words();
             have += b.received().count_ones();
-            for c in resume_chunks(wire as u32, &words, b.pages(), max_bitmap) {
+            for c in resume_chunks(wire_index(wire), &words, b.pages(), max_bitmap) {
                 write_frame(&mut &main, &c.frame())?;
             }
         }

@@ -11,6 +11,7 @@
 //! two steps on both sides means at least one of them sees the other, so no waiter is left
 //! asleep (when both see it, the second wake finds no waiter).
 
+use crate::conv::usize_of;
 use std::net::Shutdown;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,7 +35,7 @@ pub(crate) struct Wanted(Vec<AtomicBitmap>);
 impl Wanted {
     /// No page wanted yet.
     pub(crate) fn new(blocks: &RamBlocks) -> Wanted {
-        Wanted(blocks.iter().map(|(_, b)| AtomicBitmap::new(b.pages() as usize)).collect())
+        Wanted(blocks.iter().map(|(_, b)| AtomicBitmap::new(usize_of(b.pages()))).collect())
     }
 
     /// Mark `n` pages from `first` of `block` wanted, then fence (see the module doc).
@@ -217,7 +218,7 @@ impl StreamSink<'_> {
         let foreign = stats.foreign_pages.load(Ordering::Relaxed) - foreign;
         let ps = self.blocks.get(block).map_or(4096, |b| b.page_size());
         fence(Ordering::SeqCst);
-        let wanted = self.wanted.count(block, (offset / ps) as usize, (len / ps) as usize) as u64;
+        let wanted = self.wanted.count(block, usize_of(offset / ps), usize_of(len / ps)) as u64;
         let demand = wanted.min(filled);
         self.counts.demand.fetch_add(demand, Ordering::Relaxed);
         self.counts.background.fetch_add(filled - demand, Ordering::Relaxed);

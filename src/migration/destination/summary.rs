@@ -2,6 +2,7 @@
 //! pages arrive, and the end-of-migration [`Summary`] (time, pages by demand / background / zero,
 //! bytes, throughput, fault latency percentiles per client).
 
+use crate::conv::share;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::Ordering;
@@ -91,7 +92,7 @@ impl ProgressShow {
         match self.mode {
             Mode::Line => {
                 let width = 40;
-                let fill = ((pct / 100.0) * width as f64) as usize;
+                let fill = share(received, self.total_pages, width);
                 let bar: String = "#".repeat(fill.min(width)) + &" ".repeat(width - fill.min(width));
                 let mut e = std::io::stderr().lock();
                 let _ = write!(e, "\r[{bar}] {text}\x1b[K");

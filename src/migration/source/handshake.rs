@@ -3,6 +3,7 @@
 //! session id, rebuild the destination's received bitmaps from its Resume frames, make the sent
 //! bitmaps equal to them (so exactly the missing pages go again), and answer ResumeAck.
 
+use crate::conv::usize_of;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -154,7 +155,7 @@ impl Peer {
             let sent = b.sent();
             sent.clear_range(0, sent.len());
             for (first, n) in bit_runs(m.words(), b.info().pages(), true) {
-                sent.set_range(first as usize, n as usize);
+                sent.set_range(usize_of(first), usize_of(n));
             }
             missing += b.info().pages() - sent.count_ones() as u64;
         }

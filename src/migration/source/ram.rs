@@ -46,7 +46,7 @@ impl SourceBlock {
         let len = checked_len(&info)?;
         let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(fd))
             .ctx(|| format!("fstat the fd of source block '{name}'"))?;
-        if (st.st_size as u64) < size {
+        if u64::try_from(st.st_size).unwrap_or(0) < size {
             return Err(Error::Invalid(format!(
                 "the fd of source block '{name}' holds {} bytes, less than its size {size}",
                 st.st_size

@@ -2,6 +2,7 @@
 //! never copied) and ZeroRun frames for its zero pages, each recorded in its block's digest;
 //! the source's counters; the background bandwidth limit.
 
+use crate::conv::usize_of;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -120,7 +121,7 @@ pub fn send_run<W: Write + ?Sized>(
     while o < offset + len {
         let n = chunk.min(offset + len - o);
         let data = block.bytes(o, n);
-        for piece in split_zero_runs(data, ps as usize) {
+        for piece in split_zero_runs(data, usize_of(ps)) {
             let at = o + piece.offset as u64;
             let pages = piece.len as u64 / ps;
             if piece.zero && zero_runs {

@@ -10,6 +10,8 @@
 //! certificate cannot start working); after the resume handshake it sends exactly the pages the
 //! destination does not have (see [`handshake`](super::handshake)).
 
+use crate::conv::usize_of;
+use crate::migration::wire::wire_index;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -155,7 +157,7 @@ impl SourceSession {
             ram.table().len(),
             ram.total_size()
         );
-        let discards = (0..ram.table().len() as u32)
+        let discards = (0..wire_index(ram.table().len()))
             .map(|i| DiscardBatcher::for_block(ram.table(), i, opts.max_discard_ranges))
             .collect::<std::result::Result<Vec<_>, WireError>>()?;
         Ok(SourceSession {
@@ -202,7 +204,7 @@ impl SourceSession {
             let mut o = 0;
             while o < size {
                 let n = u64::from(DEFAULT_MAX_RUN).max(b.info().page_size).min(size - o);
-                let w = send_run(&mut self.main, i as u32, b, o, n, Kind::Precopy, zero, &self.stats)?;
+                let w = send_run(&mut self.main, wire_index(i), b, o, n, Kind::Precopy, zero, &self.stats)?;
                 limit.pace(w);
                 o += n;
             }
@@ -230,7 +232,7 @@ impl SourceSession {
             let ps = b.info().page_size;
             let first = offset / ps;
             let last = (offset + len).div_ceil(ps);
-            b.sent().clear_range(first as usize, (last - first) as usize);
+            b.sent().clear_range(usize_of(first), usize_of(last - first));
         }
         Ok(())
     }
@@ -384,7 +386,7 @@ impl SourceSession {
         let mut idle_blocks = 0;
         while idle_blocks <= nblocks {
             if let Some(h) = hint.lock().ok().and_then(|mut g| g.take()) {
-                cursor = (h.block as usize, h.page as usize);
+                cursor = (h.block as usize, usize_of(h.page));
                 idle_blocks = 0;
             }
             let Some(b) = self.ram.blocks().get(cursor.0) else {
@@ -399,7 +401,7 @@ impl SourceSession {
             };
             idle_blocks = 0;
             let ps = b.info().page_size;
-            let max = (u64::from(DEFAULT_MAX_RUN) / ps).max(1) as usize;
+            let max = usize_of((u64::from(DEFAULT_MAX_RUN) / ps).max(1));
             let mut n = 0;
             while n < max && start + n < b.sent().len() && !b.sent().set(start + n) {
                 n += 1;
@@ -410,7 +412,7 @@ impl SourceSession {
             }
             let w = send_run(
                 &mut self.main,
-                cursor.0 as u32,
+                wire_index(cursor.0),
                 b,
                 start as u64 * ps,
                 n as u64 * ps,

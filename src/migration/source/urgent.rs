@@ -3,6 +3,7 @@
 //! still sit in a socket buffer), prefetch the pages after it that were not sent, and point the
 //! background stream at the demanded address.
 
+use crate::conv::usize_of;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
@@ -53,13 +54,13 @@ pub fn serve_urgent(
         let Some(b) = ram.block(block) else { continue };
         let ps = b.info().page_size;
         send_run(&mut stream, block, b, offset, len, Kind::Demand, zero_runs, stats)?;
-        b.sent().set_range((offset / ps) as usize, (len / ps) as usize);
+        b.sent().set_range(usize_of(offset / ps), usize_of(len / ps));
         let next = (offset + len) / ps;
         // Prefetch: the following pages nobody sent yet, claimed one by one.
         let mut p = next;
         while p < next + prefetch && p < b.info().pages() {
             let first = p;
-            while p < next + prefetch && p < b.info().pages() && !b.sent().set(p as usize) {
+            while p < next + prefetch && p < b.info().pages() && !b.sent().set(usize_of(p)) {
                 p += 1;
             }
             if p > first {

@@ -7,6 +7,12 @@ use crate::ram::RamBlocks;
 
 /// Most blocks one Hello may announce.
 pub const MAX_BLOCKS: usize = 4096;
+/// The wire index of the block at position `i` of a table: tables hold at most [`MAX_BLOCKS`]
+/// blocks, so it fits; a position past `u32` would be `u32::MAX`, which no table has.
+pub fn wire_index(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
+}
+
 /// Smallest page size accepted.
 pub const MIN_PAGE_SIZE: u64 = 4096;
 /// Largest page size accepted (1 GiB huge pages).
@@ -113,7 +119,7 @@ impl BlockTable {
 
     /// Index of the block called `name`.
     pub fn index_of(&self, name: &str) -> Option<u32> {
-        self.blocks.iter().position(|b| b.name == name).map(|i| i as u32)
+        self.blocks.iter().position(|b| b.name == name).map(wire_index)
     }
 
     /// The blocks in index order.

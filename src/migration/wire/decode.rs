@@ -39,6 +39,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
+            // The prefix is a handful of bytes.
+            #[allow(clippy::cast_possible_truncation)]
             max_payload: DEFAULT_MAX_RUN + PAGE_PREFIX_LEN as u32,
             max_discard_ranges: DEFAULT_MAX_DISCARD_RANGES,
         }
@@ -48,6 +50,8 @@ impl Default for Limits {
 impl Limits {
     /// Limits for the authentication exchange: small payloads only (an Error text at most).
     pub fn auth() -> Limits {
+        // An error text is limited to a few KiB.
+        #[allow(clippy::cast_possible_truncation)]
         Limits { max_payload: MAX_ERROR_TEXT as u32, max_discard_ranges: 0 }
     }
 }

@@ -7,6 +7,7 @@
 //! receiver's job; a sender should respect the receiver's [`Limits`](super::Limits) (2 MiB runs by
 //! default).
 
+use super::blocks::wire_index;
 use std::io::{self, IoSlice, Write};
 
 use super::decode::{MAX_ERROR_TEXT, PAGE_PREFIX_LEN};
@@ -50,7 +51,7 @@ fn encode_payload(frame: &Frame<'_>, out: &mut Vec<u8>, flags: &mut u8) -> Resul
             out.push(u8::from(h.resume));
             out.extend_from_slice(&h.capabilities.to_le_bytes());
             out.extend_from_slice(&h.session_id.to_le_bytes());
-            out.extend_from_slice(&(h.blocks.len() as u32).to_le_bytes());
+            out.extend_from_slice(&wire_index(h.blocks.len()).to_le_bytes());
             for b in h.blocks.iter() {
                 // BlockTable guarantees 1..=255 bytes.
                 let n = u8::try_from(b.name.len()).map_err(|_| {

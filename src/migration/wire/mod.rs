@@ -16,7 +16,7 @@ mod frame;
 mod tests;
 
 pub use blocks::{
-    BlockInfo, BlockTable, MAX_BLOCKS, MAX_BLOCK_SIZE, MAX_NAME_LEN, MAX_PAGE_SIZE, MIN_PAGE_SIZE,
+    wire_index, BlockInfo, BlockTable, MAX_BLOCKS, MAX_BLOCK_SIZE, MAX_NAME_LEN, MAX_PAGE_SIZE, MIN_PAGE_SIZE,
 };
 pub use decode::{
     decode_payload, Decoder, Limits, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN, MAX_ERROR_TEXT,
