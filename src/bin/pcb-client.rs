@@ -48,13 +48,19 @@ struct Args {
     /// uffd features to ask for: comma list of remove,unmap,remap,fork.
     #[arg(long, default_value = "")]
     features: String,
+    /// Map the block with MAP_POPULATE, before the uffd is registered, as a backend that
+    /// prefaults or mlocks guest RAM does: pages not placed yet are allocated (zero) in the shared
+    /// memory behind the broker's back.
+    #[arg(long)]
+    populate: bool,
     /// Start the script right after printing the ready line instead of waiting for a line on
     /// stdin (so the client may fault before the broker has its uffd).
     #[arg(long)]
     no_wait: bool,
     /// Steps, separated by ';': touch:LIST (read pages through mapping 0), touchall:LIST (through
     /// every mapping), write:LIST:BYTE (fill the first 8 bytes), remove:RANGE (MADV_REMOVE on
-    /// mapping 0), unmap:RANGE (munmap on mapping 0), fork (the child runs the rest of the
+    /// mapping 0), dontneed:RANGE (MADV_DONTNEED on mapping 0: how a balloon frees private
+    /// memory), unmap:RANGE (munmap on mapping 0), fork (the child runs the rest of the
     /// script, then the parent), wait (read a line from stdin), timed:LIST (read one byte of each
     /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
     /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
@@ -180,6 +186,12 @@ impl Client {
                 unsafe { madvise(p, len, MmapAdvise::MADV_REMOVE) }.map_err(|e| format!("madvise: {e}"))?;
                 json!({"who": who, "step": step})
             }
+            "dontneed" => {
+                let (p, len) = self.range(arg)?;
+                // SAFETY: the range lies inside this process's own mapping.
+                unsafe { madvise(p, len, MmapAdvise::MADV_DONTNEED) }.map_err(|e| format!("madvise: {e}"))?;
+                json!({"who": who, "step": step})
+            }
             "unmap" => {
                 let (p, len) = self.range(arg)?;
                 // SAFETY: unmapping part of this process's own mapping; the script must not touch
@@ -241,11 +253,13 @@ fn run(mut a: Args) -> Result<(), String> {
     }
     let uffd = Uffd::open(want).map_err(|e| format!("userfaultfd: {e}"))?;
     let mut bases = Vec::new();
+    let shared_flags =
+        if a.populate { MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE } else { MapFlags::MAP_SHARED };
     for _ in 0..a.maps {
         let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         let p = match &fd {
             // SAFETY: a fresh mapping chosen by the kernel; nothing in Rust aliases it.
-            Some(fd) => unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, fd.as_fd(), 0) },
+            Some(fd) => unsafe { mmap(None, len, prot, shared_flags, fd.as_fd(), 0) },
             // SAFETY: as above.
             None => unsafe { mmap_anonymous(None, len, prot, MapFlags::MAP_PRIVATE) },
         }
