@@ -3,6 +3,10 @@
 //! connection (shutdown of both sides, then close). Cut points come in ascending order; after
 //! the last one connections pass untouched, unless `refuse_after_cut` makes the proxy close
 //! every new connection at once (a peer that never comes back) until `set_refuse(false)`.
+//! `cut_now` cuts at a moment of the caller's choosing instead of a byte count. `hold_after_listen`
+//! makes it hold the first connection (the migration's main one) right after the Listen frame
+//! until `release`: the destination listens and serves demand faults (urgent connection), but
+//! no background page and no Complete arrives, so clients can register before the end.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -24,6 +28,9 @@ struct State {
     stop: AtomicBool,
     hook: Option<Hook>,
     connections: AtomicU64,
+    hold_armed: AtomicBool,
+    holding: AtomicBool,
+    released: AtomicBool,
 }
 
 /// A running proxy.
@@ -55,6 +62,9 @@ impl Proxy {
             stop: AtomicBool::new(false),
             hook,
             connections: AtomicU64::new(0),
+            hold_armed: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
         let s = Arc::clone(&st);
         let thread = std::thread::spawn(move || accept_loop(listener, s));
@@ -74,6 +84,27 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.st.connections.load(Ordering::SeqCst)
+    }
+
+    /// Cut every live connection now, as a cut point does (the hook runs first).
+    pub fn cut_now(&self) {
+        cut(&self.st);
+    }
+
+    /// Hold the first connection's client → target bytes after the Listen frame (call before
+    /// the first connection) until [`release`](Proxy::release).
+    pub fn hold_after_listen(&self) {
+        self.st.hold_armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the Listen frame passed and the rest is being held.
+    pub fn holding(&self) -> bool {
+        self.st.holding.load(Ordering::SeqCst) && !self.st.released.load(Ordering::SeqCst)
+    }
+
+    /// Let the held bytes through.
+    pub fn release(&self) {
+        self.st.released.store(true, Ordering::SeqCst);
     }
 
     /// Refuse (close at once) new connections, or let them through again.
@@ -109,7 +140,8 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         };
-        st.connections.fetch_add(1, Ordering::SeqCst);
+        let first = st.connections.fetch_add(1, Ordering::SeqCst) == 0;
+        let hold = first && st.hold_armed.load(Ordering::SeqCst);
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         {
@@ -119,9 +151,9 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
         }
         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
         let a = Arc::clone(&st);
-        std::thread::spawn(move || forward(client, server, &a, true));
+        std::thread::spawn(move || forward(client, server, &a, true, hold));
         let b = Arc::clone(&st);
-        std::thread::spawn(move || forward(s2, c2, &b, false));
+        std::thread::spawn(move || forward(s2, c2, &b, false, false));
     }
 }
 
@@ -138,7 +170,43 @@ fn cut(st: &State) {
     }
 }
 
-fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool) {
+/// Finds the end of the Listen frame in a stream of wire frames (12-byte header: magic, type,
+/// flags, reserved, payload length; docs/wire-protocol.md).
+#[derive(Default)]
+struct ListenScan {
+    header: [u8; 12],
+    have: usize,
+    skip: u64,
+}
+
+impl ListenScan {
+    /// The index just after the Listen frame if it ends in `data`.
+    fn feed(&mut self, data: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.skip > 0 {
+                let k = self.skip.min((data.len() - i) as u64);
+                self.skip -= k;
+                i += k as usize;
+                continue;
+            }
+            self.header[self.have] = data[i];
+            self.have += 1;
+            i += 1;
+            if self.have == 12 {
+                self.have = 0;
+                self.skip = u64::from(u32::from_le_bytes(self.header[8..12].try_into().unwrap()));
+                if self.header[4] == 0x08 && self.skip == 0 {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+}
+
+fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, hold: bool) {
+    let mut scan = hold.then(ListenScan::default);
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match from.read(&mut buf) {
@@ -158,7 +226,19 @@ fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool) {
                 }
             }
         }
-        if keep > 0 && to.write_all(&buf[..keep]).is_err() {
+        let mut from_here = 0;
+        if let Some(at) = scan.as_mut().and_then(|s| s.feed(&buf[..keep])) {
+            scan = None;
+            if to.write_all(&buf[..at]).is_err() {
+                break;
+            }
+            st.holding.store(true, Ordering::SeqCst);
+            while !st.released.load(Ordering::SeqCst) && !st.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            from_here = at;
+        }
+        if keep > from_here && to.write_all(&buf[from_here..keep]).is_err() {
             break;
         }
         if cut_now {
