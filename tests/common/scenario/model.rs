@@ -1,0 +1,136 @@
+//! The model of guest RAM: what the source's pages hold after the last dirty update, and which
+//! client mutates which page (each page at most by one client, see `generate`). It answers what
+//! a client may read at a point of its script and what every page must hold at the end.
+
+use std::collections::HashMap;
+
+use super::content::{dirty_page, fnv, initial};
+use super::plan::{ClientPlan, Op, Scenario};
+
+/// A client's change to a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// The first 8 bytes set to this byte.
+    Write(u8),
+    /// MADV_REMOVE: the page reads as zero.
+    Remove,
+}
+
+impl Mutation {
+    /// `page` with this mutation applied.
+    pub fn apply(self, page: &[u8]) -> Vec<u8> {
+        let mut v = page.to_vec();
+        match self {
+            Mutation::Write(b) => v[..8].fill(b),
+            Mutation::Remove => v.fill(0),
+        }
+        v
+    }
+}
+
+/// One block: the source's bytes before and after the dirty updates.
+#[derive(Debug)]
+pub struct BlockModel {
+    pub name: String,
+    pub page_size: u64,
+    pub initial: Vec<u8>,
+    pub last: Vec<u8>,
+}
+
+impl BlockModel {
+    /// Page `p` of the source's final RAM.
+    pub fn page(&self, p: u64) -> &[u8] {
+        let ps = self.page_size as usize;
+        &self.last[p as usize * ps..(p as usize + 1) * ps]
+    }
+}
+
+/// Guest RAM as the scenario defines it.
+#[derive(Debug)]
+pub struct Model {
+    pub blocks: Vec<BlockModel>,
+    /// (block, page) → (client, mutation).
+    mutations: HashMap<(usize, u64), (usize, Mutation)>,
+}
+
+/// The mutations in a shared client's script, in order.
+pub fn script_mutations(ops: &[Op]) -> Vec<(u64, Mutation)> {
+    let mut v = Vec::new();
+    for o in ops {
+        match o {
+            Op::Write { pages, byte } => v.extend(pages.iter().map(|&p| (p, Mutation::Write(*byte)))),
+            Op::Remove { first, count } => v.extend((*first..first + count).map(|p| (p, Mutation::Remove))),
+            Op::Touch { .. } | Op::Fork => {}
+        }
+    }
+    v
+}
+
+impl Model {
+    pub fn build(s: &Scenario) -> Model {
+        let mut blocks: Vec<BlockModel> = s
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let init = initial(s.seed, i, b);
+                BlockModel { name: b.name.clone(), page_size: b.page_size, last: init.clone(), initial: init }
+            })
+            .collect();
+        for d in s.dirty() {
+            let b = &mut blocks[d.block];
+            let ps = b.page_size as usize;
+            for p in d.first..d.first + d.pages {
+                dirty_page(s.seed, d.block, p, &mut b.last[p as usize * ps..(p as usize + 1) * ps], d.fill);
+            }
+        }
+        let mut mutations = HashMap::new();
+        for (i, c) in s.clients.iter().enumerate() {
+            if let ClientPlan::Pcb(p) = c {
+                for (page, m) in script_mutations(&p.postcopy) {
+                    let prev = mutations.insert((p.block, page), (i, m));
+                    assert!(prev.is_none(), "generator bug: page {page} of block {} mutated twice", p.block);
+                }
+            }
+        }
+        Model { blocks, mutations }
+    }
+
+    /// The image of a lazy restore (and of private clients): the initial blocks back to back.
+    pub fn image(&self) -> Vec<u8> {
+        self.blocks.iter().flat_map(|b| b.initial.iter().copied()).collect()
+    }
+
+    /// Who mutates page `p` of block `b`, and how.
+    pub fn mutation(&self, b: usize, p: u64) -> Option<(usize, Mutation)> {
+        self.mutations.get(&(b, p)).copied()
+    }
+
+    /// Every mutated page, (block, page, client, mutation).
+    pub fn mutations(&self) -> impl Iterator<Item = (usize, u64, usize, Mutation)> + '_ {
+        self.mutations.iter().map(|(&(b, p), &(c, m))| (b, p, c, m))
+    }
+
+    /// FNVs a client may read at page `p` of block `b`. `reader` is the reading client and
+    /// `own_done` whether its own mutation of the page (if it has one) already happened; another
+    /// client's mutation may or may not have happened yet.
+    pub fn readable(&self, b: usize, p: u64, reader: usize, own_done: bool) -> Vec<String> {
+        let base = self.blocks[b].page(p);
+        match self.mutation(b, p) {
+            None => vec![fnv(base)],
+            Some((c, m)) if c == reader => vec![fnv(&if own_done { m.apply(base) } else { base.to_vec() })],
+            Some((_, m)) => vec![fnv(base), fnv(&m.apply(base))],
+        }
+    }
+
+    /// What page `p` of block `b` may hold at the end: the mutated page if its client surely did
+    /// it (`done(client)`), either value if the client may have died before.
+    pub fn final_page(&self, b: usize, p: u64, done: impl Fn(usize) -> bool) -> Vec<Vec<u8>> {
+        let base = self.blocks[b].page(p);
+        match self.mutation(b, p) {
+            None => vec![base.to_vec()],
+            Some((c, m)) if done(c) => vec![m.apply(base)],
+            Some((_, m)) => vec![base.to_vec(), m.apply(base)],
+        }
+    }
+}
