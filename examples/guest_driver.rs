@@ -27,21 +27,18 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use log::{info, warn};
-use postcopy_broker::control::{ClientKind, ControlClient, ControlError, MappingSpec};
-use postcopy_broker::migration::verify::checksum;
+use postcopy_broker::control::ControlError;
 use postcopy_broker::ram::RamBlock;
-use postcopy_broker::uffd::{feature, Uffd};
 use postcopy_broker::vhost_user::blk::{fnv1a64, DRIVER_FEATURES, FNV_OFFSET, ID_BYTES, SECTOR_SIZE};
 use postcopy_broker::vhost_user::register::{register_backend, BrokerLink};
 use postcopy_broker::vhost_user::{postcopy, BackendConn, BlkConfig, BlkDriver, BlkRequest, BlkRequestKind};
-use postcopy_broker::vhost_user::{GuestRam, Handshake, Negotiation};
+use postcopy_broker::vhost_user::{BrokerSession, GuestRam, Handshake, Negotiation};
 use postcopy_broker::{Error, Result};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
@@ -55,6 +52,9 @@ const RING_GPA: u64 = DRIVER_GPA + 0x1_0000;
 const META_GPA: u64 = DRIVER_GPA + 0x2_0000;
 /// Guest address of the first bounce buffer.
 const DATA_GPA: u64 = DRIVER_GPA + 0x10_0000;
+/// How long the driver waits for the broker to receive every page after its I/O: a safety bound
+/// only (a slow migration, e.g. the demo with a low --bandwidth, may take many minutes).
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Bytes of a migrated page as the workload sees it.
 const PAGE: u64 = 4096;
 const SECTORS_PER_PAGE: u64 = PAGE / SECTOR_SIZE;
@@ -323,79 +323,6 @@ fn bounce_workload(
     }))
 }
 
-/// The broker side of the driver in `--control` mode.
-struct Broker {
-    ctl: ControlClient,
-    /// The driver's own userfaultfd; kept open while postcopy runs (closing it would let the
-    /// kernel fill missing pages with zeros).
-    _uffd: Uffd,
-    driver_client: u64,
-    /// Every page has arrived (seen once; never asked again).
-    done: bool,
-}
-
-impl Broker {
-    /// (received, total) pages, or `None` once the broker is gone (it exits when complete).
-    fn progress(&mut self) -> Option<(u64, u64)> {
-        match self.ctl.status() {
-            Ok(v) => Some((v["received_pages"].as_u64()?, v["total_pages"].as_u64()?)),
-            Err(e) => {
-                info!("broker status: {e}; taking it as finished");
-                None
-            }
-        }
-    }
-
-    fn complete(&mut self) -> bool {
-        if !self.done {
-            self.done = self.progress().is_none_or(|(r, t)| r == t);
-        }
-        self.done
-    }
-
-    fn wait_complete(&mut self) {
-        while !self.complete() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Map the broker's RAM blocks at guest address 0 onwards, register them MISSING with a new
-/// userfaultfd and register that with the broker.
-fn attach_broker(path: &PathBuf, ram: &mut GuestRam) -> Result<(Broker, Vec<String>)> {
-    let mut ctl = ControlClient::connect(path)?;
-    ctl.hello("guest-driver")?;
-    let blocks = ctl.get_blocks(None)?;
-    let mut want = 0;
-    for (b, _) in &blocks {
-        want |= if b.page_size > PAGE { feature::MISSING_HUGETLBFS } else { feature::MISSING_SHMEM };
-    }
-    let uffd = Uffd::open(want).map_err(|e| Error::io("userfaultfd for the driver's own mapping", e))?;
-    let mut gpa = 0;
-    let mut specs = Vec::new();
-    let mut names = Vec::new();
-    for (info, fd) in blocks {
-        let fd = fd
-            .ok_or_else(|| Error::Invalid(format!("the broker sent block '{}' without its fd", info.name)))?;
-        let block = Arc::new(RamBlock::from_fd(&info.name, fd, info.size, info.page_size)?);
-        uffd.register_missing(block.host_addr(), block.size())
-            .map_err(|e| Error::io(format!("register block '{}' with the driver's uffd", info.name), e))?;
-        specs.push(MappingSpec {
-            client_addr: block.host_addr(),
-            block: info.name.clone(),
-            offset: 0,
-            len: info.size,
-        });
-        ram.add(gpa, block)?;
-        gpa += info.size;
-        names.push(info.name);
-    }
-    let driver_client =
-        ctl.register("guest-driver", ClientKind::Shared, Some(std::process::id()), &specs, uffd.as_fd())?;
-    info!("registered with the broker as client {driver_client}: {} block(s), {gpa} bytes", names.len());
-    Ok((Broker { ctl, _uffd: uffd, driver_client, done: false }, names))
-}
-
 /// One postcopy operation done: the guest range, the disk sectors.
 #[derive(Debug, Clone, Copy)]
 struct Op {
@@ -412,7 +339,7 @@ fn postcopy_io(
     max_ops: u64,
     drv: &mut BlkDriver,
     ram: &GuestRam,
-    broker: &mut Broker,
+    broker: &mut BrokerSession,
     ram_size: u64,
     mirror_gpa: u64,
     log_sector: u64,
@@ -506,31 +433,12 @@ fn postcopy_io(
 /// Read every migrated page through the driver's own mapping; per block its FNV-1a 64 (as
 /// `serve --checksums` writes it) and the migration's checksum (as `--verify-file` writes it).
 fn touch_all(ram: &GuestRam) -> Result<serde_json::Value> {
-    let mut sums = serde_json::Map::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for (gpa, block) in ram.blocks() {
-        if gpa >= DRIVER_GPA {
-            continue;
-        }
-        let mut h = FNV_OFFSET;
-        let mut off = 0;
-        while off < block.size() {
-            let n = (block.size() - off).min(buf.len() as u64) as usize;
-            ram.read(gpa + off, &mut buf[..n])?;
-            h = fnv1a64(h, &buf[..n]);
-            off += n as u64;
-        }
-        // Every page has been read once, so the whole block can be looked at as one slice.
-        // SAFETY: the block's mapping is live for as long as `ram` holds the Arc, `size` bytes
-        // long, and only read here; the backend may write it concurrently, which is as racy as
-        // any guest memory and cannot break a byte slice read.
-        let all = unsafe { std::slice::from_raw_parts(block.host_ptr(), block.size() as usize) };
-        sums.insert(
-            block.name().to_string(),
-            serde_json::json!({"fnv": format!("{h:016x}"), "checksum": format!("{:016x}", checksum(all))}),
-        );
-    }
-    Ok(serde_json::Value::Object(sums))
+    let sums = ram.read_all_sums(DRIVER_GPA)?.into_iter().map(|s| {
+        let v =
+            serde_json::json!({"fnv": format!("{:016x}", s.fnv), "checksum": format!("{:016x}", s.checksum)});
+        (s.name, v)
+    });
+    Ok(serde_json::Value::Object(sums.collect()))
 }
 
 fn ops_json(ops: &[Op]) -> serde_json::Value {
@@ -550,7 +458,8 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     let mut ram = GuestRam::new();
     let (mut broker, block_names) = match &args.control {
         Some(path) => {
-            let (b, names) = attach_broker(path, &mut ram)?;
+            let b = BrokerSession::attach(path, "guest-driver", &mut ram)?;
+            let names = b.block_names().to_vec();
             (Some(b), names)
         }
         None => {
@@ -572,7 +481,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     let pc = if let Some(b) = &mut broker {
         let hs = Handshake::begin(&mut conn, &regions)?;
         let id =
-            register_backend(&mut BrokerLink::Control(&mut b.ctl), "vhost-user-blk", hs.postcopy(), &names)?;
+            register_backend(&mut BrokerLink::Control(b.control()), "vhost-user-blk", hs.postcopy(), &names)?;
         backend_client = Some(id);
         Some(hs.ack()?)
     } else if args.postcopy_handshake {
@@ -591,7 +500,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
             "corrected": pc.corrected,
             "backend_pid": pc.pid,
             "backend_client": backend_client,
-            "driver_client": broker.as_ref().map(|b| b.driver_client),
+            "driver_client": broker.as_ref().map(|b| b.client()),
         });
     }
     drop(regions);
@@ -642,7 +551,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
         first = args.first_sector.unwrap_or(log_end);
         let (writes, reads, rounds) =
             postcopy_io(args, ops, &mut drv, &ram, b, ram_size, mirror_gpa, log_sector, &mut rng)?;
-        let progress = if b.done { None } else { b.progress() };
+        let progress = if b.seen_complete() { None } else { b.progress() };
         info!(
             "postcopy I/O: {} writes, {} reads in {rounds} rounds; broker progress {progress:?}",
             writes.len(),
@@ -656,7 +565,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
             "mirror_sectors": args.mirror_sectors,
             "log_sector": log_sector,
             "progress_after_io": progress.map(|(r, t)| serde_json::json!({"received": r, "total": t})),
-            "complete_during_io": b.done,
+            "complete_during_io": b.seen_complete(),
             "io_seconds": started.elapsed().as_secs_f64(),
         });
     }
@@ -674,7 +583,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     let mut end = serde_json::json!("not in postcopy");
     if let Some(b) = &mut broker {
         // POSTCOPY_END only once every page has arrived: the backend then closes its uffd.
-        b.wait_complete();
+        b.wait_complete(COMPLETE_TIMEOUT)?;
         end = match postcopy::end(&mut conn) {
             Ok(()) => serde_json::json!("ok"),
             Err(e) => {
@@ -682,12 +591,12 @@ fn run(args: &Args) -> Result<serde_json::Value> {
                 serde_json::json!(e.to_string())
             }
         };
-        for id in backend_client.into_iter().chain([b.driver_client]) {
-            if b.done {
+        for id in backend_client.into_iter().chain([b.client()]) {
+            if b.seen_complete() {
                 // A broker that finished stops answering; nothing to unregister from.
                 break;
             }
-            match b.ctl.unregister(id) {
+            match b.control().unregister(id) {
                 Ok(()) | Err(ControlError::PeerClosed) => {}
                 Err(e) => info!("unregister client {id}: {e}"),
             }

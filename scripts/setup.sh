@@ -7,14 +7,27 @@ need_pkgs=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need_pkgs+=(libclang-dev)      # userfaultfd-sys runs bindgen
 command -v qemu-storage-daemon >/dev/null 2>&1 || need_pkgs+=(qemu-utils) # real vhost-user-blk backend
 command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)                          # builds ../shared/bench reference
-if [ ${#need_pkgs[@]} -gt 0 ]; then
+# DPDK as a real vhost-user-net backend (tests/dpdk.rs): dpdk-dev ships dpdk-testpmd; the vhost
+# PMD and the ring mempool driver it loads are their own packages. Its dependencies' recommends
+# (systemd and friends) are not needed, so DPDK goes in without them.
+dpdk_pkgs=()
+command -v dpdk-testpmd >/dev/null 2>&1 || dpdk_pkgs+=(dpdk-dev)
+for p in librte-net-vhost23 librte-mempool-ring23; do
+  dpkg -s "$p" >/dev/null 2>&1 || dpdk_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ] || [ ${#dpdk_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "setup: missing packages ${need_pkgs[*]}; run as root or: sudo apt-get install ${need_pkgs[*]}" >&2
+    echo "setup: missing packages ${need_pkgs[*]} ${dpdk_pkgs[*]}; run as root or: sudo apt-get install ${need_pkgs[*]} ${dpdk_pkgs[*]}" >&2
     exit 1
   fi
-  echo "setup: installing ${need_pkgs[*]}"
+  echo "setup: installing ${need_pkgs[*]} ${dpdk_pkgs[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  if [ ${#need_pkgs[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  fi
+  if [ ${#dpdk_pkgs[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${dpdk_pkgs[@]}" >/dev/null
+  fi
 fi
 
 # Huge pages for the hugetlbfs blocks of the tests and the demo (2 MiB pages).

@@ -82,6 +82,38 @@ pub enum Error {
         /// Page offset.
         offset: u64,
     },
+    /// The huge page pool cannot promise a hugetlbfs block its pages.
+    #[error("RAM block '{block}' cannot reserve its huge pages: {why}")]
+    HugePagePool {
+        /// Block name.
+        block: String,
+        /// How many pages are missing and how to reserve them.
+        why: String,
+    },
+    /// A client whose mapped range of a block holds pages the broker never placed: it (or
+    /// someone) populated shared RAM before its userfaultfd was registered, so those pages would
+    /// never fault and every process would read zeros there instead of the source's data.
+    #[error("client '{client}' refused: {pages} page(s) of RAM block '{block}' it maps were populated before its userfaultfd could catch them (mlock/mlockall, MAP_POPULATE or a prefault of guest RAM fills shared pages with zeros that never fault, and the source's data there would be lost); they were dropped again. Start the process without locking or prefaulting guest memory (dpdk-testpmd: --no-mlockall; QEMU-style VMMs: munlockall() before postcopy; no MAP_POPULATE on guest RAM) and register it again")]
+    Prefaulted {
+        /// The client's name.
+        client: String,
+        /// Block name.
+        block: String,
+        /// Pages found (a lower bound on hugetlbfs blocks, whose holes cannot be listed).
+        pages: u64,
+    },
+    /// An fd handed in as a client's userfaultfd that is something else.
+    #[error("client '{client}': the fd handed in as its userfaultfd is not one (it is {what}); pass the fd that userfaultfd(2) or /dev/userfaultfd returned, after UFFDIO_API and UFFDIO_REGISTER")]
+    NotAUserfaultfd {
+        /// The client's name.
+        client: String,
+        /// What the fd is.
+        what: String,
+    },
+    /// A placement failed for a local reason (the kernel refused the ioctl, memory ran out):
+    /// reconnecting to the source cannot mend it.
+    #[error("placing pages failed on this host: {0}")]
+    Placement(Box<Error>),
     /// Data of the wrong length handed to placement.
     #[error("placement of {got} bytes at block '{block}' needs a whole number of {page_size}-byte pages")]
     BadPageData {

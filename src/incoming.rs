@@ -110,6 +110,47 @@ impl Incoming {
         b.discard(offset, len)
     }
 
+    /// A page (or run) that arrived before Listen (precopy): written through the placement
+    /// mapping, which no userfaultfd watches yet, then marked received. Received means present
+    /// here as on every other path.
+    pub fn precopy_page(&mut self, id: BlockId, offset: u64, data: &[u8]) -> Result<()> {
+        let b = self.precopy_block(id)?;
+        b.check_range(offset, data.len() as u64)?;
+        let (ps, first) = (b.page_size(), b.page_index(offset));
+        let at = usize::try_from(offset).map_err(|_| Error::Invalid(format!("offset {offset} too large")))?;
+        // SAFETY: [offset, offset + len) lies inside the block (checked), whose placement mapping
+        // is live; no userfaultfd is registered on it before Listen, so the copy cannot block,
+        // and no Rust reference points into it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.host_ptr().add(at), data.len()) };
+        b.received().set_range(first, data.len() / ps as usize);
+        Ok(())
+    }
+
+    /// Zero pages that arrived before Listen (precopy): made present zero pages (a page that
+    /// came with data earlier is dropped first), then marked received. A received page that was
+    /// left a hole would make every registered process fault on it forever after Listen.
+    pub fn precopy_zero(&mut self, id: BlockId, offset: u64, len: u64) -> Result<()> {
+        let b = self.precopy_block(id)?;
+        b.check_range(offset, len)?;
+        let (first, n) = (b.page_index(offset), b.page_index(len));
+        if b.received().count_range(first, n) > 0 {
+            b.discard(offset, len)?;
+        }
+        b.populate_zero(offset, len)?;
+        b.received().set_range(first, n);
+        Ok(())
+    }
+
+    fn precopy_block(&self, id: BlockId) -> Result<&crate::ram::RamBlock> {
+        let cur = self.state.get();
+        if !matches!(cur, PostcopyState::Advise | PostcopyState::Discard) {
+            return Err(Error::Invalid(format!(
+                "precopy pages are written directly only between Advise and Listen, not in state {cur}"
+            )));
+        }
+        self.blocks.get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))
+    }
+
     /// Start listening (Advise|Discard → Listening): own userfaultfd, every block registered in
     /// MISSING mode with its ZEROPAGE capability recorded, a placer, then InboundListen notifiers.
     pub fn listen(&mut self) -> Result<()> {

@@ -222,6 +222,19 @@ impl Placer {
         })
     }
 
+    /// Fill the page at `offset` of block `id` with zeros although its received bit is set: a
+    /// received page that is absent (a hole was punched into the backing behind the broker, for
+    /// example by a client's MADV_REMOVE, whose hole reads as zeros) makes every registered
+    /// process fault on it, and waking them only makes them fault again. Returns
+    /// [`Placed::Placed`] if this call filled it, [`Placed::AlreadyPresent`] if the page was
+    /// there after all (another placer, or a page that only looked absent).
+    pub fn refill_zero(&self, blocks: &RamBlocks, id: BlockId, offset: u64) -> Result<Placed> {
+        let b = block(blocks, id)?;
+        let ps = b.page_size();
+        b.check_range(offset, ps)?;
+        self.claimed(b, offset, ps, |o, l| self.zero_by_uffd(b, o, l))
+    }
+
     /// Book-keeping after `allocate_zero_hole` filled `[offset, offset+len)`.
     fn allocated_zero(&self, b: &RamBlock, offset: u64, len: u64) {
         let pages = len / b.page_size();
@@ -387,10 +400,9 @@ impl Placer {
             "{} (foreign page #{n}); repairing by discarding it and placing again",
             Error::ForeignPage { block: b.name().into(), offset: page }
         );
-        b.discard(page, b.page_size()).map_err(|e| {
-            log::error!("repair of foreign page failed: {e}");
-            Error::ForeignPage { block: b.name().into(), offset: page }
-        })
+        // A failure to punch (or, on hugetlbfs, to reserve the page again) is its own error,
+        // not another foreign page.
+        b.discard(page, b.page_size())
     }
 }
 

@@ -89,6 +89,9 @@ pub struct ClientStats {
     pub already_there: u64,
     /// Faults outside the client's mapping table.
     pub unmapped_faults: u64,
+    /// Faults on received pages whose backing had become a hole (filled with zeros, woken).
+    #[serde(default)]
+    pub holes_refilled: u64,
     /// Wake ioctls issued to this client.
     pub wakes: u64,
     /// Non-cooperative events read (fork, remap, remove, unmap).
@@ -137,6 +140,13 @@ pub struct BrokerStats {
     pub clients_gone: u64,
     /// Pages populated behind the broker's back (detected on placement).
     pub foreign_pages: u64,
+    /// Pages found populated in a registering client's ranges before its userfaultfd could
+    /// catch them (mlock, MAP_POPULATE), dropped again; the client was refused.
+    #[serde(default)]
+    pub prefaulted_pages: u64,
+    /// Faults on received pages whose backing had become a hole, filled with zeros.
+    #[serde(default)]
+    pub holes_refilled: u64,
     /// Control connections closed for protocol errors.
     pub control_errors: u64,
 }

@@ -192,6 +192,29 @@ impl Message {
     }
 }
 
+/// What `/proc/self/fd/N` links to for a userfaultfd.
+const ANON_INODE_NAME: &str = "anon_inode:[userfaultfd]";
+
+/// What an fd is, as /proc names it (`anon_inode:[userfaultfd]`, `pipe:[123]`, a path...).
+pub fn fd_kind(fd: RawFd) -> io::Result<String> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))?;
+    Ok(link.to_string_lossy().into_owned())
+}
+
+/// Check that `fd` (handed in by a peer or named in a kernel event) is a userfaultfd: anything
+/// else (a pipe, a socket, an eventfd) would let the peer write forged fault messages, or make
+/// the broker adopt one of its own fds. Returns what the fd is instead, as the error.
+pub fn check_userfaultfd(fd: RawFd) -> std::result::Result<(), String> {
+    if fd < 0 {
+        return Err(format!("fd {fd}"));
+    }
+    match fd_kind(fd) {
+        Ok(k) if k == ANON_INODE_NAME => Ok(()),
+        Ok(k) => Err(k),
+        Err(e) => Err(format!("fd {fd} ({e})")),
+    }
+}
+
 /// A zeroed buffer of raw messages for [`Uffd::read_messages`].
 pub fn message_buffer(n: usize) -> Vec<RawMsg> {
     // SAFETY: uffd_msg is plain old data; all-zero is a valid value.

@@ -131,7 +131,7 @@ fn the_generator_draws_every_dimension() {
         }
         let c = &s.clients;
         mark("pcb-client", c.iter().any(|c| matches!(c, ClientPlan::Pcb(p) if !p.finisher)));
-        mark("populating pcb-client", s.populates());
+        mark("prefaulting pcb-client", s.prefaults());
         mark("vhost ours", c.iter().any(|c| matches!(c, ClientPlan::Vhost(v) if v.backend == Backend::Ours)));
         mark("vhost qsd", c.iter().any(|c| matches!(c, ClientPlan::Vhost(v) if v.backend == Backend::Qsd)));
         mark("private client", c.iter().any(|c| matches!(c, ClientPlan::Private(_))));

@@ -115,3 +115,46 @@ fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
     assert_peer_sees(b, 0, &want);
     assert!(net.failure().is_none(), "{:?}", net.failure());
 }
+
+#[test]
+fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
+    // Recovery is on (a resumer exists), yet a placement that fails on this host must not be
+    // taken for a lost connection: a reconnect would meet the same failure, again and again.
+    let inc = listening_memfd("ram", PAGES);
+    let (id, b) = inc.blocks().named("ram").unwrap();
+    let table = BlockTable::new(vec![BlockInfo::new("ram", PAGES * PS, PS)]).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut main_src, main_dst) = pair(&l);
+    let (_urgent_src, urgent_dst) = pair(&l);
+    let conns = Connections {
+        main: main_dst,
+        main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+        urgent: urgent_dst,
+        urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+    };
+    let net = Arc::new(NetState::default());
+    let mut src = NetworkSource::new(
+        conns,
+        Arc::clone(inc.uffd().unwrap()),
+        Arc::clone(inc.blocks()),
+        vec![id],
+        Arc::clone(inc.state()),
+        Arc::clone(&net),
+        0,
+    )
+    .unwrap();
+    let _resumer = src.resumer();
+    let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
+    // Pages 8-15 of the placement mapping are no longer registered: UFFDIO_COPY there fails
+    // with a real error of this host (ENOENT), not of the connection.
+    inc.uffd().unwrap().unregister(b.host_addr() + 8 * PS, 8 * PS).unwrap();
+    let data = pattern(0x55, (8 * PS) as usize);
+    send(&mut main_src, &Frame::Page { block: 0, offset: 8 * PS, demand: false, data: &data });
+    wait_until("the failure", || net.failure().is_some() || net.paused().is_some());
+    let why = net.failure().expect("a local placement failure paused the migration");
+    assert!(why.contains("placing pages failed on this host"), "{why}");
+    assert!(net.paused().is_none());
+    assert_eq!(net.pauses.load(std::sync::atomic::Ordering::Acquire), 0);
+    assert_eq!(b.received().count_ones(), 0);
+    h.stop().unwrap();
+}

@@ -48,11 +48,21 @@ struct Args {
     /// uffd features to ask for: comma list of remove,unmap,remap,fork.
     #[arg(long, default_value = "")]
     features: String,
-    /// Map the block with MAP_POPULATE, before the uffd is registered, as a backend that
-    /// prefaults or mlocks guest RAM does: pages not placed yet are allocated (zero) in the shared
-    /// memory behind the broker's back.
+    /// Populate the mapping before registering the userfaultfd, as a misbehaving backend does:
+    /// `mlock` (mlock(2) of the mapping, like dpdk-testpmd's mlockall), `populate`
+    /// (MAP_POPULATE) or `touch` (read every page). The broker must refuse the registration.
     #[arg(long)]
-    populate: bool,
+    prefault: Option<String>,
+    /// With --control: map private anonymous memory instead of the block's memfd, but register
+    /// it as a shared mapping of the block (a client whose mapping is not the shared RAM: waking
+    /// it never helps, the broker must stop serving it).
+    #[arg(long)]
+    anon: bool,
+    /// Also map this many bytes of private anonymous memory (MAP_NORESERVE: address space only)
+    /// and register it with the same userfaultfd, outside the mapping table given to the broker;
+    /// the `dontneed-reserve` step then discards all of it at once (one huge REMOVE event).
+    #[arg(long, value_name = "BYTES")]
+    reserve_anon: Option<u64>,
     /// Start the script right after printing the ready line instead of waiting for a line on
     /// stdin (so the client may fault before the broker has its uffd).
     #[arg(long)]
@@ -64,7 +74,9 @@ struct Args {
     /// script, then the parent), wait (read a line from stdin), timed:LIST (read one byte of each
     /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
     /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
-    /// 10 us or more). LIST is like 0,5,7-20.
+    /// 10 us or more), parallel:LIST (read one byte of each page, each from a thread of its own, all
+    /// at once), dontneed-reserve (MADV_DONTNEED over the whole --reserve-anon region). LIST is like
+    /// 0,5,7-20.
     #[arg(long, default_value = "")]
     script: String,
 }
@@ -96,6 +108,8 @@ fn fnv(data: &[u8]) -> u64 {
 struct Client {
     bases: Vec<u64>,
     page_size: u64,
+    /// The --reserve-anon region: (start, len).
+    reserve: Option<(u64, u64)>,
 }
 
 impl Client {
@@ -169,6 +183,22 @@ impl Client {
                 let t = self.timed(&pages(arg)?);
                 json!({"who": who, "step": step, "timed": t})
             }
+            "parallel" => {
+                let list = pages(arg)?;
+                let sums: Vec<u64> = std::thread::scope(|sc| {
+                    let hs: Vec<_> = list
+                        .iter()
+                        .map(|&p| {
+                            let addr = self.bases[0] + p * self.page_size;
+                            // SAFETY: addr lies inside a live mapping made by this process; the
+                            // read may block in the kernel until the broker places the page.
+                            sc.spawn(move || u64::from(unsafe { std::ptr::read_volatile(addr as *const u8) }))
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+                });
+                json!({"who": who, "step": step, "sum": sums.iter().sum::<u64>()})
+            }
             "write" => {
                 let (list, byte) = arg.rsplit_once(':').ok_or("write:LIST:BYTE")?;
                 let byte: u8 = byte.parse().map_err(|_| "bad byte")?;
@@ -197,6 +227,14 @@ impl Client {
                 // SAFETY: unmapping part of this process's own mapping; the script must not touch
                 // it afterwards.
                 unsafe { munmap(p, len) }.map_err(|e| format!("munmap: {e}"))?;
+                json!({"who": who, "step": step})
+            }
+            "dontneed-reserve" => {
+                let (start, len) = self.reserve.ok_or("dontneed-reserve needs --reserve-anon")?;
+                let p = std::ptr::NonNull::new(start as *mut std::ffi::c_void).ok_or("null")?;
+                // SAFETY: the range is this process's own reserved mapping, holding nothing.
+                unsafe { madvise(p, len as usize, MmapAdvise::MADV_DONTNEED) }
+                    .map_err(|e| format!("madvise: {e}"))?;
                 json!({"who": who, "step": step})
             }
             "wait" => {
@@ -251,23 +289,62 @@ fn run(mut a: Args) -> Result<(), String> {
             other => return Err(format!("unknown feature {other}")),
         };
     }
+    if a.anon {
+        want &= !(feature::MISSING_SHMEM | feature::MISSING_HUGETLBFS);
+    }
     let uffd = Uffd::open(want).map_err(|e| format!("userfaultfd: {e}"))?;
     let mut bases = Vec::new();
-    let shared_flags =
-        if a.populate { MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE } else { MapFlags::MAP_SHARED };
     for _ in 0..a.maps {
         let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
-        let p = match &fd {
+        let populate = if a.prefault.as_deref() == Some("populate") {
+            MapFlags::MAP_POPULATE
+        } else {
+            MapFlags::empty()
+        };
+        let p = match fd.as_ref().filter(|_| !a.anon) {
             // SAFETY: a fresh mapping chosen by the kernel; nothing in Rust aliases it.
-            Some(fd) => unsafe { mmap(None, len, prot, shared_flags, fd.as_fd(), 0) },
+            Some(fd) => unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED | populate, fd.as_fd(), 0) },
             // SAFETY: as above.
             None => unsafe { mmap_anonymous(None, len, prot, MapFlags::MAP_PRIVATE) },
         }
         .map_err(|e| format!("mmap: {e}"))?;
         let base = p.as_ptr() as u64;
+        match a.prefault.as_deref() {
+            None | Some("populate") => {}
+            Some("mlock") => {
+                // SAFETY: the range is this process's own fresh mapping.
+                unsafe { nix::sys::mman::mlock(p, size as usize) }.map_err(|e| format!("mlock: {e}"))?
+            }
+            Some("touch") => {
+                for off in (0..size).step_by(a.page_size as usize) {
+                    // SAFETY: the page lies inside the mapping just made; no uffd watches it yet.
+                    let _ = unsafe { std::ptr::read_volatile((base + off) as *const u8) };
+                }
+            }
+            Some(other) => return Err(format!("unknown --prefault {other}: mlock, populate or touch")),
+        }
         uffd.register_missing(base, size).map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
         bases.push(base);
     }
+    let reserve = match a.reserve_anon {
+        Some(n) => {
+            let len = std::num::NonZeroUsize::new(n as usize).ok_or("--reserve-anon 0")?;
+            // SAFETY: a fresh mapping chosen by the kernel; nothing in Rust aliases it.
+            let p = unsafe {
+                mmap_anonymous(
+                    None,
+                    len,
+                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                    MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+                )
+            }
+            .map_err(|e| format!("mmap of the reserve: {e}"))?;
+            let start = p.as_ptr() as u64;
+            uffd.register_missing(start, n).map_err(|e| format!("UFFDIO_REGISTER of the reserve: {e}"))?;
+            Some((start, n))
+        }
+        None => None,
+    };
     let mappings: Vec<_> =
         bases.iter().map(|b| json!({"client_addr": b, "block": 0, "block_offset": 0, "len": size})).collect();
     let mut client_id = None;
@@ -297,7 +374,7 @@ fn run(mut a: Args) -> Result<(), String> {
         let mut line = String::new();
         std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
     }
-    let client = Client { bases, page_size: a.page_size };
+    let client = Client { bases, page_size: a.page_size, reserve };
     let steps: Vec<&str> = a.script.split(';').filter(|s| !s.is_empty()).collect();
     let mut i = 0;
     while i < steps.len() {

@@ -82,6 +82,14 @@ impl MappingTable {
         (addr < e.end()).then_some(e)
     }
 
+    /// The entries that overlap `[start, end)`, found by binary search (the entries are sorted
+    /// and do not overlap, so their ends are sorted too): the cost of an event over a range is
+    /// that of the entries it touches, never of its length.
+    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = &MappingEntry> + '_ {
+        let first = self.entries.partition_point(|e| e.end() <= start);
+        self.entries[first..].iter().take_while(move |e| e.client_addr < end)
+    }
+
     /// Translate a client address to (block, byte offset in the block).
     pub fn translate(&self, addr: u64) -> Option<(BlockId, u64)> {
         self.find(addr).map(|e| (e.block, e.block_offset + (addr - e.client_addr)))
@@ -130,7 +138,7 @@ impl MappingTable {
                 let s = e.client_addr.max(from);
                 let t = e.end().min(end);
                 MappingEntry {
-                    client_addr: to + (s - from),
+                    client_addr: to.saturating_add(s - from),
                     block: e.block,
                     block_offset: e.block_offset + (s - e.client_addr),
                     len: t - s,

@@ -4,9 +4,11 @@
 
 mod mapping;
 mod private;
+mod repeat;
 
 pub use mapping::{MappingEntry, MappingTable};
 pub use private::{PrivateRegion, PrivateTable};
+pub use repeat::RepeatGuard;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -63,21 +65,11 @@ pub struct Client {
     pub map: AddressMap,
     /// Counters.
     pub stats: ClientStats,
-    /// The last page it faulted on although present, and how many times in a row.
-    pub repeat: (u64, u32),
+    /// Its faults on pages that were already present.
+    pub repeat: RepeatGuard,
 }
 
 impl Client {
-    /// Record a fault on a present page at `addr`; returns how many times in a row it happened.
-    pub fn repeat_fault(&mut self, addr: u64) -> u32 {
-        if self.repeat.0 == addr {
-            self.repeat.1 += 1;
-        } else {
-            self.repeat = (addr, 1);
-        }
-        self.repeat.1
-    }
-
     /// Shared or private.
     pub fn kind(&self) -> ClientKind {
         match self.map {

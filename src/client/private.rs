@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The page sizes of private memory the broker serves (its staging page holds the largest).
+pub const PRIVATE_PAGE_SIZES: [u64; 2] = [4096, 2 << 20];
+
 /// One region of a private client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrivateRegion {
@@ -27,17 +30,17 @@ pub struct PrivateTable {
 }
 
 impl PrivateTable {
-    /// Validate regions: page size 4 KiB or 2 MiB (a power of two), aligned, no overlap, inside
-    /// `image_len` bytes of the image file.
+    /// Validate regions: page size 4 KiB or 2 MiB (the sizes a private fault is placed in),
+    /// aligned, no overlap, inside `image_len` bytes of the image file.
     pub fn new(mut regions: Vec<PrivateRegion>, image_len: u64) -> Result<PrivateTable> {
         if regions.is_empty() {
             return Err(Error::Invalid("a private client must map at least one region".into()));
         }
         for r in &regions {
-            if !r.page_size.is_power_of_two() || r.page_size < 4096 || r.page_size > (1 << 30) {
+            if !PRIVATE_PAGE_SIZES.contains(&r.page_size) {
                 return Err(Error::UnsupportedPageSize {
                     page_size: r.page_size,
-                    why: "not a page size".into(),
+                    why: "the broker serves private memory of 4 KiB and 2 MiB pages; back the guest with one of those".into(),
                 });
             }
             if r.len == 0
@@ -159,6 +162,11 @@ mod tests {
         assert!(PrivateTable::new(vec![r(0x1000, 0x2000, 0x3000)], 0x4000).is_err(), "past the image");
         assert!(PrivateTable::new(vec![r(0x1001, 0x1000, 0)], 0x4000).is_err());
         assert!(PrivateTable::new(vec![r(0x1000, 0x2000, 0), r(0x2000, 0x1000, 0)], 0x4000).is_err());
+        for ps in [1 << 30, 8192, 0, u64::MAX] {
+            let big = PrivateRegion { client_addr: 0, len: 1 << 30, file_offset: 0, page_size: ps };
+            let e = PrivateTable::new(vec![big], 1 << 31).unwrap_err();
+            assert!(matches!(e, Error::UnsupportedPageSize { .. }), "page size {ps}: {e}");
+        }
         let mut t = PrivateTable::new(vec![r(0x10000, 0x4000, 0x1000)], 0x8000).unwrap();
         assert_eq!(t.translate(0x12345).map(|(_, p, o)| (p, o)), Some((0x12000, 0x3000)));
         assert!(t.translate(0x14000).is_none());

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::client::{AddressMap, Client, ClientId, Registry};
+use crate::client::{AddressMap, Client, ClientId, Registry, RepeatGuard};
 use crate::error::{Error, Result};
 use crate::fault::pending::{Pending, Waiter};
 use crate::fault::wake::WakeQueue;
@@ -16,7 +16,8 @@ use crate::source::{is_zero, FileSource, PageRequest, PageSink, PageSource, Urge
 use crate::stats::BrokerStats;
 use crate::uffd::{Fill, Message, Uffd};
 
-/// Consecutive faults on one present page after which a client is considered broken.
+/// Faults in a row on present pages it was just woken for, after which a client is considered
+/// broken (see [`RepeatGuard`]).
 const REPEAT_LIMIT: u32 = 10_000;
 
 /// Largest run asked of a source in one request.
@@ -51,6 +52,8 @@ pub struct Core {
     pub(crate) failed: Vec<ClientId>,
     /// Background cursor: (block, page index).
     bg_cursor: (BlockId, u64),
+    /// Faults of the broker's own mapping on present pages.
+    broker_repeat: RepeatGuard,
 }
 
 impl Core {
@@ -82,6 +85,7 @@ impl Core {
             born: Vec::new(),
             failed: Vec::new(),
             bg_cursor: (0, 0),
+            broker_repeat: RepeatGuard::default(),
         })
     }
 
@@ -170,30 +174,27 @@ impl Core {
         let idx = page_off / ps;
         let received = b.is_received(page_off);
         let marked = self.zero_marked > 0 && self.zero_marks[block].test(idx as usize);
-        let c = self.clients.get_mut(client);
-        if let Some(c) = c {
+        if let Some(c) = self.clients.get_mut(client) {
             c.stats.faults += 1;
         }
-        if received && (!marked || b.is_resident(page_off)) {
-            // The page landed before we read the fault: the kernel cannot see a placement made
-            // through another mapping, so wake now.
-            if let Some(c) = self.clients.get_mut(client) {
-                c.stats.already_there += 1;
-                c.stats.latency.record(now.elapsed().as_nanos() as u64);
-                if c.repeat_fault(page_addr) > REPEAT_LIMIT {
-                    // Its mapping is not the shared block (private or another file): waking it
-                    // only makes it fault again. Stop serving it rather than spin.
-                    log::error!(
-                        "client {} '{}' faults again and again at {page_addr:#x} although the page is present: its mapping is not the shared RAM block; dropping it",
-                        client.0,
-                        c.name
-                    );
-                    self.failed.push(client);
-                    return;
-                }
+        if received {
+            if b.is_resident(page_off) {
+                // The page landed before we read the fault: the kernel cannot see a placement
+                // made through another mapping, so wake now.
+                self.woken_at_once(client, page_addr, ps, now);
+                return;
             }
-            self.wakes.push(client, page_addr, ps);
+            // Received but absent: a hole was punched under it (a client's MADV_REMOVE, a
+            // fallocate by a peer), which reads as zeros. Waking would only make the thread
+            // fault here again.
+            if marked && self.zero_marks[block].clear(idx as usize) {
+                self.zero_marked = self.zero_marked.saturating_sub(1);
+            }
+            self.refill_hole(client, block, page_off, page_addr, ps, now, marked);
             return;
+        }
+        if let Some(c) = self.clients.get_mut(client) {
+            c.repeat.progress();
         }
         let first = self.pending.join(block, idx, Waiter { client, addr: page_addr, since: now });
         if let Some(c) = self.clients.get_mut(client) {
@@ -215,13 +216,81 @@ impl Core {
         }
     }
 
-    fn place_zero_marked(&mut self, block: BlockId, off: u64, ps: u64) -> Result<()> {
-        let b = self.blocks.get(block).ok_or_else(|| Error::UnknownBlock(format!("#{block}")))?;
-        let idx = (off / ps) as usize;
-        if b.is_received(off) {
-            // Received earlier, then punched out by the client: clear the bit so placement works.
-            b.received().clear(idx);
+    /// A fault on a page that is present: wake the client now, unless it keeps faulting on
+    /// present pages (see [`crate::client::RepeatGuard`]), which waking cannot help.
+    fn woken_at_once(&mut self, client: ClientId, page_addr: u64, ps: u64, now: Instant) {
+        let repeats = match self.clients.get_mut(client) {
+            Some(c) => {
+                c.stats.already_there += 1;
+                c.stats.latency.record(now.elapsed().as_nanos() as u64);
+                c.repeat.present(page_addr)
+            }
+            None if client == ClientId::BROKER => self.broker_repeat.present(page_addr),
+            None => return,
+        };
+        if repeats > REPEAT_LIMIT {
+            if client == ClientId::BROKER {
+                // Our own mapping is the shared block: a present page cannot fault there. Say so
+                // once per run of repeats instead of spinning silently.
+                if repeats == REPEAT_LIMIT + 1 {
+                    log::error!("the broker's own mapping faults again and again at {page_addr:#x} although the page is present");
+                }
+            } else if let Some(c) = self.clients.get(client) {
+                // Its mapping is not the shared RAM block (private or another file): waking it
+                // only makes it fault again. Stop serving it rather than spin.
+                log::error!(
+                    "client {} '{}' faulted {repeats} times in a row on pages that are present (last at {page_addr:#x}): its mapping is not the shared RAM block; dropping it",
+                    client.0,
+                    c.name
+                );
+                self.failed.push(client);
+                return;
+            }
         }
+        self.wakes.push(client, page_addr, ps);
+    }
+
+    /// Place zeros into a received page whose backing is a hole, then wake the client.
+    /// `removed`: a client said it removed the page (REMOVE event), so the hole is expected.
+    #[allow(clippy::too_many_arguments)]
+    fn refill_hole(
+        &mut self,
+        client: ClientId,
+        block: BlockId,
+        page_off: u64,
+        page_addr: u64,
+        ps: u64,
+        now: Instant,
+        removed: bool,
+    ) {
+        match self.placer.refill_zero(&self.blocks, block, page_off) {
+            Ok(crate::Placed::AlreadyPresent) => self.woken_at_once(client, page_addr, ps, now),
+            Ok(_) => {
+                self.stats.holes_refilled += 1;
+                let name = self.blocks.get(block).map_or("?", |b| b.name());
+                if removed {
+                    log::debug!("block '{name}' offset {page_off:#x}: removed page faults in as zero");
+                } else {
+                    log::warn!(
+                        "block '{name}' offset {page_off:#x}: a received page was a hole (punched behind the broker); placed zeros there (hole #{})",
+                        self.stats.holes_refilled
+                    );
+                }
+                if let Some(c) = self.clients.get_mut(client) {
+                    c.repeat.progress();
+                    c.stats.holes_refilled += 1;
+                    c.stats.latency.record(now.elapsed().as_nanos() as u64);
+                }
+                self.wakes.push(client, page_addr, ps);
+            }
+            Err(e) => {
+                log::error!("refilling a received page that was a hole failed: {e}; the client stays blocked")
+            }
+        }
+    }
+
+    fn place_zero_marked(&mut self, block: BlockId, off: u64, ps: u64) -> Result<()> {
+        let idx = (off / ps) as usize;
         if self.zero_marks[block].clear(idx) {
             self.zero_marked = self.zero_marked.saturating_sub(1);
         }
@@ -241,28 +310,36 @@ impl Core {
         match &mut c.map {
             AddressMap::Private(t) => t.remove(start, end),
             AddressMap::Shared(t) => {
-                let t = t.clone();
-                let mut a = start;
-                while a < end {
-                    let Some((block, off)) = t.translate(a) else {
-                        a += 4096;
-                        continue;
-                    };
-                    let Some(b) = self.blocks.get(block) else { break };
+                for e in t.overlapping(start, end) {
+                    let Some(b) = self.blocks.get(e.block) else { continue };
                     let ps = b.page_size();
-                    let idx = (off / ps) as usize;
-                    if !self.zero_marks[block].set(idx) {
-                        self.zero_marked += 1;
-                    }
-                    a = (a - off % ps) + ps;
+                    let (s, en) = (e.client_addr.max(start), (e.client_addr + e.len).min(end));
+                    let off = e.block_offset + (s - e.client_addr);
+                    let first = (off / ps) as usize;
+                    let n = ((off + (en - s)).div_ceil(ps) as usize).saturating_sub(first);
+                    let marks = &self.zero_marks[e.block];
+                    let before = marks.count_range(first, n);
+                    marks.set_range(first, n);
+                    self.zero_marked += n - before;
                 }
             }
         }
     }
 
     fn adopt_fork(&mut self, parent: ClientId, child_fd: std::os::fd::RawFd) {
-        // SAFETY: the kernel installed `child_fd` in this process while delivering the FORK event;
-        // nothing else owns it.
+        // The message is the kernel's only if the parent's fd is a real userfaultfd (checked at
+        // registration); check the fd anyway before owning it: a forged number could name one
+        // of the broker's own fds, which must then be neither adopted nor closed.
+        if let Err(what) = crate::uffd::check_userfaultfd(child_fd) {
+            log::error!(
+                "client {}: a FORK event names fd {child_fd}, which is not a new userfaultfd ({what}); serving this client no more",
+                parent.0
+            );
+            self.failed.push(parent);
+            return;
+        }
+        // SAFETY: the kernel installed `child_fd` in this process while delivering the FORK event
+        // (it is a userfaultfd, checked above); nothing else owns it.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(child_fd) };
         let Some(p) = self.clients.get_mut(parent) else { return };
         p.stats.events += 1;
@@ -277,7 +354,7 @@ impl Core {
             pidfd: None,
             map,
             stats: Default::default(),
-            repeat: (0, 0),
+            repeat: Default::default(),
         });
         self.stats.clients_registered += 1;
         self.born.push(id);

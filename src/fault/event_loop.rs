@@ -143,9 +143,13 @@ impl Loop {
     }
 
     pub(crate) fn register(&mut self, reg: Registration) -> Result<ClientId> {
+        crate::uffd::check_userfaultfd(reg.uffd.as_raw_fd())
+            .map_err(|what| Error::NotAUserfaultfd { client: reg.name.clone(), what })?;
         let map = match reg.map {
             RegistrationMap::Shared(entries) => {
-                AddressMap::Shared(MappingTable::new(&self.core.blocks, entries)?)
+                let table = MappingTable::new(&self.core.blocks, entries)?;
+                self.core.check_unplaced(&reg.name, &table)?;
+                AddressMap::Shared(table)
             }
             RegistrationMap::Private(regions) => {
                 let len = self
@@ -184,7 +188,7 @@ impl Loop {
             pidfd,
             map,
             stats: Default::default(),
-            repeat: (0, 0),
+            repeat: Default::default(),
         });
         self.core.stats.clients_registered += 1;
         Ok(id)

@@ -9,6 +9,7 @@ mod control;
 mod core;
 mod event_loop;
 mod pending;
+mod unplaced;
 mod wake;
 
 pub use self::core::MAX_RUN;

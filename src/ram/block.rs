@@ -104,6 +104,11 @@ impl RamBlock {
         }
         let len = usize::try_from(size).map_err(|_| Error::Invalid(format!("block '{name}' too large")))?;
         let map = match &fd {
+            // A hugetlbfs block reserves its whole pool share now, so placement never finds the
+            // pool empty (see `hugepool`); small pages are allocated as they are placed.
+            Some(fd) if page_size > SMALL_PAGE => {
+                Mapping::shared_reserved(fd.as_fd(), len).map_err(|e| pool_error(name, size, page_size, e))?
+            }
             Some(fd) => Mapping::shared(fd.as_fd(), len)?,
             None => Mapping::private(len)?,
         };
@@ -193,6 +198,12 @@ impl RamBlock {
             return Err(Error::Invalid(format!(
                 "the fd of RAM block '{name}' holds {len} bytes, less than the block size {size}; pass the size it was created with, or grow it first"
             )));
+        }
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if seals(fd.as_fd()) & want != want && add_seals(fd.as_fd(), want).is_err() {
+            log::warn!(
+                "the fd of RAM block '{name}' cannot be sealed against resizing (create it with MFD_ALLOW_SEALING): a process that truncates it makes the others' accesses fail with SIGBUS"
+            );
         }
         Self::build(name, Backing::Fd, Some(fd), size, page_size)
     }
@@ -333,6 +344,12 @@ impl RamBlock {
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.received.clear_range(self.page_index(offset), self.page_index(len));
+        self.punch(offset, len)
+    }
+
+    /// Drop the pages of `[offset, offset+len)` from the backing (every mapper faults on them
+    /// again) without touching the received bits; hugetlbfs blocks take their reservation again.
+    pub(crate) fn punch(&self, offset: u64, len: u64) -> Result<()> {
         let what = || format!("discard of block '{}' offset {offset:#x} len {len:#x}", self.name);
         match &self.fd {
             Some(fd) => {
@@ -344,8 +361,110 @@ impl RamBlock {
                     l,
                 )
                 .ctx(what)?;
+                self.reserve_again(offset, len)?;
             }
             None => self.advise(offset, len, MmapAdvise::MADV_DONTNEED).ctx(what)?,
+        }
+        Ok(())
+    }
+
+    /// A hole punched into a hugetlbfs file gives up the range's pool reservation with its
+    /// pages; mapping the range once more without MAP_NORESERVE takes it again (reservations
+    /// belong to the file and outlive the mapping), so placement there cannot meet an empty pool.
+    fn reserve_again(&self, offset: u64, len: u64) -> Result<()> {
+        let Some(fd) = self.fd.as_ref().filter(|_| self.is_hugetlb()) else { return Ok(()) };
+        let (o, l) = (to_off(offset)?, to_usize(len)?);
+        let Some(n) = std::num::NonZeroUsize::new(l) else { return Ok(()) };
+        // SAFETY: a fresh mapping chosen by the kernel aliases no Rust object; it is unmapped
+        // right away and nothing reads or writes it.
+        let p = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                n,
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                fd.as_fd(),
+                o,
+            )
+        }
+        .map_err(|e| {
+            pool_error(
+                &self.name,
+                len,
+                self.page_size,
+                Error::io("reserve huge pages", std::io::Error::from(e)),
+            )
+        })?;
+        // SAFETY: p and l describe exactly the mapping made above.
+        if let Err(e) = unsafe { nix::sys::mman::munmap(p, l) } {
+            log::warn!("munmap of a reservation mapping failed: {e}");
+        }
+        Ok(())
+    }
+
+    /// The next range of `[from, end)` that holds data in the backing file (SEEK_DATA, then
+    /// SEEK_HOLE), or None. None as well where holes cannot be seen (hugetlbfs reports every
+    /// offset as data, private memory has no file): see [`RamBlock::holes_visible`].
+    pub(crate) fn next_data(&self, from: u64, end: u64) -> Result<Option<(u64, u64)>> {
+        let Some(fd) = self.fd.as_ref().filter(|_| self.holes_visible()) else { return Ok(None) };
+        let seek = |pos: u64, whence| -> Result<Option<u64>> {
+            // SAFETY: lseek on an fd this block owns; it moves only the file offset, which
+            // nothing else uses (all access is through mappings).
+            let r = unsafe { libc::lseek(fd.as_raw_fd(), to_off(pos)?, whence) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::ENXIO) => Ok(None),
+                    _ => Err(Error::io(format!("seek the data of block '{}'", self.name), e)),
+                };
+            }
+            Ok(Some(u64::try_from(r).unwrap_or(u64::MAX)))
+        };
+        let Some(data) = seek(from, libc::SEEK_DATA)?.filter(|&d| d < end) else { return Ok(None) };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        Ok(Some((data, hole)))
+    }
+
+    /// Whether SEEK_DATA/SEEK_HOLE tell holes from data in this block's backing (memfd and tmpfs
+    /// files; not hugetlbfs).
+    pub fn holes_visible(&self) -> bool {
+        self.fd.is_some() && !self.is_hugetlb()
+    }
+
+    /// Pages allocated in the backing file (st_blocks), whoever allocated them; 0 for private
+    /// memory. Exact on tmpfs and hugetlbfs, also for pages allocated by fallocate.
+    pub fn allocated_pages(&self) -> Result<u64> {
+        let Some(fd) = &self.fd else { return Ok(0) };
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).ctx(|| format!("fstat block '{}'", self.name))?;
+        let bytes = u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512);
+        Ok(bytes / self.page_size)
+    }
+
+    /// Make `[offset, offset+len)` present zero pages through the placement mapping
+    /// (MADV_POPULATE_WRITE), so that "received" always means "present": a received page that is
+    /// a hole makes every registered process fault on it, and the fault finds it received. Only
+    /// before the block is registered with a userfaultfd (precopy), since the population faults
+    /// like any access.
+    pub(crate) fn populate_zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        // MADV_POPULATE_WRITE (Linux 5.14) allocates and maps zeroed pages without writing them
+        // from user space; nix does not name it.
+        let (o, l) = (to_usize(offset)?, to_usize(len)?);
+        // SAFETY: the range lies inside this block's own live mapping (checked above); no Rust
+        // reference points into it.
+        let r = unsafe { libc::madvise(self.map.as_ptr().add(o).cast(), l, libc::MADV_POPULATE_WRITE) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOMEM) if self.is_hugetlb() => Error::HugePagePool {
+                    block: self.name.clone(),
+                    why: super::hugepool::shortfall(self.page_size, len / self.page_size),
+                },
+                _ => Error::io(
+                    format!("populate zero pages of block '{}' at {offset:#x}+{len:#x}", self.name),
+                    e,
+                ),
+            });
         }
         Ok(())
     }
@@ -406,14 +525,51 @@ fn shared_page_size(fd: BorrowedFd<'_>) -> nix::Result<Option<u64>> {
     })
 }
 
+fn to_usize(v: u64) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Error::Invalid(format!("offset {v} too large")))
+}
+
 fn to_off(v: u64) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::Invalid(format!("offset {v} too large")))
 }
 
+/// A new memfd of `size` bytes, sealed against resizing before anybody else can see it: a peer
+/// that shrank it would make every other mapper's access past the new end a SIGBUS, and one that
+/// grew it could make the broker's bitmaps disagree with the file. F_SEAL_SEAL keeps peers from
+/// adding seals of their own (a write seal would stop placement).
 fn new_memfd(name: &str, flags: MemFdCreateFlag, size: u64) -> Result<OwnedFd> {
     let cname =
         CString::new(name).map_err(|_| Error::Invalid(format!("block name '{name}' contains a NUL byte")))?;
-    let fd = memfd_create(&cname, flags).ctx(|| format!("memfd_create for block '{name}'"))?;
+    let fd = memfd_create(&cname, flags | MemFdCreateFlag::MFD_ALLOW_SEALING)
+        .ctx(|| format!("memfd_create for block '{name}'"))?;
     nix::unistd::ftruncate(&fd, to_off(size)?).ctx(|| format!("size block '{name}' to {size} bytes"))?;
+    add_seals(fd.as_fd(), libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL)
+        .ctx(|| format!("seal the memfd of block '{name}' against resizing"))?;
     Ok(fd)
+}
+
+/// The seals of a memfd (0 for files that cannot be sealed).
+pub(crate) fn seals(fd: BorrowedFd<'_>) -> i32 {
+    // SAFETY: F_GET_SEALS takes no argument and only reads the file's seal set.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    r.max(0)
+}
+
+fn add_seals(fd: BorrowedFd<'_>, seals: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: F_ADD_SEALS takes an integer seal mask and changes only the file's seal set.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The error of a hugetlbfs block whose pages the pool cannot promise.
+fn pool_error(name: &str, size: u64, page_size: u64, e: Error) -> Error {
+    match e {
+        Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOMEM) => Error::HugePagePool {
+            block: name.to_string(),
+            why: super::hugepool::shortfall(page_size, size / page_size),
+        },
+        other => other,
+    }
 }

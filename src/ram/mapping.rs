@@ -21,22 +21,25 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Map `len` bytes of `fd` at offset 0, shared, read-write.
+    /// Map `len` bytes of `fd` at offset 0, shared, read-write, reserving nothing (the pages of
+    /// small-page shared memory are allocated as they are placed).
     pub fn shared(fd: BorrowedFd<'_>, len: usize) -> Result<Mapping> {
+        Self::shared_with(fd, len, MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE)
+    }
+
+    /// Map `len` bytes of a hugetlbfs `fd` shared, read-write, reserving every huge page of the
+    /// range in the pool now (the reservation belongs to the file and outlives this mapping), so
+    /// that placement never meets an empty pool. Fails with ENOMEM if the pool is too small.
+    pub fn shared_reserved(fd: BorrowedFd<'_>, len: usize) -> Result<Mapping> {
+        Self::shared_with(fd, len, MapFlags::MAP_SHARED)
+    }
+
+    fn shared_with(fd: BorrowedFd<'_>, len: usize, flags: MapFlags) -> Result<Mapping> {
         let n = std::num::NonZeroUsize::new(len)
             .ok_or_else(|| crate::Error::Invalid("cannot map 0 bytes".into()))?;
         // SAFETY: a fresh mapping chosen by the kernel aliases no Rust object.
-        let p = unsafe {
-            mmap(
-                None,
-                n,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
-                fd.as_fd(),
-                0,
-            )
-        }
-        .ctx(|| format!("mmap of {len} shared bytes"))?;
+        let p = unsafe { mmap(None, n, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, flags, fd.as_fd(), 0) }
+            .ctx(|| format!("mmap of {len} shared bytes"))?;
         Ok(Mapping { ptr: p.cast(), len })
     }
 

@@ -3,10 +3,13 @@
 
 mod bitmap;
 mod block;
+mod foreign;
+mod hugepool;
 mod mapping;
 
 pub use bitmap::AtomicBitmap;
 pub use block::{Backing, RamBlock, HUGE_1G, HUGE_2M, SMALL_PAGE};
+pub use hugepool::{pool as huge_pool, pools as huge_pools, HugePool};
 pub use mapping::Mapping;
 
 use crate::error::{Error, Result};

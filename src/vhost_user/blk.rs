@@ -7,14 +7,12 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::vhost_user::frontend::BackendConn;
 use crate::vhost_user::guest::GuestRam;
-use crate::vhost_user::virtq::{Buf, SplitQueue};
+use crate::vhost_user::virtq::{Buf, SplitQueue, VIRTIO_F_VERSION_1};
 
 /// Bytes per virtio-blk sector.
 pub const SECTOR_SIZE: u64 = 512;
 /// Bytes of a GET_ID answer.
 pub const ID_BYTES: u32 = 20;
-/// VIRTIO_F_VERSION_1.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// VIRTIO_BLK_F_SEG_MAX: `seg_max` in config is valid.
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 /// VIRTIO_BLK_F_BLK_SIZE: `blk_size` in config is valid.

@@ -13,10 +13,10 @@ use crate::error::{Error, Result};
 use crate::fault::BrokerHandle;
 use crate::notify::Notifiers;
 use crate::ram::RamBlocks;
-use crate::vhost_user::blk::VIRTIO_F_VERSION_1;
 use crate::vhost_user::frontend::{BackendConn, MemRegion, Negotiation};
 use crate::vhost_user::notifier::{add_end_notifier, add_probe_notifier};
 use crate::vhost_user::register::{block_names_by_fd, handshake_and_register, BrokerLink};
+use crate::vhost_user::virtq::VIRTIO_F_VERSION_1;
 
 /// One backend the daemon drives.
 #[derive(Debug)]

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::migration::verify::checksum;
 use crate::ram::RamBlock;
+use crate::vhost_user::blk::{fnv1a64, FNV_OFFSET};
 use crate::vhost_user::frontend::MemRegion;
 
 /// One RAM block at a guest physical address.
@@ -13,6 +15,17 @@ use crate::vhost_user::frontend::MemRegion;
 struct Slot {
     gpa: u64,
     block: Arc<RamBlock>,
+}
+
+/// The checksums of one RAM block's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockSums {
+    /// The block's name.
+    pub name: String,
+    /// FNV-1a 64 (as `serve --checksums` writes it).
+    pub fnv: u64,
+    /// The migration checksum (as `--verify-file` writes it).
+    pub checksum: u64,
 }
 
 /// Guest RAM made of fd-backed RAM blocks, each placed at a guest physical address.
@@ -87,6 +100,31 @@ impl GuestRam {
             )));
         }
         Ok(slot.block.host_addr() + off)
+    }
+
+    /// Read every page of each block placed below guest address `limit` through this mapping
+    /// (missing pages fault and are served) and return the blocks' checksums.
+    pub fn read_all_sums(&self, limit: u64) -> Result<Vec<BlockSums>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for s in self.slots.iter().filter(|s| s.gpa < limit) {
+            let size = s.block.size();
+            let mut fnv = FNV_OFFSET;
+            let mut off = 0;
+            while off < size {
+                let n = (size - off).min(buf.len() as u64) as usize;
+                self.read(s.gpa + off, &mut buf[..n])?;
+                fnv = fnv1a64(fnv, &buf[..n]);
+                off += n as u64;
+            }
+            // SAFETY: every page has been read once, so the whole block can be looked at as one
+            // slice; the mapping is live for as long as `self` holds the Arc, `size` bytes long,
+            // and only read here. A device may write it concurrently, which is as racy as any
+            // guest memory and cannot break a byte slice read.
+            let all = unsafe { std::slice::from_raw_parts(s.block.host_ptr(), size as usize) };
+            out.push(BlockSums { name: s.block.name().to_string(), fnv, checksum: checksum(all) });
+        }
+        Ok(out)
     }
 
     /// Copy `data` into guest RAM at `gpa`.

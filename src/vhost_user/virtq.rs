@@ -12,6 +12,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::vhost_user::frontend::VringSetup;
 use crate::vhost_user::guest::GuestRam;
 
+/// VIRTIO_F_VERSION_1: the virtio 1.x device interface (every device this module drives).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Descriptor continues in `next`.
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 /// Buffer is write-only for the device.

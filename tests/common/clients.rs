@@ -145,6 +145,23 @@ impl Peer {
         self.stdin.flush().unwrap();
     }
 
+    /// [`Peer::finish`], killing the client after `secs` so that one that would fault forever
+    /// fails the test instead of hanging it.
+    pub fn finish_within(&mut self, secs: u64) -> Vec<Value> {
+        let pid = self.pid();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let guard = std::thread::spawn(move || {
+            if rx.recv_timeout(std::time::Duration::from_secs(secs)).is_err() {
+                // SAFETY: kill(2) with a pid and a signal number.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        });
+        let lines = self.finish();
+        let _ = tx.send(());
+        let _ = guard.join();
+        lines
+    }
+
     /// Read lines until the parent's done line; returns every line.
     pub fn finish(&mut self) -> Vec<Value> {
         let mut lines = Vec::new();

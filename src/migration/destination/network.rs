@@ -175,7 +175,18 @@ pub struct NetworkSource {
     resumable: bool,
     /// Demand requests not known to be answered: (block id, offset, len).
     outstanding: Vec<(BlockId, u64, u64)>,
+    /// Connections installed after a pause.
+    resumes_installed: u64,
+    /// Received pages when the current connections were installed.
+    received_at_install: u64,
+    /// The last error that dropped the connections.
+    last_loss: Option<String>,
+    /// Resumes in a row that failed again with the same error before any page arrived.
+    stalled_resumes: u32,
 }
+
+/// Resumes in a row that fail the same way, with nothing placed in between, before giving up.
+const MAX_STALLED_RESUMES: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Ctx {
@@ -235,6 +246,10 @@ impl NetworkSource {
             closed: false,
             resumable: false,
             outstanding: Vec::new(),
+            resumes_installed: 0,
+            received_at_install: 0,
+            last_loss: None,
+            stalled_resumes: 0,
         };
         s.install(conns)?;
         Ok(s)
@@ -302,9 +317,18 @@ impl NetworkSource {
         );
     }
 
-    /// Drop the connections after an error: pause (resumable) or close.
+    /// Drop the connections after an error: pause (resumable) or close. A local failure
+    /// (placement) closes even when resumable: a new connection would meet it again. So does a
+    /// resume that fails again, with the same error, before a single page arrived over it.
     fn lose(&mut self, e: Error) -> SourceState {
         let text = e.to_string();
+        let received = self.ctx.blocks.received_pages();
+        let again = self.resumes_installed > 0
+            && received == self.received_at_install
+            && self.last_loss.as_deref() == Some(text.as_str());
+        self.stalled_resumes = if again { self.stalled_resumes + 1 } else { 0 };
+        self.last_loss = Some(text.clone());
+        let fatal = matches!(e, Error::Placement(_)) || self.stalled_resumes >= MAX_STALLED_RESUMES;
         self.send_error(&text);
         if let Some(mut st) = self.stream.take() {
             st.stop(Shutdown::Both);
@@ -315,10 +339,15 @@ impl NetworkSource {
         }
         self.outbox.clear();
         self.want_out = false;
-        if self.resumable {
+        if self.resumable && !fatal {
             self.ctx.net.pause(text);
             SourceState::Open
         } else {
+            let text = if self.stalled_resumes >= MAX_STALLED_RESUMES {
+                format!("{text} (the same failure after {} resumes in a row with no page placed in between: resuming again cannot help)", self.stalled_resumes)
+            } else {
+                text
+            };
             self.ctx.net.fail(text);
             self.closed = true;
             SourceState::Closed
@@ -490,12 +519,14 @@ impl Ctx {
         let mut handed = 0;
         for (p, k) in b.received().runs(start, end, false) {
             let (i, k) = ((p - start) as u64, k as u64);
-            match data {
+            let placed = match data {
                 Some(d) => {
-                    sink.page(id, offset + i * ps, &d[(i * ps) as usize..((i + k) * ps) as usize], urgency)?
+                    sink.page(id, offset + i * ps, &d[(i * ps) as usize..((i + k) * ps) as usize], urgency)
                 }
-                None => sink.zero(id, offset + i * ps, k * ps, urgency)?,
-            }
+                None => sink.zero(id, offset + i * ps, k * ps, urgency),
+            };
+            // A failure here is this host's (the ioctl, memory), not the connection's.
+            placed.map_err(|e| Error::Placement(Box::new(e)))?;
             handed += k;
         }
         n.duplicate_pages.fetch_add(pages - handed, Ordering::Relaxed);
@@ -543,6 +574,8 @@ impl PageSource for NetworkSource {
             if let Err(e) = self.install(c) {
                 return Ok(self.lose(e));
             }
+            self.resumes_installed += 1;
+            self.received_at_install = self.ctx.blocks.received_pages();
             let n = self.ctx.net.requests.load(Ordering::Relaxed) - before;
             self.ctx.net.reissued.fetch_add(n, Ordering::Relaxed);
             self.ctx.net.unpause();

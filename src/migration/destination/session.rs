@@ -369,34 +369,16 @@ impl Destination {
             Frame::Advise => self.incoming.advise()?,
             Frame::Page { block, offset, data, .. } if advised => {
                 let id = self.id(block)?;
-                let b =
-                    self.incoming.blocks().get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
-                // Not registered with userfaultfd yet: write directly, then mark received.
-                // SAFETY: the decoder checked that [offset, offset + len) lies inside the block,
-                // whose placement mapping is live; no Rust reference points into it.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        data.as_ptr(),
-                        b.host_ptr().add(offset as usize),
-                        data.len(),
-                    )
-                };
-                let ps = b.page_size();
-                b.received().set_range((offset / ps) as usize, data.len() / ps as usize);
+                self.incoming.precopy_page(id, offset, data)?;
+                let ps = self.incoming.blocks().get(id).map_or(SMALL_PAGE, |b| b.page_size());
                 self.precopy_pages += data.len() as u64 / ps;
                 self.precopy_bytes += data.len() as u64;
             }
             Frame::ZeroRun { block, offset, len, .. } if advised => {
                 let id = self.id(block)?;
-                let b =
-                    self.incoming.blocks().get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
-                let ps = b.page_size();
-                let (first, n) = ((offset / ps) as usize, (len / ps) as usize);
-                if b.received().count_range(first, n) > 0 {
-                    b.discard(offset, len)?; // holes read as zero
-                }
-                b.received().set_range(first, n);
-                self.precopy_pages += n as u64;
+                self.incoming.precopy_zero(id, offset, len)?;
+                let ps = self.incoming.blocks().get(id).map_or(SMALL_PAGE, |b| b.page_size());
+                self.precopy_pages += len / ps;
             }
             Frame::Discard { block, ranges } if advised => {
                 let id = self.id(block)?;

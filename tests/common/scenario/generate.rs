@@ -205,7 +205,8 @@ fn draw_pcb(r: &mut Rng, s: &Scenario, pages: &mut Pages, zero: &[Vec<u64>]) -> 
             }),
         }
     }
-    PcbPlan { block, maps, populate: r.chance(8), postcopy, after: Vec::new(), finisher: false }
+    let prefault = r.chance(8).then(|| r.pick(&[Prefault::Mlock, Prefault::Populate, Prefault::Touch]));
+    PcbPlan { block, maps, prefault, postcopy, after: Vec::new(), finisher: false }
 }
 
 fn draw_private(r: &mut Rng, s: &Scenario) -> PrivatePlan {
@@ -318,7 +319,7 @@ pub fn draw(seed: u64, zero_pages: impl Fn(u64, &[BlockPlan]) -> ZeroPages) -> S
             s.clients.push(ClientPlan::Pcb(PcbPlan {
                 block: i,
                 maps: 1,
-                populate: false,
+                prefault: None,
                 postcopy: vec![Op::Touch { pages: (0..b.pages()).collect(), all: false }],
                 after: Vec::new(),
                 finisher: true,

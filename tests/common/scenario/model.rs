@@ -28,6 +28,17 @@ impl Mutation {
     }
 }
 
+/// What became of a client's changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// It ran its script to the end.
+    Done,
+    /// It never ran it (refused at registration).
+    Never,
+    /// It was killed, or ended after the moment in question: some changes may be missing.
+    Maybe,
+}
+
 /// One block: the source's bytes before and after the dirty updates.
 #[derive(Debug)]
 pub struct BlockModel {
@@ -123,14 +134,14 @@ impl Model {
         }
     }
 
-    /// What page `p` of block `b` may hold at the end: the mutated page if its client surely did
-    /// it (`done(client)`), either value if the client may have died before.
-    pub fn final_page(&self, b: usize, p: u64, done: impl Fn(usize) -> bool) -> Vec<Vec<u8>> {
+    /// What page `p` of block `b` may hold at the end, given what became of its client's
+    /// changes (`fate(client)`).
+    pub fn final_page(&self, b: usize, p: u64, fate: impl Fn(usize) -> Fate) -> Vec<Vec<u8>> {
         let base = self.blocks[b].page(p);
-        match self.mutation(b, p) {
-            None => vec![base.to_vec()],
-            Some((c, m)) if done(c) => vec![m.apply(base)],
-            Some((_, m)) => vec![base.to_vec(), m.apply(base)],
+        match self.mutation(b, p).map(|(c, m)| (fate(c), m)) {
+            None | Some((Fate::Never, _)) => vec![base.to_vec()],
+            Some((Fate::Done, m)) => vec![m.apply(base)],
+            Some((Fate::Maybe, m)) => vec![base.to_vec(), m.apply(base)],
         }
     }
 }

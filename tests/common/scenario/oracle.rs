@@ -10,7 +10,7 @@ use postcopy_broker::ram::RamBlock;
 
 use super::content::fnv;
 use super::launch::Held;
-use super::model::Model;
+use super::model::{Fate, Model};
 
 /// What a wrong page holds, in words.
 fn what(got: &[u8], model: &Model, b: usize, p: u64, want: &[Vec<u8>]) -> String {
@@ -32,7 +32,7 @@ fn what(got: &[u8], model: &Model, b: usize, p: u64, want: &[Vec<u8>]) -> String
 }
 
 /// Compare every page; returns the number of pages checked.
-pub fn check_ram(held: &[Held], model: &Model, done: impl Fn(usize) -> bool, errs: &mut Vec<String>) -> u64 {
+pub fn check_ram(held: &[Held], model: &Model, fate: impl Fn(usize) -> Fate, errs: &mut Vec<String>) -> u64 {
     let mut checked = 0;
     for (b, h) in held.iter().enumerate() {
         let bm = &model.blocks[b];
@@ -51,7 +51,7 @@ pub fn check_ram(held: &[Held], model: &Model, done: impl Fn(usize) -> bool, err
         let ps = h.page_size as usize;
         let mut wrong = Vec::new();
         for (p, page) in got.chunks(ps).enumerate() {
-            let want = model.final_page(b, p as u64, &done);
+            let want = model.final_page(b, p as u64, &fate);
             if !want.iter().any(|w| w[..] == *page) {
                 wrong.push(format!(
                     "page {p} (offset {:#x}): {}",
@@ -75,13 +75,15 @@ pub fn check_ram(held: &[Held], model: &Model, done: impl Fn(usize) -> bool, err
     checked
 }
 
-/// The final RAM the model expects, when no page is left to chance (no client was killed with
-/// changes of its own).
-pub fn exact_final(model: &Model, done: impl Fn(usize) -> bool) -> Option<Vec<Vec<u8>>> {
+/// The final RAM the model expects, when no page is left to chance (no client that may have
+/// stopped halfway changes pages).
+pub fn exact_final(model: &Model, fate: impl Fn(usize) -> Fate) -> Option<Vec<Vec<u8>>> {
     let mut out: Vec<Vec<u8>> = model.blocks.iter().map(|b| b.last.clone()).collect();
     for (b, p, c, m) in model.mutations() {
-        if !done(c) {
-            return None;
+        match fate(c) {
+            Fate::Done => {}
+            Fate::Never => continue,
+            Fate::Maybe => return None,
         }
         let ps = model.blocks[b].page_size as usize;
         let page = m.apply(model.blocks[b].page(p));

@@ -73,8 +73,8 @@ pub fn shared_command(s: &Scenario, p: &PcbPlan, ctl: &Path) -> Command {
         "--script",
         &script(&p.postcopy, &p.after, false),
     ]);
-    if p.populate {
-        c.arg("--populate");
+    if let Some(m) = p.prefault {
+        c.args(["--prefault", m.arg()]);
     }
     c
 }
@@ -86,6 +86,9 @@ pub fn private_command(p: &PrivatePlan, ctl: &Path) -> Command {
     c.args(["--features", &features(&p.postcopy), "--script", &script(&p.postcopy, &[], true)]);
     c
 }
+
+/// What the broker says when it refuses a client that prefaulted shared RAM.
+pub const REFUSED_PREFAULT: &str = "were populated before its userfaultfd could catch them";
 
 /// Lines a shared client prints before it waits for the release: ready, then one per step.
 pub fn lines_before_wait(p: &PcbPlan) -> usize {

@@ -100,13 +100,32 @@ pub enum Op {
     Fork,
 }
 
+/// How a client populates its mapping before it registers (pcb-client `--prefault`), as a
+/// backend that locks or prefaults guest RAM does. The broker must refuse it when that put pages
+/// it never placed into shared RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefault {
+    Mlock,
+    Populate,
+    Touch,
+}
+
+impl Prefault {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Prefault::Mlock => "mlock",
+            Prefault::Populate => "populate",
+            Prefault::Touch => "touch",
+        }
+    }
+}
+
 /// A pcb-client registered over the control socket, mapping one shared block.
 #[derive(Debug, Clone)]
 pub struct PcbPlan {
     pub block: usize,
     pub maps: usize,
-    /// Populate the mapping before registering (MAP_POPULATE).
-    pub populate: bool,
+    pub prefault: Option<Prefault>,
     /// Steps during postcopy, from registration on.
     pub postcopy: Vec<Op>,
     /// Steps after the migration completed (the broker has exited); reads only.
@@ -205,8 +224,7 @@ impl Scenario {
         self.blocks.iter().map(|b| b.size).sum()
     }
 
-    /// Whether any client populates, removes or forks (the counters' exact identities then
-    /// allow for it).
+    /// Whether any client's steps include one `f` matches.
     pub fn has_op(&self, f: impl Fn(&Op) -> bool) -> bool {
         self.clients.iter().any(|c| match c {
             ClientPlan::Pcb(p) => p.postcopy.iter().chain(&p.after).any(&f),
@@ -215,8 +233,8 @@ impl Scenario {
         })
     }
 
-    pub fn populates(&self) -> bool {
-        self.clients.iter().any(|c| matches!(c, ClientPlan::Pcb(p) if p.populate))
+    pub fn prefaults(&self) -> bool {
+        self.clients.iter().any(|c| matches!(c, ClientPlan::Pcb(p) if p.prefault.is_some()))
     }
 }
 
@@ -249,8 +267,8 @@ impl fmt::Display for ClientPlan {
                 if p.maps > 1 {
                     write!(f, " maps={}", p.maps)?;
                 }
-                if p.populate {
-                    write!(f, " populate")?;
+                if let Some(m) = p.prefault {
+                    write!(f, " prefault={}", m.arg())?;
                 }
                 if p.finisher {
                     write!(f, " finisher")?;

@@ -4,6 +4,7 @@
 //! done or the watchdog fires; then the oracle. Every failure is one text that starts with the
 //! seed and the command that reruns it.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use serde_json::Value;
 
 use super::counters;
 use super::launch::{self, BrokerSide, Held};
-use super::model::Model;
+use super::model::{Fate, Model};
 use super::oracle;
 use super::pcb;
 use super::plan::{ClientPlan, Mode, Scenario, HUGE};
@@ -350,25 +351,28 @@ impl Run<'_> {
         }
     }
 
-    /// Once the clients started at Listen registered (or exited, or 15 s passed), let postcopy
-    /// go: the proxy lets the held stream through (a restore's fill waits by itself).
+    /// Once every client started at Listen and still running has registered (all its processes
+    /// appear in the broker's status), or 15 s passed, let postcopy go: the proxy lets the held
+    /// stream through (a restore's fill waits by itself).
     fn release_when_registered(&mut self, broker_up: bool) {
         if self.registered_at.is_some() {
             return;
         }
-        let want = counters::initial_registrations(self.s) as u64;
-        // Registrations so far, the children the broker adopted at a fork not counted.
-        let have = self.snap.as_ref().map_or(0, |(_, st)| {
-            let all = st["clients"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .chain(st["departed"].as_array().into_iter().flatten());
-            all.filter(|c| !c["name"].as_str().unwrap_or("").ends_with("/fork")).count() as u64
+        let Some((_, st)) = &self.snap else { return };
+        let pids: HashSet<u64> = st["clients"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(st["departed"].as_array().into_iter().flatten())
+            .filter_map(|c| c["pid"].as_u64())
+            .collect();
+        let all_in = (0..self.clients.len()).all(|i| {
+            self.clients[i].started.is_none()
+                || self.exited(i)
+                || self.clients[i].procs.iter().all(|&p| pids.contains(&u64::from(self.procs.list[p].pid)))
         });
-        let gone = (0..self.clients.len()).all(|i| self.clients[i].started.is_none() || self.exited(i));
         let late = self.listen_at.is_some_and(|t| t.elapsed() > Duration::from_secs(15));
-        if have >= want || gone || late || !broker_up {
+        if all_in || late || !broker_up {
             self.registered_at = Some(Instant::now());
             if let Some(p) = self.side.as_ref().and_then(|s| s.proxy.as_ref()) {
                 p.release();
@@ -510,6 +514,17 @@ impl Run<'_> {
     /// client's reads. Returns (pages checked, client reads checked).
     fn oracle(&mut self) -> (u64, u64) {
         let mut errs = Vec::new();
+        // A prefaulting client the broker refused (it said why) never ran its script.
+        let refused: Vec<bool> = (0..self.clients.len())
+            .map(|i| {
+                let prefaults = matches!(&self.s.clients[i], ClientPlan::Pcb(p) if p.prefault.is_some());
+                prefaults
+                    && self.main_proc(i).is_some_and(|m| {
+                        self.procs.list[m].status.is_some_and(|st| !st.success())
+                            && self.procs.stderr(m).contains(pcb::REFUSED_PREFAULT)
+                    })
+            })
+            .collect();
         let done: Vec<bool> = (0..self.clients.len())
             .map(|i| {
                 !self.clients[i].killed
@@ -524,6 +539,12 @@ impl Run<'_> {
                 errs.push(format!("client #{i} never started"));
                 continue;
             };
+            if refused[i] {
+                if self.procs.list[m].lines.count() > 0 {
+                    errs.push(format!("client #{i} was refused for prefaulting after it had registered"));
+                }
+                continue;
+            }
             if !self.clients[i].killed && !ok {
                 errs.push(format!(
                     "client #{i} ({}) exited with {:?}: {}",
@@ -533,7 +554,12 @@ impl Run<'_> {
                 ));
             }
         }
-        let pages = oracle::check_ram(&self.held, self.model, |c| done[c], &mut errs);
+        let fate = |c: usize| match (refused[c], done[c]) {
+            (true, _) => Fate::Never,
+            (false, true) => Fate::Done,
+            (false, false) => Fate::Maybe,
+        };
+        let pages = oracle::check_ram(&self.held, self.model, fate, &mut errs);
         // The broker's checksum files show RAM when it ended: they must hold every client change
         // only when the clients that change pages had all exited by then.
         let broker_end = self.procs.list[self.broker()].exited_at;
@@ -543,7 +569,10 @@ impl Run<'_> {
                 .zip(broker_end)
                 .is_some_and(|(a, b)| a <= b)
         };
-        let exact = oracle::exact_final(self.model, |c| done[c] && before_end(c));
+        let exact = oracle::exact_final(self.model, |c| match fate(c) {
+            Fate::Done if !before_end(c) => Fate::Maybe,
+            f => f,
+        });
         let source_ram: Vec<Vec<u8>> = self.model.blocks.iter().map(|b| b.last.clone()).collect();
         match &self.s.mode {
             Mode::Migration { .. } => {
@@ -570,7 +599,20 @@ impl Run<'_> {
                     let rest = l.split("listening: ").nth(1)?;
                     rest.split_whitespace().next()?.parse::<u64>().ok()
                 });
-                counters::check_migration_end(self.s, &summary, at_listen, self.cuts_done, &mut errs);
+                let registered = self.s.kill.is_none().then(|| {
+                    (0..self.clients.len())
+                        .filter(|&i| !refused[i])
+                        .map(|i| counters::registrations(&self.s.clients[i]))
+                        .sum()
+                });
+                counters::check_migration_end(
+                    self.s,
+                    &summary,
+                    at_listen,
+                    self.cuts_done,
+                    registered,
+                    &mut errs,
+                );
             }
             Mode::Restore { background } => {
                 if let Some(want) = &exact {
@@ -582,7 +624,7 @@ impl Run<'_> {
         }
         let mut reads = 0;
         for (i, &ok) in done.iter().enumerate() {
-            let Some(m) = self.main_proc(i) else { continue };
+            let Some(m) = self.main_proc(i).filter(|_| !refused[i]) else { continue };
             let lines = self.procs.list[m].lines.all();
             reads += match &self.s.clients[i] {
                 ClientPlan::Pcb(p) => pcb::check_shared(i, self.s, p, &lines, self.model, ok, &mut errs),
