@@ -125,6 +125,11 @@ struct Args {
     /// After the I/O print {"phase":"io-done"} and wait for a line on stdin.
     #[arg(long)]
     pause_after_io: bool,
+    /// With --control: once the driver and its backend are registered with the broker (before
+    /// any guest I/O), print {"phase":"registered"} and wait for a line on stdin, so that a test
+    /// can start every client's work together.
+    #[arg(long)]
+    wait_registered: bool,
     /// Print the summary as one JSON line.
     #[arg(long)]
     json: bool,
@@ -441,6 +446,16 @@ fn touch_all(ram: &GuestRam) -> Result<serde_json::Value> {
     Ok(serde_json::Value::Object(sums.collect()))
 }
 
+/// Print {"phase": PHASE} and wait for a line on stdin.
+fn pause(phase: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::json!({ "phase": phase })).map_err(|e| Error::io("stdout", e))?;
+    out.flush().map_err(|e| Error::io("stdout", e))?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| Error::io("stdin", e))?;
+    Ok(())
+}
+
 fn ops_json(ops: &[Op]) -> serde_json::Value {
     ops.iter().map(|o| serde_json::json!([o.gpa, o.sector, o.sectors])).collect()
 }
@@ -505,6 +520,9 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     }
     drop(regions);
     let mut drv = BlkDriver::start(&mut conn, &ram, RING_GPA, META_GPA, args.queue_size)?;
+    if args.wait_registered && broker.is_some() {
+        pause("registered")?;
+    }
 
     // GET_ID.
     let id_gpa = DATA_GPA;
@@ -572,11 +590,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     let bounce = bounce_workload(args, &mut drv, &ram, first, config.capacity_sectors, acked)?;
 
     if args.pause_after_io {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", serde_json::json!({"phase": "io-done"})).map_err(|e| Error::io("stdout", e))?;
-        out.flush().map_err(|e| Error::io("stdout", e))?;
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).map_err(|e| Error::io("stdin", e))?;
+        pause("io-done")?;
     }
     let ram_sums = if args.touch_all { Some(touch_all(&ram)?) } else { None };
 

@@ -114,14 +114,11 @@ fn registrations_of(c: &ClientPlan) -> usize {
     }
 }
 
-/// Registrations of the clients that start at Listen (the restore's finishers start later when
-/// private clients run first), forked children and prefaulting clients (which may be refused)
-/// not counted: what `serve --wait-clients` waits for.
+/// Registrations of the clients that start at Listen, forked children and prefaulting clients
+/// (which may be refused) not counted: what `serve --wait-clients` waits for.
 pub fn initial_registrations(s: &Scenario) -> usize {
-    let private = s.clients.iter().any(|c| matches!(c, ClientPlan::Private(_)));
     s.clients
         .iter()
-        .filter(|c| !(private && matches!(c, ClientPlan::Pcb(p) if p.finisher)))
         .filter(|c| !matches!(c, ClientPlan::Pcb(p) if p.prefault.is_some()))
         .map(registrations_of)
         .sum()

@@ -206,6 +206,11 @@ fn draw_pcb(r: &mut Rng, s: &Scenario, pages: &mut Pages, zero: &[Vec<u64>]) -> 
         }
     }
     let prefault = r.chance(8).then(|| r.pick(&[Prefault::Mlock, Prefault::Populate, Prefault::Touch]));
+    if prefault == Some(Prefault::Mlock) {
+        // MADV_REMOVE refuses locked pages (EINVAL); such a client frees nothing. Its pages
+        // stay taken.
+        postcopy.retain(|o| !matches!(o, Op::Remove { .. }));
+    }
     PcbPlan { block, maps, prefault, postcopy, after: Vec::new(), finisher: false }
 }
 
@@ -257,19 +262,30 @@ pub fn draw(seed: u64, zero_pages: impl Fn(u64, &[BlockPlan]) -> ZeroPages) -> S
     let mut cr = r.fork();
     let n = [1, 2, 3][cr.weighted(&[40, 40, 20])];
     let restore = !s.is_migration();
-    let mut vhosts = 0;
-    for _ in 0..n {
-        let kind = cr.weighted(&[55, 30, if restore { 15 } else { 0 }]);
-        let c = match kind {
-            1 if vhosts < 2 => {
-                vhosts += 1;
-                ClientPlan::Vhost(draw_vhost(&mut cr, &s.blocks, &mut pages))
+    let mut kinds: Vec<usize> =
+        (0..n).map(|_| cr.weighted(&[55, 30, if restore { 15 } else { 0 }])).collect();
+    // At most two devices; their guest pages are taken first, so no client mutates them.
+    let mut devices = 0;
+    for k in &mut kinds {
+        if *k == 1 {
+            devices += 1;
+            if devices > 2 {
+                *k = 0;
             }
-            2 => ClientPlan::Private(draw_private(&mut cr, &s)),
-            _ => ClientPlan::Pcb(draw_pcb(&mut cr, &s, &mut pages, &zero)),
-        };
-        s.clients.push(c);
+        }
     }
+    let mut plans: Vec<Option<ClientPlan>> = kinds
+        .iter()
+        .map(|&k| (k == 1).then(|| ClientPlan::Vhost(draw_vhost(&mut cr, &s.blocks, &mut pages))))
+        .collect();
+    for (k, plan) in kinds.iter().zip(&mut plans) {
+        match k {
+            1 => {}
+            2 => *plan = Some(ClientPlan::Private(draw_private(&mut cr, &s))),
+            _ => *plan = Some(ClientPlan::Pcb(draw_pcb(&mut cr, &s, &mut pages, &zero))),
+        }
+    }
+    s.clients = plans.into_iter().flatten().collect();
     // Private clients are served only while the broker runs, and `serve` ends when its shared
     // blocks are complete: without the background fill a finisher completes them, after the
     // private clients are done.

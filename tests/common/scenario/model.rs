@@ -122,15 +122,31 @@ impl Model {
         self.mutations.iter().map(|(&(b, p), &(c, m))| (b, p, c, m))
     }
 
-    /// FNVs a client may read at page `p` of block `b`. `reader` is the reading client and
-    /// `own_done` whether its own mutation of the page (if it has one) already happened; another
-    /// client's mutation may or may not have happened yet.
-    pub fn readable(&self, b: usize, p: u64, reader: usize, own_done: bool) -> Vec<String> {
+    /// FNVs a client may read at page `p` of block `b` (None: anything, it is not determined).
+    /// `reader` is the reading client and `own_done` whether its own mutation of the page (if it
+    /// has one) already happened. Another client's mutation may happen during the read: a write
+    /// (8 bytes, read one by one) may be seen in part; a remove turns the rest of the page into
+    /// zeros at any byte, so such a page is not determined.
+    pub fn readable(&self, b: usize, p: u64, reader: usize, own_done: bool) -> Option<Vec<String>> {
         let base = self.blocks[b].page(p);
         match self.mutation(b, p) {
-            None => vec![fnv(base)],
-            Some((c, m)) if c == reader => vec![fnv(&if own_done { m.apply(base) } else { base.to_vec() })],
-            Some((_, m)) => vec![fnv(base), fnv(&m.apply(base))],
+            None => Some(vec![fnv(base)]),
+            Some((c, m)) if c == reader => {
+                Some(vec![fnv(&if own_done { m.apply(base) } else { base.to_vec() })])
+            }
+            Some((_, Mutation::Remove)) => None,
+            Some((_, m)) => {
+                let new = m.apply(base);
+                Some(
+                    (0..=8)
+                        .map(|k| {
+                            let mut v = base.to_vec();
+                            v[k..8].copy_from_slice(&new[k..8]);
+                            fnv(&v)
+                        })
+                        .collect(),
+                )
+            }
         }
     }
 

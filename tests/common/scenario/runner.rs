@@ -77,7 +77,11 @@ const MAX_RUN: Duration = Duration::from_secs(300);
 struct ClientRun {
     /// Its processes: the client itself first (pcb-client, guest driver), then a backend.
     procs: Vec<usize>,
+    /// A vhost-user backend started before Listen.
+    backend: Option<usize>,
     started: Option<Instant>,
+    /// It was told to start its work (every client registers first, then all start together).
+    go: bool,
     killed: bool,
 }
 
@@ -197,30 +201,14 @@ impl Run<'_> {
                 vec![self.procs.spawn(&format!("c{i}-private"), &mut c, true, true)]
             }
             ClientPlan::Vhost(v) => {
-                let (disk, sock) =
-                    (self.dir.join(format!("c{i}-disk")), self.dir.join(format!("c{i}-backend.sock")));
-                vhost::write_disk(&disk, self.s, self.model, v);
-                let be = self.procs.spawn(
-                    &format!("c{i}-backend"),
-                    &mut vhost::backend_command(v, &sock, &disk),
-                    false,
-                    false,
-                );
-                let t = Instant::now();
-                while !sock.exists() {
-                    self.procs.poll();
-                    if !self.procs.running(be) || t.elapsed() > Duration::from_secs(30) {
-                        return Err(format!("client #{i}: the backend never opened {}", sock.display()));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                let sock = self.dir.join(format!("c{i}-backend.sock"));
                 let drv = self.procs.spawn(
                     &format!("c{i}-driver"),
                     &mut vhost::driver_command(v, &sock, &ctl),
                     true,
-                    false,
+                    true,
                 );
-                vec![drv, be]
+                vec![drv, self.clients[i].backend.ok_or("no backend")?]
             }
         };
         self.clients[i].procs = procs;
@@ -228,8 +216,49 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// A shared client that has done its postcopy steps and waits for the release.
+    /// Start every vhost-user backend and wait for its socket (before Listen: they do not need
+    /// the broker).
+    fn start_backends(&mut self) -> Result<(), String> {
+        for i in 0..self.s.clients.len() {
+            let ClientPlan::Vhost(v) = &self.s.clients[i] else { continue };
+            let (disk, sock) =
+                (self.dir.join(format!("c{i}-disk")), self.dir.join(format!("c{i}-backend.sock")));
+            vhost::write_disk(&disk, self.s, self.model, v);
+            let be = self.procs.spawn(
+                &format!("c{i}-backend"),
+                &mut vhost::backend_command(v, &sock, &disk),
+                false,
+                false,
+            );
+            let t = Instant::now();
+            while !sock.exists() {
+                self.procs.poll();
+                if !self.procs.running(be) || t.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("client #{i}: the backend never opened {}", sock.display()));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.clients[i].backend = Some(be);
+        }
+        Ok(())
+    }
+
+    /// Tell client `i` to start its work (a line on its stdin).
+    fn go(&mut self, i: usize) {
+        if let Some(m) = self.main_proc(i) {
+            if !self.clients[i].go {
+                self.clients[i].go = true;
+                self.procs.send_line(m);
+            }
+        }
+    }
+
+    /// A client waiting for its go, or a shared client that has done its postcopy steps and
+    /// waits for the release after completion.
     fn waiting(&self, i: usize) -> bool {
+        if !self.clients[i].go {
+            return true;
+        }
         match (&self.s.clients[i], self.main_proc(i)) {
             (ClientPlan::Pcb(p), Some(m)) => {
                 !p.after.is_empty()
@@ -249,6 +278,7 @@ impl Run<'_> {
     }
 
     fn drive(&mut self) -> Result<(), String> {
+        self.start_backends()?;
         let side = launch::start(self.s, self.model, &self.dir, &self.ctl, &mut self.procs)?;
         self.side = Some(side);
         let t0 = Instant::now();
@@ -262,11 +292,8 @@ impl Run<'_> {
         }
         self.listen_at = Some(Instant::now());
         self.held = launch::hold_blocks(&self.ctl)?;
-        let private = |s: &Scenario| s.clients.iter().any(|c| matches!(c, ClientPlan::Private(_)));
         for i in 0..self.s.clients.len() {
-            if !(self.finisher(i) && private(self.s)) {
-                self.launch_client(i)?;
-            }
+            self.launch_client(i)?;
         }
         loop {
             std::thread::sleep(Duration::from_millis(20));
@@ -290,11 +317,15 @@ impl Run<'_> {
             self.release_when_registered(broker_up);
             self.cut();
             self.kill();
+            // Finishers complete the restore: only once the private clients are done (serve ends
+            // when its blocks are complete, and a private client left then would hang).
             let privates_done = (0..self.clients.len())
                 .all(|i| !matches!(self.s.clients[i], ClientPlan::Private(_)) || self.exited(i));
-            for i in 0..self.clients.len() {
-                if self.finisher(i) && self.clients[i].started.is_none() && privates_done {
-                    self.launch_client(i)?;
+            if self.registered_at.is_some() {
+                for i in 0..self.clients.len() {
+                    if !self.finisher(i) || privates_done {
+                        self.go(i);
+                    }
                 }
             }
             self.watch(broker_up)?;

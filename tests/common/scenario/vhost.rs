@@ -67,7 +67,7 @@ pub fn backend_command(v: &VhostPlan, sock: &Path, disk: &Path) -> Command {
 pub fn driver_command(v: &VhostPlan, sock: &Path, ctl: &Path) -> Command {
     let mut c = Command::new(examples_dir().join("guest_driver"));
     c.arg("--socket").arg(sock).arg("--control").arg(ctl);
-    c.args(["--json", "--until-complete", "--touch-all", "--requests", "8"]);
+    c.args(["--json", "--until-complete", "--touch-all", "--requests", "8", "--wait-registered"]);
     c.args(["--mirror-gpa", &v.mirror_gpa.to_string(), "--mirror-sectors", &v.mirror_sectors.to_string()]);
     c.args(["--io-range", &format!("{}+{}", v.io_gpa, v.io_len), "--postcopy-ops", &v.ops.to_string()]);
     c
