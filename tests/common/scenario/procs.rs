@@ -180,14 +180,16 @@ impl Drop for Procs {
     }
 }
 
-/// Threads of `pid` asleep in a userfault (blocked on a missing page).
-pub fn userfault_threads(pid: u32) -> Vec<u32> {
+/// Threads of `pid` asleep in the userfaultfd code (blocked on a missing page, or on an event
+/// nobody reads), with where they sleep.
+pub fn userfault_threads(pid: u32) -> Vec<(u32, String)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     tasks
         .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.trim() == "handle_userfault")
+        .filter_map(|t| {
+            let w = std::fs::read_to_string(t.path().join("wchan")).ok()?;
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            w.contains("userfault").then(|| (tid, w.trim().to_string()))
         })
-        .filter_map(|t| t.file_name().to_str().and_then(|s| s.parse().ok()))
         .collect()
 }

@@ -522,7 +522,8 @@ impl Run<'_> {
             let uf = if p.status.is_none() { userfault_threads(p.pid) } else { Vec::new() };
             out.push_str(&format!("process {} pid {} {state}", p.name, p.pid));
             if !uf.is_empty() {
-                out.push_str(&format!(", threads blocked in handle_userfault: {uf:?}"));
+                let t: Vec<String> = uf.iter().map(|(tid, w)| format!("{tid} in {w}")).collect();
+                out.push_str(&format!(", threads asleep in userfaultfd: {}", t.join(", ")));
             }
             out.push('\n');
             if let Some(line) = self.snap.as_ref().and_then(|(_, st)| broker_view(st, p.pid)) {
