@@ -110,6 +110,9 @@ pub enum Error {
         /// What the fd is.
         what: String,
     },
+    /// The fault loop's thread ended on its own: nobody is served any more.
+    #[error("the fault loop died: {0}; no client is served any more (the broker's log says why)")]
+    LoopDied(String),
     /// A placement failed for a local reason (the kernel refused the ioctl, memory ran out):
     /// reconnecting to the source cannot mend it.
     #[error("placing pages failed on this host: {0}")]

@@ -105,8 +105,27 @@ enum Command {
     },
 }
 
+/// Exit status of a process whose thread panicked (as Rust's own for a panicking main thread).
+const PANIC_EXIT: i32 = 101;
+
+/// A panic in any thread ends the process at once, non-zero, with the cause: a broker whose
+/// fault loop or stream thread died would otherwise stay up serving nothing, and every client
+/// of every VM it serves would hang without a word.
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        log::error!("thread '{name}' panicked: {info}; the broker cannot go on and exits");
+        default(info);
+        #[allow(clippy::exit)] // the binary's own policy: a dead thread must not leave a zombie broker
+        std::process::exit(PANIC_EXIT);
+    }));
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    exit_on_panic();
     match Cli::parse().command {
         Command::Probe { json } => cli::probe::run(json),
         Command::Bench(a) => cli::bench::run(a),

@@ -165,7 +165,7 @@ fn serve(o: ServeOptions) -> Result<()> {
         allowed_uids: o.allowed_uids.clone(),
         grants: o.grants.iter().cloned().collect(),
     };
-    let h = Broker::spawn(&inc, source, config)?;
+    let mut h = Broker::spawn(&inc, source, config)?;
     backends.register_all(&h, inc.blocks())?;
     inc.run()?;
     log::info!("serving on {}", o.control.display());
@@ -173,6 +173,7 @@ fn serve(o: ServeOptions) -> Result<()> {
     let total = inc.blocks().total_pages();
     let mut progress = Progress::new("restore", total);
     loop {
+        h.check_alive()?;
         if stop_requested() {
             log::warn!("stop requested before every page arrived");
             break;

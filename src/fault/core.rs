@@ -12,9 +12,9 @@ use crate::fault::pending::{Pending, Waiter};
 use crate::fault::wake::WakeQueue;
 use crate::place::{Placer, StagingPage};
 use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
-use crate::source::{is_zero, FileSource, PageRequest, PageSink, PageSource, Urgency};
+use crate::source::{FileSource, PageRequest, PageSink, PageSource, Urgency};
 use crate::stats::BrokerStats;
-use crate::uffd::{Fill, Message, Uffd};
+use crate::uffd::{Message, Uffd};
 
 /// Faults in a row on present pages it was just woken for, after which a client is considered
 /// broken (see [`RepeatGuard`]).
@@ -43,7 +43,7 @@ pub struct Core {
     new_requests: Vec<(BlockId, u64)>,
     /// Image file for private clients.
     pub(crate) image: Option<FileSource>,
-    staging: StagingPage,
+    pub(super) staging: StagingPage,
     /// Private faults that got EAGAIN: retried after the client's events are drained.
     pub(crate) deferred: Vec<(ClientId, u64, Instant)>,
     /// Clients born by fork in this round (to be added to epoll).
@@ -358,76 +358,6 @@ impl Core {
         });
         self.stats.clients_registered += 1;
         self.born.push(id);
-    }
-
-    /// Serve a private (Firecracker-style) client: read the page from the image and place it
-    /// through the client's own uffd, which also wakes it.
-    pub(crate) fn private_fault(&mut self, id: ClientId, addr: u64, since: Instant) {
-        let Some(c) = self.clients.get_mut(id) else { return };
-        c.stats.faults += 1;
-        let AddressMap::Private(t) = &c.map else { return };
-        let Some((region, page, file_off)) = t.translate(addr) else {
-            log::error!("private client {}: fault at {addr:#x} outside its regions", id.0);
-            c.stats.unmapped_faults += 1;
-            return;
-        };
-        let ps = region.page_size;
-        let zero = t.is_removed(page);
-        let Some(image) = self.image.as_ref() else { return };
-        let buf = &mut self.staging.as_mut_slice()[..ps as usize];
-        let fill = if zero {
-            buf.fill(0);
-            true
-        } else if let Err(e) = image.read_at(file_off, buf) {
-            log::error!("private client {}: {e}", id.0);
-            return;
-        } else {
-            is_zero(buf)
-        };
-        let r = if fill && ps == 4096 {
-            c.uffd.zeropage(page, ps, true)
-        } else {
-            // SAFETY: `buf` holds `ps` readable bytes for the duration of the call.
-            unsafe { c.uffd.copy(page, buf.as_ptr(), ps, true) }
-        };
-        match r {
-            Ok(Fill::Done(_)) => {
-                c.stats.pages_requested += 1;
-                c.stats.latency.record(since.elapsed().as_nanos() as u64);
-                self.stats.pages_demand += 1;
-                if fill {
-                    self.stats.pages_zero += 1;
-                }
-            }
-            Ok(Fill::Exists) => {
-                c.stats.already_there += 1;
-                if c.uffd.wake(page, ps).is_ok() {
-                    c.stats.wakes += 1;
-                    self.stats.wakes += 1;
-                }
-            }
-            Ok(Fill::Again) => self.deferred.push((id, addr, since)),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOSPC)) => {
-                log::info!("private client {} exited", id.0);
-                self.failed.push(id);
-            }
-            Err(e) => {
-                log::error!("private client {}: placement at {page:#x} failed: {e}", id.0);
-                self.failed.push(id);
-            }
-        }
-    }
-
-    /// Retry deferred private faults of `id` (its events have been drained).
-    pub(crate) fn retry_deferred(&mut self, id: ClientId) {
-        let mine: Vec<_> = {
-            let (m, rest) = self.deferred.drain(..).partition(|d| d.0 == id);
-            self.deferred = rest;
-            m
-        };
-        for (c, addr, since) in mine {
-            self.private_fault(c, addr, since);
-        }
     }
 
     /// Send the requests created in this round to the source, adjacent pages merged into runs.

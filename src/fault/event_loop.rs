@@ -388,6 +388,7 @@ impl Loop {
     }
 
     fn run(mut self) -> Result<StatusReport> {
+        failpoint()?;
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
         let chunk = if self.config.background_chunk == 0 { 256 << 10 } else { self.config.background_chunk };
         let mut background = self.config.background && self.source.wants_background_pull();
@@ -440,6 +441,16 @@ impl Loop {
                 }
             }
         }
+    }
+}
+
+/// Test hook: `POSTCOPY_BROKER_FAILPOINT=fault-loop-panic` or `fault-loop-error` makes the fault
+/// loop die as it starts, so that tests can check that nothing waits on a dead loop.
+fn failpoint() -> Result<()> {
+    match std::env::var("POSTCOPY_BROKER_FAILPOINT").as_deref() {
+        Ok("fault-loop-panic") => panic!("failpoint fault-loop-panic"),
+        Ok("fault-loop-error") => Err(Error::Invalid("failpoint fault-loop-error".into())),
+        _ => Ok(()),
     }
 }
 
@@ -547,6 +558,23 @@ impl BrokerHandle {
             std::thread::sleep(Duration::from_millis(5));
         }
         true
+    }
+
+    /// `Ok` while the fault loop runs; once its thread has ended on its own (an error, or a
+    /// panic in a process that does not exit on panics), the reason. Whoever waits for the
+    /// migration or restore to finish calls this as it waits: a broker without its loop serves
+    /// nobody, and must say so instead of waiting forever.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if !self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            return Ok(());
+        }
+        let why = match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Err(e))) => e.to_string(),
+            Some(Ok(Ok(_))) => "it stopped without being asked to".into(),
+            Some(Err(_)) => "its thread panicked".into(),
+            None => "it was stopped".into(),
+        };
+        Err(Error::LoopDied(why))
     }
 
     /// Stop the loop and return its final status.

@@ -9,6 +9,7 @@ mod control;
 mod core;
 mod event_loop;
 mod pending;
+mod private;
 mod unplaced;
 mod wake;
 

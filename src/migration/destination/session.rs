@@ -416,6 +416,10 @@ impl Destination {
         let total = blocks.total_pages();
         let mut progress = self.opts.progress.start(total, blocks.total_size());
         loop {
+            if let Some(Err(e)) = self.broker.as_mut().map(|h| h.check_alive()) {
+                progress.clear();
+                return Err(e);
+            }
             if let Some(why) = self.net.failure() {
                 if let Some(h) = self.broker.take() {
                     let _ = h.stop();
