@@ -12,13 +12,15 @@ use serde_json::Value;
 
 use super::counters;
 use super::launch::{self, BrokerSide, Held};
-use super::model::{Fate, Model};
-use super::oracle;
+use super::model::Model;
 use super::pcb;
 use super::plan::{ClientPlan, Mode, Scenario, HUGE};
 use super::procs::{userfault_threads, Procs};
 use super::vhost;
-use super::watch::{compact, fetch_status, overdue, Watchdog};
+use super::watch::{fetch_status, overdue, Watchdog};
+
+mod dump;
+mod verdict;
 
 /// How a run is watched.
 #[derive(Debug, Clone)]
@@ -39,30 +41,6 @@ pub struct Outcome {
     pub cuts: u64,
     /// Whether a client was killed, and how.
     pub killed: Option<String>,
-}
-
-/// What the broker's status says about the client process `pid`, with a hint when its faults
-/// were all woken at once as already received (it faults again and again on a page the broker
-/// marks received but that is not in the memfd).
-fn broker_view(st: &Value, pid: u32) -> Option<String> {
-    let mut all =
-        st["clients"].as_array().into_iter().flatten().chain(st["departed"].as_array().into_iter().flatten());
-    let c = all.rfind(|c| c["pid"].as_u64() == Some(u64::from(pid)))?;
-    let x = &c["stats"];
-    let n = |k: &str| x[k].as_u64().unwrap_or(0);
-    let mut line = format!(
-        "broker's view: client {} '{}': faults {}, woken at once as already received {}, requested {}, joined {}",
-        c["id"],
-        c["name"].as_str().unwrap_or("?"),
-        n("faults"),
-        n("already_there"),
-        n("pages_requested"),
-        n("joined")
-    );
-    if n("already_there") > 1000 && n("already_there") * 2 > n("faults") {
-        line.push_str(" — it keeps faulting on a page marked received that is not in the memfd (a hole)");
-    }
-    Some(line)
 }
 
 /// The command that reruns one seed.
@@ -328,6 +306,7 @@ impl Run<'_> {
                     }
                 }
             }
+            self.check_clients()?;
             self.watch(broker_up)?;
             let clients_done = (0..self.clients.len()).all(|i| self.exited(i));
             let source_done =
@@ -341,6 +320,28 @@ impl Run<'_> {
                 Ok(Ok(_blocks)) => {}
                 Ok(Err(e)) => self.errs.push(e),
                 Err(_) => self.errs.push("the VMM thread panicked".into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// A client that failed (not killed, not a prefaulting client the broker refused) fails the
+    /// run at once: the others may wait for it for ever (a finisher, a registration).
+    fn check_clients(&self) -> Result<(), String> {
+        for i in 0..self.clients.len() {
+            let Some(m) = self.main_proc(i) else { continue };
+            let Some(st) = self.procs.list[m].status else { continue };
+            if st.success() || self.clients[i].killed {
+                continue;
+            }
+            let err = self.procs.stderr(m);
+            let prefaults = matches!(&self.s.clients[i], ClientPlan::Pcb(p) if p.prefault.is_some());
+            if !(prefaults && err.contains(pcb::REFUSED_PREFAULT)) {
+                return Err(format!(
+                    "client #{i} ({}) exited with {st}: {}",
+                    self.s.clients[i],
+                    self.procs.stderr_tail(m, 3)
+                ));
             }
         }
         Ok(())
@@ -498,179 +499,5 @@ impl Run<'_> {
             Some(t) if t.elapsed() > MAX_RUN => Err(format!("the scenario ran longer than {MAX_RUN:?}")),
             _ => Ok(()),
         }
-    }
-
-    /// Everything the failure message shows about a run that hung or failed.
-    fn dump(&self) -> String {
-        let mut out = String::new();
-        match &self.snap {
-            Some((at, st)) => out.push_str(&format!(
-                "last broker status ({:.1}s old): {}\n",
-                at.elapsed().as_secs_f64(),
-                compact(st)
-            )),
-            None => out.push_str("no broker status was taken\n"),
-        }
-        if self.side.is_some() && self.procs.running(self.broker()) {
-            if let Some(st) = fetch_status(&self.ctl) {
-                out.push_str(&format!("broker status now: {}\n", compact(&st)));
-            }
-        }
-        for p in &self.procs.list {
-            let state = match p.status {
-                None => "running".to_string(),
-                Some(st) => format!("exited: {st}"),
-            };
-            let uf = if p.status.is_none() { userfault_threads(p.pid) } else { Vec::new() };
-            out.push_str(&format!("process {} pid {} {state}", p.name, p.pid));
-            if !uf.is_empty() {
-                let t: Vec<String> = uf.iter().map(|(tid, w)| format!("{tid} in {w}")).collect();
-                out.push_str(&format!(", threads asleep in userfaultfd: {}", t.join(", ")));
-            }
-            out.push('\n');
-            if let Some(line) = self.snap.as_ref().and_then(|(_, st)| broker_view(st, p.pid)) {
-                out.push_str(&format!("  {line}\n"));
-            }
-            let lines = p.lines.all();
-            for l in &lines[lines.len().saturating_sub(3)..] {
-                let l = if l.len() > 300 { format!("{}...", &l[..300]) } else { l.clone() };
-                out.push_str(&format!("  stdout| {l}\n"));
-            }
-            let i = self.procs.list.iter().position(|q| q.pid == p.pid).unwrap();
-            for l in self.procs.stderr_tail(i, 12).lines() {
-                out.push_str(&format!("  stderr| {l}\n"));
-            }
-        }
-        out
-    }
-
-    /// The oracle: exit statuses, every byte of RAM, the checksum files, the counters, every
-    /// client's reads. Returns (pages checked, client reads checked).
-    fn oracle(&mut self) -> (u64, u64) {
-        let mut errs = Vec::new();
-        // A prefaulting client the broker refused (it said why) never ran its script.
-        let refused: Vec<bool> = (0..self.clients.len())
-            .map(|i| {
-                let prefaults = matches!(&self.s.clients[i], ClientPlan::Pcb(p) if p.prefault.is_some());
-                prefaults
-                    && self.main_proc(i).is_some_and(|m| {
-                        self.procs.list[m].status.is_some_and(|st| !st.success())
-                            && self.procs.stderr(m).contains(pcb::REFUSED_PREFAULT)
-                    })
-            })
-            .collect();
-        let done: Vec<bool> = (0..self.clients.len())
-            .map(|i| {
-                !self.clients[i].killed
-                    && self
-                        .main_proc(i)
-                        .and_then(|m| self.procs.list[m].status)
-                        .is_some_and(|st| st.success())
-            })
-            .collect();
-        for (i, &ok) in done.iter().enumerate() {
-            let Some(m) = self.main_proc(i) else {
-                errs.push(format!("client #{i} never started"));
-                continue;
-            };
-            if refused[i] {
-                if self.procs.list[m].lines.count() > 0 {
-                    errs.push(format!("client #{i} was refused for prefaulting after it had registered"));
-                }
-                continue;
-            }
-            if !self.clients[i].killed && !ok {
-                errs.push(format!(
-                    "client #{i} ({}) exited with {:?}: {}",
-                    self.s.clients[i],
-                    self.procs.list[m].status,
-                    self.procs.stderr_tail(m, 5)
-                ));
-            }
-        }
-        let fate = |c: usize| match (refused[c], done[c]) {
-            (true, _) => Fate::Never,
-            (false, true) => Fate::Done,
-            (false, false) => Fate::Maybe,
-        };
-        let pages = oracle::check_ram(&self.held, self.model, fate, &mut errs);
-        // The broker's checksum files show RAM when it ended: they must hold every client change
-        // only when the clients that change pages had all exited by then.
-        let broker_end = self.procs.list[self.broker()].exited_at;
-        let before_end = |c: usize| {
-            self.main_proc(c)
-                .and_then(|m| self.procs.list[m].exited_at)
-                .zip(broker_end)
-                .is_some_and(|(a, b)| a <= b)
-        };
-        let exact = oracle::exact_final(self.model, |c| match fate(c) {
-            Fate::Done if !before_end(c) => Fate::Maybe,
-            f => f,
-        });
-        let source_ram: Vec<Vec<u8>> = self.model.blocks.iter().map(|b| b.last.clone()).collect();
-        match &self.s.mode {
-            Mode::Migration { .. } => {
-                oracle::check_verify_file(
-                    &self.dir.join("src-verify.json"),
-                    "the source",
-                    &source_ram,
-                    &mut errs,
-                );
-                if let Some(want) = &exact {
-                    oracle::check_verify_file(
-                        &self.dir.join("dst-verify.json"),
-                        "the destination",
-                        want,
-                        &mut errs,
-                    );
-                }
-                let summary: Value = std::fs::read(self.dir.join("dst-summary.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_slice(&t).ok())
-                    .unwrap_or(Value::Null);
-                let log = self.procs.stderr(self.broker());
-                let at_listen = log.lines().find_map(|l| {
-                    let rest = l.split("listening: ").nth(1)?;
-                    rest.split_whitespace().next()?.parse::<u64>().ok()
-                });
-                let registered = self.s.kill.is_none().then(|| {
-                    (0..self.clients.len())
-                        .filter(|&i| !refused[i])
-                        .map(|i| counters::registrations(&self.s.clients[i]))
-                        .sum()
-                });
-                counters::check_migration_end(
-                    self.s,
-                    &summary,
-                    at_listen,
-                    self.cuts_done,
-                    registered,
-                    &mut errs,
-                );
-            }
-            Mode::Restore { background } => {
-                if let Some(want) = &exact {
-                    oracle::check_fnv_file(&self.dir.join("sums.json"), self.model, want, &mut errs);
-                }
-                let r = counters::parse_rendered(&self.procs.stdout_file(self.broker()));
-                counters::check_restore_end(self.s, &r, *background, &mut errs);
-            }
-        }
-        let mut reads = 0;
-        for (i, &ok) in done.iter().enumerate() {
-            let Some(m) = self.main_proc(i).filter(|_| !refused[i]) else { continue };
-            let lines = self.procs.list[m].lines.all();
-            reads += match &self.s.clients[i] {
-                ClientPlan::Pcb(p) => pcb::check_shared(i, self.s, p, &lines, self.model, ok, &mut errs),
-                ClientPlan::Private(_) => pcb::check_private(i, &lines, self.model, ok, &mut errs),
-                ClientPlan::Vhost(v) if ok => {
-                    let disk = self.dir.join(format!("c{i}-disk"));
-                    vhost::check(i, self.s, v, &lines, &disk, self.model, &mut errs)
-                }
-                ClientPlan::Vhost(_) => 0,
-            };
-        }
-        self.errs.extend(errs);
-        (pages, reads)
     }
 }
