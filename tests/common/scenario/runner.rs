@@ -288,7 +288,13 @@ impl Run<'_> {
                     }
                 }
             }
-            let every = if self.registered_at.is_some() { 200 } else { 10 };
+            // Often until the clients registered and in the first second after they started
+            // (a short run is over by then), every 200 ms after.
+            let every = match self.registered_at {
+                Some(t) if t.elapsed() > Duration::from_secs(1) => 200,
+                Some(_) => 50,
+                None => 10,
+            };
             if broker_up && self.snap_tried.elapsed() >= Duration::from_millis(every) {
                 self.snapshot()?;
             }

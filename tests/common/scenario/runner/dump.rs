@@ -49,6 +49,9 @@ impl Run<'_> {
                 out.push_str(&format!("broker status now: {}\n", compact(&st)));
             }
         }
+        if let Some(line) = self.final_counts() {
+            out.push_str(&format!("{line}\n"));
+        }
         for p in &self.procs.list {
             let state = match p.status {
                 None => "running".to_string(),
@@ -75,5 +78,27 @@ impl Run<'_> {
             }
         }
         out
+    }
+
+    /// The per-client faults the broker reported when it ended (after the last status snapshot,
+    /// which a short run may not have caught): the migration's summary JSON, or the table `serve`
+    /// prints.
+    fn final_counts(&self) -> Option<String> {
+        if self.procs.running(self.broker()) {
+            return None;
+        }
+        if let Ok(text) = std::fs::read(self.dir.join("dst-summary.json")) {
+            let v: Value = serde_json::from_slice(&text).ok()?;
+            let cs: Vec<String> = v["clients"]
+                .as_array()?
+                .iter()
+                .map(|c| format!("{} faults {} (waited for a page {})", c["name"], c["faults"], c["waited"]))
+                .collect();
+            return Some(format!("the destination's summary at its end: {}", cs.join("; ")));
+        }
+        let out = self.procs.stdout_file(self.broker());
+        let lines: Vec<&str> =
+            out.lines().filter(|l| l.starts_with("pages:") || l.trim_start().starts_with('#')).collect();
+        (!lines.is_empty()).then(|| format!("serve's table at its end: {}", lines.join(" | ")))
     }
 }
