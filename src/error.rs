@@ -169,6 +169,12 @@ pub enum Error {
     /// Migration peer authentication failed (or its key file cannot be used).
     #[error(transparent)]
     Auth(#[from] crate::migration::auth::AuthError),
+    /// The protection of a migration connection (TLS, pre-shared key) failed or cannot be set up.
+    #[error(transparent)]
+    Transport(#[from] crate::migration::transport::TransportError),
+    /// The pages that arrived are not the pages the source sent.
+    #[error("migration failed: {0}")]
+    Digest(#[from] crate::migration::digest::DigestError),
     /// A control socket failure (see [`crate::control::ControlError`]).
     #[error("control socket: {0}")]
     Control(#[from] crate::control::ControlError),

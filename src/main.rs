@@ -23,7 +23,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve guest RAM to a destination: connect, authenticate, precopy (optional), postcopy.
+    /// Serve guest RAM to a destination: connect (mutual TLS or a pre-shared key), precopy
+    /// (optional), postcopy.
     Source(postcopy_broker::migration::source::SourceArgs),
     /// Run the broker: own the RAM blocks, serve client faults from a page source, answer on
     /// the control socket. With --incoming it receives a live migration from `source`; with
@@ -34,9 +35,23 @@ enum Command {
         /// is `listening ADDR`). The RAM blocks come from the source's Hello.
         #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["image", "blocks"])]
         incoming: Option<String>,
-        /// Pre-shared key file of --incoming (hex or raw, >= 16 bytes, mode 0600).
+        /// With --incoming: mutual TLS 1.3 with the certificates of DIR: ca-cert.pem,
+        /// server-cert.pem and server-key.pem (QEMU's tls-creds-x509 layout; sources need a
+        /// certificate from that CA). See docs/security.md.
+        #[arg(long, value_name = "DIR", requires = "incoming", conflicts_with = "key")]
+        tls_dir: Option<PathBuf>,
+        /// With --tls-dir: accept only sources whose certificate is valid for NAME (a DNS name or
+        /// IP address). Default: any certificate from the CA.
+        #[arg(long, value_name = "NAME", requires = "tls_dir")]
+        tls_peer_name: Option<String>,
+        /// With --incoming: pre-shared key file (hex or raw, >= 16 bytes, mode 0600), the same as
+        /// the source's: the connections are authenticated and encrypted with it (Noise NNpsk0).
         #[arg(long, value_name = "FILE", requires = "incoming")]
         key: Option<PathBuf>,
+        /// With --key: authenticate with the key but receive guest RAM unencrypted and without
+        /// integrity protection, for a link you trust (the source must say it too).
+        #[arg(long, requires = "key")]
+        insecure_plaintext: bool,
         /// With --incoming: write the RAM's checksums (JSON, as `source --verify-file`) here.
         #[arg(long, value_name = "FILE", requires = "incoming")]
         verify_file: Option<PathBuf>,
@@ -132,7 +147,10 @@ fn main() -> ExitCode {
         Command::Source(a) => report(postcopy_broker::migration::source::cli::run(&a)),
         Command::Serve {
             incoming: Some(addr),
+            tls_dir,
+            tls_peer_name,
             key,
+            insecure_plaintext,
             verify_file,
             summary_json,
             resume_timeout,
@@ -144,7 +162,12 @@ fn main() -> ExitCode {
             ..
         } => report(postcopy_broker::migration::destination::cli::run(&IncomingOptions {
             addr,
-            key,
+            transport: postcopy_broker::migration::transport::TransportOptions {
+                tls_dir,
+                tls_peer_name,
+                key,
+                insecure_plaintext,
+            },
             control,
             allowed_uids: allow_uid,
             grants: grant,

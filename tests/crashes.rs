@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::clients::{fnv, Peer};
-use common::mig::{contents, write_key, Dir};
+use common::mig::{contents, Creds, Dir};
 use common::proxy::Proxy;
 use postcopy_broker::fault::BrokerConfig;
 use postcopy_broker::migration::destination::{verify_report, Destination, DestinationOptions, Progress};
@@ -23,9 +23,9 @@ use postcopy_broker::migration::verify::{checksum, VerifyReport};
 
 const BIN: &str = env!("CARGO_BIN_EXE_postcopy-broker");
 
-fn source_cmd(addr: &str, key: &Path, image: &Path, block: &str, extra: &[&str]) -> Command {
+fn source_cmd(addr: &str, key: &Creds, image: &Path, block: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["source", "--connect", addr, "--key"]).arg(key).arg("--image").arg(image);
+    c.args(["source", "--connect", addr]).args(key.args()).arg("--image").arg(image);
     c.args(["--block", block]).args(extra);
     c.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
     c
@@ -33,7 +33,7 @@ fn source_cmd(addr: &str, key: &Path, image: &Path, block: &str, extra: &[&str])
 
 fn serve_cmd(
     dir: &Dir,
-    key: &Path,
+    key: &Creds,
     listen: &str,
     extra: &[&str],
 ) -> (Child, String, BufReader<std::process::ChildStdout>) {
@@ -79,8 +79,8 @@ fn clients_killed_with_sigkill_at_any_point_do_not_stop_the_others_or_the_migrat
     let pages = (size / 4096) as u64;
     let ram = contents(size, 4096, 0x1357, 3);
     std::fs::write(dir.path("img"), &ram).unwrap();
-    let key_path = dir.path("key");
-    let key = write_key(&key_path);
+    let key_path = Creds::tls(&dir.0);
+    let key = key_path.destination();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     // Cut after 4 MiB and refuse reconnects until released: the migration pauses.
     let proxy = Proxy::start(listener.local_addr().unwrap(), vec![4 << 20], true, None);
@@ -151,8 +151,7 @@ fn clients_killed_with_sigkill_at_any_point_do_not_stop_the_others_or_the_migrat
 fn a_source_that_dies_before_postcopy_is_reported_and_the_destination_exits_non_zero() {
     let dir = Dir::new("srcdies");
     std::fs::write(dir.path("img"), contents(32 << 20, 4096, 0x2468, 3)).unwrap();
-    let key = dir.path("key");
-    write_key(&key);
+    let key = Creds::psk(&dir.path("key"));
     for kill in [true, false] {
         let (serve, addr, _out) = serve_cmd(&dir, &key, "127.0.0.1:0", &[]);
         let pid = Arc::new(AtomicU32::new(0));
@@ -191,8 +190,7 @@ fn a_destination_restarted_before_postcopy_lets_the_migration_run_again() {
     let dir = Dir::new("dstdies");
     let ram = contents(32 << 20, 4096, 0x3579, 3);
     std::fs::write(dir.path("img"), &ram).unwrap();
-    let key = dir.path("key");
-    write_key(&key);
+    let key = Creds::psk(&dir.path("key"));
     let (serve, addr, _out) = serve_cmd(&dir, &key, "127.0.0.1:0", &[]);
     let pid = Arc::new(AtomicU32::new(serve.id()));
     let p2 = Arc::clone(&pid);
@@ -224,8 +222,7 @@ fn a_source_that_never_comes_back_makes_the_destination_give_up_after_its_timeou
     let dir = Dir::new("giveup");
     let size = 64usize << 20;
     std::fs::write(dir.path("img"), contents(size, 4096, 0x4444, 3)).unwrap();
-    let key = dir.path("key");
-    write_key(&key);
+    let key = Creds::psk(&dir.path("key"));
     let (serve, addr, _out) = serve_cmd(&dir, &key, "127.0.0.1:0", &["--resume-timeout", "5"]);
     let proxy = Proxy::start(addr.parse().unwrap(), vec![4 << 20], true, None);
     let source = source_cmd(

@@ -85,6 +85,8 @@ fn wire_seeds() -> Seeds {
         ("auth-nonce", Frame::AuthNonce { side: Side::Source, nonce: [7; AUTH_LEN] }),
         ("auth-proof", Frame::AuthProof { mac: [0xa5; AUTH_LEN] }),
         ("auth-result", Frame::AuthResult { accepted: true }),
+        ("digests", Frame::Digests { digests: vec![1, 0x5eed_d16e, u64::MAX] }),
+        ("handshake", Frame::Handshake { bytes: &[0x42; 48] }),
     ];
     let mut seeds = Seeds::new();
     for (name, f) in &singles {

@@ -248,18 +248,17 @@ fn a_spawned_broker_serves_after_a_refused_registration() {
 #[test]
 fn a_destination_whose_pool_cannot_back_the_announced_blocks_refuses_the_hello_and_both_sides_exit() {
     let dir = common::mig::Dir::new("pool");
-    let key = dir.path("key");
-    common::mig::write_key(&key);
+    let creds = common::mig::Creds::tls(&dir.0);
     // A (sparse) image announced as one hugetlbfs block larger than the whole pool.
     let pages = postcopy_broker::ram::huge_pool(HP).unwrap().total + 64;
     let img = dir.path("img");
     std::fs::File::create(&img).unwrap().set_len(pages * HP).unwrap();
     let spec = format!("big:{}M:2m", pages * 2);
     let (mut serve, addr, _out) =
-        common::mig::spawn_serve(&dir.path("control.sock"), &key, "127.0.0.1:0", &[]);
+        common::mig::spawn_serve(&dir.path("control.sock"), &creds, "127.0.0.1:0", &[]);
     let source = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
-        .args(["source", "--connect", &addr, "--key"])
-        .arg(&key)
+        .args(["source", "--connect", &addr])
+        .args(creds.args())
         .arg("--image")
         .arg(&img)
         .args(["--block", &spec])

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::clients::{control_args, fnv, Peer};
 use common::ensure_free_huge_pages;
-use common::mig::{contents, write_key, Dir, Rng};
+use common::mig::{contents, Creds, Dir, Rng};
 use common::proxy::Proxy;
 use postcopy_broker::fault::BrokerConfig;
 use postcopy_broker::migration::destination::{Destination, DestinationOptions, Progress};
@@ -29,9 +29,9 @@ const SMALL: usize = 224 << 20;
 const HUGE: usize = 32 << 20;
 const HPS: usize = 2 << 20;
 
-fn source_cmd(addr: &str, key: &Path, image: &Path, extra: &[&str]) -> Command {
+fn source_cmd(addr: &str, key: &Creds, image: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["source", "--connect", addr, "--key"]).arg(key).arg("--image").arg(image);
+    c.args(["source", "--connect", addr]).args(key.args()).arg("--image").arg(image);
     c.args(["--block", "pc.ram:224M", "--block", "huge:32M:2m"]);
     c.args(extra).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
     c
@@ -127,8 +127,8 @@ fn cut_run(
     run: u64,
     rng: &mut Rng,
     dir: &Dir,
-    key_path: &Path,
-    key: &[u8],
+    key_path: &Creds,
+    key: &postcopy_broker::migration::transport::Security,
     ram: &[u8],
     hram: &[u8],
     t: &mut Totals,
@@ -236,13 +236,15 @@ fn cutting_the_connections_at_random_points_of_a_256_mib_postcopy_loses_no_page(
     img.extend_from_slice(&hram);
     std::fs::write(dir.path("img"), &img).unwrap();
     drop(img);
-    let key_path = dir.path("key");
-    let key = write_key(&key_path);
+    // Even runs over TLS, odd ones with the pre-shared key.
+    let (tls, psk) = (Creds::tls(&dir.0), Creds::psk(&dir.path("key")));
+    let (tls_dst, psk_dst) = (tls.destination(), psk.destination());
     let mut rng = Rng(0x5eed_0fc0_ffee);
     let mut t = Totals::default();
     let runs: u64 = std::env::var("PCB_RECOVERY_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
     for run in 0..runs {
-        cut_run(run, &mut rng, &dir, &key_path, &key, &ram, &hram, &mut t);
+        let (creds, key) = if run % 2 == 0 { (&tls, &tls_dst) } else { (&psk, &psk_dst) };
+        cut_run(run, &mut rng, &dir, creds, key, &ram, &hram, &mut t);
     }
     println!("TOTALS {t:?}");
     assert_eq!(t.runs, runs);

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use postcopy_broker::fault::{Broker, BrokerConfig};
 use postcopy_broker::migration::destination::{Connections, NetState, NetworkSource};
+use postcopy_broker::migration::transport::Transport;
 use postcopy_broker::migration::wire::{encode, BlockInfo, BlockTable, Decoder, Frame, Limits};
 
 const PS: u64 = 4096;
@@ -47,9 +48,9 @@ fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
     let (mut main_src, main_dst) = pair(&l);
     let (mut urgent_src, urgent_dst) = pair(&l);
     let conns = Connections {
-        main: main_dst,
+        main: Transport::unprotected(main_dst).unwrap(),
         main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        urgent: urgent_dst,
+        urgent: Transport::unprotected(urgent_dst).unwrap(),
         urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
     };
     let net = Arc::new(NetState::default());
@@ -127,9 +128,9 @@ fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
     let (mut main_src, main_dst) = pair(&l);
     let (_urgent_src, urgent_dst) = pair(&l);
     let conns = Connections {
-        main: main_dst,
+        main: Transport::unprotected(main_dst).unwrap(),
         main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        urgent: urgent_dst,
+        urgent: Transport::unprotected(urgent_dst).unwrap(),
         urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
     };
     let net = Arc::new(NetState::default());

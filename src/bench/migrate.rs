@@ -1,6 +1,8 @@
 //! Migration cases over loopback TCP: the raw TCP throughput of this machine (measured in the
 //! same run), a whole postcopy migration of a block with half zero pages, and demand faults of
-//! a client process while the background stream saturates the connection versus while it idles.
+//! a client process while the background stream saturates the connection versus while it idles;
+//! each over a chosen [`Protection`] (plaintext, TLS, pre-shared key), to measure what the
+//! protection costs.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,8 +15,40 @@ use crate::bench::sys;
 use crate::error::{Error, IoContext, Result};
 use crate::migration::destination::{Destination, DestinationOptions, Progress};
 use crate::migration::source::{SourceBlock, SourceOptions, SourceRam, SourceSession};
+use crate::migration::transport::throwaway::ThrowawayCa;
+use crate::migration::transport::tls::TlsSetup;
+use crate::migration::transport::Security;
 
 const KEY: [u8; 32] = [0x5a; 32];
+
+/// The protection of a benchmark migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// `--insecure-plaintext`.
+    Plaintext,
+    /// Mutual TLS 1.3 (a throw-away CA).
+    Tls,
+    /// The pre-shared-key mode (Noise).
+    Psk,
+}
+
+/// The source's and the destination's [`Security`] for `p`.
+fn securities(p: Protection) -> Result<(Security, Security)> {
+    Ok(match p {
+        Protection::Plaintext => {
+            (Security::insecure_plaintext(KEY.to_vec()), Security::insecure_plaintext(KEY.to_vec()))
+        }
+        Protection::Psk => (Security::psk(&KEY)?, Security::psk(&KEY)?),
+        Protection::Tls => {
+            let dir = std::env::temp_dir().join(format!("pcb-bench-tls-{}", std::process::id()));
+            ThrowawayCa::new("postcopy-broker bench CA")?.write_dir(&dir, &["127.0.0.1"])?;
+            let r = TlsSetup::source(&dir, None)
+                .and_then(|s| Ok((Security::tls(s), Security::tls(TlsSetup::destination(&dir, None)?))));
+            let _ = std::fs::remove_dir_all(&dir);
+            r?
+        }
+    })
+}
 
 /// Bytes per second of one loopback TCP connection: a thread writes `bytes` in 1 MiB writes, this
 /// thread reads them; timed from the first write to the last byte read.
@@ -90,7 +124,8 @@ struct Running {
     t0: Instant,
 }
 
-fn start(data: &[u8], bandwidth: u64, busy_poll: bool) -> Result<Running> {
+fn start(data: &[u8], bandwidth: u64, busy_poll: bool, protection: Protection) -> Result<Running> {
+    let (src_sec, dst_sec) = securities(protection)?;
     let ram = SourceRam::new(vec![SourceBlock::from_bytes("ram", 4096, data)?])?;
     let l = TcpListener::bind("127.0.0.1:0").ctx(|| "bind a loopback listener".into())?;
     let addr = l.local_addr().ctx(|| "listener address".into())?.to_string();
@@ -99,12 +134,12 @@ fn start(data: &[u8], bandwidth: u64, busy_poll: bool) -> Result<Running> {
         .name("bench-source".into())
         .spawn(move || -> Result<()> {
             let opts = SourceOptions { bandwidth, ..Default::default() };
-            SourceSession::connect(&addr, &KEY, ram, opts)?.postcopy().map(|_| ())
+            SourceSession::connect(&addr, &src_sec, ram, opts)?.postcopy().map(|_| ())
         })
         .ctx(|| "spawn the source thread".into())?;
     let mut opts = DestinationOptions { progress: Progress::Off, ..Default::default() };
     opts.broker.busy_poll = busy_poll;
-    let mut dest = Destination::accept(&l, &KEY, None, opts)?;
+    let mut dest = Destination::accept(&l, &dst_sec, None, opts)?;
     dest.run_until_listening()?;
     Ok(Running { dest, source, t0 })
 }
@@ -128,10 +163,10 @@ impl Running {
 }
 
 /// Migrate `data` (one 4 KiB-page block) over loopback with no client.
-pub fn migrate(data: &[u8]) -> Result<MigrationFigures> {
+pub fn migrate(data: &[u8], protection: Protection) -> Result<MigrationFigures> {
     sys::warm_memory(2 * data.len())?;
     let nonzero = data.chunks(4096).filter(|p| !crate::source::is_zero(p)).count() as u64 * 4096;
-    let (secs, _) = start(data, 0, false)?.finish()?;
+    let (secs, _) = start(data, 0, false, protection)?.finish()?;
     Ok(MigrationFigures { secs, nonzero })
 }
 
@@ -152,9 +187,10 @@ pub fn demand_during(
     data: &[u8],
     faults: usize,
     bandwidth: u64,
+    protection: Protection,
 ) -> Result<(DemandFigures, bool)> {
     sys::warm_memory(2 * data.len())?;
-    let run = start(data, bandwidth, false)?;
+    let run = start(data, bandwidth, false, protection)?;
     let h = run.dest.broker().ok_or_else(|| Error::Invalid("no fault loop".into()))?;
     let b = run.dest.incoming().blocks().get(0).ok_or_else(|| Error::Invalid("no block".into()))?;
     let list = fault_pages(data.len() / 4096, faults);

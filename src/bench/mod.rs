@@ -19,6 +19,7 @@ pub mod sys;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
+use migrate::Protection;
 use report::{Row, Target};
 use sys::Placement;
 
@@ -284,6 +285,18 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     .with_reference();
     let mut m_overlap =
         Row::new("runs whose faults overlapped the saturating stream, %", "unpinned", "-", Target::None, 0);
+    let tls =
+        format!("migration {} MiB over TLS 1.3, s (ref: the same migration in plaintext)", cfg.migrate_mib);
+    let mut m_tls = Row::new(&tls, "unpinned", "blocking", Target::RatioAtMost(1.25), 3).with_reference();
+    let psk = format!("migration {} MiB with a pre-shared key (Noise), s (ref: plaintext)", cfg.migrate_mib);
+    let mut m_psk = Row::new(&psk, "unpinned", "blocking", Target::None, 3).with_reference();
+    let tls_sat =
+        "demand {} during migration over TLS, faults that waited, stream saturating (ref: plaintext)";
+    let mut m_tls_p50 =
+        Row::new(&tls_sat.replace("{}", "p50 us"), "unpinned", "blocking", Target::RatioAtMost(1.2), 1)
+            .with_reference();
+    let mut m_tls_p99 =
+        Row::new(&tls_sat.replace("{}", "p99 us"), "unpinned", "blocking", Target::None, 1).with_reference();
     let demand = cfg.wants("demand");
     let background = cfg.wants("background");
     for run in 0..cfg.runs {
@@ -371,7 +384,23 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             let copy_2m = copy
                 .get("place", "copy_2m_gibs")
                 .ok_or_else(|| Error::Invalid("the reference printed no `place` copy_2m_gibs".into()))?;
-            let m = migrate::migrate(&mig_data)?;
+            // The three protections in a rotating order: each run starts with another one, so
+            // none always follows a migration whose memory the kernel is still freeing.
+            let mut by = [None, None, None];
+            for i in 0..3 {
+                let p = (i + run) % 3;
+                let prot = [Protection::Plaintext, Protection::Tls, Protection::Psk][p];
+                by[p] = Some(migrate::migrate(&mig_data, prot)?);
+            }
+            let [Some(m), Some(t), Some(k)] = by else {
+                return Err(Error::Invalid("a protection was not measured".into()));
+            };
+            for (row, secs) in [(&mut m_tls, t.secs), (&mut m_psk, k.secs)] {
+                row.ours.push(secs);
+                if let Some(r) = row.reference.as_mut() {
+                    r.push(m.secs);
+                }
+            }
             m_tcp.ours.push(raw / f64::from(1 << 30));
             m_secs.ours.push(m.secs);
             m_floor.ours.push(m.secs);
@@ -387,10 +416,32 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                 cfg.runs
             ));
             let idle = migrate::half_zero(cfg.idle_mib << 20);
-            let (i, _) =
-                migrate::demand_during(&cfg.client, &[], &idle, cfg.migrate_faults, cfg.idle_bandwidth)?;
+            let (i, _) = migrate::demand_during(
+                &cfg.client,
+                &[],
+                &idle,
+                cfg.migrate_faults,
+                cfg.idle_bandwidth,
+                Protection::Plaintext,
+            )?;
             drop(idle);
-            let (d, overlapped) = migrate::demand_during(&cfg.client, &[], &mig_data, cfg.migrate_faults, 0)?;
+            let sat = |p| migrate::demand_during(&cfg.client, &[], &mig_data, cfg.migrate_faults, 0, p);
+            let ((d, overlapped), (dt, _)) = if run % 2 == 0 {
+                let d = sat(Protection::Plaintext)?;
+                (d, sat(Protection::Tls)?)
+            } else {
+                let dt = sat(Protection::Tls)?;
+                (sat(Protection::Plaintext)?, dt)
+            };
+            for (row, ours, plain) in [
+                (&mut m_tls_p50, dt.blocked_p50, d.blocked_p50),
+                (&mut m_tls_p99, dt.blocked_p99, d.blocked_p99),
+            ] {
+                row.ours.push(ours);
+                if let Some(r) = row.reference.as_mut() {
+                    r.push(plain);
+                }
+            }
             for (row, ours, idle) in [
                 (&mut m_p50, d.blocked_p50, i.blocked_p50),
                 (&mut m_p99, d.blocked_p99, i.blocked_p99),
@@ -410,9 +461,12 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
         rows.extend(pr.rows().into_iter().filter(|r| !r.ours.is_empty()));
     }
     rows.extend(
-        [reg, down, mem, mem_mib, m_tcp, m_secs, m_floor, m_p50, m_p99, m_blocked, m_mean, m_overlap]
-            .into_iter()
-            .filter(|r| !r.ours.is_empty()),
+        [
+            reg, down, mem, mem_mib, m_tcp, m_secs, m_floor, m_p50, m_p99, m_blocked, m_mean, m_overlap,
+            m_tls, m_psk, m_tls_p50, m_tls_p99,
+        ]
+        .into_iter()
+        .filter(|r| !r.ours.is_empty()),
     );
     Ok(Report { machine: sys::machine(), rows })
 }

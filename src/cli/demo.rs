@@ -5,8 +5,7 @@
 //! arrived yet. It shows progress, then a summary: time, pages by kind, fault latency per client,
 //! and whether the destination's RAM and the disk hold what the source implies.
 
-use std::io::{IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::cli::demo_check::{block_checksums, check_disk, write_disk, write_image, MIRROR_SECTORS, PAGE};
 use crate::control::ControlClient;
 use crate::error::{Error, IoContext, Result};
+use crate::migration::transport::throwaway::ThrowawayCa;
 
 /// Which vhost-user-blk backend the demo runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -126,20 +126,6 @@ fn wait_for(path: &Path, what: &str, procs: &mut Procs, deadline: Instant, dir: 
     Ok(())
 }
 
-fn write_key(path: &Path) -> Result<()> {
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| Error::Invalid(format!("no randomness for the key: {e}")))?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .ctx(|| format!("create {}", path.display()))?;
-    writeln!(f, "{hex}").ctx(|| format!("write {}", path.display()))
-}
-
 fn gib(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
@@ -238,7 +224,7 @@ fn demo_in(a: &DemoArgs, exe: &Path, examples: &Path, dir: &Path) -> Result<bool
     let seed = u64::from(std::process::id()) << 20 | 0x5eed;
     let mirror_gpa = (a.size / 2) & !(PAGE - 1);
     let disk_size = (a.size / 2).max(64 << 20);
-    let (image, disk, key) = (dir.join("image"), dir.join("disk.img"), dir.join("key"));
+    let (image, disk, tls) = (dir.join("image"), dir.join("disk.img"), dir.join("tls"));
     let ctl = dir.join("broker.sock");
     let be_sock = dir.join("backend.sock");
     let backend_name = match a.backend {
@@ -250,8 +236,14 @@ fn demo_in(a: &DemoArgs, exe: &Path, examples: &Path, dir: &Path) -> Result<bool
     let t = Instant::now();
     write_image(&image, a.size, seed)?;
     write_disk(&disk, disk_size, seed, mirror_gpa)?;
-    write_key(&key)?;
-    println!("prepared the source image and a {} disk in {:.1}s", gib(disk_size), t.elapsed().as_secs_f64());
+    // Mutual TLS with a CA made up for this run: both ends read their files from one directory.
+    ThrowawayCa::new("postcopy-broker demo CA")?.write_dir(&tls, &["localhost", "127.0.0.1"])?;
+    println!(
+        "prepared the source image, a {} disk and a throw-away TLS CA ({}) in {:.1}s",
+        gib(disk_size),
+        tls.display(),
+        t.elapsed().as_secs_f64()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     let mut procs = Procs { list: Vec::new() };
@@ -278,8 +270,8 @@ fn demo_in(a: &DemoArgs, exe: &Path, examples: &Path, dir: &Path) -> Result<bool
     wait_for(&be_sock, "the backend's socket", &mut procs, deadline, dir)?;
     // The destination broker.
     let mut dst = Command::new(exe);
-    dst.args(["serve", "--incoming", "127.0.0.1:0", "--key"])
-        .arg(&key)
+    dst.args(["serve", "--incoming", "127.0.0.1:0", "--tls-dir"])
+        .arg(&tls)
         .arg("--control")
         .arg(&ctl)
         .arg("--verify-file")
@@ -305,8 +297,8 @@ fn demo_in(a: &DemoArgs, exe: &Path, examples: &Path, dir: &Path) -> Result<bool
     };
     // The source.
     let mut src = Command::new(exe);
-    src.args(["source", "--connect", &addr, "--key"])
-        .arg(&key)
+    src.args(["source", "--connect", &addr, "--tls-dir"])
+        .arg(&tls)
         .arg("--image")
         .arg(&image)
         .args(["--block", &format!("ram:{}", a.size), "--bandwidth", &a.bandwidth])

@@ -1,6 +1,8 @@
-//! Mutual pre-shared-key authentication of a migration connection, run right after TCP
-//! connect/accept and before Hello, so that a stranger on the network can neither feed nor read
-//! guest RAM.
+//! Mutual pre-shared-key challenge-response of the plaintext transport mode
+//! (`--key FILE --insecure-plaintext`), run right after TCP connect/accept and before Hello. It
+//! proves that both ends hold the key, and nothing more: the frames after it travel unencrypted
+//! and without integrity protection, so anyone on the path can read guest RAM and change it. The
+//! TLS and pre-shared-key modes of [`transport`](super::transport) protect every frame.
 //!
 //! Exchange (each step sent by both sides, then read from the peer):
 //! 1. `AuthNonce {side, nonce}`: the sender's side and 32 fresh random bytes.

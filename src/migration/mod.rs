@@ -3,7 +3,10 @@
 //!
 //! - [`wire`]: the framed binary protocol (docs/wire-protocol.md), encoder and checked
 //!   incremental decoder.
-//! - [`auth`]: mutual pre-shared-key challenge-response run on every TCP connection before Hello.
+//! - [`transport`]: the protection of each connection (mutual TLS 1.3, Noise with a pre-shared
+//!   key, or, when asked for, authenticated plaintext) and its handshake;
+//! - [`auth`]: the pre-shared-key challenge-response of the plaintext mode;
+//! - [`digest`]: per-page digests of what travelled, checked at the end in every mode.
 //! - [`discard`]: source-side batching of dirty ranges into Discard frames per block.
 //! - [`zero`]: zero-page detection, so zero pages travel as ZeroRun frames.
 //! - [`bitmap`]: dirty / received bitmaps to ranges, and received bitmaps to Resume frames.
@@ -16,12 +19,14 @@
 pub mod auth;
 pub mod bitmap;
 pub mod destination;
+pub mod digest;
 pub mod discard;
 #[cfg(test)]
 mod flow_tests;
 mod fuzz;
 pub mod source;
 pub mod spec;
+pub mod transport;
 pub mod verify;
 pub mod wire;
 pub mod zero;

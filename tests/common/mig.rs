@@ -1,7 +1,13 @@
-//! Migration test helpers: a scratch directory, a key file, a seeded PRNG and RAM contents.
+//! Migration test helpers: a scratch directory, the credentials of a migration (a throw-away
+//! TLS directory or a key file), a seeded PRNG and RAM contents.
 
+use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use postcopy_broker::migration::transport::throwaway::ThrowawayCa;
+use postcopy_broker::migration::transport::tls::TlsSetup;
+use postcopy_broker::migration::transport::Security;
 
 /// A scratch directory removed at the end.
 pub struct Dir(pub PathBuf);
@@ -21,6 +27,54 @@ impl Dir {
 impl Drop for Dir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What both ends of a test migration authenticate with.
+#[derive(Debug, Clone)]
+pub enum Creds {
+    /// `--tls-dir DIR`: one directory with all five files (a throw-away CA).
+    Tls(PathBuf),
+    /// `--key FILE`.
+    Psk(PathBuf),
+}
+
+impl Creds {
+    /// A throw-away CA and certificates for localhost / 127.0.0.1 in `dir`/tls.
+    pub fn tls(dir: &Path) -> Creds {
+        let d = dir.join("tls");
+        ThrowawayCa::new("test CA").unwrap().write_dir(&d, &["localhost", "127.0.0.1"]).unwrap();
+        Creds::Tls(d)
+    }
+
+    /// A key file at `path`.
+    pub fn psk(path: &Path) -> Creds {
+        write_key(path);
+        Creds::Psk(path.to_path_buf())
+    }
+
+    /// The command line options.
+    pub fn args(&self) -> Vec<OsString> {
+        match self {
+            Creds::Tls(d) => vec!["--tls-dir".into(), d.into()],
+            Creds::Psk(k) => vec!["--key".into(), k.into()],
+        }
+    }
+
+    /// The source's security.
+    pub fn source(&self) -> Security {
+        match self {
+            Creds::Tls(d) => Security::tls(TlsSetup::source(d, None).unwrap()),
+            Creds::Psk(k) => Security::psk(&postcopy_broker::migration::load_key(k).unwrap()).unwrap(),
+        }
+    }
+
+    /// The destination's security.
+    pub fn destination(&self) -> Security {
+        match self {
+            Creds::Tls(d) => Security::tls(TlsSetup::destination(d, None).unwrap()),
+            Creds::Psk(k) => Security::psk(&postcopy_broker::migration::load_key(k).unwrap()).unwrap(),
+        }
     }
 }
 
@@ -64,7 +118,7 @@ pub fn contents(size: usize, ps: usize, seed: u64, zero_every: usize) -> Vec<u8>
 /// the address it listens on (its first stdout line), and the rest of its stdout.
 pub fn spawn_serve(
     control: &Path,
-    key: &Path,
+    creds: &Creds,
     listen: &str,
     extra: &[&str],
 ) -> (std::process::Child, String, std::io::BufReader<std::process::ChildStdout>) {
@@ -72,8 +126,7 @@ pub fn spawn_serve(
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
         .args(["serve", "--incoming", listen, "--control"])
         .arg(control)
-        .arg("--key")
-        .arg(key)
+        .args(creds.args())
         .args(extra)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())

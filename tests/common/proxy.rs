@@ -3,10 +3,12 @@
 //! connection (shutdown of both sides, then close). Cut points come in ascending order; after
 //! the last one connections pass untouched, unless `refuse_after_cut` makes the proxy close
 //! every new connection at once (a peer that never comes back) until `set_refuse(false)`.
-//! `cut_now` cuts at a moment of the caller's choosing instead of a byte count. `hold_after_listen`
-//! makes it hold the first connection (the migration's main one) right after the Listen frame
-//! until `release`: the destination listens and serves demand faults (urgent connection), but
-//! no background page and no Complete arrives, so clients can register before the end.
+//! [`Tamper`] makes it an attacker on the path too: flip a bit at given offsets of the client →
+//! target bytes, and watch both directions for a marker. `cut_now` cuts at a moment of the
+//! caller's choosing instead of a byte count. `hold_after_listen` makes it hold the first
+//! connection (the migration's main one, in the plaintext transport) right after the Listen frame
+//! until `release`: the destination listens and serves demand faults (urgent connection), but no
+//! background page and no Complete arrives, so clients can register before the end.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -15,6 +17,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 type Hook = Box<dyn Fn(u64) + Send + Sync>;
+
+/// What an on-path attacker does besides cutting.
+#[derive(Default)]
+pub struct Tamper {
+    /// Flip bit 4 of the byte at each of these offsets of the client → target bytes (all
+    /// connections together).
+    pub flip_at: Vec<u64>,
+    /// Bytes to look for in the traffic, both directions.
+    pub watch: Option<Vec<u8>>,
+}
 
 struct State {
     target: SocketAddr,
@@ -28,8 +40,11 @@ struct State {
     stop: AtomicBool,
     hook: Option<Hook>,
     connections: AtomicU64,
+    flips: Mutex<Vec<u64>>,
+    flips_done: AtomicU64,
+    watch: Option<Vec<u8>>,
+    watched: AtomicBool,
     hold_armed: AtomicBool,
-    holding: AtomicBool,
     released: AtomicBool,
 }
 
@@ -42,13 +57,20 @@ pub struct Proxy {
 
 impl Proxy {
     /// Forward to `target`, cutting at each of `cuts` (bytes). `hook(n)` runs before the n-th cut.
-    pub fn start(
+    pub fn start(target: SocketAddr, cuts: Vec<u64>, refuse_after_cut: bool, hook: Option<Hook>) -> Proxy {
+        Proxy::tampering(target, cuts, refuse_after_cut, hook, Tamper::default())
+    }
+
+    /// [`start`](Proxy::start) with an attacker's `tamper`.
+    pub fn tampering(
         target: SocketAddr,
         mut cuts: Vec<u64>,
         refuse_after_cut: bool,
         hook: Option<Hook>,
+        mut tamper: Tamper,
     ) -> Proxy {
         cuts.sort_unstable();
+        tamper.flip_at.sort_unstable();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let st = Arc::new(State {
@@ -62,8 +84,11 @@ impl Proxy {
             stop: AtomicBool::new(false),
             hook,
             connections: AtomicU64::new(0),
+            flips: Mutex::new(tamper.flip_at),
+            flips_done: AtomicU64::new(0),
+            watch: tamper.watch,
+            watched: AtomicBool::new(false),
             hold_armed: AtomicBool::new(false),
-            holding: AtomicBool::new(false),
             released: AtomicBool::new(false),
         });
         let s = Arc::clone(&st);
@@ -86,20 +111,26 @@ impl Proxy {
         self.st.connections.load(Ordering::SeqCst)
     }
 
+    /// Bits flipped so far.
+    pub fn flips_done(&self) -> u64 {
+        self.st.flips_done.load(Ordering::SeqCst)
+    }
+
+    /// Whether the watched bytes passed through (either direction).
+    pub fn saw_watched(&self) -> bool {
+        self.st.watched.load(Ordering::SeqCst)
+    }
+
     /// Cut every live connection now, as a cut point does (the hook runs first).
     pub fn cut_now(&self) {
         cut(&self.st);
     }
 
     /// Hold the first connection's client → target bytes after the Listen frame (call before
-    /// the first connection) until [`release`](Proxy::release).
+    /// the first connection; the frames must travel in the clear) until
+    /// [`release`](Proxy::release).
     pub fn hold_after_listen(&self) {
         self.st.hold_armed.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether the Listen frame passed and the rest is being held.
-    pub fn holding(&self) -> bool {
-        self.st.holding.load(Ordering::SeqCst) && !self.st.released.load(Ordering::SeqCst)
     }
 
     /// Let the held bytes through.
@@ -170,6 +201,15 @@ fn cut(st: &State) {
     }
 }
 
+/// Whether `watch` occurs in `tail` + `buf`; keeps the last bytes of `buf` in `tail`.
+fn scan(watch: &[u8], tail: &mut Vec<u8>, buf: &[u8]) -> bool {
+    tail.extend_from_slice(buf);
+    let found = tail.windows(watch.len()).any(|w| w == watch);
+    let keep = watch.len().saturating_sub(1).min(tail.len());
+    tail.drain(..tail.len() - keep);
+    found
+}
+
 /// Finds the end of the Listen frame in a stream of wire frames (12-byte header: magic, type,
 /// flags, reserved, payload length; docs/wire-protocol.md).
 #[derive(Default)]
@@ -206,18 +246,36 @@ impl ListenScan {
 }
 
 fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, hold: bool) {
-    let mut scan = hold.then(ListenScan::default);
+    let mut listen = hold.then(ListenScan::default);
     let mut buf = vec![0u8; 64 << 10];
+    let mut tail = Vec::new();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(w) = &st.watch {
+            if scan(w, &mut tail, &buf[..n]) {
+                st.watched.store(true, Ordering::SeqCst);
+            }
+        }
         let mut keep = n;
         let mut cut_now = false;
         if counting {
             let mut cuts = st.cuts.lock().unwrap();
             let before = st.forwarded.fetch_add(n as u64, Ordering::SeqCst);
+            let mut flips = st.flips.lock().unwrap();
+            while let Some(&f) = flips.first() {
+                if f >= before + n as u64 {
+                    break;
+                }
+                if f >= before {
+                    buf[(f - before) as usize] ^= 0x10;
+                    st.flips_done.fetch_add(1, Ordering::SeqCst);
+                }
+                flips.remove(0);
+            }
+            drop(flips);
             if let Some(&c) = cuts.first() {
                 if before + n as u64 >= c {
                     keep = c.saturating_sub(before) as usize;
@@ -227,12 +285,11 @@ fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, h
             }
         }
         let mut from_here = 0;
-        if let Some(at) = scan.as_mut().and_then(|s| s.feed(&buf[..keep])) {
-            scan = None;
+        if let Some(at) = listen.as_mut().and_then(|s| s.feed(&buf[..keep])) {
+            listen = None;
             if to.write_all(&buf[..at]).is_err() {
                 break;
             }
-            st.holding.store(true, Ordering::SeqCst);
             while !st.released.load(Ordering::SeqCst) && !st.stop.load(Ordering::SeqCst) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }

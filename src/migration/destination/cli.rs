@@ -9,15 +9,17 @@ use super::{verify_report, Destination, DestinationOptions, Summary};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::BrokerConfig;
 use crate::incoming::Incoming;
-use crate::migration::auth::load_key;
+use crate::migration::source::cli::warn_if_plaintext;
+use crate::migration::transport::TransportOptions;
+use crate::migration::wire::Side;
 
 /// What `postcopy-broker serve --incoming` needs.
 #[derive(Debug, Clone)]
 pub struct IncomingOptions {
     /// Address to listen on for the source (port 0: any free port).
     pub addr: String,
-    /// Pre-shared key file.
-    pub key: Option<PathBuf>,
+    /// The protection of the migration connections (`--tls-dir` or `--key`).
+    pub transport: TransportOptions,
     /// Control socket for client processes.
     pub control: PathBuf,
     /// Peer uids allowed on the control socket (empty: root and our own uid).
@@ -50,11 +52,11 @@ fn finish_outputs(a: &IncomingOptions, summary: &Summary, incoming: &Incoming) -
     Ok(())
 }
 
-/// Run `postcopy-broker serve --incoming`: print `listening ADDR`, accept the source, migrate,
-/// print the summary.
+/// Run `postcopy-broker serve --incoming`: print `listening ADDR`, accept the source (refusing
+/// and logging connections that fail their handshake), migrate, print the summary.
 pub fn run(a: &IncomingOptions) -> Result<()> {
-    let key_path = a.key.as_ref().ok_or_else(|| Error::Invalid("--incoming needs --key FILE".into()))?;
-    let key = load_key(key_path)?;
+    let security = a.transport.security(Side::Destination)?;
+    warn_if_plaintext(security.mode());
     let listener = TcpListener::bind(&a.addr).ctx(|| format!("listen on {}", a.addr))?;
     let local = listener.local_addr().ctx(|| "local address".into())?;
     println!("listening {local}");
@@ -72,13 +74,8 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         stream_nice: a.stream_nice,
         ..DestinationOptions::default()
     };
-    let d = Destination::accept(&listener, &key, None, opts).map_err(|e| match e {
-        Error::Auth(e) => Error::Invalid(format!(
-            "authentication of the source failed using key file {}: {e}",
-            key_path.display()
-        )),
-        e => e,
-    })?;
+    log::info!("migration connections: {}", security.mode());
+    let d = Destination::accept(&listener, &security, None, opts)?;
     let (summary, incoming) = d.run()?;
     finish_outputs(a, &summary, &incoming)
 }

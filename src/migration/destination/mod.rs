@@ -1,7 +1,8 @@
 //! The destination broker of a live migration.
 //!
-//! - [`session`]: [`Destination`], the network migration (accept, auth, Hello, the postcopy
-//!   states, finish);
+//! - [`session`]: [`Destination`], the network migration (accept, Hello, the postcopy states,
+//!   finish);
+//! - [`gate`]: the listening socket: concurrent handshakes under deadlines, strangers refused;
 //! - [`network`]: [`NetworkSource`], the fault loop's page source over the two connections
 //!   (pauses when they drop, resumes with new ones);
 //! - `stream`: the stream thread that reads and places the background stream;
@@ -10,6 +11,7 @@
 //! - [`cli`]: `postcopy-broker serve --incoming`.
 
 pub mod cli;
+pub mod gate;
 pub mod network;
 mod resume;
 pub mod session;

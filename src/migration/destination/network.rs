@@ -19,7 +19,7 @@
 //! urgent connection before it reads anything.
 
 use std::io::{ErrorKind, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use crate::error::{Error, IoContext, Result};
 use crate::eventfd::EventFd;
+use crate::migration::transport::Transport;
 use crate::migration::wire::{encode, Decoder, Frame, WireError};
 use crate::place::Placer;
 use crate::ram::{BlockId, RamBlocks};
@@ -68,6 +69,8 @@ pub struct NetState {
     pub resumes: AtomicU64,
     /// Requests sent again on a new urgent connection after a resume.
     pub reissued: AtomicU64,
+    /// Digests of the pages that arrived (checked against the source's at the end).
+    pub digests: crate::migration::digest::Received,
     paused: Mutex<Option<(String, Instant)>>,
 }
 
@@ -117,11 +120,11 @@ impl NetState {
 #[derive(Debug)]
 pub struct Connections {
     /// Main connection.
-    pub main: TcpStream,
+    pub main: Transport,
     /// Its decoder (block table set).
     pub main_dec: Decoder,
     /// Urgent connection.
-    pub urgent: TcpStream,
+    pub urgent: Transport,
     /// Its decoder (block table set).
     pub urgent_dec: Decoder,
 }
@@ -147,7 +150,7 @@ impl Resumer {
 /// The urgent connection with its decoder.
 #[derive(Debug)]
 struct Urgent {
-    sock: TcpStream,
+    sock: Transport,
     dec: Decoder,
 }
 
@@ -307,7 +310,7 @@ impl NetworkSource {
         Ok(())
     }
 
-    fn unwatch(&self, urgent: &TcpStream) {
+    fn unwatch(&self, urgent: &Transport) {
         let _ = ep_ctl(
             &self.ep,
             epoll::ControlOptions::EPOLL_CTL_DEL,
@@ -391,7 +394,13 @@ impl NetworkSource {
                 Err(e) => return Err(Error::io("send a Request on the urgent connection", e)),
             }
         }
-        let want = !self.outbox.is_empty();
+        match c.sock.flush() {
+            Err(e) if e.kind() != ErrorKind::WouldBlock => {
+                return Err(Error::io("send a Request on the urgent connection", e))
+            }
+            _ => {}
+        }
+        let want = !self.outbox.is_empty() || c.sock.wants_write();
         if want != self.want_out {
             let ev =
                 if want { epoll::Events::EPOLLIN | epoll::Events::EPOLLOUT } else { epoll::Events::EPOLLIN };
@@ -453,6 +462,9 @@ pub(crate) fn eof(which: &str, e: WireError) -> Error {
 
 impl Ctx {
     pub(crate) fn handle(&mut self, f: Frame<'_>, urgent: bool, sink: &mut dyn PageSink) -> Result<()> {
+        if self.net.digests.observe(&f) {
+            return Ok(());
+        }
         match f {
             Frame::Page { block, offset, demand, data } => {
                 self.net.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);

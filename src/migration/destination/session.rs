@@ -4,35 +4,44 @@
 //! marked received, Discards, Listen (own uffd, then the fault loop with the [`NetworkSource`]),
 //! Run, and the end when every page is received and the source said Complete.
 //!
+//! Connections come through the [`Gate`]: it authenticates every connection concurrently (a
+//! stranger cannot hold up or stop the session) and the session takes only those whose Hello
+//! belongs to it: the main connection first, then the urgent one of the same session (same id,
+//! same blocks, same peer certificate in the TLS mode).
+//!
 //! If a connection drops during postcopy (and both sides accepted `CAP_RESUME`), the network
-//! source pauses and [`finish`](Destination::finish) waits on the same listening socket for the
-//! source to reconnect with the same session id: it authenticates the new connections, sends the
-//! received bitmaps (Resume frames, ResumeEnd), reads ResumeAck and hands the connections to the
-//! fault loop. A source that does not come back within `resume_timeout` ends the migration with
-//! an error (docs/recovery.md says what state RAM and clients are left in).
+//! source pauses and [`finish`](Destination::finish) waits at the gate for the source to
+//! reconnect with the same session id: it sends the received bitmaps (Resume frames,
+//! ResumeEnd), reads ResumeAck and hands the connections to the fault loop. A source that does
+//! not come back within `resume_timeout` ends the migration with an error (docs/recovery.md
+//! says what state RAM and clients are left in).
+//!
+//! At the end the source's page digests must equal the destination's ([`crate::migration::digest`]);
+//! otherwise the migration fails and the source is told so.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::gate::{Arrival, Gate, GateLimits};
 use super::network::{Connections, NetState, NetworkSource, Resumer};
 use super::resume::Link;
 use super::summary::{Progress, Summary};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::{Broker, BrokerConfig, BrokerHandle};
 use crate::incoming::Incoming;
-use crate::migration::auth::authenticate_tcp;
+use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{
-    negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, Hello, Limits, Side, WireError,
+    negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, WireError, CAP_DIGEST,
     CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
 };
 use crate::ram::{BlockId, RamBlock, RamBlocks, HUGE_1G, HUGE_2M, SMALL_PAGE};
 use crate::state::PostcopyState;
 
 /// Capabilities this destination accepts.
-pub const DESTINATION_CAPS: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME;
+pub const DESTINATION_CAPS: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME | CAP_DIGEST;
 
 /// Default of [`DestinationOptions::resume_timeout`].
 pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,8 +49,9 @@ pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 /// Settings of a destination session.
 #[derive(Debug, Clone)]
 pub struct DestinationOptions {
-    /// Authentication timeout per connection (None: 10 s).
-    pub auth_timeout: Option<Duration>,
+    /// Deadline of each connection's handshake and Hello (a stranger holds a handshake slot at
+    /// most this long).
+    pub handshake_timeout: Duration,
     /// How long to wait for the source's urgent connection after the main one.
     pub accept_timeout: Duration,
     /// Fault loop settings (background pull is off for a network source in any case).
@@ -59,7 +69,7 @@ pub struct DestinationOptions {
 impl Default for DestinationOptions {
     fn default() -> DestinationOptions {
         DestinationOptions {
-            auth_timeout: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             accept_timeout: Duration::from_secs(30),
             broker: BrokerConfig::default(),
             progress: Progress::Auto,
@@ -73,9 +83,9 @@ impl Default for DestinationOptions {
 #[derive(Debug)]
 pub struct Destination {
     incoming: Incoming,
-    main: TcpStream,
+    main: Transport,
     main_dec: Option<Decoder>,
-    urgent: Option<(TcpStream, Decoder)>,
+    urgent: Option<(Transport, Decoder)>,
     /// Wire block index → RamBlocks id.
     ids: Vec<BlockId>,
     net: Arc<NetState>,
@@ -95,52 +105,12 @@ pub struct Destination {
     handled_pauses: u64,
 }
 
-pub(super) fn accept_one(listener: &TcpListener, timeout: Duration) -> Result<(TcpStream, SocketAddr)> {
-    listener.set_nonblocking(true).ctx(|| "set the listener non-blocking".into())?;
-    let end = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((s, a)) => {
-                s.set_nonblocking(false).ctx(|| "set the connection blocking".into())?;
-                s.set_nodelay(true).ctx(|| "set TCP_NODELAY".into())?;
-                return Ok((s, a));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Err(Error::Invalid(format!(
-                    "no connection from the source within {timeout:?}; start `postcopy-broker source --connect` with this address"
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("accept a migration connection", e)),
-        }
-    }
-}
-
 /// Send an Error frame (best effort) and return `e`.
-pub(super) fn refuse(s: &mut TcpStream, e: Error) -> Error {
+pub(super) fn refuse(s: &Transport, e: Error) -> Error {
     let text = e.to_string();
-    let _ = write_frame(s, &Frame::Error { text: &text });
+    let mut s = s;
+    let _ = write_frame(&mut s, &Frame::Error { text: &text });
     e
-}
-
-pub(super) fn read_hello(s: &mut TcpStream, dec: &mut Decoder, want: Channel) -> Result<Hello> {
-    s.set_read_timeout(Some(Duration::from_secs(30))).ctx(|| "set a read timeout".into())?;
-    let hello = match dec.read_frame(s)? {
-        Frame::Hello(h) if h.channel == want => h,
-        Frame::Hello(h) => {
-            return Err(Error::Invalid(format!(
-                "expected a Hello for the {want:?} connection, got {:?}",
-                h.channel
-            )))
-        }
-        Frame::Error { text } => return Err(Error::Invalid(format!("the source reported: {text}"))),
-        f => return Err(Error::Invalid(format!("expected Hello, got a {:?} frame", f.frame_type()))),
-    };
-    s.set_read_timeout(None).ctx(|| "clear the read timeout".into())?;
-    Ok(hello)
 }
 
 /// RAM blocks for an announced table: memfds for 4 KiB pages, hugetlbfs memfds for huge pages.
@@ -187,38 +157,50 @@ fn match_blocks(table: &BlockTable, blocks: &RamBlocks) -> Result<Vec<BlockId>> 
 }
 
 impl Destination {
-    /// Accept the source's main and urgent connections on `listener`, authenticate both with
-    /// `key`, and answer their Hellos. The RAM blocks are created from the Hello (`blocks`
-    /// None) or must match the given ones.
+    /// Accept the source's main and urgent connections on `listener`, authenticated with
+    /// `security`, and answer their Hellos. The RAM blocks are created from the Hello (`blocks`
+    /// None) or must match the given ones. Connections that fail their handshake or do not
+    /// belong to the session are refused and logged; waiting goes on.
     pub fn accept(
         listener: &TcpListener,
-        key: &[u8],
+        security: &Security,
         blocks: Option<RamBlocks>,
         opts: DestinationOptions,
     ) -> Result<Destination> {
-        let (mut main, peer) = accept_one(listener, Duration::from_secs(365 * 24 * 3600))?;
-        let started = Instant::now();
-        log::info!("migration connection from {peer}");
-        authenticate_tcp(&mut main, key, Side::Destination, opts.auth_timeout)?;
-        let mut main_dec = Decoder::new(Limits::default());
-        let hello = read_hello(&mut main, &mut main_dec, Channel::Main).map_err(|e| refuse(&mut main, e))?;
-        if hello.resume {
-            return Err(refuse(
-                &mut main,
-                Error::Invalid(format!(
+        let limits = GateLimits { handshake_timeout: opts.handshake_timeout, ..GateLimits::default() };
+        let gate = Gate::open(listener, security.clone(), limits)?;
+        let first = loop {
+            let a = gate.next(None).ok_or_else(|| Error::Invalid("the migration gate stopped".into()))?;
+            if a.hello.resume {
+                let why = format!(
                     "no paused session {:016x} to resume here: this destination was started after the migration began (a destination restarted during postcopy cannot resume it); start a new migration",
-                    hello.session_id
-                )),
-            ));
-        }
-        let (version, caps) = negotiate(&hello, DESTINATION_CAPS).map_err(|e| refuse(&mut main, e.into()))?;
-        if caps & CAP_URGENT_CHANNEL == 0 {
-            return Err(refuse(
-                &mut main,
-                Error::Invalid(
-                    "the source does not offer the urgent channel, which this destination requires".into(),
-                ),
-            ));
+                    a.hello.session_id
+                );
+                a.refuse(&why);
+                continue;
+            }
+            if a.hello.channel != Channel::Main {
+                a.refuse("no migration session is open here yet: the main connection comes first");
+                continue;
+            }
+            break a;
+        };
+        let Arrival { transport: main, dec: mut main_dec, hello } = first;
+        let started = Instant::now();
+        let peer = main.peer_addr();
+        log::info!("migration connection from {peer} ({})", main.mode());
+        let (version, caps) = negotiate(&hello, DESTINATION_CAPS).map_err(|e| refuse(&main, e.into()))?;
+        for (cap, what) in
+            [(CAP_URGENT_CHANNEL, "the urgent channel"), (CAP_DIGEST, "page digests (CAP_DIGEST)")]
+        {
+            if caps & cap == 0 {
+                return Err(refuse(
+                    &main,
+                    Error::Invalid(format!(
+                        "the source does not offer {what}, which this destination requires"
+                    )),
+                ));
+            }
         }
         let setup = match blocks {
             Some(b) => match_blocks(&hello.blocks, &b).map(|ids| (b, ids)),
@@ -227,50 +209,50 @@ impl Destination {
                 (b, ids)
             }),
         };
-        let (blocks, ids) = setup.map_err(|e| refuse(&mut main, e))?;
+        let (blocks, ids) = setup.map_err(|e| refuse(&main, e))?;
         main_dec.set_blocks(hello.blocks.clone());
-        write_frame(&mut main, &Frame::HelloAck { version, capabilities: caps })?;
+        write_frame(&mut &main, &Frame::HelloAck { version, capabilities: caps })?;
         log::info!(
             "hello: {} blocks, {} bytes, session {:016x}, version {version}, capabilities {caps:#x}",
             hello.blocks.len(),
             blocks.total_size(),
             hello.session_id
         );
-
-        let (mut urgent, upeer) = accept_one(listener, opts.accept_timeout)?;
-        if upeer.ip() != peer.ip() {
-            return Err(Error::Invalid(format!(
-                "the urgent connection came from {upeer}, not from the source at {peer}"
-            )));
-        }
-        authenticate_tcp(&mut urgent, key, Side::Destination, opts.auth_timeout)?;
-        let mut urgent_dec = Decoder::new(Limits::default());
-        let uh =
-            read_hello(&mut urgent, &mut urgent_dec, Channel::Urgent).map_err(|e| refuse(&mut urgent, e))?;
-        if uh.session_id != hello.session_id || uh.blocks != hello.blocks || uh.resume {
-            return Err(refuse(
-                &mut urgent,
-                Error::Invalid(
-                    "the urgent connection's Hello does not match the main one (session or blocks)".into(),
-                ),
-            ));
-        }
-        urgent_dec.set_blocks(hello.blocks.clone());
-        write_frame(&mut urgent, &Frame::HelloAck { version, capabilities: caps })?;
         let link = Link {
-            listener: listener.try_clone().ctx(|| "clone the listening socket".into())?,
-            key: key.to_vec(),
+            gate,
             session_id: hello.session_id,
             table: hello.blocks.clone(),
             caps: DESTINATION_CAPS,
+            identity: main.peer_identity().map(<[u8]>::to_vec),
         };
+        let deadline = Instant::now() + opts.accept_timeout;
+        let (urgent, mut urgent_dec) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(a) = link.gate.next(Some(left)).filter(|_| !left.is_zero()) else {
+                return Err(refuse(
+                    &main,
+                    Error::Invalid(format!(
+                        "the source's urgent connection did not arrive within {:?} of the main one",
+                        opts.accept_timeout
+                    )),
+                ));
+            };
+            match link.check(&a, Channel::Urgent, false) {
+                Ok(()) => break (a.transport, a.dec),
+                Err(why) => a.refuse(&why),
+            }
+        };
+        urgent_dec.set_blocks(hello.blocks.clone());
+        write_frame(&mut &urgent, &Frame::HelloAck { version, capabilities: caps })?;
+        let net = Arc::new(NetState::default());
+        net.digests.set_blocks(&hello.blocks);
         Ok(Destination {
             incoming: Incoming::new(blocks),
             main,
             main_dec: Some(main_dec),
             urgent: Some((urgent, urgent_dec)),
             ids,
-            net: Arc::new(NetState::default()),
+            net,
             broker: None,
             opts,
             started,
@@ -314,7 +296,7 @@ impl Destination {
             match r {
                 Ok(true) => break,
                 Ok(false) => {}
-                Err(e) => return Err(refuse(&mut self.main, e)),
+                Err(e) => return Err(refuse(&self.main, e)),
             }
         }
         let (urgent, urgent_dec) =
@@ -352,7 +334,7 @@ impl Destination {
     /// Handle one frame before Listen; true when it was Listen (and listen() succeeded).
     fn pre_listen_frame(&mut self, dec: &mut Decoder) -> Result<bool> {
         let state = self.incoming.state().get();
-        let f = match dec.read_frame(&mut self.main) {
+        let f = match dec.read_frame(&mut &self.main) {
             Ok(f) => f,
             Err(e) => {
                 let why = match e {
@@ -365,6 +347,7 @@ impl Destination {
             }
         };
         let advised = matches!(state, PostcopyState::Advise | PostcopyState::Discard);
+        self.net.digests.observe_precopy(&f);
         match f {
             Frame::Advise => self.incoming.advise()?,
             Frame::Page { block, offset, data, .. } if advised => {
@@ -430,6 +413,10 @@ impl Destination {
                     self.peer
                 )));
             }
+            if let Some(e) = self.net.digests.conflict() {
+                progress.clear();
+                return Err(self.fail_digests(e));
+            }
             if self.net.pauses.load(Ordering::Acquire) > self.handled_pauses {
                 if let Err(e) = self.recover() {
                     if let Some(h) = self.broker.take() {
@@ -451,12 +438,15 @@ impl Destination {
             std::thread::sleep(Duration::from_millis(20));
         }
         progress.clear();
+        if let Err(e) = self.net.digests.verify() {
+            return Err(self.fail_digests(e));
+        }
         let h = self.broker.take().ok_or_else(|| Error::Invalid("no fault loop".into()))?;
         let status = h.stop()?;
         self.incoming.cleanup()?;
         self.main.set_nonblocking(false).ctx(|| "set the main connection blocking".into())?;
-        write_frame(&mut self.main, &Frame::Complete)?;
-        let _ = self.main.flush();
+        write_frame(&mut &self.main, &Frame::Complete)?;
+        let _ = (&self.main).flush();
         let _ = self.main.shutdown(std::net::Shutdown::Write);
         let summary = Summary::new(
             self.started.elapsed(),
@@ -467,6 +457,16 @@ impl Destination {
             status,
         );
         Ok((summary, self.incoming))
+    }
+
+    /// The digests say the RAM cannot be trusted: stop the fault loop, tell the source, fail.
+    fn fail_digests(&mut self, e: crate::migration::digest::DigestError) -> Error {
+        if let Some(h) = self.broker.take() {
+            let _ = h.stop();
+        }
+        let e = Error::from(e);
+        let _ = self.main.set_nonblocking(false);
+        refuse(&self.main, e)
     }
 
     /// The connections dropped during postcopy: wait for the source to reconnect (until
@@ -482,8 +482,8 @@ impl Destination {
         let blocks = Arc::clone(self.incoming.blocks());
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let accepted = if left.is_zero() { None } else { accept_one(&self.link.listener, left).ok() };
-            let Some((main, peer)) = accepted else {
+            let accepted = if left.is_zero() { None } else { self.link.gate.next(Some(left)) };
+            let Some(arrival) = accepted else {
                 let (have, total) = (blocks.received_pages(), blocks.total_pages());
                 let e = format!(
                     "migration from {} failed during postcopy: {why}; the source did not resume within {:?}. \
@@ -497,16 +497,11 @@ impl Destination {
                 self.net.give_up(e.clone());
                 return Err(Error::Invalid(e));
             };
+            let peer = arrival.peer();
             log::info!("reconnect from {peer}: resume handshake");
-            match self.link.handshake(
-                main,
-                &blocks,
-                &self.ids,
-                self.opts.auth_timeout,
-                self.opts.accept_timeout,
-            ) {
+            match self.link.handshake(arrival, &blocks, &self.ids, self.opts.accept_timeout) {
                 Ok(conns) => {
-                    self.main = conns.main.try_clone().ctx(|| "clone the main connection".into())?;
+                    self.main = conns.main.clone();
                     self.peer = peer;
                     self.handled_pauses = pauses;
                     resumer.resume(conns);

@@ -11,13 +11,14 @@
 //! two steps on both sides means at least one of them sees the other, so no waiter is left
 //! asleep (when both see it, the second wake finds no waiter).
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, IoContext, Result};
 use crate::eventfd::EventFd;
+use crate::migration::transport::Transport;
 use crate::migration::wire::Decoder;
 use crate::place::{Placed, Placer};
 use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
@@ -85,7 +86,7 @@ struct Shared {
 pub(crate) struct Stream {
     shared: Arc<Shared>,
     /// A handle on the main connection, to send an Error frame and to shut it down.
-    sock: TcpStream,
+    sock: Transport,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -102,7 +103,7 @@ pub(crate) struct StreamParts {
 
 impl Stream {
     /// Start reading `main` (blocking) with `dec`, which may already hold frames.
-    pub(crate) fn spawn(main: TcpStream, dec: Decoder, parts: StreamParts) -> Result<Stream> {
+    pub(crate) fn spawn(main: Transport, dec: Decoder, parts: StreamParts) -> Result<Stream> {
         main.set_nonblocking(false).ctx(|| "set the main connection blocking".into())?;
         let sock = main.try_clone().ctx(|| "clone the main connection".into())?;
         let shared = Arc::new(Shared::default());
@@ -127,7 +128,7 @@ impl Stream {
     }
 
     /// The main connection (to send an Error frame on it).
-    pub(crate) fn sock(&self) -> &TcpStream {
+    pub(crate) fn sock(&self) -> &Transport {
         &self.sock
     }
 
@@ -150,7 +151,7 @@ impl Drop for Stream {
     }
 }
 
-fn run(mut main: TcpStream, mut dec: Decoder, parts: StreamParts, shared: &Shared) {
+fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Shared) {
     let StreamParts { mut ctx, placer, wanted, counts, kick, nice } = parts;
     crate::sched::lower_thread_priority(nice, "stream thread");
     let started = std::time::Instant::now();

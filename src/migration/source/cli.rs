@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::migration::auth::load_key;
 use crate::migration::spec::{parse_block, parse_dirty, parse_size};
+use crate::migration::transport::{Mode, TransportOptions};
 use crate::migration::verify::{BlockChecksum, VerifyReport};
+use crate::migration::wire::Side;
 
 use super::control::SourceControl;
 use super::{SourceOptions, SourceRam, SourceSession};
@@ -16,10 +17,23 @@ pub struct SourceArgs {
     /// Destination to connect to (its `serve --incoming` address).
     #[arg(long, value_name = "HOST:PORT")]
     pub connect: String,
-    /// Pre-shared key file (hex or raw bytes, at least 16 bytes, mode 0600); the same as the
-    /// destination's.
+    /// Mutual TLS 1.3 with the certificates of DIR: ca-cert.pem, client-cert.pem and
+    /// client-key.pem (QEMU's tls-creds-x509 layout; the destination uses the same CA). See
+    /// docs/security.md.
+    #[arg(long, value_name = "DIR", conflicts_with = "key", required_unless_present = "key")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the name (DNS name or IP address) the destination's certificate must be
+    /// valid for. Default: the host of --connect.
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    pub tls_peer_name: Option<String>,
+    /// Pre-shared key file (hex or raw bytes, at least 16 bytes, mode 0600), the same as the
+    /// destination's: both connections are authenticated and encrypted with it (Noise NNpsk0).
     #[arg(long, value_name = "FILE")]
-    pub key: PathBuf,
+    pub key: Option<PathBuf>,
+    /// With --key: authenticate with the key but send guest RAM unencrypted and without
+    /// integrity protection, for a link you trust (the destination must say it too).
+    #[arg(long, requires = "key")]
+    pub insecure_plaintext: bool,
     /// Image file holding the blocks back to back, in --block order.
     #[arg(long, value_name = "FILE", required_unless_present = "control", requires = "blocks")]
     pub image: Option<PathBuf>,
@@ -67,9 +81,32 @@ pub struct SourceArgs {
     pub summary_json: Option<PathBuf>,
 }
 
+impl SourceArgs {
+    /// The protection options.
+    pub fn transport(&self) -> TransportOptions {
+        TransportOptions {
+            tls_dir: self.tls_dir.clone(),
+            tls_peer_name: self.tls_peer_name.clone(),
+            key: self.key.clone(),
+            insecure_plaintext: self.insecure_plaintext,
+        }
+    }
+}
+
+/// Log a loud warning when the migration runs without protection.
+pub fn warn_if_plaintext(mode: Mode) {
+    if mode == Mode::Plaintext {
+        log::warn!(
+            "--insecure-plaintext: guest RAM (and every secret in it) travels unencrypted and without integrity protection; anyone on the path can read and change it. Use --tls-dir or --key alone unless this link is trusted."
+        );
+    }
+}
+
 /// Run `postcopy-broker source`.
 pub fn run(a: &SourceArgs) -> Result<()> {
-    let key = load_key(&a.key)?;
+    let transport = a.transport();
+    let security = transport.security(Side::Source)?;
+    warn_if_plaintext(security.mode());
     let mut control = match &a.control {
         Some(path) => Some(SourceControl::bind(path, a.allow_uid.clone())?),
         None => None,
@@ -106,11 +143,16 @@ pub fn run(a: &SourceArgs) -> Result<()> {
         })?,
         ..SourceOptions::default()
     };
-    let mut s = SourceSession::connect(&a.connect, &key, ram, opts).map_err(|e| match e {
-        Error::Auth(e) => Error::Invalid(format!(
-            "authentication with the destination at {} failed using key file {}: {e}",
+    let mut s = SourceSession::connect(&a.connect, &security, ram, opts).map_err(|e| match e {
+        Error::Auth(_) | Error::Transport(_) => Error::Invalid(format!(
+            "the connection to the destination at {} failed ({} with {}): {e}",
             a.connect,
-            a.key.display()
+            security.mode(),
+            match (&a.tls_dir, &a.key) {
+                (Some(d), _) => format!("--tls-dir {}", d.display()),
+                (None, Some(k)) => format!("key file {}", k.display()),
+                (None, None) => "no credentials".into(),
+            }
         )),
         e => e,
     })?;

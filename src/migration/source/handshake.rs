@@ -1,5 +1,5 @@
-//! Opening one connection to the destination (connect, authenticate, Hello, HelloAck), and the
-//! source's half of a postcopy resume: reopen both connections with the resume flag and the same
+//! Opening one connection to the destination (connect, the transport handshake, Hello,
+//! HelloAck), and the source's half of a postcopy resume: reopen both connections with the resume flag and the same
 //! session id, rebuild the destination's received bitmaps from its Resume frames, make the sent
 //! bitmaps equal to them (so exactly the missing pages go again), and answer ResumeAck.
 
@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::ram::SourceRam;
 use crate::error::{Error, IoContext, Result};
-use crate::migration::auth::authenticate_tcp;
 use crate::migration::bitmap::{bit_runs, ReceivedMap};
+use crate::migration::transport::{Security, Transport};
 use crate::migration::wire::{
-    check_ack, write_frame, Channel, Decoder, Frame, Hello, Limits, Side, CAP_RESUME, PROTOCOL_VERSION,
+    check_ack, write_frame, Channel, Decoder, Frame, Hello, Limits, CAP_RESUME, PROTOCOL_VERSION,
 };
 
 /// How long to wait for HelloAck, and for the destination's bitmaps on a resume.
@@ -22,19 +22,32 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// retry can succeed.
 pub const NO_SESSION: &str = "no paused session";
 
+/// Whether `e` (a failed connect or resume, or the destination's last word) can only fail
+/// again: the destination has no such session, found the pages it received wrong, or one end
+/// refused the other's certificate, key or protection.
+pub fn is_fatal(e: &Error) -> bool {
+    match e {
+        Error::Transport(t) => t.is_refusal(),
+        e => {
+            let text = e.to_string();
+            text.contains(NO_SESSION) || text.contains(crate::migration::digest::UNTRUSTED)
+        }
+    }
+}
+
 /// Where and how to connect: the same for the first connections and for every resume.
 #[derive(Debug, Clone)]
 pub struct Peer {
     /// Destination address.
     pub addr: String,
-    /// Pre-shared key.
-    pub key: Vec<u8>,
+    /// The connections' protection.
+    pub security: Security,
     /// Session id (random, kept on resume).
     pub session_id: u64,
     /// Capabilities offered.
     pub caps: u64,
-    /// Authentication timeout (None: 10 s).
-    pub auth_timeout: Option<Duration>,
+    /// Deadline of each connection's handshake.
+    pub handshake_timeout: Duration,
 }
 
 /// Connect to `addr`, retrying a refused connect until `timeout` passes (zero: one attempt).
@@ -72,18 +85,17 @@ pub fn unexpected(what: &str, f: &Frame<'_>) -> Error {
 }
 
 impl Peer {
-    /// Open one connection: connect, authenticate, Hello (`resume` flag), HelloAck. Returns the
-    /// stream, its decoder (block table set) and the accepted capabilities.
+    /// Open one connection: connect, the transport handshake, Hello (`resume` flag), HelloAck.
+    /// Returns the connection, its decoder (block table set) and the accepted capabilities.
     pub fn open(
         &self,
         ram: &SourceRam,
         channel: Channel,
         resume: bool,
         connect_timeout: Duration,
-    ) -> Result<(TcpStream, Decoder, u64)> {
-        let mut s = connect(&self.addr, connect_timeout)?;
-        s.set_nodelay(true).ctx(|| "set TCP_NODELAY".into())?;
-        authenticate_tcp(&mut s, &self.key, Side::Source, self.auth_timeout)?;
+    ) -> Result<(Transport, Decoder, u64)> {
+        let s = connect(&self.addr, connect_timeout)?;
+        let mut s = self.security.connect(s, &self.addr, self.handshake_timeout)?;
         let hello = Hello {
             version: PROTOCOL_VERSION,
             capabilities: self.caps,
@@ -109,7 +121,7 @@ impl Peer {
     /// One resume attempt (no sender thread may run): both connections with the resume flag,
     /// the destination's received bitmaps, the sent bitmaps set to them, ResumeAck. Returns the
     /// main connection and its decoder, the urgent connection, and the pages to send again.
-    pub fn resume(&self, ram: &SourceRam) -> Result<(TcpStream, Decoder, TcpStream, u64)> {
+    pub fn resume(&self, ram: &SourceRam) -> Result<(Transport, Decoder, Transport, u64)> {
         let (mut main, mut dec, caps) = self.open(ram, Channel::Main, true, Duration::ZERO)?;
         if caps & CAP_RESUME == 0 {
             return Err(Error::Invalid("the destination did not accept CAP_RESUME on reconnect".into()));

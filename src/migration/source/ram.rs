@@ -1,6 +1,7 @@
 //! The source's view of guest RAM: named blocks held in memory mappings (copied from bytes or an
 //! image file, or mapped from a memfd the caller hands in), each with the shared "sent" bitmap
-//! that lets the background stream and the urgent thread send every page once.
+//! that lets the background stream and the urgent thread send every page once, and the digest
+//! of what was sent (see [`crate::migration::digest`]).
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -8,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, IoContext, Result};
+use crate::migration::digest::BlockDigest;
 use crate::migration::wire::{BlockInfo, BlockTable};
 use crate::ram::{AtomicBitmap, Mapping};
 
@@ -17,6 +19,7 @@ pub struct SourceBlock {
     info: BlockInfo,
     map: Mapping,
     sent: AtomicBitmap,
+    digest: BlockDigest,
 }
 
 fn checked_len(info: &BlockInfo) -> Result<usize> {
@@ -77,7 +80,8 @@ impl SourceBlock {
 
     fn new(info: BlockInfo, map: Mapping) -> SourceBlock {
         let pages = usize::try_from(info.pages()).unwrap_or(0);
-        SourceBlock { info, map, sent: AtomicBitmap::new(pages) }
+        let digest = BlockDigest::new(info.page_size, info.pages());
+        SourceBlock { info, map, sent: AtomicBitmap::new(pages), digest }
     }
 
     /// Name, size and page size.
@@ -88,6 +92,11 @@ impl SourceBlock {
     /// The bitmap of pages already sent (set by whoever claims a page for sending).
     pub fn sent(&self) -> &AtomicBitmap {
         &self.sent
+    }
+
+    /// The hashes of the pages as they were last sent.
+    pub fn digest(&self) -> &BlockDigest {
+        &self.digest
     }
 
     /// The bytes `[offset, offset + len)`, clamped to the block.
@@ -174,6 +183,11 @@ impl SourceRam {
     /// Total bytes.
     pub fn total_size(&self) -> u64 {
         self.blocks.iter().map(|b| b.info.size).sum()
+    }
+
+    /// Every block's digest of what was sent, in wire order (the `Digests` frame).
+    pub fn digests(&self) -> Vec<u64> {
+        self.blocks.iter().map(|b| b.digest.fold()).collect()
     }
 
     /// Whether every page of every block has been sent.

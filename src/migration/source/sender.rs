@@ -1,6 +1,6 @@
 //! Putting pages on the wire: a run of pages becomes Page frames (header + data in one writev,
-//! never copied) and ZeroRun frames for its zero pages; the source's counters; the background
-//! bandwidth limit.
+//! never copied) and ZeroRun frames for its zero pages, each recorded in its block's digest;
+//! the source's counters; the background bandwidth limit.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,10 +125,13 @@ pub fn send_run<W: Write + ?Sized>(
             let pages = piece.len as u64 / ps;
             if piece.zero && zero_runs {
                 write_frame(w, &Frame::ZeroRun { block: index, offset: at, len: piece.len as u64, demand })?;
+                block.digest().set(at, None, piece.len as u64);
                 written += 32;
                 stats.zero_pages.fetch_add(pages, Ordering::Relaxed);
             } else {
-                write_page(w, index, at, demand, &data[piece.offset..piece.offset + piece.len])?;
+                let bytes = &data[piece.offset..piece.offset + piece.len];
+                write_page(w, index, at, demand, bytes)?;
+                block.digest().set(at, Some(bytes), 0);
                 written += 24 + piece.len as u64;
             }
             stats.count(kind, pages);

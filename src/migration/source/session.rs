@@ -1,16 +1,16 @@
-//! The source side of one migration: connect both TCP connections to the destination,
-//! authenticate, Hello; then Advise, an optional precopy pass, dirty ranges as batched Discards,
+//! The source side of one migration: connect both TCP connections to the destination, run
+//! their transport handshakes (TLS or the pre-shared-key mode), Hello; then Advise, an optional precopy pass, dirty ranges as batched Discards,
 //! Listen, Run, and the postcopy phase: a background stream on the main connection and demand
-//! requests answered on the urgent connection by their own thread, until the destination says
-//! Complete.
+//! requests answered on the urgent connection by their own thread, then the digests of every
+//! page sent and Complete, until the destination says Complete.
 //!
 //! If a connection fails during postcopy (and the destination accepted `CAP_RESUME`), the source
 //! stops both threads and reconnects by itself, retrying with a bounded exponential backoff for
-//! at most `resume_timeout`; after the resume handshake it sends exactly the pages the destination
-//! does not have (see [`handshake`](super::handshake)).
+//! at most `resume_timeout` (but not when the destination refused it: another key or
+//! certificate cannot start working); after the resume handshake it sends exactly the pages the
+//! destination does not have (see [`handshake`](super::handshake)).
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -18,14 +18,15 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::handshake::{unexpected, Peer, NO_SESSION};
+use super::handshake::{is_fatal, unexpected, Peer};
 use super::ram::SourceRam;
 use super::sender::{send_run, Kind, RateLimit, SourceCounts, SourceStats};
 use super::urgent::{serve_urgent, Hint};
 use crate::error::{Error, IoContext, Result};
 use crate::migration::discard::DiscardBatcher;
+use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{
-    write_frame, Channel, Decoder, Frame, WireError, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL,
+    write_frame, Channel, Decoder, Frame, WireError, CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL,
     CAP_ZERO_RUN, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN,
 };
 
@@ -48,8 +49,8 @@ pub struct SourceOptions {
     pub prefetch_pages: u64,
     /// Background bandwidth limit in bytes per second (0: unlimited).
     pub bandwidth: u64,
-    /// Authentication timeout (None: the default of 10 s).
-    pub auth_timeout: Option<Duration>,
+    /// Deadline of each connection's transport handshake.
+    pub handshake_timeout: Duration,
     /// How long to keep retrying a refused TCP connect.
     pub connect_timeout: Duration,
     /// Ranges per Discard frame (at most the destination's limit, 256 by default).
@@ -70,7 +71,7 @@ impl Default for SourceOptions {
         SourceOptions {
             prefetch_pages: 0,
             bandwidth: 0,
-            auth_timeout: None,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
             max_discard_ranges: DEFAULT_MAX_DISCARD_RANGES,
             zero_runs: true,
@@ -102,8 +103,8 @@ enum Phase {
 #[derive(Debug)]
 pub struct SourceSession {
     ram: Arc<SourceRam>,
-    main: TcpStream,
-    urgent: TcpStream,
+    main: Transport,
+    urgent: Transport,
     main_dec: Decoder,
     caps: u64,
     opts: SourceOptions,
@@ -115,13 +116,18 @@ pub struct SourceSession {
 }
 
 impl SourceSession {
-    /// Connect to the destination at `addr`, authenticate both connections with `key`, and
+    /// Connect to the destination at `addr`, protect both connections with `security`, and
     /// announce `ram`'s blocks (main connection, then urgent connection).
-    pub fn connect(addr: &str, key: &[u8], ram: SourceRam, opts: SourceOptions) -> Result<SourceSession> {
+    pub fn connect(
+        addr: &str,
+        security: &Security,
+        ram: SourceRam,
+        opts: SourceOptions,
+    ) -> Result<SourceSession> {
         let mut sid = [0u8; 8];
         getrandom::fill(&mut sid).map_err(|e| Error::Invalid(format!("no random session id: {e}")))?;
         let session_id = u64::from_le_bytes(sid);
-        let mut caps = CAP_URGENT_CHANNEL | CAP_DISCARD;
+        let mut caps = CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_DIGEST;
         if opts.zero_runs {
             caps |= CAP_ZERO_RUN;
         }
@@ -130,10 +136,10 @@ impl SourceSession {
         }
         let peer = Peer {
             addr: addr.to_string(),
-            key: key.to_vec(),
+            security: security.clone(),
             session_id,
             caps,
-            auth_timeout: opts.auth_timeout,
+            handshake_timeout: opts.handshake_timeout,
         };
         let open = |channel| peer.open(&ram, channel, false, opts.connect_timeout);
         let (main, main_dec, accepted) = open(Channel::Main)?;
@@ -144,7 +150,8 @@ impl SourceSession {
         }
         let (urgent, _, _) = open(Channel::Urgent)?;
         log::info!(
-            "connected to {addr}: {} blocks, {} bytes, session {session_id:016x}, capabilities {accepted:#x}",
+            "connected to {addr} ({}): {} blocks, {} bytes, session {session_id:016x}, capabilities {accepted:#x}",
+            main.mode(),
             ram.table().len(),
             ram.total_size()
         );
@@ -254,7 +261,7 @@ impl SourceSession {
         loop {
             match self.serve() {
                 Ok(()) => break,
-                Err(e) if self.caps & CAP_RESUME != 0 => self.reconnect(e)?,
+                Err(e) if self.caps & CAP_RESUME != 0 && !is_fatal(&e) => self.reconnect(e)?,
                 Err(e) => return Err(e),
             }
         }
@@ -328,7 +335,7 @@ impl SourceSession {
                     return Ok(());
                 }
                 Err(e) => {
-                    let fatal = e.to_string().contains(NO_SESSION);
+                    let fatal = is_fatal(&e);
                     if fatal || start.elapsed() + delay > self.opts.resume_timeout {
                         return Err(Error::Invalid(format!(
                             "the connection to the destination at {} failed during postcopy ({why}) and resuming failed after {attempts} attempt(s) in {:.1}s: {e}",
@@ -412,6 +419,9 @@ impl SourceSession {
                 &self.stats,
             )?;
             limit.pace(w);
+        }
+        if self.caps & CAP_DIGEST != 0 {
+            write_frame(&mut self.main, &Frame::Digests { digests: self.ram.digests() })?;
         }
         write_frame(&mut self.main, &Frame::Complete)?;
         self.main.flush().ctx(|| "flush the main connection".into())?;

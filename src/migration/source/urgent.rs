@@ -3,13 +3,13 @@
 //! still sit in a socket buffer), prefetch the pages after it that were not sent, and point the
 //! background stream at the demanded address.
 
-use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use super::ram::SourceRam;
 use super::sender::{send_run, Kind, SourceStats};
 use crate::error::{Error, Result};
+use crate::migration::transport::Transport;
 use crate::migration::wire::{Decoder, Frame, Limits, WireError};
 
 /// Where the background stream should continue: the page after the last demanded run.
@@ -23,7 +23,7 @@ pub struct Hint {
 
 /// Serve Requests on `stream` until it closes. Returns Ok on an orderly close.
 pub fn serve_urgent(
-    mut stream: TcpStream,
+    mut stream: Transport,
     ram: &SourceRam,
     stats: &SourceStats,
     hint: &Mutex<Option<Hint>>,

@@ -301,6 +301,32 @@ pub fn decode_payload<'a>(
             Frame::AuthNonce { side, nonce }
         }
         FrameType::AuthProof => Frame::AuthProof { mac: f.array::<AUTH_LEN>("proof")? },
+        FrameType::Digests => {
+            let table = need_table(frame, blocks)?;
+            let count = f.u32("digest count")? as usize;
+            if f.u32("reserved field")? != 0 {
+                return Err(WireError::malformed(frame, "reserved field must be 0"));
+            }
+            if count != table.len() || f.remaining() != count * 8 {
+                return Err(WireError::malformed(
+                    frame,
+                    format!(
+                        "{count} digests in {} bytes; the block table has {} blocks (8 bytes each)",
+                        f.remaining(),
+                        table.len()
+                    ),
+                ));
+            }
+            let digests = (0..count).map(|_| f.u64("digest")).collect::<Result<Vec<_>, _>>()?;
+            Frame::Digests { digests }
+        }
+        FrameType::Handshake => {
+            let bytes = f.rest();
+            if bytes.is_empty() {
+                return Err(WireError::malformed(frame, "an empty handshake message"));
+            }
+            Frame::Handshake { bytes }
+        }
         FrameType::AuthResult => match f.u8("verdict")? {
             0 => Frame::AuthResult { accepted: false },
             1 => Frame::AuthResult { accepted: true },

@@ -124,6 +124,22 @@ fn encode_payload(frame: &Frame<'_>, out: &mut Vec<u8>, flags: &mut u8) -> Resul
         }
         Frame::AuthProof { mac } => out.extend_from_slice(mac),
         Frame::AuthResult { accepted } => out.push(u8::from(*accepted)),
+        Frame::Digests { digests } => {
+            let n = u32::try_from(digests.len()).map_err(|_| {
+                unencodable(ft, format!("{} digests do not fit the count field", digests.len()))
+            })?;
+            out.extend_from_slice(&n.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            for d in digests {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+        }
+        Frame::Handshake { bytes } => {
+            if bytes.is_empty() {
+                return Err(unencodable(ft, "an empty handshake message"));
+            }
+            out.extend_from_slice(bytes);
+        }
         Frame::Advise
         | Frame::Listen
         | Frame::Run

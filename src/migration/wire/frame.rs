@@ -24,8 +24,10 @@ pub const CAP_URGENT_CHANNEL: u64 = 1 << 1;
 pub const CAP_DISCARD: u64 = 1 << 2;
 /// Capability: postcopy recovery (`Pause`, `Resume`, `ResumeEnd`, `ResumeAck`).
 pub const CAP_RESUME: u64 = 1 << 3;
+/// Capability: the source sends the digests of the pages it sent (`Digests`) before Complete.
+pub const CAP_DIGEST: u64 = 1 << 4;
 /// Every capability this version knows.
-pub const CAP_ALL: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME;
+pub const CAP_ALL: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME | CAP_DIGEST;
 
 /// The type byte of a frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,12 +63,16 @@ pub enum FrameType {
     ResumeAck = 0x0e,
     /// Either side: a fatal error with a human-readable text; the connection closes after it.
     Error = 0x0f,
+    /// Source → destination, before Complete: the digest of the pages sent, per block.
+    Digests = 0x10,
     /// Authentication step 1 (both sides): role and a fresh random nonce.
     AuthNonce = 0x20,
     /// Authentication step 2 (both sides): HMAC proof of the pre-shared key.
     AuthProof = 0x21,
     /// Authentication step 3 (both sides): whether the peer's proof was accepted.
     AuthResult = 0x22,
+    /// Pre-shared-key mode: one Noise handshake message.
+    Handshake = 0x23,
 }
 
 impl FrameType {
@@ -89,9 +95,11 @@ impl FrameType {
             0x0d => ResumeEnd,
             0x0e => ResumeAck,
             0x0f => Error,
+            0x10 => Digests,
             0x20 => AuthNonce,
             0x21 => AuthProof,
             0x22 => AuthResult,
+            0x23 => Handshake,
             _ => return None,
         })
     }
@@ -305,6 +313,16 @@ pub enum Frame<'a> {
         /// Whether the peer's proof was valid.
         accepted: bool,
     },
+    /// The source's digest of the pages it sent, one per block in block table order.
+    Digests {
+        /// The digests.
+        digests: Vec<u64>,
+    },
+    /// One Noise handshake message of the pre-shared-key mode.
+    Handshake {
+        /// The message.
+        bytes: &'a [u8],
+    },
 }
 
 impl Frame<'_> {
@@ -329,6 +347,8 @@ impl Frame<'_> {
             Frame::AuthNonce { .. } => FrameType::AuthNonce,
             Frame::AuthProof { .. } => FrameType::AuthProof,
             Frame::AuthResult { .. } => FrameType::AuthResult,
+            Frame::Digests { .. } => FrameType::Digests,
+            Frame::Handshake { .. } => FrameType::Handshake,
         }
     }
 }

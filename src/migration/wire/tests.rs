@@ -51,6 +51,8 @@ fn all_frames(page: &[u8], bitmap: &[u8]) -> Vec<Frame<'static>> {
         Frame::AuthProof { mac: [0xa5; AUTH_LEN] },
         Frame::AuthResult { accepted: true },
         Frame::AuthResult { accepted: false },
+        Frame::Digests { digests: vec![7, 0, u64::MAX] },
+        Frame::Handshake { bytes: &page[..48] },
     ]
 }
 

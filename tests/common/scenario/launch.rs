@@ -75,7 +75,10 @@ pub fn start(
             let key = dir.join("key");
             crate::common::mig::write_key(&key);
             let mut d = Command::new(BIN);
-            d.args(["serve", "--incoming", "127.0.0.1:0", "--resume-timeout", "30", "--key"]).arg(&key);
+            // The plaintext transport: the proxy's hold after Listen reads the frames (with TLS or
+            // the PSK's Noise records it cannot find Listen).
+            d.args(["serve", "--incoming", "127.0.0.1:0", "--resume-timeout", "30", "--insecure-plaintext"]);
+            d.arg("--key").arg(&key);
             d.arg("--control").arg(ctl).arg("--verify-file").arg(dir.join("dst-verify.json"));
             d.arg("--summary-json").arg(dir.join("dst-summary.json"));
             let broker = procs.spawn("destination", &mut d, false, false);
@@ -85,7 +88,8 @@ pub fn start(
             proxy.hold_after_listen();
             let connect = proxy.addr();
             let mut c = Command::new(BIN);
-            c.args(["source", "--connect", &connect, "--resume-timeout", "30", "--key"]).arg(&key);
+            c.args(["source", "--connect", &connect, "--resume-timeout", "30", "--insecure-plaintext"]);
+            c.arg("--key").arg(&key);
             c.arg("--verify-file").arg(dir.join("src-verify.json"));
             c.arg("--summary-json").arg(dir.join("src-summary.json"));
             if *precopy {
