@@ -104,6 +104,11 @@ struct Args {
     /// Sectors at the start of the disk that mirror guest RAM at --mirror-gpa.
     #[arg(long, default_value_t = 4096)]
     mirror_sectors: u64,
+    /// Guest range GPA+LEN (page aligned, inside migrated RAM) that the postcopy writes take
+    /// their data pages from (default: all of it), so that another client may write pages
+    /// elsewhere without racing the driver's read-back check.
+    #[arg(long, value_parser = parse_range)]
+    io_range: Option<(u64, u64)>,
     /// Postcopy operations at most (each: one write from a missing page, one read into one).
     #[arg(long, default_value_t = 256)]
     postcopy_ops: u64,
@@ -120,6 +125,11 @@ struct Args {
     /// After the I/O print {"phase":"io-done"} and wait for a line on stdin.
     #[arg(long)]
     pause_after_io: bool,
+    /// With --control: once the driver and its backend are registered with the broker (before
+    /// any guest I/O), print {"phase":"registered"} and wait for a line on stdin, so that a test
+    /// can start every client's work together.
+    #[arg(long)]
+    wait_registered: bool,
     /// Print the summary as one JSON line.
     #[arg(long)]
     json: bool,
@@ -127,6 +137,15 @@ struct Args {
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     postcopy_broker::cli::parse_size(s)
+}
+
+fn parse_range(s: &str) -> std::result::Result<(u64, u64), String> {
+    let (gpa, len) = s.split_once('+').ok_or_else(|| format!("range '{s}' must be GPA+LEN, e.g. 0+8M"))?;
+    let (gpa, len) = (parse_size(gpa)?, parse_size(len)?);
+    if gpa % PAGE != 0 || len % PAGE != 0 || len == 0 {
+        return Err(format!("range '{s}' must be page aligned and not empty"));
+    }
+    Ok((gpa, len))
 }
 
 /// splitmix64: small, seedable, good enough for test data.
@@ -333,7 +352,7 @@ fn postcopy_io(
 ) -> Result<(Vec<Op>, Vec<Op>, u64)> {
     let mirror_pages = args.mirror_sectors / SECTORS_PER_PAGE;
     let mirror = mirror_gpa..mirror_gpa + mirror_pages * PAGE;
-    let total_pages = ram_size / PAGE;
+    let (io_first, io_pages) = args.io_range.map_or((0, ram_size / PAGE), |(g, l)| (g / PAGE, l / PAGE));
     let mut used: HashSet<u64> = HashSet::new();
     let mut mirror_used: HashSet<u64> = HashSet::new();
     let (mut writes, mut reads) = (Vec::new(), Vec::new());
@@ -351,7 +370,7 @@ fn postcopy_io(
             // A write whose data page the driver never touched.
             let mut tries = 0;
             let page = loop {
-                let p = rng.below(total_pages);
+                let p = io_first + rng.below(io_pages);
                 tries += 1;
                 if (!mirror.contains(&(p * PAGE)) && used.insert(p)) || tries > 10_000 {
                     break p;
@@ -427,6 +446,16 @@ fn touch_all(ram: &GuestRam) -> Result<serde_json::Value> {
     Ok(serde_json::Value::Object(sums.collect()))
 }
 
+/// Print {"phase": PHASE} and wait for a line on stdin.
+fn pause(phase: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::json!({ "phase": phase })).map_err(|e| Error::io("stdout", e))?;
+    out.flush().map_err(|e| Error::io("stdout", e))?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| Error::io("stdin", e))?;
+    Ok(())
+}
+
 fn ops_json(ops: &[Op]) -> serde_json::Value {
     ops.iter().map(|o| serde_json::json!([o.gpa, o.sector, o.sectors])).collect()
 }
@@ -491,6 +520,9 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     }
     drop(regions);
     let mut drv = BlkDriver::start(&mut conn, &ram, RING_GPA, META_GPA, args.queue_size)?;
+    if args.wait_registered && broker.is_some() {
+        pause("registered")?;
+    }
 
     // GET_ID.
     let id_gpa = DATA_GPA;
@@ -518,7 +550,15 @@ fn run(args: &Args) -> Result<serde_json::Value> {
         // one entry per migrated page outside the mirror.
         let bounce_sectors = if args.sectors == 0 { 2048 } else { args.sectors };
         let room = config.capacity_sectors.saturating_sub(log_sector + bounce_sectors) / SECTORS_PER_PAGE;
-        let ops = args.postcopy_ops.min(room).min((ram_size - mirror_len.min(ram_size)) / PAGE);
+        let (io_gpa, io_len) = args.io_range.unwrap_or((0, ram_size));
+        if io_gpa.checked_add(io_len).is_none_or(|e| e > ram_size) {
+            return Err(Error::Invalid(format!(
+                "--io-range {io_gpa:#x}+{io_len:#x} is outside the {ram_size:#x} bytes of migrated RAM"
+            )));
+        }
+        let mirror_end = mirror_gpa + mirror_len;
+        let overlap = mirror_end.min(io_gpa + io_len).saturating_sub(mirror_gpa.max(io_gpa));
+        let ops = args.postcopy_ops.min(room).min((io_len - overlap) / PAGE);
         let log_end = log_sector + ops * SECTORS_PER_PAGE;
         if mirror_gpa % PAGE != 0 || mirror_gpa + mirror_len > ram_size || ops == 0 {
             return Err(Error::Invalid(format!(
@@ -550,11 +590,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     let bounce = bounce_workload(args, &mut drv, &ram, first, config.capacity_sectors, acked)?;
 
     if args.pause_after_io {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", serde_json::json!({"phase": "io-done"})).map_err(|e| Error::io("stdout", e))?;
-        out.flush().map_err(|e| Error::io("stdout", e))?;
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).map_err(|e| Error::io("stdin", e))?;
+        pause("io-done")?;
     }
     let ram_sums = if args.touch_all { Some(touch_all(&ram)?) } else { None };
 

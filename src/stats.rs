@@ -170,6 +170,35 @@ pub struct StatusReport {
     pub clients: Vec<ClientStatus>,
     /// Clients that are gone (exited, unregistered, failed), most recent last, at most 256.
     pub departed: Vec<ClientStatus>,
+    /// Outstanding requests with their waiters, oldest first, at most [`PENDING_LISTED`] (what a
+    /// hung client waits for).
+    #[serde(default)]
+    pub pending: Vec<PendingRequest>,
+}
+
+/// Most outstanding requests listed in [`StatusReport::pending`].
+pub const PENDING_LISTED: usize = 256;
+
+/// One outstanding page request in the status report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingRequest {
+    /// Block name.
+    pub block: String,
+    /// Byte offset of the page in the block.
+    pub offset: u64,
+    /// The faults waiting for it (none when every waiter left; the page still comes).
+    pub waiters: Vec<PendingWaiter>,
+}
+
+/// A fault waiting for an outstanding request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingWaiter {
+    /// Client id.
+    pub client: u64,
+    /// Page address in the client.
+    pub addr: u64,
+    /// How long it has waited, in milliseconds.
+    pub waiting_ms: u64,
 }
 
 impl StatusReport {
@@ -214,6 +243,14 @@ pub fn render(r: &StatusReport) -> String {
         "pages: demand {} background {} zero {}  faults {}  requests {}  wakes {}  foreign {}",
         g.pages_demand, g.pages_background, g.pages_zero, g.faults, g.requests, g.wakes, g.foreign_pages
     );
+    for p in r.pending.iter().take(8) {
+        let ws: Vec<String> = p
+            .waiters
+            .iter()
+            .map(|w| format!("#{} at {:#x} for {} ms", w.client, w.addr, w.waiting_ms))
+            .collect();
+        let _ = writeln!(s, "  waiting: block {} offset {:#x}: {}", p.block, p.offset, ws.join(", "));
+    }
     let _ = writeln!(s, "clients: {} registered, {} gone", g.clients_registered, g.clients_gone);
     for c in r.all_clients() {
         let l = &c.stats.latency;

@@ -69,7 +69,8 @@ struct Args {
     no_wait: bool,
     /// Steps, separated by ';': touch:LIST (read pages through mapping 0), touchall:LIST (through
     /// every mapping), write:LIST:BYTE (fill the first 8 bytes), remove:RANGE (MADV_REMOVE on
-    /// mapping 0), unmap:RANGE (munmap on mapping 0), fork (the child runs the rest of the
+    /// mapping 0), dontneed:RANGE (MADV_DONTNEED on mapping 0: how a balloon frees private
+    /// memory), unmap:RANGE (munmap on mapping 0), fork (the child runs the rest of the
     /// script, then the parent), wait (read a line from stdin), timed:LIST (read one byte of each
     /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
     /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
@@ -213,6 +214,12 @@ impl Client {
                 let (p, len) = self.range(arg)?;
                 // SAFETY: the range lies inside this process's own mapping.
                 unsafe { madvise(p, len, MmapAdvise::MADV_REMOVE) }.map_err(|e| format!("madvise: {e}"))?;
+                json!({"who": who, "step": step})
+            }
+            "dontneed" => {
+                let (p, len) = self.range(arg)?;
+                // SAFETY: the range lies inside this process's own mapping.
+                unsafe { madvise(p, len, MmapAdvise::MADV_DONTNEED) }.map_err(|e| format!("madvise: {e}"))?;
                 json!({"who": who, "step": step})
             }
             "unmap" => {

@@ -15,7 +15,7 @@ use crate::eventfd::EventFd;
 use crate::fault::core::Core;
 use crate::incoming::Incoming;
 use crate::source::{FileSource, PageSource, SourceState};
-use crate::stats::{BlockStatus, StatusReport};
+use crate::stats::{BlockStatus, PendingRequest, PendingWaiter, StatusReport, PENDING_LISTED};
 use crate::uffd::{message_buffer, Message, RawMsg, Uffd};
 
 const T_EVENT: u64 = 0;
@@ -254,6 +254,27 @@ impl Loop {
             broker,
             clients,
             departed: self.departed.iter().cloned().collect(),
+            pending: self
+                .core
+                .pending
+                .snapshot(PENDING_LISTED)
+                .into_iter()
+                .map(|(block, page, ws)| {
+                    let b = blocks.get(block);
+                    PendingRequest {
+                        block: b.map(|b| b.name().to_string()).unwrap_or_default(),
+                        offset: page * b.map_or(4096, |b| b.page_size()),
+                        waiters: ws
+                            .iter()
+                            .map(|w| PendingWaiter {
+                                client: w.client.0,
+                                addr: w.addr,
+                                waiting_ms: w.since.elapsed().as_millis() as u64,
+                            })
+                            .collect(),
+                    }
+                })
+                .collect(),
         }
     }
 

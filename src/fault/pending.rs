@@ -183,6 +183,28 @@ impl Pending {
         self.map.is_empty()
     }
 
+    /// Up to `limit` outstanding requests, oldest waiter first: (block, page, its waiters), for
+    /// the status report's list of what is waiting.
+    pub fn snapshot(&self, limit: usize) -> Vec<(BlockId, u64, Vec<Waiter>)> {
+        let mut out: Vec<(BlockId, u64, Vec<Waiter>)> = self
+            .map
+            .iter()
+            .map(|(&(block, page), list)| {
+                let mut ws = Vec::new();
+                let mut i = list.first;
+                while i != NIL {
+                    let n = self.nodes[i as usize];
+                    ws.push(n.w);
+                    i = n.next;
+                }
+                (block, page, ws)
+            })
+            .collect();
+        out.sort_by_key(|(b, p, ws)| (ws.iter().map(|w| w.since).min(), *b, *p));
+        out.truncate(limit);
+        out
+    }
+
     /// Every outstanding (block, page), for re-issuing after a reconnect.
     pub fn keys(&self) -> Vec<(BlockId, u64)> {
         let mut k: Vec<_> = self.map.keys().copied().collect();
@@ -211,6 +233,13 @@ mod tests {
         assert!(!p.contains(0, 5) && p.contains(0, 6));
         assert_eq!(p.take_client_range(ClientId(1), 0x2000, 0x3000), vec![w(1, 0x2000)]);
         assert_eq!(p.keys(), vec![(0, 6)]);
+        assert_eq!(p.snapshot(10), vec![(0, 6, vec![])], "a request nobody waits for any more is listed");
+        let later =
+            Waiter { client: ClientId(3), addr: 0x7000, since: now + std::time::Duration::from_millis(5) };
+        assert!(p.join(1, 9, later));
+        assert!(!p.join(0, 6, w(2, 0x4000)));
+        assert_eq!(p.snapshot(10), vec![(0, 6, vec![w(2, 0x4000)]), (1, 9, vec![later])], "oldest first");
+        assert_eq!(p.snapshot(1).len(), 1);
     }
 
     #[test]

@@ -4,7 +4,11 @@
 //! the last one connections pass untouched, unless `refuse_after_cut` makes the proxy close
 //! every new connection at once (a peer that never comes back) until `set_refuse(false)`.
 //! [`Tamper`] makes it an attacker on the path too: flip a bit at given offsets of the client →
-//! target bytes, and watch both directions for a marker.
+//! target bytes, and watch both directions for a marker. `cut_now` cuts at a moment of the
+//! caller's choosing instead of a byte count. `hold_after_listen` makes it hold the first
+//! connection (the migration's main one, in the plaintext transport) right after the Listen frame
+//! until `release`: the destination listens and serves demand faults (urgent connection), but no
+//! background page and no Complete arrives, so clients can register before the end.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -40,6 +44,8 @@ struct State {
     flips_done: AtomicU64,
     watch: Option<Vec<u8>>,
     watched: AtomicBool,
+    hold_armed: AtomicBool,
+    released: AtomicBool,
 }
 
 /// A running proxy.
@@ -82,6 +88,8 @@ impl Proxy {
             flips_done: AtomicU64::new(0),
             watch: tamper.watch,
             watched: AtomicBool::new(false),
+            hold_armed: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
         let s = Arc::clone(&st);
         let thread = std::thread::spawn(move || accept_loop(listener, s));
@@ -111,6 +119,23 @@ impl Proxy {
     /// Whether the watched bytes passed through (either direction).
     pub fn saw_watched(&self) -> bool {
         self.st.watched.load(Ordering::SeqCst)
+    }
+
+    /// Cut every live connection now, as a cut point does (the hook runs first).
+    pub fn cut_now(&self) {
+        cut(&self.st);
+    }
+
+    /// Hold the first connection's client → target bytes after the Listen frame (call before
+    /// the first connection; the frames must travel in the clear) until
+    /// [`release`](Proxy::release).
+    pub fn hold_after_listen(&self) {
+        self.st.hold_armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Let the held bytes through.
+    pub fn release(&self) {
+        self.st.released.store(true, Ordering::SeqCst);
     }
 
     /// Refuse (close at once) new connections, or let them through again.
@@ -146,7 +171,8 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         };
-        st.connections.fetch_add(1, Ordering::SeqCst);
+        let first = st.connections.fetch_add(1, Ordering::SeqCst) == 0;
+        let hold = first && st.hold_armed.load(Ordering::SeqCst);
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         {
@@ -156,9 +182,9 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
         }
         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
         let a = Arc::clone(&st);
-        std::thread::spawn(move || forward(client, server, &a, true));
+        std::thread::spawn(move || forward(client, server, &a, true, hold));
         let b = Arc::clone(&st);
-        std::thread::spawn(move || forward(s2, c2, &b, false));
+        std::thread::spawn(move || forward(s2, c2, &b, false, false));
     }
 }
 
@@ -184,7 +210,43 @@ fn scan(watch: &[u8], tail: &mut Vec<u8>, buf: &[u8]) -> bool {
     found
 }
 
-fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool) {
+/// Finds the end of the Listen frame in a stream of wire frames (12-byte header: magic, type,
+/// flags, reserved, payload length; docs/wire-protocol.md).
+#[derive(Default)]
+struct ListenScan {
+    header: [u8; 12],
+    have: usize,
+    skip: u64,
+}
+
+impl ListenScan {
+    /// The index just after the Listen frame if it ends in `data`.
+    fn feed(&mut self, data: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.skip > 0 {
+                let k = self.skip.min((data.len() - i) as u64);
+                self.skip -= k;
+                i += k as usize;
+                continue;
+            }
+            self.header[self.have] = data[i];
+            self.have += 1;
+            i += 1;
+            if self.have == 12 {
+                self.have = 0;
+                self.skip = u64::from(u32::from_le_bytes(self.header[8..12].try_into().unwrap()));
+                if self.header[4] == 0x08 && self.skip == 0 {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+}
+
+fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, hold: bool) {
+    let mut listen = hold.then(ListenScan::default);
     let mut buf = vec![0u8; 64 << 10];
     let mut tail = Vec::new();
     loop {
@@ -222,7 +284,18 @@ fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool) {
                 }
             }
         }
-        if keep > 0 && to.write_all(&buf[..keep]).is_err() {
+        let mut from_here = 0;
+        if let Some(at) = listen.as_mut().and_then(|s| s.feed(&buf[..keep])) {
+            listen = None;
+            if to.write_all(&buf[..at]).is_err() {
+                break;
+            }
+            while !st.released.load(Ordering::SeqCst) && !st.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            from_here = at;
+        }
+        if keep > from_here && to.write_all(&buf[from_here..keep]).is_err() {
             break;
         }
         if cut_now {
