@@ -179,14 +179,41 @@ impl Placer {
             });
         }
         b.check_range(offset, len)?;
+        let ps = b.page_size();
         self.claimed(b, offset, len, |o, l| {
-            let base = o - offset;
-            self.fill(b, o, l, &self.stats.data_pages, |dst, done, n| {
-                let src = data[usize::try_from(base + done).unwrap_or(0)..].as_ptr();
-                // SAFETY: `src` points at `n` readable bytes of `data`: the run [o, o+l) lies
-                // inside [offset, offset+len) and base + done + n <= data.len().
-                unsafe { self.uffd.copy(dst, src, n, self.wake) }
-            })
+            let (first, end) = (b.page_index(o), b.page_index(o + l));
+            let mut outcome = Placed::Placed;
+            let mut i = first;
+            while i < end {
+                // Pages a client removed before they arrived are zeros, not the source's data.
+                let removed = b.removed().test(i);
+                let next =
+                    if removed { b.removed().next_clear_in(i, end) } else { b.removed().next_set(i, end) };
+                let (ro, rl) = (i as u64 * ps, (next - i) as u64 * ps);
+                let r = if removed {
+                    let r = self.zero_by_uffd(b, ro, rl)?;
+                    b.removed().clear_range(i, next - i);
+                    r
+                } else {
+                    let base = ro - offset;
+                    self.fill(b, ro, rl, &self.stats.data_pages, |dst, done, n| {
+                        let src = data[usize_of(base + done)..].as_ptr();
+                        // SAFETY: `src` points at `n` readable bytes of `data`: the run [ro, ro+rl)
+                        // lies inside [offset, offset+len) and base + done + n <= data.len().
+                        unsafe { self.uffd.copy(dst, src, n, self.wake) }
+                    })?
+                };
+                outcome = worst(outcome, r);
+                i = next;
+            }
+            // A removal that raced with the copy (marked after the check above, the range
+            // punched before the copy landed) leaves the source's data where zeros belong:
+            // punch it out again; the page is received, so its next fault places zeros.
+            for (p, k) in b.removed().runs(first, end, true) {
+                b.punch(p as u64 * ps, k as u64 * ps)?;
+                b.removed().clear_range(p, k);
+            }
+            Ok(outcome)
         })
     }
 
@@ -219,6 +246,8 @@ impl Placer {
                 self.stats.already_present.fetch_add(present, Ordering::Relaxed);
                 outcome = worst(outcome, Placed::AlreadyPresent);
             }
+            // Zeros are what a removed page must hold: its mark is done with.
+            b.removed().clear_range(first, end - first);
             Ok(outcome)
         })
     }

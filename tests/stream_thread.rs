@@ -159,3 +159,61 @@ fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
     assert_eq!(b.received().count_ones(), 0);
     h.stop().unwrap();
 }
+
+#[test]
+fn pages_a_client_removed_before_they_arrived_are_zeros_when_the_stream_brings_them() {
+    // The removal marks live in the block, so the stream thread (not only the fault loop)
+    // places zeros there instead of the source's data.
+    let inc = listening_memfd("ram", PAGES);
+    let (id, b) = inc.blocks().named("ram").unwrap();
+    let table = BlockTable::new(vec![BlockInfo::new("ram", PAGES * PS, PS)]).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut main_src, main_dst) = pair(&l);
+    let (_urgent_src, urgent_dst) = pair(&l);
+    let conns = Connections {
+        main: Transport::unprotected(main_dst).unwrap(),
+        main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+        urgent: Transport::unprotected(urgent_dst).unwrap(),
+        urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+    };
+    let net = Arc::new(NetState::default());
+    let src = NetworkSource::new(
+        conns,
+        Arc::clone(inc.uffd().unwrap()),
+        Arc::clone(inc.blocks()),
+        vec![id],
+        Arc::clone(inc.state()),
+        Arc::clone(&net),
+        0,
+    )
+    .unwrap();
+    let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
+    let mut client = common::clients::Peer::spawn(&common::clients::client_args(
+        b,
+        1,
+        "remove:10-11;wait;touch:8-13",
+        &["--features", "remove"],
+    ));
+    client.register(&h, "remover");
+    client.go();
+    let removed = client.line();
+    assert_eq!(removed["step"], "remove:10-11", "{removed}");
+    wait_until("the removal marks", || b.removed().count_ones() == 2);
+    let data = pattern(0x66, (PAGES * PS) as usize);
+    send(&mut main_src, &Frame::Page { block: 0, offset: 0, demand: false, data: &data });
+    wait_until("every page", || b.received().count_ones() as u64 == PAGES);
+    client.go();
+    let lines = client.finish_within(30);
+    let pages = lines.iter().find_map(|l| l["pages"].as_array()).unwrap();
+    for p in pages {
+        let i = p["page"].as_u64().unwrap() as usize;
+        let want = if i == 10 || i == 11 {
+            common::clients::fnv(&[0u8; PS as usize])
+        } else {
+            common::clients::fnv(&data[i * PS as usize..(i + 1) * PS as usize])
+        };
+        assert_eq!(p["fnv"].as_str().unwrap(), want, "page {i}");
+    }
+    assert_eq!(b.removed().count_ones(), 0, "the marks are done with");
+    h.stop().unwrap();
+}

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::client::{AddressMap, Client, ClientId, Registry, RepeatGuard};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fault::pending::{Pending, Waiter};
 use crate::fault::wake::WakeQueue;
 use crate::place::{Placer, StagingPage};
-use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
+use crate::ram::{BlockId, RamBlocks};
 use crate::source::{FileSource, PageRequest, PageSink, PageSource, Urgency};
 use crate::stats::BrokerStats;
 use crate::uffd::{Message, Uffd};
@@ -37,9 +37,6 @@ pub struct Core {
     taken: Vec<Waiter>,
     pub(crate) clients: Registry,
     pub(crate) stats: BrokerStats,
-    /// Pages that must fault in as zero (a client removed them), per block.
-    zero_marks: Vec<AtomicBitmap>,
-    zero_marked: usize,
     /// (block, page index) newly requested in this round.
     new_requests: Vec<(BlockId, u64)>,
     /// Image file for private clients.
@@ -61,7 +58,6 @@ impl Core {
     /// A core over `blocks`, placing through `own`.
     pub fn new(blocks: Arc<RamBlocks>, own: Arc<Uffd>, image: Option<FileSource>) -> Result<Core> {
         let largest = blocks.largest_page_size();
-        let zero_marks = blocks.iter().map(|(_, b)| AtomicBitmap::new(usize_of(b.pages()))).collect();
         Ok(Core {
             placer: {
                 let mut p = Placer::new(Arc::clone(&own), largest)?;
@@ -78,8 +74,6 @@ impl Core {
             taken: Vec::with_capacity(64),
             clients: Registry::new(),
             stats: BrokerStats::default(),
-            zero_marks,
-            zero_marked: 0,
             new_requests: Vec::new(),
             image,
             deferred: Vec::new(),
@@ -174,7 +168,7 @@ impl Core {
         let page_addr = addr - (off - page_off);
         let idx = page_off / ps;
         let received = b.is_received(page_off);
-        let marked = self.zero_marked > 0 && self.zero_marks[block].test(usize_of(idx));
+        let marked = b.removed().test(usize_of(idx));
         if let Some(c) = self.clients.get_mut(client) {
             c.stats.faults += 1;
         }
@@ -188,8 +182,8 @@ impl Core {
             // Received but absent: a hole was punched under it (a client's MADV_REMOVE, a
             // fallocate by a peer), which reads as zeros. Waking would only make the thread
             // fault here again.
-            if marked && self.zero_marks[block].clear(usize_of(idx)) {
-                self.zero_marked = self.zero_marked.saturating_sub(1);
+            if marked {
+                b.removed().clear(usize_of(idx));
             }
             self.refill_hole(client, block, page_off, page_addr, ps, now, marked);
             return;
@@ -290,11 +284,9 @@ impl Core {
         }
     }
 
+    /// A page a client removed before it arrived was faulted on: it comes back as zero now (the
+    /// placer clears its mark).
     fn place_zero_marked(&mut self, block: BlockId, off: u64, ps: u64) -> Result<()> {
-        let idx = usize_of(off / ps);
-        if self.zero_marks[block].clear(idx) {
-            self.zero_marked = self.zero_marked.saturating_sub(1);
-        }
         let before = self.placer.stats().filled();
         self.placer.place_zero(&self.blocks, block, off, ps)?;
         let filled = self.placer.stats().filled() - before;
@@ -318,10 +310,11 @@ impl Core {
                     let off = e.block_offset + (s - e.client_addr);
                     let first = usize_of(off / ps);
                     let n = usize_of((off + (en - s)).div_ceil(ps)).saturating_sub(first);
-                    let marks = &self.zero_marks[e.block];
-                    let before = marks.count_range(first, n);
-                    marks.set_range(first, n);
-                    self.zero_marked += n - before;
+                    // Received pages need no mark: a removed one is a hole that faults in as
+                    // zeros (see `refill_hole`), a DONTNEED'd one stays present.
+                    for (i, k) in b.received().runs(first, first + n, false) {
+                        b.removed().set_range(i, k);
+                    }
                 }
             }
         }
@@ -501,39 +494,14 @@ impl Core {
         self.pending.drop_client(id);
         self.deferred.retain(|d| d.0 != id);
     }
-
-    fn zero_marked_in(&self, block: BlockId, offset: u64, len: u64, ps: u64) -> bool {
-        self.zero_marked > 0
-            && self.zero_marks[block].count_range(usize_of(offset / ps), usize_of(len / ps)) > 0
-    }
 }
 
 impl PageSink for Core {
     fn page(&mut self, block: BlockId, offset: u64, data: &[u8], urgency: Urgency) -> Result<()> {
-        let ps = self.blocks.get(block).ok_or_else(|| Error::UnknownBlock(format!("#{block}")))?.page_size();
-        let len = data.len() as u64;
-        if self.zero_marked_in(block, offset, len, ps) {
-            // Some pages were removed by a client meanwhile: those become zero, the rest data.
-            let mut o = 0;
-            while o < len {
-                let idx = usize_of((offset + o) / ps);
-                if self.zero_marks[block].test(idx) {
-                    self.place_zero_marked(block, offset + o, ps)?;
-                } else {
-                    let chunk = &data[usize_of(o)..usize_of(o + ps)];
-                    let before = self.placer.stats().filled();
-                    self.placer.place(&self.blocks, block, offset + o, chunk)?;
-                    let filled = self.placer.stats().filled() - before;
-                    self.landed(block, offset + o, ps, urgency, false, filled);
-                }
-                o += ps;
-            }
-            return Ok(());
-        }
         let before = self.placer.stats().filled();
         self.placer.place(&self.blocks, block, offset, data)?;
         let filled = self.placer.stats().filled() - before;
-        self.landed(block, offset, len, urgency, false, filled);
+        self.landed(block, offset, data.len() as u64, urgency, false, filled);
         Ok(())
     }
 
@@ -541,14 +509,6 @@ impl PageSink for Core {
         let before = self.placer.stats().filled();
         self.placer.place_zero(&self.blocks, block, offset, len)?;
         let filled = self.placer.stats().filled() - before;
-        if self.zero_marked_in(block, offset, len, self.blocks.get(block).map_or(4096, |b| b.page_size())) {
-            let ps = self.blocks.get(block).map_or(4096, |b| b.page_size());
-            for i in 0..len / ps {
-                if self.zero_marks[block].clear(usize_of((offset / ps) + i)) {
-                    self.zero_marked = self.zero_marked.saturating_sub(1);
-                }
-            }
-        }
         self.landed(block, offset, len, urgency, true, filled);
         Ok(())
     }

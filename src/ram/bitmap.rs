@@ -131,6 +131,11 @@ impl AtomicBitmap {
         self.next_equal(from, end, true)
     }
 
+    /// The first clear bit in `[from, end)`, or `end` (clipped to the length) when there is none.
+    pub fn next_clear_in(&self, from: usize, end: usize) -> usize {
+        self.next_equal(from, end, false)
+    }
+
     /// The first bit in `[from, end)` equal to `value`, or `end` (clipped to the length).
     fn next_equal(&self, from: usize, end: usize, value: bool) -> usize {
         let end = end.min(self.bits);

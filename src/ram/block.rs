@@ -58,6 +58,9 @@ pub struct RamBlock {
     /// Pages a placer is placing right now (claimed before the ioctl, released after the
     /// received bit is set), so two placing threads never fill the same page.
     placing: AtomicBitmap,
+    /// Pages a client removed (MADV_REMOVE / DONTNEED, a REMOVE event) before they were
+    /// received: they must appear as zeros, not as the source's data, whichever placer fills them.
+    removed: AtomicBitmap,
     zeropage: AtomicBool,
     /// Whether zero runs over holes may be allocated with fallocate (fd-backed small pages,
     /// until the filesystem refuses).
@@ -124,6 +127,7 @@ impl RamBlock {
             map,
             received: AtomicBitmap::new(pages),
             placing: AtomicBitmap::new(pages),
+            removed: AtomicBitmap::new(pages),
             zeropage: AtomicBool::new(false),
             falloc_zero: AtomicBool::new(falloc_zero),
         })
@@ -252,6 +256,12 @@ impl RamBlock {
     /// Pages being placed at this moment (see [`crate::place::Placer`]).
     pub(crate) fn placing(&self) -> &AtomicBitmap {
         &self.placing
+    }
+    /// Pages removed by a client before they were received (see [`crate::place::Placer`]: they
+    /// are placed as zeros, and a page that took the source's data while a removal raced with
+    /// its placement is punched out again).
+    pub fn removed(&self) -> &AtomicBitmap {
+        &self.removed
     }
     /// Whether the page at `offset` has been received.
     pub fn is_received(&self, offset: u64) -> bool {
