@@ -198,3 +198,4 @@ pub mod clients;
 pub mod control_server;
 pub mod mig;
 pub mod proxy;
+pub mod serve;
