@@ -385,6 +385,17 @@ impl ControlConn {
     /// Send one response with `fds` attached (at most 8). Never blocks: if the peer's socket
     /// buffer is full the result is `Err(ControlError::PeerNotReading)`; drop the connection.
     pub fn send(&mut self, resp: &Response, fds: &[BorrowedFd<'_>]) -> Result<(), ControlError> {
+        self.send_message(resp, fds)
+    }
+
+    /// [`Self::send`] for any message that serializes as a response does, such as a
+    /// [`StatusReply`](super::protocol::StatusReply) (serialized once, without an intermediate
+    /// `serde_json::Value`).
+    pub fn send_message<T: serde::Serialize>(
+        &mut self,
+        resp: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ControlError> {
         if fds.len() > MAX_FDS {
             return Err(ControlError::Invalid(format!(
                 "a reply can carry at most {MAX_FDS} fds, asked to send {}",
