@@ -291,6 +291,24 @@ fn grants_hold_for_private_registrations_and_firecracker_handshakes() {
 }
 
 #[test]
+fn another_uids_client_cannot_be_unregistered() {
+    let data = content(PAGES, 4096, 14);
+    let srv = Serve::start(
+        "otheruid",
+        &data,
+        &["--block", &block_arg(), "--allow-uid", "0", "--allow-uid", "65534"],
+    );
+    std::os::unix::fs::chown(&srv.sock, Some(65534), Some(65534)).unwrap();
+    let mut c = srv.client();
+    let id = register(&mut c, 0).unwrap();
+    let r = hostile_as_nobody(&srv.sock, &["unregister", "--client", &id.to_string()]);
+    assert_eq!(r["code"], code::NOT_ALLOWED, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("belongs to another user"), "{r}");
+    assert_eq!(srv.status().clients.len(), 1, "still served");
+    c.unregister(id).unwrap();
+}
+
+#[test]
 fn without_blocks_the_image_is_granted_by_name() {
     let data = content(8, 4096, 10);
     let srv = Serve::start("imagegrant", &data, &["--allow-uid", "0", "--allow-uid", "65534"]);

@@ -4,6 +4,7 @@
 //!
 //! * `register`: one registration of any kind, block and range (a grant bypass attempt when the
 //!   peer's uid was not given that range).
+//! * `unregister`: unregister any client id (another uid's, for one).
 //! * `firecracker`: Firecracker's UFFD handshake for any image range, then waits to see whether
 //!   the broker closes the connection and whether it wrote anything back.
 //! * `flood`: pipelines requests, keeping many in flight, until stdin closes.
@@ -50,6 +51,12 @@ enum What {
         /// Length in bytes.
         #[arg(long, default_value_t = 4096)]
         len: u64,
+    },
+    /// Unregister the client with this id.
+    Unregister {
+        /// The client id.
+        #[arg(long)]
+        client: u64,
     },
     /// Send Firecracker's handshake for one region at `offset` of the image.
     Firecracker {
@@ -102,6 +109,15 @@ fn register(
     let m = MappingSpec { client_addr: ADDR, block, offset, len };
     Ok(match c.register("pcb-hostile", kind, None, &[m], uffd.as_fd()) {
         Ok(id) => json!({"registered": id}),
+        Err(ControlError::Remote { code, message }) => json!({"code": code, "message": message}),
+        Err(e) => return Err(e.to_string()),
+    })
+}
+
+fn unregister(path: &str, client: u64) -> Result<serde_json::Value, String> {
+    let mut c = ControlClient::connect(path).map_err(|e| e.to_string())?;
+    Ok(match c.unregister(client) {
+        Ok(()) => json!({"unregistered": client}),
         Err(ControlError::Remote { code, message }) => json!({"code": code, "message": message}),
         Err(e) => return Err(e.to_string()),
     })
@@ -179,6 +195,7 @@ fn main() -> ExitCode {
     let a = Args::parse();
     let r = match a.what {
         What::Register { kind, block, offset, len } => register(&a.control, &kind, block, offset, len),
+        What::Unregister { client } => unregister(&a.control, client),
         What::Firecracker { offset, len, wait_ms } => {
             firecracker(&a.control, offset, len, Duration::from_millis(wait_ms))
         }
