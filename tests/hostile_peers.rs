@@ -379,6 +379,8 @@ fn a_refused_firecracker_handshake_gets_no_bytes_back_and_the_next_one_is_served
 fn a_peer_in_a_pid_namespace_the_broker_cannot_see_is_served_and_its_exit_noticed() {
     let data = content(PAGES, 4096, 12);
     // The broker has a pid namespace of its own: our pids are invisible to it (SO_PEERCRED 0).
+    // (A client in a new pid namespace of its own would not do: a parent namespace sees the pids
+    // of its descendants, so SO_PEERCRED gives a broker outside the client's real pid.)
     let srv = Serve::start_in_pid_namespace("pidns", &data, &["--block", &block_arg()]);
     let base = srv.fds();
     let size = SIZE.to_string();
