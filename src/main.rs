@@ -73,10 +73,26 @@ enum Command {
         /// Peer uid allowed on the control socket (repeatable; default: root and our own uid).
         #[arg(long = "allow-uid")]
         allow_uid: Vec<u32>,
-        /// Blocks a non-root allowed uid may map: UID=BLOCK[,BLOCK...] (repeatable). Root and
-        /// the broker's own uid may map every block; other uids only what is granted.
+        /// What a non-root allowed uid may reach: UID=BLOCK[,BLOCK...] (repeatable). Root and
+        /// the broker's own uid reach every block; other uids only what is granted, also through
+        /// private registrations and Firecracker handshakes (their image ranges must lie in
+        /// granted blocks). Without --block the image is granted as UID=image.
         #[arg(long = "grant", value_parser = cli::serve::parse_grant)]
         grant: Vec<(u32, Vec<String>)>,
+        /// Registrations (client userfaultfds) one control connection may hold.
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_CONNECTION,
+              conflicts_with = "incoming")]
+        max_registrations_per_connection: usize,
+        /// Registrations all control connections of one uid may hold (including clients retired
+        /// for misbehaving whose process still lives).
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_UID,
+              conflicts_with = "incoming")]
+        max_registrations_per_uid: usize,
+        /// Control connections one uid may have open at once (Firecracker keeps its own open for
+        /// the life of its VM).
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::CONNECTIONS_PER_UID,
+              conflicts_with = "incoming")]
+        max_connections_per_uid: usize,
         /// Snapshot image: the blocks back to back (lazy restore), and the memory file of
         /// Firecracker clients.
         #[arg(long)]
@@ -160,24 +176,27 @@ fn main() -> ExitCode {
             grant,
             busy_poll,
             ..
-        } => report(postcopy_broker::migration::destination::cli::run(&IncomingOptions {
-            addr,
-            transport: postcopy_broker::migration::transport::TransportOptions {
-                tls_dir,
-                tls_peer_name,
-                key,
-                insecure_plaintext,
-            },
-            control,
-            allowed_uids: allow_uid,
-            grants: grant,
-            busy_poll,
-            verify_file,
-            summary_json,
-            resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
-                .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
-            stream_nice,
-        })),
+        } => report({
+            cli::serve::raise_fd_limit();
+            postcopy_broker::migration::destination::cli::run(&IncomingOptions {
+                addr,
+                transport: postcopy_broker::migration::transport::TransportOptions {
+                    tls_dir,
+                    tls_peer_name,
+                    key,
+                    insecure_plaintext,
+                },
+                control,
+                allowed_uids: allow_uid,
+                grants: grant,
+                busy_poll,
+                verify_file,
+                summary_json,
+                resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
+                    .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
+                stream_nice,
+            })
+        }),
         Command::Serve {
             control,
             allow_uid,
@@ -189,6 +208,9 @@ fn main() -> ExitCode {
             checksums,
             wait_clients,
             vhost_user_backends,
+            max_registrations_per_connection,
+            max_registrations_per_uid,
+            max_connections_per_uid,
             ..
         } => cli::serve::run(cli::serve::ServeOptions {
             control,
@@ -201,6 +223,11 @@ fn main() -> ExitCode {
             checksums,
             wait_clients,
             vhost_user_backends,
+            limits: postcopy_broker::fault::ControlLimits {
+                registrations_per_connection: max_registrations_per_connection,
+                registrations_per_uid: max_registrations_per_uid,
+                connections_per_uid: max_connections_per_uid,
+            },
         }),
         Command::Status { control, json } => cli::status::run(&control, json),
         Command::Demo(a) => cli::demo::run(&a),

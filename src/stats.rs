@@ -170,6 +170,12 @@ pub struct StatusReport {
     pub clients: Vec<ClientStatus>,
     /// Clients that are gone (exited, unregistered, failed), most recent last, at most 256.
     pub departed: Vec<ClientStatus>,
+    /// Live clients left out of `clients` so that the report fits one control reply.
+    #[serde(default)]
+    pub clients_omitted: u64,
+    /// Departed clients left out of `departed` (the oldest) so that the report fits.
+    #[serde(default)]
+    pub departed_omitted: u64,
     /// Outstanding requests with their waiters, oldest first, at most [`PENDING_LISTED`] (what a
     /// hung client waits for).
     #[serde(default)]
@@ -206,6 +212,46 @@ impl StatusReport {
     pub fn all_clients(&self) -> impl Iterator<Item = &ClientStatus> {
         self.clients.iter().chain(self.departed.iter())
     }
+
+    /// Shorten the report until its JSON takes at most `max` bytes, so that it always fits one
+    /// control reply however many clients came and went: live clients are kept first (in order),
+    /// then the most recently departed; the rest are counted in `clients_omitted` and
+    /// `departed_omitted` (the broker-wide counters still cover them).
+    pub fn fit(&mut self, max: usize) {
+        if json_len(self) <= max {
+            return;
+        }
+        let clients = std::mem::take(&mut self.clients);
+        let departed = std::mem::take(&mut self.departed);
+        // Count everything as omitted while measuring the rest, so the final counts (smaller
+        // numbers) can only take fewer bytes.
+        self.clients_omitted += clients.len() as u64;
+        self.departed_omitted += departed.len() as u64;
+        let mut room = max.saturating_sub(json_len(self));
+        for c in clients {
+            let n = json_len(&c) + 1;
+            if n > room {
+                break;
+            }
+            room -= n;
+            self.clients.push(c);
+            self.clients_omitted -= 1;
+        }
+        for d in departed.into_iter().rev() {
+            let n = json_len(&d) + 1;
+            if n > room {
+                break;
+            }
+            room -= n;
+            self.departed.push(d);
+            self.departed_omitted -= 1;
+        }
+        self.departed.reverse();
+    }
+}
+
+fn json_len<T: Serialize>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
 }
 
 /// One block in the status report.
@@ -271,6 +317,13 @@ pub fn render(r: &StatusReport) -> String {
             l.max_ns as f64 / 1000.0
         );
     }
+    if r.clients_omitted + r.departed_omitted > 0 {
+        let _ = writeln!(
+            s,
+            "  ({} live and {} departed clients not listed: the report must fit one reply)",
+            r.clients_omitted, r.departed_omitted
+        );
+    }
     s
 }
 
@@ -297,5 +350,48 @@ mod tests {
         assert_eq!(m.count, 10);
         h.record(u64::MAX);
         assert_eq!(h.buckets[BUCKETS - 1], 1);
+    }
+
+    fn client(id: u64) -> ClientStatus {
+        let mut stats = ClientStats::default();
+        stats.latency.record(id * 1000);
+        ClientStatus {
+            id,
+            name: format!("c{id}"),
+            kind: "shared".into(),
+            pid: Some(1),
+            mapped_bytes: 1,
+            stats,
+        }
+    }
+
+    /// The status reply used to outgrow one frame after about 195 clients came and went, and then
+    /// failed for good.
+    #[test]
+    fn a_report_fits_keeping_live_clients_then_the_newest_departed() {
+        let mut r = StatusReport {
+            clients: (1..=50).map(client).collect(),
+            departed: (100..356).map(client).collect(),
+            ..Default::default()
+        };
+        let full = r.clone();
+        r.fit(usize::MAX);
+        assert_eq!(r, full, "a report that fits is left alone");
+        let one = json_len(&client(1));
+        r.fit(60 * one);
+        assert!(json_len(&r) <= 60 * one);
+        assert_eq!(r.clients.len(), 50, "live clients first");
+        assert_eq!(r.clients_omitted, 0);
+        assert!(!r.departed.is_empty() && r.departed.len() < 20, "{}", r.departed.len());
+        assert_eq!(r.departed.len() as u64 + r.departed_omitted, 256);
+        assert_eq!(r.departed.last().unwrap().id, 355, "the newest departed are kept, in order");
+        assert!(r.departed.windows(2).all(|w| w[0].id < w[1].id));
+        let mut tiny = full.clone();
+        tiny.fit(20 * one);
+        assert!(json_len(&tiny) <= 20 * one);
+        assert!(tiny.clients.len() < 20 && tiny.departed.is_empty());
+        assert_eq!(tiny.clients_omitted, 50 - tiny.clients.len() as u64);
+        assert_eq!(tiny.clients.first().unwrap().id, 1);
+        assert!(render(&tiny).contains("not listed"));
     }
 }

@@ -29,6 +29,8 @@ fn quick_bench_prints_a_number_for_every_case() {
         "migration 32 MiB, half zero, s (ref: non-zero bytes / raw TCP)",
         "migration 32 MiB, half zero, s (ref: non-zero bytes / uffd_limit copy_2m",
         "demand p50 us during migration",
+        "control socket flooded by a peer: demand us/fault",
+        "control socket flooded by a peer: status requests answered",
     ] {
         let row =
             rows.iter().find(|r| r.contains(case)).unwrap_or_else(|| panic!("no {case} row in\n{text}"));

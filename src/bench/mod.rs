@@ -4,10 +4,12 @@
 //!
 //! Cases: demand faults of a client process served from memory (blocking and busy-polling),
 //! background placement throughput with idle clients registered (and the wakes they get), and
-//! registration / teardown of many clients over a large sparse block with the broker's memory.
+//! registration / teardown of many clients over a large sparse block with the broker's memory,
+//! and demand faults while another peer floods the control socket (against the same run quiet).
 
 pub mod background;
 pub mod demand;
+pub mod flood;
 pub mod migrate;
 pub mod peer;
 pub mod reference;
@@ -48,7 +50,7 @@ pub struct BenchConfig {
     pub idle_bandwidth: u64,
     /// Demand faults of the client during a migration.
     pub migrate_faults: usize,
-    /// Cases to run: any of demand, background, scale, migration.
+    /// Cases to run: any of demand, background, scale, migration, control.
     pub cases: Vec<String>,
     /// Placements to use; empty: every placement the machine offers.
     pub placements: Vec<Placement>,
@@ -58,6 +60,8 @@ pub struct BenchConfig {
     pub out_dir: PathBuf,
     /// The pcb-client executable.
     pub client: PathBuf,
+    /// The pcb-hostile executable (the flooding peer of the control case).
+    pub hostile: PathBuf,
 }
 
 impl BenchConfig {
@@ -75,10 +79,11 @@ impl BenchConfig {
             idle_mib: 64,
             idle_bandwidth: 16 << 20,
             migrate_faults: 1000,
-            cases: ["demand", "background", "scale", "migration"].map(String::from).to_vec(),
+            cases: ["demand", "background", "scale", "migration", "control"].map(String::from).to_vec(),
             placements: Vec::new(),
             reference,
             out_dir,
+            hostile: client.with_file_name("pcb-hostile"),
             client,
         }
     }
@@ -297,6 +302,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             .with_reference();
     let mut m_tls_p99 =
         Row::new(&tls_sat.replace("{}", "p99 us"), "unpinned", "blocking", Target::None, 1).with_reference();
+    let mut flooded = flood::FloodRows::new();
     let demand = cfg.wants("demand");
     let background = cfg.wants("background");
     for run in 0..cfg.runs {
@@ -455,6 +461,14 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             }
             m_overlap.ours.push(if overlapped { 100.0 } else { 0.0 });
         }
+        if cfg.wants("control") {
+            progress(&format!(
+                "run {}/{}: demand faults, quiet then beside a flooding peer",
+                run + 1,
+                cfg.runs
+            ));
+            flooded.measure(&cfg.client, &cfg.hostile, cfg.pages)?;
+        }
     }
     let mut rows = Vec::new();
     for pr in per {
@@ -466,6 +480,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             m_tls, m_psk, m_tls_p50, m_tls_p99,
         ]
         .into_iter()
+        .chain(flooded.rows())
         .filter(|r| !r.ours.is_empty()),
     );
     Ok(Report { machine: sys::machine(), rows })

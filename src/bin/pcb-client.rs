@@ -355,7 +355,7 @@ fn run(mut a: Args) -> Result<(), String> {
             .map(|&b| MappingSpec { client_addr: b, block: a.block.clone(), offset: 0, len: size })
             .collect();
         let id = c
-            .register("pcb-client", ClientKind::Shared, Some(std::process::id()), &specs, uffd.as_fd())
+            .register("pcb-client", ClientKind::Shared, None, &specs, uffd.as_fd())
             .map_err(|e| format!("register: {e}"))?;
         client_id = Some(id);
     } else if let (Some(path), true) = (&a.control, a.firecracker) {

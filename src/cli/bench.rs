@@ -31,8 +31,9 @@ pub struct BenchArgs {
     /// MiB of guest RAM of the migration cases.
     #[arg(long, default_value_t = 1024)]
     pub migrate_mib: usize,
-    /// Cases, comma separated: demand, background, scale, migration.
-    #[arg(long, value_delimiter = ',', default_value = "demand,background,scale,migration")]
+    /// Cases, comma separated: demand, background, scale, migration, control (demand faults
+    /// while another peer floods the control socket).
+    #[arg(long, value_delimiter = ',', default_value = "demand,background,scale,migration,control")]
     pub cases: Vec<String>,
     /// Placements, comma separated: same (client and broker on cpu 0), cross (client on cpu 0,
     /// broker on cpu 1).
@@ -45,6 +46,9 @@ pub struct BenchArgs {
     /// The pcb-client executable (default: next to this program).
     #[arg(long)]
     pub client: Option<std::path::PathBuf>,
+    /// The pcb-hostile executable, the flooding peer (default: next to the client).
+    #[arg(long)]
+    pub hostile: Option<std::path::PathBuf>,
 }
 
 /// Run the benchmark and print its table.
@@ -65,6 +69,9 @@ pub fn run(a: BenchArgs) -> ExitCode {
     cfg.migrate_mib = a.migrate_mib.max(4);
     cfg.scale_gib = a.scale_gib.max(1);
     cfg.cases = a.cases;
+    if let Some(h) = a.hostile {
+        cfg.hostile = h;
+    }
     let all = Placement::available();
     cfg.placements =
         all.into_iter().filter(|p| a.placement.iter().any(|w| p.name.starts_with(w.as_str()))).collect();

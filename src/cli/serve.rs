@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::progress::Progress;
 use crate::error::{Error, Result};
-use crate::fault::{Broker, BrokerConfig};
+use crate::fault::{Broker, BrokerConfig, ControlLimits, IMAGE_GRANT};
 use crate::ram::{RamBlock, RamBlocks, HUGE_2M};
 use crate::source::{FileSource, MemorySource, PageSource};
 use crate::vhost_user::daemon::DaemonBackends;
@@ -39,6 +39,8 @@ pub struct ServeOptions {
     /// vhost-user backend sockets the daemon drives itself (postcopy handshake, registration,
     /// POSTCOPY_END).
     pub vhost_user_backends: Vec<PathBuf>,
+    /// What one control-socket peer may make the broker hold.
+    pub limits: ControlLimits,
 }
 
 /// Parse `NAME:SIZE[:4k|2m]` (for clap).
@@ -56,6 +58,47 @@ pub fn parse_grant(s: &str) -> std::result::Result<(u32, Vec<String>), String> {
         return Err(bad());
     }
     Ok((uid, blocks))
+}
+
+/// Check that every grant names something the broker serves: a block, or without blocks the
+/// image ([`IMAGE_GRANT`]). A misspelt grant would otherwise only show up as a peer's refusal.
+pub fn check_grants(grants: &[(u32, Vec<String>)], blocks: &[(String, u64, u64)]) -> Result<()> {
+    for (uid, names) in grants {
+        for n in names {
+            let known = if blocks.is_empty() { n == IMAGE_GRANT } else { blocks.iter().any(|b| &b.0 == n) };
+            if !known {
+                let what = if blocks.is_empty() {
+                    format!("without --block the only grant is '{IMAGE_GRANT}' (the whole image)")
+                } else {
+                    let names: Vec<&str> = blocks.iter().map(|b| b.0.as_str()).collect();
+                    format!("the blocks are {}", names.join(", "))
+                };
+                return Err(Error::Invalid(format!("--grant {uid}={n}: no such block; {what}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Raise the soft limit of open files to the hard limit: every client costs the broker a few
+/// fds (its uffd, pidfd, connection), and the per-peer limits are sized for that.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+    // SAFETY: setrlimit reads one rlimit from `want`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+        log::warn!(
+            "cannot raise the open files limit to {}: {}",
+            lim.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    } else {
+        log::debug!("open files limit raised from {} to {}", lim.rlim_cur, lim.rlim_max);
+    }
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -132,6 +175,8 @@ pub fn run(o: ServeOptions) -> ExitCode {
 
 fn serve(o: ServeOptions) -> Result<()> {
     install_stop_handler();
+    raise_fd_limit();
+    check_grants(&o.grants, &o.blocks)?;
     let blocks = build_blocks(&o.blocks)?;
     let lazy = !blocks.is_empty();
     let source: Box<dyn PageSource> = match (&o.image, lazy) {
@@ -164,6 +209,7 @@ fn serve(o: ServeOptions) -> Result<()> {
         control: Some(o.control.clone()),
         allowed_uids: o.allowed_uids.clone(),
         grants: o.grants.iter().cloned().collect(),
+        limits: o.limits,
     };
     let mut h = Broker::spawn(&inc, source, config)?;
     backends.register_all(&h, inc.blocks())?;

@@ -5,6 +5,11 @@
 //! whole frames with their fds. A batch of fds received by one `recvmsg` belongs to the frame that
 //! contains the last byte of that read: on a Unix stream socket the kernel ends a read right after
 //! the message that carried fds, and senders attach fds to the sendmsg of the frame's first bytes.
+//!
+//! What a peer can make the decoder hold is bounded: the bytes of one unfinished frame (at most
+//! [`HEADER_LEN`] + [`MAX_PAYLOAD`]) plus what the caller fed after it, and the fds of one
+//! unfinished frame ([`MAX_FDS`]; one for a Firecracker handshake). A peer that sends more fds
+//! than its frame may carry is refused as soon as they arrive, not when the frame completes.
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
@@ -83,13 +88,19 @@ enum Mode {
 /// Incremental decoder for one connection's byte stream.
 #[derive(Debug)]
 pub struct FrameDecoder {
+    /// Received bytes; those before `start` are decoded already.
     buf: Vec<u8>,
-    /// Stream offset of `buf[0]`.
+    /// Bytes of `buf` already consumed (dropped from `buf` on the next push, so that decoding
+    /// many small frames from one read moves the rest of the read once, not once per frame).
+    start: usize,
+    /// Stream offset of `buf[start]`.
     base: u64,
     /// Fd batches, each tagged with the stream offset just past the read that carried it.
     batches: VecDeque<(u64, Vec<OwnedFd>)>,
     mode: Mode,
     accept_firecracker: bool,
+    /// The stream began as a Firecracker handshake (kept after a failure).
+    firecracker: bool,
     /// Where the Firecracker handshake's closing bracket is looked for next.
     fc_scan: JsonScan,
     /// Buffer length at the last full JSON parse of a handshake that was not complete yet.
@@ -145,10 +156,12 @@ impl FrameDecoder {
     pub fn new(accept_firecracker: bool) -> FrameDecoder {
         FrameDecoder {
             buf: Vec::new(),
+            start: 0,
             base: 0,
             batches: VecDeque::new(),
             mode: Mode::Start,
             accept_firecracker,
+            firecracker: false,
             fc_scan: JsonScan::default(),
             fc_parsed_at: 0,
             fc_parses: 0,
@@ -160,6 +173,8 @@ impl FrameDecoder {
         if self.mode == Mode::Failed {
             return; // fds dropped (closed) here
         }
+        self.buf.drain(..self.start);
+        self.start = 0;
         self.buf.extend_from_slice(bytes);
         if !fds.is_empty() {
             self.batches.push_back((self.base + self.buf.len() as u64, fds));
@@ -168,12 +183,27 @@ impl FrameDecoder {
 
     /// Bytes received but not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.data().len()
     }
 
-    /// Whether a Firecracker handshake was recognised on this stream.
+    /// Fds received but not yet handed out with a unit.
+    pub fn held_fds(&self) -> usize {
+        self.batches.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    /// The bytes not yet decoded.
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Whether this stream began as a Firecracker handshake (also after it failed).
     pub fn is_firecracker(&self) -> bool {
-        matches!(self.mode, Mode::Firecracker | Mode::FirecrackerDone)
+        self.firecracker
+    }
+
+    /// Whether no byte was fed yet (the dialect is not known).
+    pub fn is_fresh(&self) -> bool {
+        self.mode == Mode::Start && self.data().is_empty()
     }
 
     /// The next complete unit, `Ok(None)` if more bytes are needed. After an error the decoder
@@ -181,46 +211,52 @@ impl FrameDecoder {
     pub fn next_unit(&mut self) -> Result<Option<Decoded>, ControlError> {
         let r = self.next_inner();
         if r.is_err() {
-            self.mode = Mode::Failed;
-            self.buf.clear();
-            self.batches.clear();
+            self.fail();
         }
         r
+    }
+
+    fn fail(&mut self) {
+        self.mode = Mode::Failed;
+        self.buf = Vec::new();
+        self.start = 0;
+        self.batches.clear();
     }
 
     /// Call at end of stream: `Ok` if it ended cleanly between units, else the error describing
     /// what was cut off. Fds still held are closed.
     pub fn finish(&mut self) -> Result<(), ControlError> {
+        let data = self.data();
         let r = match self.mode {
             Mode::Failed => Ok(()),
-            _ if self.buf.is_empty() => Ok(()),
+            _ if data.is_empty() => Ok(()),
             Mode::Firecracker => Err(ControlError::Truncated {
                 what: "Firecracker handshake",
-                have: self.buf.len(),
-                need: self.buf.len() + 1,
+                have: data.len(),
+                need: data.len() + 1,
             }),
             Mode::FirecrackerDone => Ok(()), // only whitespace can be left
             Mode::Start | Mode::Frames => {
-                let need = if self.buf.len() < HEADER_LEN {
+                let need = if data.len() < HEADER_LEN {
                     HEADER_LEN
                 } else {
-                    HEADER_LEN
-                        + u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]) as usize
+                    HEADER_LEN + u32::from_le_bytes([data[4], data[5], data[6], data[7]]) as usize
                 };
-                Err(ControlError::Truncated { what: "frame", have: self.buf.len(), need })
+                Err(ControlError::Truncated { what: "frame", have: data.len(), need })
             }
         };
-        self.mode = Mode::Failed;
-        self.buf.clear();
-        self.batches.clear();
+        self.fail();
         r
     }
 
     fn next_inner(&mut self) -> Result<Option<Decoded>, ControlError> {
         if self.mode == Mode::Start {
-            match self.buf.first() {
+            match self.data().first() {
                 None => return Ok(None),
-                Some(b'[') if self.accept_firecracker => self.mode = Mode::Firecracker,
+                Some(b'[') if self.accept_firecracker => {
+                    self.mode = Mode::Firecracker;
+                    self.firecracker = true;
+                }
                 Some(_) => self.mode = Mode::Frames,
             }
         }
@@ -228,10 +264,11 @@ impl FrameDecoder {
             Mode::Frames => self.next_frame(),
             Mode::Firecracker => self.next_firecracker(),
             Mode::FirecrackerDone => {
-                if let Some(pos) = self.buf.iter().position(|b| !b.is_ascii_whitespace()) {
+                let data = self.data();
+                if let Some(pos) = data.iter().position(|b| !b.is_ascii_whitespace()) {
                     return Err(ControlError::BadFrame(format!(
                         "data after the Firecracker handshake ({}); nothing may follow it",
-                        escape_prefix(&self.buf[pos..])
+                        escape_prefix(&data[pos..])
                     )));
                 }
                 if !self.batches.is_empty() {
@@ -239,7 +276,7 @@ impl FrameDecoder {
                         "file descriptors after the Firecracker handshake; nothing may follow it".into(),
                     ));
                 }
-                self.consume(self.buf.len());
+                self.consume(self.buffered());
                 Ok(None)
             }
             Mode::Start | Mode::Failed => Ok(None),
@@ -247,18 +284,19 @@ impl FrameDecoder {
     }
 
     fn next_frame(&mut self) -> Result<Option<Decoded>, ControlError> {
-        let avail = self.buf.len();
+        let data = self.data();
+        let avail = data.len();
         if avail == 0 {
             return Ok(None);
         }
         let m = avail.min(MAGIC.len());
-        if self.buf[..m] != MAGIC[..m] {
-            return Err(ControlError::Garbage { got: escape_prefix(&self.buf) });
+        if data[..m] != MAGIC[..m] {
+            return Err(ControlError::Garbage { got: escape_prefix(data) });
         }
         if avail < HEADER_LEN {
-            return Ok(None);
+            return self.unfinished("frame", MAX_FDS);
         }
-        let len = u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]) as usize;
+        let len = u32::from_le_bytes([data[4], data[5], data[6], data[7]]) as usize;
         if len > MAX_PAYLOAD {
             return Err(ControlError::TooLarge {
                 what: "frame payload",
@@ -268,9 +306,9 @@ impl FrameDecoder {
         }
         let total = HEADER_LEN + len;
         if avail < total {
-            return Ok(None);
+            return self.unfinished("frame", MAX_FDS);
         }
-        let payload = self.buf[HEADER_LEN..total].to_vec();
+        let payload = data[HEADER_LEN..total].to_vec();
         let fds = self.take_fds(self.base + total as u64);
         self.consume(total);
         if fds.len() > MAX_FDS {
@@ -283,9 +321,10 @@ impl FrameDecoder {
         // Parse only when the array has closed, or the buffer has doubled since the last parse (to
         // refuse garbage early): re-parsing on every read would be quadratic in a trickled
         // handshake (found while fuzzing: 64 KiB sent a byte per read took seconds of CPU).
+        // Nothing is consumed before the handshake completes: `start` is 0 here.
         let closed = self.fc_scan.closes(&self.buf);
         if !closed && self.buf.len() <= MAX_PAYLOAD && self.buf.len() < 2 * self.fc_parsed_at.max(64) {
-            return Ok(None);
+            return self.unfinished("Firecracker handshake", 1);
         }
         self.fc_parsed_at = self.buf.len();
         self.fc_parses += 1;
@@ -307,12 +346,22 @@ impl FrameDecoder {
                         max: MAX_PAYLOAD as u64,
                     })
                 } else {
-                    Ok(None)
+                    self.unfinished("Firecracker handshake", 1)
                 }
             }
             Some(Err(e)) => Err(ControlError::BadJson(format!("Firecracker handshake: {e}"))),
-            None => Ok(None),
+            None => self.unfinished("Firecracker handshake", 1),
         }
+    }
+
+    /// More bytes are needed for the unit being received: every fd held belongs to it, and it may
+    /// carry at most `max`. Refusing here bounds what a peer can pin with a unit it never ends.
+    fn unfinished(&self, what: &str, max: usize) -> Result<Option<Decoded>, ControlError> {
+        let got = self.held_fds();
+        if got > max {
+            return Err(ControlError::TooManyFds { op: format!("unfinished {what}"), max, got });
+        }
+        Ok(None)
     }
 
     /// Take every fd batch that arrived with a read ending at or before `end`.
@@ -331,7 +380,7 @@ impl FrameDecoder {
     }
 
     fn consume(&mut self, n: usize) {
-        self.buf.drain(..n);
+        self.start += n;
         self.base += n as u64;
     }
 }
@@ -476,6 +525,56 @@ mod tests {
         assert_eq!(payload(d.next_unit().unwrap().unwrap()).1, MAX_FDS);
         d.push(&frame("{}"), (0..MAX_FDS + 1).map(|_| fd()).collect());
         assert!(matches!(d.next_unit(), Err(ControlError::TooManyFds { got, .. }) if got == MAX_FDS + 1));
+    }
+
+    /// A peer that sends fds with byte after byte of a frame it never ends used to pin every fd
+    /// (3,201 on one connection); now the decoder refuses once the unfinished frame holds more
+    /// than a frame may carry, and closes them.
+    #[test]
+    fn fds_of_an_unfinished_frame_are_bounded() {
+        let f = frame(r#"{"op":"status"}"#);
+        let mut d = FrameDecoder::new(true);
+        let mut refused = None;
+        for (i, b) in f[..f.len() - 1].iter().enumerate() {
+            d.push(&[*b], vec![fd()]);
+            match d.next_unit() {
+                Ok(None) => assert!(d.held_fds() <= MAX_FDS),
+                Err(ControlError::TooManyFds { max, got, .. }) => {
+                    assert_eq!((max, got), (MAX_FDS, MAX_FDS + 1));
+                    refused = Some(i);
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(refused, Some(MAX_FDS), "refused at the first fd too many");
+        assert_eq!(d.held_fds(), 0, "closed");
+        // A Firecracker handshake carries exactly one fd: a second is refused before it ends.
+        let mut d = FrameDecoder::new(true);
+        d.push(b"[{\"size\":", vec![fd()]);
+        assert!(d.next_unit().unwrap().is_none());
+        d.push(b"4096", vec![fd()]);
+        assert!(matches!(d.next_unit(), Err(ControlError::TooManyFds { max: 1, got: 2, .. })));
+    }
+
+    #[test]
+    fn many_frames_in_one_read_then_a_partial_one() {
+        let mut bytes = Vec::new();
+        for i in 0..2000 {
+            bytes.extend(frame(&format!("{i}")));
+        }
+        let next = frame("last");
+        bytes.extend_from_slice(&next[..5]);
+        let mut d = FrameDecoder::new(true);
+        d.push(&bytes, Vec::new());
+        for i in 0..2000 {
+            assert_eq!(payload(d.next_unit().unwrap().unwrap()).0, i.to_string());
+        }
+        assert!(d.next_unit().unwrap().is_none());
+        assert_eq!(d.buffered(), 5);
+        d.push(&next[5..], vec![fd()]);
+        assert_eq!(payload(d.next_unit().unwrap().unwrap()), ("last".into(), 1));
+        assert_eq!(d.buffered(), 0);
     }
 
     #[test]

@@ -26,4 +26,4 @@ pub use message::Incoming;
 pub use protocol::{
     BlockInfo, ClientKind, FcRegion, MappingSpec, Request, Response, BROKER_VERSION, PROTOCOL_VERSION,
 };
-pub use server::{pidfd_open, ControlConn, ControlListener, PeerCreds};
+pub use server::{peer_pidfd, pidfd_open, ControlConn, ControlListener, PeerCreds};

@@ -232,6 +232,15 @@ impl Response {
     }
 }
 
+/// The `status` response around a report the sender borrows: the same JSON as
+/// [`Response::Status`], serialized in one pass (a busy broker answers many of these).
+#[derive(Debug, Serialize)]
+#[serde(tag = "op", rename = "status")]
+pub struct StatusReply<'a, T: Serialize> {
+    /// The report.
+    pub report: &'a T,
+}
+
 /// One guest memory region of Firecracker's UFFD handshake, page size resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FcRegion {
@@ -342,6 +351,14 @@ mod tests {
             assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), r);
         }
         assert!(matches!(Response::hello_reply(2), Response::Error { code, .. } if code == code::VERSION));
+    }
+
+    #[test]
+    fn a_borrowed_status_reply_is_a_status_response() {
+        let report = serde_json::json!({"state": "serving", "n": [1, 2]});
+        let s = serde_json::to_string(&StatusReply { report: &report }).unwrap();
+        assert_eq!(s, serde_json::to_string(&Response::Status { report: report.clone() }).unwrap());
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), Response::Status { report });
     }
 
     #[test]

@@ -15,15 +15,18 @@ use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType
 
 use super::error::ControlError;
 use super::fdpass::{recv_with_fds, send_all};
-use super::frame::{encode_message, FrameDecoder, HEADER_LEN, MAX_FDS, MAX_PAYLOAD};
+use super::frame::{encode_message, FrameDecoder, MAX_FDS};
 use super::message::{decode_incoming, Incoming};
 use super::protocol::Response;
 
 /// Pending connections the kernel queues before `accept`.
 const BACKLOG: i32 = 128;
-/// At most this many `recvmsg` calls per [`ControlConn::read_ready`], so one busy peer cannot
+/// At most this many `recvmsg` calls per [`ControlConn::read_up_to`], so one busy peer cannot
 /// hold the loop; call again to continue.
 const MAX_READS_PER_CALL: usize = 16;
+/// Bytes per `recvmsg`. Read into the stack, not a buffer per connection: an idle connection
+/// then costs only its decoder's (empty) buffer.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// The peer's credentials as the kernel recorded them at `connect` (SO_PEERCRED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +54,33 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: r is a new fd that this process owns and nobody else refers to.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// A pidfd of the process at the other end of a connected Unix socket (SO_PEERPIDFD, Linux 6.5),
+/// the process that called `connect`. Unlike `pidfd_open` of the SO_PEERCRED pid it works for a
+/// peer in a pid namespace the broker cannot see (whose pid reads as 0) and cannot name another
+/// process that reused the pid. It becomes readable when that process exits.
+pub fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `fd`, a live c_int, and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fd < 0 {
+        return Err(io::Error::other("SO_PEERPIDFD returned no fd"));
+    }
+    // SAFETY: the kernel installed a new fd for us that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The listening control socket.
@@ -220,20 +250,16 @@ pub struct ControlConn {
     stream: UnixStream,
     creds: PeerCreds,
     decoder: FrameDecoder,
-    buf: Vec<u8>,
     /// An error or end of file found after messages that were returned first.
     pending: Option<ControlError>,
+    /// The last [`Self::read_up_to`] stopped at its message budget: more may be decoded
+    /// without the socket becoming readable again.
+    budget_spent: bool,
 }
 
 impl ControlConn {
     fn new(stream: UnixStream, creds: PeerCreds) -> ControlConn {
-        ControlConn {
-            stream,
-            creds,
-            decoder: FrameDecoder::new(true),
-            buf: vec![0u8; HEADER_LEN + MAX_PAYLOAD],
-            pending: None,
-        }
+        ControlConn { stream, creds, decoder: FrameDecoder::new(true), pending: None, budget_spent: false }
     }
 
     /// The peer's credentials (SO_PEERCRED at accept).
@@ -246,26 +272,72 @@ impl ControlConn {
         pidfd_open(self.creds.pid)
     }
 
-    /// Whether this connection carried a Firecracker handshake.
+    /// A pidfd of the process that connected, also when its pid is not visible ([`peer_pidfd`]).
+    pub fn peer_pidfd(&self) -> io::Result<OwnedFd> {
+        peer_pidfd(self.stream.as_fd())
+    }
+
+    /// Whether this connection carried a Firecracker handshake (or began one).
     pub fn is_firecracker(&self) -> bool {
         self.decoder.is_firecracker()
     }
 
+    /// Whether the peer speaks Firecracker's handshake: it began one, or, before anything was
+    /// read, the first byte waiting in the socket is `[`.
+    pub fn speaks_firecracker(&self) -> bool {
+        if !self.decoder.is_fresh() {
+            return self.decoder.is_firecracker();
+        }
+        let mut b = [0u8; 1];
+        // SAFETY: recv writes at most 1 byte into `b`; MSG_PEEK leaves it in the socket.
+        let n = unsafe {
+            libc::recv(self.stream.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        n == 1 && b[0] == b'['
+    }
+
     /// Read what the socket holds and decode it. Call when epoll says readable, and keep calling
-    /// until it returns an empty `Vec` (nothing more for now) or an `Err`.
+    /// until it returns an empty `Vec` (nothing more for now) or an `Err`. Same as
+    /// [`Self::read_up_to`] without a message budget.
+    pub fn read_ready(&mut self) -> Result<Vec<Incoming>, ControlError> {
+        self.read_up_to(usize::MAX)
+    }
+
+    /// Decode at most `max` messages, reading the socket only when no complete message is
+    /// buffered (so what a pipelining peer has sent waits in its own socket buffer, not in the
+    /// broker's memory). When the budget stops it, [`Self::has_buffered`] is true: call again
+    /// later even if epoll does not report the socket, because the rest may already be read.
     ///
     /// Messages received before a failure are returned first and the failure on the next call.
     /// `Err(ControlError::PeerClosed)` is a clean end of file; every other `Err` means the peer
     /// misbehaved: reply with [`Self::send_error`] and close this connection. Fds that came with
     /// a bad message are closed.
-    pub fn read_ready(&mut self) -> Result<Vec<Incoming>, ControlError> {
+    pub fn read_up_to(&mut self, max: usize) -> Result<Vec<Incoming>, ControlError> {
+        self.budget_spent = false;
         if let Some(e) = self.pending.take() {
             return Err(e);
         }
         let mut out = Vec::new();
         let mut failure = None;
-        'reads: for _ in 0..MAX_READS_PER_CALL {
-            let r = match recv_with_fds(self.stream.as_fd(), &mut self.buf, true) {
+        let mut reads = 0;
+        let mut buf = [0u8; READ_CHUNK];
+        while out.len() < max {
+            match self.decoder.next_unit().and_then(|d| d.map(decode_incoming).transpose()) {
+                Ok(Some(m)) => {
+                    out.push(m);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            if reads == MAX_READS_PER_CALL {
+                break;
+            }
+            reads += 1;
+            let r = match recv_with_fds(self.stream.as_fd(), &mut buf, true) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
@@ -290,18 +362,9 @@ impl ControlConn {
                     Some(ControlError::TooManyFds { op: "frame".into(), max: MAX_FDS, got: r.fds.len() + 1 });
                 break;
             }
-            self.decoder.push(&self.buf[..r.bytes], r.fds);
-            loop {
-                match self.decoder.next_unit().and_then(|d| d.map(decode_incoming).transpose()) {
-                    Ok(Some(m)) => out.push(m),
-                    Ok(None) => break,
-                    Err(e) => {
-                        failure = Some(e);
-                        break 'reads;
-                    }
-                }
-            }
+            self.decoder.push(&buf[..r.bytes], r.fds);
         }
+        self.budget_spent = out.len() >= max && failure.is_none();
         match failure {
             Some(e) if out.is_empty() => Err(e),
             Some(e) => {
@@ -312,9 +375,27 @@ impl ControlConn {
         }
     }
 
+    /// Whether messages or a failure may be waiting in this connection's buffers, where epoll
+    /// cannot see them: the last read stopped at its budget, or a failure follows the messages
+    /// it returned.
+    pub fn has_buffered(&self) -> bool {
+        self.budget_spent || self.pending.is_some()
+    }
+
     /// Send one response with `fds` attached (at most 8). Never blocks: if the peer's socket
     /// buffer is full the result is `Err(ControlError::PeerNotReading)`; drop the connection.
     pub fn send(&mut self, resp: &Response, fds: &[BorrowedFd<'_>]) -> Result<(), ControlError> {
+        self.send_message(resp, fds)
+    }
+
+    /// [`Self::send`] for any message that serializes as a response does, such as a
+    /// [`StatusReply`](super::protocol::StatusReply) (serialized once, without an intermediate
+    /// `serde_json::Value`).
+    pub fn send_message<T: serde::Serialize>(
+        &mut self,
+        resp: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ControlError> {
         if fds.len() > MAX_FDS {
             return Err(ControlError::Invalid(format!(
                 "a reply can carry at most {MAX_FDS} fds, asked to send {}",
@@ -330,7 +411,12 @@ impl ControlConn {
     }
 
     /// Reply with the `error` response for `err`, if it has one ([`ControlError::to_response`]).
+    /// Nothing is sent on a connection that started as a Firecracker handshake: Firecracker
+    /// reads nothing back, and a `PCB1` frame would be garbage to it. Log the error instead.
     pub fn send_error(&mut self, err: &ControlError) -> Result<(), ControlError> {
+        if self.speaks_firecracker() {
+            return Ok(());
+        }
         match err.to_response() {
             Some(r) => self.send(&r, &[]),
             None => Ok(()),

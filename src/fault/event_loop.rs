@@ -12,7 +12,9 @@ use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, Pr
 use crate::control::{ControlConn, ControlListener};
 use crate::error::{Error, IoContext, Result};
 use crate::eventfd::EventFd;
+use crate::fault::backoff::AcceptBackoff;
 use crate::fault::core::Core;
+use crate::fault::limits::{ControlLimits, Owners};
 use crate::incoming::Incoming;
 use crate::source::{FileSource, PageSource, SourceState};
 use crate::stats::{BlockStatus, PendingRequest, PendingWaiter, StatusReport, PENDING_LISTED};
@@ -23,9 +25,12 @@ const T_OWN: u64 = 1;
 pub(crate) const T_LISTEN: u64 = 2;
 const KIND_SHIFT: u32 = 56;
 const K_UFFD: u64 = 1;
-const K_PIDFD: u64 = 2;
+pub(crate) const K_PIDFD: u64 = 2;
 const K_SOURCE: u64 = 3;
 pub(crate) const K_CONN: u64 = 4;
+
+/// Departed clients whose final statistics the status keeps.
+const DEPARTED_KEPT: usize = 256;
 
 pub(crate) fn token(kind: u64, id: u64) -> u64 {
     (kind << KIND_SHIFT) | id
@@ -72,6 +77,31 @@ pub struct BrokerConfig {
     pub allowed_uids: Vec<u32>,
     /// Blocks each other uid may map (root and the broker's own uid may map all).
     pub grants: HashMap<u32, Vec<String>>,
+    /// What one control-socket peer may make the broker hold.
+    pub limits: ControlLimits,
+}
+
+/// Why a client stops being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Departure {
+    /// Its process exited: its fds are released.
+    Exited,
+    /// It unregistered itself over the control socket: its own decision (it keeps its own copy
+    /// of the uffd), so its fds are released at once.
+    Unregistered,
+    /// It failed, or the in-process VMM unregistered it: its uffd stays open while its process
+    /// may live (closing the last reference would let its faults fill memory with zeros).
+    Retired,
+}
+
+impl Departure {
+    fn verb(self) -> &'static str {
+        match self {
+            Departure::Exited => "exited",
+            Departure::Unregistered => "unregistered itself",
+            Departure::Retired => "retired",
+        }
+    }
 }
 
 enum Command {
@@ -116,8 +146,12 @@ pub(crate) struct Loop {
     pub(crate) listener: Option<ControlListener>,
     pub(crate) conns: HashMap<u64, ControlConn>,
     pub(crate) next_conn: u64,
-    /// The uid that registered each client over the control socket.
-    pub(crate) owners: HashMap<ClientId, u32>,
+    /// Who registered each client over the control socket (while the broker holds its fds).
+    pub(crate) owners: Owners,
+    /// Control connections whose last turn ended at its budget with work left in their buffers.
+    pub(crate) resume: Vec<u64>,
+    /// The listener's pause after a failed accept (EMFILE...).
+    pub(crate) accept: AcceptBackoff,
     rx: Receiver<Command>,
     pub(crate) core: Core,
     source: Box<dyn PageSource>,
@@ -194,36 +228,40 @@ impl Loop {
         Ok(id)
     }
 
-    /// Stop serving a client. Its uffd stays open while its process may live (closing it would
-    /// let its faults fill shared RAM with zeros); it is closed when the pidfd reports the exit
-    /// or the loop ends.
-    pub(crate) fn retire(&mut self, id: ClientId, exited: bool) {
-        let Some(c) = self.core.clients.remove(id) else {
-            if exited {
-                if let Some(c) = self.retired.remove(&id) {
-                    if let Some(p) = &c.pidfd {
-                        self.del(p.as_raw_fd());
-                    }
+    /// Stop serving a client, for the reason `how`. A [`Departure::Retired`] client's uffd stays
+    /// open while its process may live; it is closed when the pidfd reports the exit, when the
+    /// client unregisters itself, or when the loop ends.
+    pub(crate) fn retire(&mut self, id: ClientId, how: Departure) {
+        let c = match self.core.clients.remove(id) {
+            Some(c) => {
+                self.del(c.uffd.as_raw_fd());
+                self.core.forget_client(id);
+                self.core.stats.clients_gone += 1;
+                if self.departed.len() == DEPARTED_KEPT {
+                    self.departed.pop_front();
                 }
+                self.departed.push_back(c.status());
+                log::info!("client {} '{}' {}", id.0, c.name, how.verb());
+                c
             }
-            return;
+            None if how == Departure::Retired => return,
+            None => match self.retired.remove(&id) {
+                Some(c) => {
+                    log::debug!("retired client {} '{}' {}: its fds are closed", id.0, c.name, how.verb());
+                    c
+                }
+                None => return,
+            },
         };
-        self.del(c.uffd.as_raw_fd());
-        self.core.forget_client(id);
-        self.core.stats.clients_gone += 1;
-        if self.departed.len() == 256 {
-            self.departed.pop_front();
-        }
-        self.departed.push_back(c.status());
-        if exited {
-            if let Some(p) = &c.pidfd {
-                self.del(p.as_raw_fd());
-            }
-            log::info!("client {} '{}' exited", id.0, c.name);
-        } else {
-            log::info!("client {} '{}' retired", id.0, c.name);
+        if how == Departure::Retired {
             self.retired.insert(id, c);
+            return;
         }
+        if let Some(p) = &c.pidfd {
+            self.del(p.as_raw_fd());
+        }
+        self.owners.remove(id);
+        drop(c); // closes its uffd and pidfd
     }
 
     pub(crate) fn status(&self) -> StatusReport {
@@ -275,6 +313,8 @@ impl Loop {
                     }
                 })
                 .collect(),
+            clients_omitted: 0,
+            departed_omitted: 0,
         }
     }
 
@@ -286,7 +326,7 @@ impl Loop {
             }
             Command::Unregister(id, reply) => {
                 let r = if self.core.clients.get(id).is_some() {
-                    self.retire(id, false);
+                    self.retire(id, Departure::Retired);
                     Ok(())
                 } else {
                     Err(Error::Invalid(format!("no client {}", id.0)))
@@ -348,8 +388,8 @@ impl Loop {
                 let id = ClientId(t & ((1 << KIND_SHIFT) - 1));
                 match t >> KIND_SHIFT {
                     K_UFFD => self.drain_uffd(id),
-                    K_PIDFD => self.retire(id, true),
-                    K_CONN => self.serve_conn(id.0),
+                    K_PIDFD => self.retire(id, Departure::Exited),
+                    K_CONN => self.serve_conns(&[id.0]),
                     K_SOURCE => {
                         let fd = RawFd::try_from(id.0).unwrap_or(-1);
                         match self.source.on_ready(fd, &mut self.core) {
@@ -383,7 +423,7 @@ impl Loop {
             }
         }
         for id in std::mem::take(&mut self.core.failed) {
-            self.retire(id, false);
+            self.retire(id, Departure::Retired);
         }
     }
 
@@ -392,20 +432,31 @@ impl Loop {
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
         let chunk = if self.config.background_chunk == 0 { 256 << 10 } else { self.config.background_chunk };
         let mut background = self.config.background && self.source.wants_background_pull();
+        let mut conns = Vec::new();
         while !self.stop {
             let bg_now =
                 background && self.core.stats.clients_registered >= self.config.background_after_clients;
-            let busy = bg_now || !self.core.deferred.is_empty() || self.config.busy_poll;
-            let timeout = if busy { 0 } else { -1 };
+            // Control connections with work left in their buffers are invisible to epoll: poll.
+            let busy =
+                bg_now || !self.core.deferred.is_empty() || self.config.busy_poll || !self.resume.is_empty();
+            let timeout = if busy { 0 } else { self.accept.timeout_ms(Instant::now()).unwrap_or(-1) };
             let n = match epoll::wait(self.epfd.as_raw_fd(), timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::io("epoll_wait", e)),
             };
+            // Faults first; control connections after this round's wakes, a bounded turn each.
+            conns.clear();
             for ev in events.iter().take(n) {
-                self.dispatch(ev.data)?;
+                if ev.data >> KIND_SHIFT == K_CONN {
+                    conns.push(ev.data & ((1 << KIND_SHIFT) - 1));
+                } else {
+                    self.dispatch(ev.data)?;
+                }
             }
             self.after_round();
+            self.serve_conns(&conns);
+            self.resume_accepting();
             if n == 0 && bg_now {
                 background = self.core.background_step(self.source.as_mut(), chunk);
                 self.core.flush_wakes();
@@ -489,7 +540,9 @@ impl Broker {
             listener,
             conns: HashMap::new(),
             next_conn: 1,
-            owners: HashMap::new(),
+            owners: Owners::default(),
+            resume: Vec::new(),
+            accept: AcceptBackoff::default(),
             rx,
             core,
             source,

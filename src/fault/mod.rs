@@ -5,9 +5,12 @@
 //! [`Broker::spawn`] runs the loop on its own thread and returns a [`BrokerHandle`] through which
 //! an in-process VMM registers clients, reads status and stops the loop.
 
+mod backoff;
 mod control;
 mod core;
 mod event_loop;
+mod grants;
+mod limits;
 mod pending;
 mod private;
 mod unplaced;
@@ -15,5 +18,7 @@ mod wake;
 
 pub use self::core::MAX_RUN;
 pub use event_loop::{pidfd_open, Broker, BrokerConfig, BrokerHandle, Registration, RegistrationMap};
+pub use grants::IMAGE_GRANT;
+pub use limits::ControlLimits;
 pub use pending::{PageHasher, Pending, Waiter};
 pub use wake::WakeQueue;

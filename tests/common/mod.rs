@@ -199,3 +199,4 @@ pub mod control_server;
 pub mod mig;
 pub mod proxy;
 pub mod vhost;
+pub mod serve;
