@@ -7,7 +7,7 @@
 //! raise SIGBUS and kill the broker with every client it serves; the kernel's copy instead fails
 //! with EFAULT, which costs the one client that faulted there. The length is checked once, at
 //! open, and the file stays open for the mapping's life: the image must not shrink while it is
-//! served (see README "Firecracker").
+//! served (README, "Firecracker").
 
 use std::fs::File;
 use std::os::fd::AsFd;
