@@ -39,7 +39,7 @@ fn fc_args(sock: &std::path::Path, script: &str, pages: usize, ps: usize) -> Vec
     )
 }
 
-/// Check every page a client read: once it has removed pages (a `dontneed` step), pages in
+/// Check every page a client read: once it has removed pages (a `dontneed-each` step), pages in
 /// `zero` read zeros; every other read is the image. Returns how many pages were checked.
 fn check_private(lines: &[Value], data: &[u8], ps: usize, zero: impl Fn(usize) -> bool) -> usize {
     let zeros = fnv(&vec![0u8; ps]);
@@ -76,7 +76,7 @@ fn tens_of_thousands_of_removed_ranges_fault_in_as_zero() {
         // Fault in a quarter of the pages from the image, then report every other page free, one
         // madvise each (32768 REMOVE events, 32768 disjoint ranges), some of them twice, then
         // read every page.
-        "touch:0-{last}/4,1-{last}/4;dontneed:0-{last}/2;dontneed:0-8191/2;touch:0-{last}"
+        "touch:0-{last}/4,1-{last}/4;dontneed-each:0-{last}/2;dontneed-each:0-8191/2;touch:0-{last}"
     );
     let mut p = Peer::spawn(&fc_args(&sock, &script, PAGES, 4096));
     p.go();
@@ -100,7 +100,7 @@ fn private_two_mib_pages_are_copied_from_the_image() {
     const PAGES: usize = 6;
     let data = content(PAGES * 512, 4096, 43);
     let (sock, image, _inc, h) = image_broker("fc-huge", &data);
-    let mut p = Peer::spawn(&fc_args(&sock, "touch:0-5;dontneed:1,4;touch:0-5", PAGES, PS));
+    let mut p = Peer::spawn(&fc_args(&sock, "touch:0-5;dontneed-each:1,4;touch:0-5", PAGES, PS));
     p.go();
     let n = check_private(&p.finish_within(60), &data, PS, |i| i == 1 || i == 4);
     assert_eq!(n, 2 * PAGES);

@@ -75,7 +75,7 @@ struct Args {
     /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
     /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
     /// 10 us or more), parallel:LIST (read one byte of each page, each from a thread of its own, all
-    /// at once), dontneed:LIST (MADV_DONTNEED of each page of LIST on mapping 0, one call per page,
+    /// at once), dontneed-each:LIST (MADV_DONTNEED of each page of LIST on mapping 0, one call per page,
     /// as a balloon's free page reporting does: one REMOVE event each), dontneed-reserve
     /// (MADV_DONTNEED over the whole --reserve-anon region). LIST is like 0,5,7-20,30-90/3 (the
     /// last: every third page from 30 to 90).
@@ -229,7 +229,7 @@ impl Client {
                 unsafe { munmap(p, len) }.map_err(|e| format!("munmap: {e}"))?;
                 json!({"who": who, "step": step})
             }
-            "dontneed" => {
+            "dontneed-each" => {
                 for p in pages(arg)? {
                     let addr =
                         std::ptr::NonNull::new((self.bases[0] + p * self.page_size) as *mut std::ffi::c_void)
