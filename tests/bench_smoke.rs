@@ -31,6 +31,9 @@ fn quick_bench_prints_a_number_for_every_case() {
         "demand p50 us during migration",
         "control socket flooded by a peer: demand us/fault",
         "control socket flooded by a peer: status requests answered",
+        "private fault, 4 KiB pages, us/fault (ref: private_fault.c)",
+        "private fault, 2 MiB pages, us/fault (ref: private_fault.c)",
+        "private fault, 2 MiB pages, us/fault (ref: private_fault.c populate",
     ] {
         let row =
             rows.iter().find(|r| r.contains(case)).unwrap_or_else(|| panic!("no {case} row in\n{text}"));
@@ -38,12 +41,14 @@ fn quick_bench_prints_a_number_for_every_case() {
         let median: f64 = cells[4].split_whitespace().next().unwrap().parse().unwrap();
         assert!(median.is_finite(), "{row}");
     }
-    // The demand rows carry a reference figure and a ratio, for both placements when there are
-    // two CPUs.
+    // The demand and private rows carry a reference figure and a ratio, for both placements when
+    // there are two CPUs.
     let demand: Vec<_> = rows.iter().filter(|r| r.contains("| demand us/fault ")).collect();
     let cpus = std::thread::available_parallelism().unwrap().get();
     assert_eq!(demand.len(), if cpus > 1 { 4 } else { 2 }, "{text}");
-    for r in demand {
+    let private: Vec<_> = rows.iter().filter(|r| r.contains("| private fault, ")).collect();
+    assert_eq!(private.len(), if cpus > 1 { 20 } else { 10 }, "{text}");
+    for r in demand.into_iter().chain(private) {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();
         assert!(cells[5].split_whitespace().next().unwrap().parse::<f64>().is_ok(), "{r}");
         assert!(cells[6].parse::<f64>().is_ok(), "ratio in {r}");

@@ -3,15 +3,18 @@
 //! and reports medians with min-max, the ratio broker / reference, and the targets.
 //!
 //! Cases: demand faults of a client process served from memory (blocking and busy-polling),
-//! background placement throughput with idle clients registered (and the wakes they get), and
+//! background placement throughput with idle clients registered (and the wakes they get),
 //! registration / teardown of many clients over a large sparse block with the broker's memory,
-//! and demand faults while another peer floods the control socket (against the same run quiet).
+//! migrations, demand faults while another peer floods the control socket (against the same run
+//! quiet), and private (Firecracker-style) faults served from an image against a C handler of
+//! the project's own (bench/private_fault.c).
 
 pub mod background;
 pub mod demand;
 pub mod flood;
 pub mod migrate;
 pub mod peer;
+pub mod private;
 pub mod reference;
 pub mod report;
 pub mod scale;
@@ -50,12 +53,18 @@ pub struct BenchConfig {
     pub idle_bandwidth: u64,
     /// Demand faults of the client during a migration.
     pub migrate_faults: usize,
-    /// Cases to run: any of demand, background, scale, migration, control.
+    /// 4 KiB pages of the private case.
+    pub private_pages: usize,
+    /// 2 MiB (hugetlb) pages of the private case.
+    pub private_huge_pages: usize,
+    /// Cases to run: any of demand, background, scale, migration, control, private.
     pub cases: Vec<String>,
     /// Placements to use; empty: every placement the machine offers.
     pub placements: Vec<Placement>,
     /// uffd_limit.c.
     pub reference: PathBuf,
+    /// private_fault.c, the C handler of the private case.
+    pub private_reference: PathBuf,
     /// Where the reference is compiled to.
     pub out_dir: PathBuf,
     /// The pcb-client executable.
@@ -79,9 +88,12 @@ impl BenchConfig {
             idle_mib: 64,
             idle_bandwidth: 16 << 20,
             migrate_faults: 1000,
-            cases: ["demand", "background", "scale", "migration", "control"].map(String::from).to_vec(),
+            private_pages: 20_000,
+            private_huge_pages: 64,
+            cases: ["demand", "background", "scale", "migration", "control", "private"].map(String::from).to_vec(),
             placements: Vec::new(),
             reference,
+            private_reference: private::default_source(),
             out_dir,
             hostile: client.with_file_name("pcb-hostile"),
             client,
@@ -99,6 +111,8 @@ impl BenchConfig {
         self.idle_mib = 8;
         self.idle_bandwidth = 8 << 20;
         self.migrate_faults = 50;
+        self.private_pages = 500;
+        self.private_huge_pages = 4;
         self
     }
 
@@ -230,6 +244,28 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     }
     let refp = reference::Reference::build(&cfg.reference, &cfg.out_dir)?;
     let placements = if cfg.placements.is_empty() { Placement::available() } else { cfg.placements.clone() };
+    let private_ref = match cfg.wants("private") {
+        true => Some(reference::Reference::build_as(&cfg.private_reference, &cfg.out_dir, "private_fault")?),
+        false => None,
+    };
+    let private_image = match cfg.wants("private") {
+        true => {
+            let bytes = (cfg.private_pages as u64 * 4096).max(cfg.private_huge_pages as u64 * (2 << 20));
+            Some(private::Image::create(&cfg.out_dir.join("private-image.img"), bytes)?)
+        }
+        false => None,
+    };
+    let mut private_rows: Vec<private::PrivateRows> = Vec::new();
+    if private_image.is_some() {
+        for p in &placements {
+            for (page_size, pages) in [(4096, cfg.private_pages), (2 << 20, cfg.private_huge_pages)] {
+                for busy_poll in [false, true] {
+                    let case = private::PrivateCase { page_size, pages: pages.max(1), busy_poll };
+                    private_rows.push(private::PrivateRows::new(case, p.clone()));
+                }
+            }
+        }
+    }
     let mut per: Vec<PlacementRows> = placements.into_iter().map(|p| PlacementRows::new(p, cfg)).collect();
     let mut reg = Row::new(
         &format!("register {} clients, ms", cfg.clients),
@@ -359,6 +395,12 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             sys::set_affinity(&old)?;
             r?;
         }
+        if let (Some(refp), Some(image)) = (&private_ref, &private_image) {
+            for pr in &mut private_rows {
+                progress(&format!("run {}/{}: private faults, {}", run + 1, cfg.runs, pr.describe()));
+                pr.run_once(refp, &cfg.client, image)?;
+            }
+        }
         if cfg.wants("scale") {
             progress(&format!(
                 "run {}/{}: scale, {} clients over {} GiB",
@@ -473,6 +515,9 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     let mut rows = Vec::new();
     for pr in per {
         rows.extend(pr.rows().into_iter().filter(|r| !r.ours.is_empty()));
+    }
+    for pr in private_rows {
+        rows.extend(pr.rows());
     }
     rows.extend(
         [

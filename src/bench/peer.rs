@@ -1,5 +1,6 @@
-//! A pcb-client process driven by the benchmark: spawned, its userfaultfd taken with
-//! pidfd_getfd(2) and registered with the broker, then started and its JSON lines read.
+//! A pcb-client process driven by the benchmark: spawned (a shared client of a block, or a
+//! private one), its userfaultfd taken with pidfd_getfd(2) and registered with the broker, then
+//! started and its JSON lines read.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -8,7 +9,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use serde_json::Value;
 
-use crate::client::{ClientId, MappingEntry};
+use crate::client::{ClientId, MappingEntry, PrivateRegion};
 use crate::error::{Error, Result};
 use crate::fault::{pidfd_open, BrokerHandle, Registration, RegistrationMap};
 use crate::ram::RamBlock;
@@ -32,9 +33,28 @@ impl Peer {
     pub fn spawn(exe: &Path, block: &RamBlock, script: &str, cpus: &[usize]) -> Result<Peer> {
         let fd = block.fd().ok_or_else(|| bad("the block has no fd"))?;
         let memfd = format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd());
+        let args = ["--memfd", &memfd, "--size", &block.size().to_string()].map(String::from);
+        Self::spawn_with(exe, &args, block.page_size(), script, cpus)
+    }
+
+    /// Start `exe` as a private (Firecracker-style) client of `size` bytes of private anonymous
+    /// memory in pages of `page_size` (hugetlb for 2 MiB), asking for REMOVE events as
+    /// Firecracker does, running `script`, pinned to `cpus` (unless empty).
+    pub fn spawn_private(
+        exe: &Path,
+        size: u64,
+        page_size: u64,
+        script: &str,
+        cpus: &[usize],
+    ) -> Result<Peer> {
+        let args = ["--size".to_string(), size.to_string(), "--features".into(), "remove".into()];
+        Self::spawn_with(exe, &args, page_size, script, cpus)
+    }
+
+    fn spawn_with(exe: &Path, args: &[String], page_size: u64, script: &str, cpus: &[usize]) -> Result<Peer> {
         let mut child = Command::new(exe)
-            .args(["--memfd", &memfd, "--size", &block.size().to_string()])
-            .args(["--page-size", &block.page_size().to_string(), "--script", script])
+            .args(args)
+            .args(["--page-size", &page_size.to_string(), "--script", script])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -100,6 +120,23 @@ impl Peer {
             uffd: self.take_uffd()?,
             pid: Some(self.pid()?),
             map: RegistrationMap::Shared(map),
+        })
+    }
+
+    /// Register a private client with the broker: each of its mappings is a region served from
+    /// the broker's image at file offset 0, in pages of `page_size`.
+    pub fn register_private(&self, h: &BrokerHandle, name: &str, page_size: u64) -> Result<ClientId> {
+        let map: Vec<MappingEntry> = serde_json::from_value(self.ready["mappings"].clone())
+            .map_err(|e| bad(format!("mappings: {e}")))?;
+        let regions = map
+            .iter()
+            .map(|m| PrivateRegion { client_addr: m.client_addr, len: m.len, file_offset: 0, page_size })
+            .collect();
+        h.register(Registration {
+            name: name.into(),
+            uffd: self.take_uffd()?,
+            pid: Some(self.pid()?),
+            map: RegistrationMap::Private(regions),
         })
     }
 

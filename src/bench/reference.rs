@@ -72,9 +72,17 @@ impl Reference {
                 source.display()
             )));
         }
+        Self::build_as(source, out_dir, "uffd_limit")
+    }
+
+    /// Compile `source` with `cc -O2` into `out_dir/name`.
+    pub fn build_as(source: &Path, out_dir: &Path, name: &str) -> Result<Reference> {
+        if !source.is_file() {
+            return Err(Error::Invalid(format!("reference program {} not found", source.display())));
+        }
         std::fs::create_dir_all(out_dir)
             .map_err(|e| Error::io(format!("create {}", out_dir.display()), e))?;
-        let exe = out_dir.join("uffd_limit");
+        let exe = out_dir.join(name);
         let out = Command::new("cc")
             .arg("-O2")
             .arg("-o")
@@ -96,12 +104,16 @@ impl Reference {
     /// differ, every client process the reference forks is moved to them as soon as it appears
     /// (it then spends a few hundred microseconds setting up before it starts timing).
     pub fn run(&self, placement: &Placement, pages: usize, mib: usize) -> Result<Figures> {
+        self.run_args(placement, &[pages.to_string(), mib.to_string()])
+    }
+
+    /// Run `taskset -c BROKER program args...`, its client moved as in [`Reference::run`].
+    pub fn run_args(&self, placement: &Placement, args: &[String]) -> Result<Figures> {
         let mut child = Command::new("taskset")
             .arg("-c")
             .arg(Placement::cpu_list(&placement.broker))
             .arg(&self.exe)
-            .arg(pages.to_string())
-            .arg(mib.to_string())
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -22,7 +22,8 @@ use serde_json::json;
 #[command(about = "test client of postcopy-broker")]
 struct Args {
     /// Path that opens the block's memfd (for example /proc/PID/fd/N); without it the client
-    /// maps private anonymous memory (a Firecracker-style private client).
+    /// maps private anonymous memory (a Firecracker-style private client; with --page-size
+    /// 2097152 it is hugetlb memory, MAP_HUGETLB|MAP_HUGE_2MB, as Firecracker's 2M hugepages).
     #[arg(long)]
     memfd: Option<String>,
     /// Get the block's memfd from a broker's control socket and register there (instead of
@@ -75,8 +76,10 @@ struct Args {
     /// page in order, timing every access; prints us_per_fault, p50, p99, max and the byte sum, as
     /// uffd_limit.c's demand client does, plus the same over the accesses that blocked, those of
     /// 10 us or more), parallel:LIST (read one byte of each page, each from a thread of its own, all
-    /// at once), dontneed-reserve (MADV_DONTNEED over the whole --reserve-anon region). LIST is like
-    /// 0,5,7-20.
+    /// at once), dontneed-each:LIST (MADV_DONTNEED of each page of LIST on mapping 0, one call per page,
+    /// as a balloon's free page reporting does: one REMOVE event each), dontneed-reserve
+    /// (MADV_DONTNEED over the whole --reserve-anon region). LIST is like 0,5,7-20,30-90/3 (the
+    /// last: every third page from 30 to 90).
     #[arg(long, default_value = "")]
     script: String,
 }
@@ -84,13 +87,17 @@ struct Args {
 fn pages(spec: &str) -> Result<Vec<u64>, String> {
     let mut out = Vec::new();
     for part in spec.split(',').filter(|s| !s.is_empty()) {
-        match part.split_once('-') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, s)) => (r, s.parse::<usize>().ok().filter(|&s| s > 0).ok_or_else(|| part.to_string())?),
+            None => (part, 1),
+        };
+        match range.split_once('-') {
             Some((a, b)) => {
                 let (a, b): (u64, u64) =
                     (a.parse().map_err(|_| part.to_string())?, b.parse().map_err(|_| part.to_string())?);
-                out.extend(a..=b);
+                out.extend((a..=b).step_by(step));
             }
-            None => out.push(part.parse().map_err(|_| part.to_string())?),
+            None => out.push(range.parse().map_err(|_| part.to_string())?),
         }
     }
     Ok(out)
@@ -229,6 +236,18 @@ impl Client {
                 unsafe { munmap(p, len) }.map_err(|e| format!("munmap: {e}"))?;
                 json!({"who": who, "step": step})
             }
+            "dontneed-each" => {
+                for p in pages(arg)? {
+                    let addr =
+                        std::ptr::NonNull::new((self.bases[0] + p * self.page_size) as *mut std::ffi::c_void)
+                            .ok_or("null")?;
+                    // SAFETY: the page lies inside this process's own private mapping; its
+                    // contents may be dropped.
+                    unsafe { madvise(addr, self.page_size as usize, MmapAdvise::MADV_DONTNEED) }
+                        .map_err(|e| format!("madvise of page {p}: {e}"))?;
+                }
+                json!({"who": who, "step": step})
+            }
             "dontneed-reserve" => {
                 let (start, len) = self.reserve.ok_or("dontneed-reserve needs --reserve-anon")?;
                 let p = std::ptr::NonNull::new(start as *mut std::ffi::c_void).ok_or("null")?;
@@ -304,6 +323,15 @@ fn run(mut a: Args) -> Result<(), String> {
         let p = match fd.as_ref().filter(|_| !a.anon) {
             // SAFETY: a fresh mapping chosen by the kernel; nothing in Rust aliases it.
             Some(fd) => unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED | populate, fd.as_fd(), 0) },
+            // SAFETY: as above.
+            None if fd.is_none() && a.page_size == 2 << 20 => unsafe {
+                mmap_anonymous(
+                    None,
+                    len,
+                    prot,
+                    MapFlags::MAP_PRIVATE | MapFlags::MAP_HUGETLB | MapFlags::MAP_HUGE_2MB,
+                )
+            },
             // SAFETY: as above.
             None => unsafe { mmap_anonymous(None, len, prot, MapFlags::MAP_PRIVATE) },
         }

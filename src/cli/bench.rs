@@ -31,9 +31,15 @@ pub struct BenchArgs {
     /// MiB of guest RAM of the migration cases.
     #[arg(long, default_value_t = 1024)]
     pub migrate_mib: usize,
+    /// 4 KiB pages of the private (Firecracker-style) fault case.
+    #[arg(long, default_value_t = 20_000)]
+    pub private_pages: usize,
+    /// 2 MiB pages of the private fault case (hugetlb: the pool needs this many free pages).
+    #[arg(long, default_value_t = 64)]
+    pub private_huge_pages: usize,
     /// Cases, comma separated: demand, background, scale, migration, control (demand faults
-    /// while another peer floods the control socket).
-    #[arg(long, value_delimiter = ',', default_value = "demand,background,scale,migration,control")]
+    /// while another peer floods the control socket), private (Firecracker-style faults).
+    #[arg(long, value_delimiter = ',', default_value = "demand,background,scale,migration,control,private")]
     pub cases: Vec<String>,
     /// Placements, comma separated: same (client and broker on cpu 0), cross (client on cpu 0,
     /// broker on cpu 1).
@@ -68,6 +74,8 @@ pub fn run(a: BenchArgs) -> ExitCode {
     cfg.clients = a.clients;
     cfg.migrate_mib = a.migrate_mib.max(4);
     cfg.scale_gib = a.scale_gib.max(1);
+    cfg.private_pages = a.private_pages.max(1);
+    cfg.private_huge_pages = a.private_huge_pages.max(1);
     cfg.cases = a.cases;
     if let Some(h) = a.hostile {
         cfg.hostile = h;

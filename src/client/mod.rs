@@ -4,10 +4,12 @@
 
 mod mapping;
 mod private;
+mod removed;
 mod repeat;
 
 pub use mapping::{MappingEntry, MappingTable};
 pub use private::{PrivateRegion, PrivateTable};
+pub use removed::RemovedRanges;
 pub use repeat::RepeatGuard;
 
 use std::collections::HashMap;

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::client::RemovedRanges;
 use crate::error::{Error, Result};
 
 /// The page sizes of private memory the broker serves (its staging page holds the largest).
@@ -26,7 +27,7 @@ pub struct PrivateRegion {
 #[derive(Debug, Clone, Default)]
 pub struct PrivateTable {
     regions: Vec<PrivateRegion>,
-    removed: Vec<(u64, u64)>,
+    removed: RemovedRanges,
 }
 
 impl PrivateTable {
@@ -71,7 +72,7 @@ impl PrivateTable {
                 )));
             }
         }
-        Ok(PrivateTable { regions, removed: Vec::new() })
+        Ok(PrivateTable { regions, removed: RemovedRanges::default() })
     }
 
     /// The regions.
@@ -92,18 +93,26 @@ impl PrivateTable {
 
     /// The client removed `[start, end)` (madvise): those pages fault in as zero from now on.
     pub fn remove(&mut self, start: u64, end: u64) {
-        if start < end {
-            self.removed.push((start, end));
-        }
+        self.removed.insert(start, end);
     }
 
-    /// Whether `addr` lies in a removed range.
+    /// Whether `addr` lies in a removed range (O(log n) in the number of disjoint ranges).
     pub fn is_removed(&self, addr: u64) -> bool {
-        self.removed.iter().any(|&(s, e)| addr >= s && addr < e)
+        !self.removed.is_empty() && self.removed.contains(addr)
     }
 
-    /// The client unmapped `[start, end)`.
+    /// The removed ranges, merged.
+    pub fn removed(&self) -> &RemovedRanges {
+        &self.removed
+    }
+
+    /// The client unmapped `[start, end)`: its regions and removed ranges there are gone.
     pub fn unmap(&mut self, start: u64, end: u64) {
+        self.removed.clear(start, end);
+        self.unmap_regions(start, end);
+    }
+
+    fn unmap_regions(&mut self, start: u64, end: u64) {
         let mut out = Vec::new();
         for r in self.regions.drain(..) {
             let re = r.client_addr + r.len;
@@ -127,7 +136,8 @@ impl PrivateTable {
         self.regions = out;
     }
 
-    /// The client moved `[from, from+len)` to `to`.
+    /// The client moved `[from, from+len)` to `to`: the regions and the removed ranges there
+    /// move with it (a removed page that was not faulted in again is still missing there).
     pub fn remap(&mut self, from: u64, to: u64, len: u64) {
         let end = from.saturating_add(len);
         let moved: Vec<PrivateRegion> = self
@@ -145,8 +155,9 @@ impl PrivateTable {
                 }
             })
             .collect();
-        self.unmap(from, end);
-        self.unmap(to, to.saturating_add(len));
+        self.unmap_regions(from, end);
+        self.unmap_regions(to, to.saturating_add(len));
+        self.removed.shift(from, to, len);
         self.regions.extend(moved);
         self.regions.sort_by_key(|r| r.client_addr);
     }
@@ -175,5 +186,26 @@ mod tests {
         t.remap(0x12000, 0x50000, 0x2000);
         assert_eq!(t.translate(0x51000).map(|(_, p, o)| (p, o)), Some((0x51000, 0x4000)));
         assert!(t.translate(0x12000).is_none());
+    }
+
+    #[test]
+    fn removed_ranges_follow_unmap_and_remap() {
+        let r = PrivateRegion { client_addr: 0x100000, len: 0x10000, file_offset: 0, page_size: 4096 };
+        let mut t = PrivateTable::new(vec![r], 0x10000).unwrap();
+        for p in 0..16u64 {
+            // Reported twice, and the pages next to each other: one range.
+            t.remove(0x100000 + p * 0x1000, 0x101000 + p * 0x1000);
+            t.remove(0x100000 + p * 0x1000, 0x101000 + p * 0x1000);
+        }
+        assert_eq!(t.removed().len(), 1);
+        t.unmap(0x104000, 0x106000);
+        assert!(!t.is_removed(0x104000) && t.is_removed(0x103fff) && t.is_removed(0x106000));
+        assert!(t.translate(0x105000).is_none());
+        // Moving [0x108000, 0x10a000) to 0x200000 takes its removed pages along.
+        t.remap(0x108000, 0x200000, 0x2000);
+        assert!(t.is_removed(0x200000) && t.is_removed(0x201fff) && !t.is_removed(0x202000));
+        assert!(!t.is_removed(0x108000) && t.is_removed(0x10a000));
+        assert_eq!(t.translate(0x201000).map(|(_, p, o)| (p, o)), Some((0x201000, 0x9000)));
+        assert_eq!(t.removed().len(), 4);
     }
 }

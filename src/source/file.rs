@@ -1,6 +1,7 @@
 //! A page source backed by an image file (a snapshot): the blocks are laid out one after the
-//! other in block order. Used for lazy restore, and for private (Firecracker) clients whose
-//! regions name file offsets directly.
+//! other in block order. Used for lazy restore (read with pread), and for private (Firecracker)
+//! clients, whose regions name file offsets directly and whose pages the kernel copies straight
+//! from a read-only mapping of the file ([`ImageMap`]).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -8,13 +9,16 @@ use std::path::Path;
 
 use crate::error::{Error, IoContext, Result};
 use crate::ram::RamBlocks;
+use crate::source::image_map::ImageMap;
 use crate::source::{deliver_runs, PageRequest, PageSink, PageSource};
 
-/// An image file read with pread.
+/// An image file read with pread, or mapped for private clients.
 #[derive(Debug)]
 pub struct FileSource {
     file: File,
     len: u64,
+    /// The whole file, mapped read-only (private clients only).
+    map: Option<ImageMap>,
     /// (file offset, size, page size) of each block.
     layout: Vec<(u64, u64, u64)>,
     buf: Vec<u8>,
@@ -23,7 +27,7 @@ pub struct FileSource {
 impl FileSource {
     /// Open `path` as an image of `blocks` laid out back to back. The file must be large enough.
     pub fn open(path: &Path, blocks: &RamBlocks) -> Result<FileSource> {
-        let mut s = Self::open_raw(path)?;
+        let mut s = Self::open_file(path)?;
         let mut off = 0;
         for (_, b) in blocks.iter() {
             s.layout.push((off, b.size(), b.page_size()));
@@ -39,11 +43,31 @@ impl FileSource {
         Ok(s)
     }
 
-    /// Open `path` without a block layout (for private clients, which name file offsets).
+    /// Open `path` without a block layout, for private clients (which name file offsets), and
+    /// map it read-only. Its length now bounds every region a client may register; the file
+    /// stays open, and it must not shrink while it is served (a page past a new end fails the
+    /// client that faults there, see [`ImageMap`]).
     pub fn open_raw(path: &Path) -> Result<FileSource> {
+        let mut s = Self::open_file(path)?;
+        if s.len > 0 {
+            s.map = Some(
+                ImageMap::new(&s.file, s.len)
+                    .map_err(|e| Error::Invalid(format!("image {}: {e}", path.display())))?,
+            );
+        }
+        Ok(s)
+    }
+
+    fn open_file(path: &Path) -> Result<FileSource> {
         let file = File::open(path).ctx(|| format!("open image {}", path.display()))?;
         let len = file.metadata().ctx(|| format!("stat image {}", path.display()))?.len();
-        Ok(FileSource { file, len, layout: Vec::new(), buf: Vec::new() })
+        Ok(FileSource { file, len, map: None, layout: Vec::new(), buf: Vec::new() })
+    }
+
+    /// The image's read-only mapping, for UFFDIO_COPY to copy from (None unless opened with
+    /// [`FileSource::open_raw`], or for an empty file). Only the kernel may read it.
+    pub fn image_map(&self) -> Option<&ImageMap> {
+        self.map.as_ref()
     }
 
     /// Bytes in the file.

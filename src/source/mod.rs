@@ -3,9 +3,11 @@
 //! migration). Either way it hands pages to a [`PageSink`], which places them and wakes waiters.
 
 mod file;
+mod image_map;
 mod memory;
 
 pub use file::FileSource;
+pub use image_map::ImageMap;
 pub use memory::MemorySource;
 
 use std::os::fd::RawFd;
