@@ -138,7 +138,8 @@ pub struct BrokerStats {
     pub clients_registered: u64,
     /// Clients gone (exited, unregistered, failed).
     pub clients_gone: u64,
-    /// Pages populated behind the broker's back (detected on placement).
+    /// Pages populated behind the broker's back (found on placement, or at a registration in
+    /// pages the registering client does not map itself).
     pub foreign_pages: u64,
     /// Pages found populated in a registering client's ranges before its userfaultfd could
     /// catch them (mlock, MAP_POPULATE), dropped again; the client was refused.

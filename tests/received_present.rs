@@ -279,3 +279,22 @@ fn a_destination_whose_pool_cannot_back_the_announced_blocks_refuses_the_hello_a
         );
     }
 }
+
+#[test]
+fn a_client_is_not_blamed_for_pages_another_process_populated() {
+    // A process that is no client (pcb-peer reads the memfd through a mapping no userfaultfd
+    // watches) populates ten pages; the next client to register did not: it is served, the
+    // pages are dropped and counted as foreign, and it reads the source's bytes there.
+    let sock = socket_path("not-blamed");
+    let data = content(32, PS as usize, 61);
+    let (inc, h) = broker(32, &data, config(&sock));
+    let b = inc.blocks().get(0).unwrap();
+    common::peer_read(b, 8 * PS, 10 * PS);
+    assert_eq!(b.unplaced_count().unwrap(), 10);
+    let mut innocent = Peer::spawn(&control_args(&sock, "touch:0-31", &[]));
+    innocent.go();
+    assert_eq!(check_pages(&innocent.finish_within(30), &data, PS as usize), 32);
+    let st = status(&h);
+    assert_eq!((st.broker.foreign_pages, st.broker.prefaulted_pages), (10, 0), "{:?}", st.broker);
+    h.stop().unwrap();
+}

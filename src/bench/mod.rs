@@ -90,7 +90,9 @@ impl BenchConfig {
             migrate_faults: 1000,
             private_pages: 20_000,
             private_huge_pages: 64,
-            cases: ["demand", "background", "scale", "migration", "control", "private"].map(String::from).to_vec(),
+            cases: ["demand", "background", "scale", "migration", "control", "private"]
+                .map(String::from)
+                .to_vec(),
             placements: Vec::new(),
             reference,
             private_reference: private::default_source(),

@@ -3,11 +3,13 @@
 //! its pid (with a pidfd to notice its exit) and statistics.
 
 mod mapping;
+mod pagemap;
 mod private;
 mod removed;
 mod repeat;
 
 pub use mapping::{MappingEntry, MappingTable};
+pub use pagemap::Pagemap;
 pub use private::{PrivateRegion, PrivateTable};
 pub use removed::RemovedRanges;
 pub use repeat::RepeatGuard;

@@ -182,7 +182,7 @@ impl Loop {
         let map = match reg.map {
             RegistrationMap::Shared(entries) => {
                 let table = MappingTable::new(&self.core.blocks, entries)?;
-                self.core.check_unplaced(&reg.name, &table)?;
+                self.core.check_unplaced(&reg.name, reg.pid, &table)?;
                 AddressMap::Shared(table)
             }
             RegistrationMap::Private(regions) => {
@@ -269,7 +269,7 @@ impl Loop {
         let mut clients: Vec<_> = self.core.clients.iter().map(|c| c.status()).collect();
         clients.sort_by_key(|c| c.id);
         let mut broker = self.core.stats.clone();
-        broker.foreign_pages = self.core.placer.stats().counts().foreign_pages;
+        broker.foreign_pages += self.core.placer.stats().counts().foreign_pages;
         let elsewhere = self.source.placed_elsewhere();
         broker.pages_demand += elsewhere.demand;
         broker.pages_background += elsewhere.background;

@@ -6,20 +6,35 @@
 //! page) and the client is refused with an error that names the cause and the fix, before it is
 //! served and, for a vhost-user backend, before its memory table is acknowledged.
 //!
-//! Small-page blocks locate the pages exactly; hugetlbfs blocks only count them (see
-//! [`crate::ram::RamBlock::unplaced_count`]), so there the registering client is held
-//! responsible for any it finds in a block it maps. Unplaced pages outside the client's ranges
-//! of a small-page block are somebody else's: they are dropped and counted, and the client is
-//! served.
+//! Blame goes only to a client that holds such pages in its own page tables
+//! ([`crate::client::Pagemap`]): a process that prefaulted maps them, one that merely registers
+//! does not, so a client is never refused for pages another process populated (those are dropped
+//! and counted as foreign, and the client is served). Small-page blocks locate the pages exactly
+//! (SEEK_DATA); hugetlbfs blocks only count them (see [`crate::ram::RamBlock::unplaced_count`]),
+//! so there the client's pages that are not received are looked up one by one. When the
+//! client's pagemap cannot be read (no ptrace access to it, no pid), the client is held
+//! responsible for every unplaced page in the ranges it maps.
 
-use crate::client::MappingTable;
+use crate::client::{MappingEntry, MappingTable, Pagemap};
 use crate::error::{Error, Result};
 use crate::fault::core::Core;
-use crate::ram::BlockId;
+use crate::ram::{BlockId, RamBlock, SMALL_PAGE};
 
 impl Core {
-    /// Refuse (after repairing the blocks) a client whose mapped ranges hold unplaced pages.
-    pub(crate) fn check_unplaced(&mut self, client: &str, table: &MappingTable) -> Result<()> {
+    /// Refuse (after repairing the blocks) a client whose own mappings hold unplaced pages.
+    pub(crate) fn check_unplaced(
+        &mut self,
+        client: &str,
+        pid: Option<u32>,
+        table: &MappingTable,
+    ) -> Result<()> {
+        let pagemap = pid.and_then(|p| match Pagemap::open(p) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                log::debug!("client '{client}': its pagemap cannot be read ({e}); unplaced pages in its ranges count as its own");
+                None
+            }
+        });
         let mut ids: Vec<BlockId> = table.entries().iter().map(|e| e.block).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -31,39 +46,22 @@ impl Core {
             if found == 0 {
                 continue;
             }
-            let ranges = table.entries().iter().filter(|e| e.block == id).map(|e| (e.block_offset, e.len));
-            let mut mine = 0;
-            let mut located = true;
-            for (offset, len) in ranges {
-                match b.find_unplaced(offset, len)? {
-                    Some(runs) => {
-                        for (o, l) in runs {
-                            mine += l / b.page_size();
-                            b.drop_unplaced(o, l)?;
-                        }
-                    }
-                    None => {
-                        located = false;
-                        b.drop_unplaced(offset, len)?;
-                    }
+            let entries: Vec<MappingEntry> =
+                table.entries().iter().filter(|e| e.block == id).copied().collect();
+            let mine = match own_unplaced(b, &entries, pagemap.as_ref()) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::debug!("client '{client}': reading its pagemap failed ({e}); unplaced pages in its ranges count as its own");
+                    own_unplaced(b, &entries, None)?
                 }
-            }
-            if !located {
-                // hugetlbfs: the count is all we know; the client that maps the block answers
-                // for it.
-                mine = mine.max(found);
-            }
-            // What is left anywhere else in the block was populated by somebody else.
-            let elsewhere = match b.find_unplaced(0, b.size())? {
-                Some(runs) => runs
-                    .iter()
-                    .try_fold(0, |n, &(o, l)| b.drop_unplaced(o, l).map(|_| n + l / b.page_size()))?,
-                None => b.drop_unplaced(0, b.size())?,
             };
+            let dropped = drop_all_unplaced(b)?;
+            let mine = if b.holes_visible() { mine } else { mine.min(found.max(dropped)) };
+            let elsewhere = dropped.saturating_sub(mine);
             if elsewhere > 0 {
                 self.stats.foreign_pages += elsewhere;
                 log::error!(
-                    "block '{}': {elsewhere} page(s) outside the ranges of client '{client}' were populated behind the broker (through a mapping no userfaultfd watches); dropped them so that they fault",
+                    "block '{}': {elsewhere} page(s) that client '{client}' does not map itself were populated behind the broker (through a mapping no userfaultfd watches); dropped them so that they fault",
                     b.name()
                 );
             }
@@ -79,5 +77,49 @@ impl Core {
             }
         }
         refusal.map_or(Ok(()), Err)
+    }
+}
+
+/// How many unplaced pages of `b` the client maps itself through `entries`: by its pagemap, or,
+/// without one, every unplaced page in its ranges (on hugetlbfs, every page not received).
+fn own_unplaced(b: &RamBlock, entries: &[MappingEntry], pagemap: Option<&Pagemap>) -> Result<u64> {
+    let read = |e| Error::io("read the client's pagemap", e);
+    let ps = b.page_size();
+    let mut mine = 0;
+    for e in entries {
+        let runs = match b.find_unplaced(e.block_offset, e.len)? {
+            Some(runs) => runs,
+            None => {
+                // hugetlbfs: no list of holes; the pages not received stand for them.
+                let (first, end) = (b.page_index(e.block_offset), b.page_index(e.block_offset + e.len));
+                b.received().runs(first, end, false).map(|(i, n)| (i as u64 * ps, n as u64 * ps)).collect()
+            }
+        };
+        for (o, l) in runs {
+            let addr = e.client_addr + (o - e.block_offset);
+            mine += match pagemap {
+                // A huge page mapped in the client shows in its first 4 KiB entry.
+                Some(pm) if ps > SMALL_PAGE => {
+                    let mut n = 0;
+                    for p in (0..l).step_by(crate::conv::usize_of(ps)) {
+                        n += u64::from(pm.mapped(addr + p, SMALL_PAGE).map_err(read)? > 0);
+                    }
+                    n
+                }
+                Some(pm) => pm.mapped(addr, l).map_err(read)?,
+                None => l / ps,
+            };
+        }
+    }
+    Ok(mine)
+}
+
+/// Drop every unplaced page of the block, whoever populated it; returns how many there were.
+fn drop_all_unplaced(b: &RamBlock) -> Result<u64> {
+    match b.find_unplaced(0, b.size())? {
+        Some(runs) => {
+            runs.iter().try_fold(0, |n, &(o, l)| b.drop_unplaced(o, l).map(|_| n + l / b.page_size()))
+        }
+        None => b.drop_unplaced(0, b.size()),
     }
 }

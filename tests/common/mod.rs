@@ -198,5 +198,5 @@ pub mod clients;
 pub mod control_server;
 pub mod mig;
 pub mod proxy;
-pub mod vhost;
 pub mod serve;
+pub mod vhost;
