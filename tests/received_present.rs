@@ -298,3 +298,53 @@ fn a_client_is_not_blamed_for_pages_another_process_populated() {
     assert_eq!((st.broker.foreign_pages, st.broker.prefaulted_pages), (10, 0), "{:?}", st.broker);
     h.stop().unwrap();
 }
+
+#[test]
+fn a_restore_whose_client_removed_a_received_page_writes_its_checksums_and_exits() {
+    // Page 5 arrives, then its client removes it (a hole with its received bit set) and nobody
+    // touches it again: the checksums are read after the blocks are unregistered, where a hole
+    // reads as zeros, instead of faulting on the broker's own userfaultfd with no loop left.
+    let dir = common::mig::Dir::new("checksums-hole");
+    let pages = 64usize;
+    let data = content(pages, PS as usize, 71);
+    std::fs::write(dir.path("img"), &data).unwrap();
+    let sock = dir.path("control.sock");
+    let sums = dir.path("sums.json");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+        .args(["serve", "--image"])
+        .arg(dir.path("img"))
+        .args(["--block", "ram:256K", "--no-background", "--control"])
+        .arg(&sock)
+        .arg("--checksums")
+        .arg(&sums)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(Instant::now() < end, "serve did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut remover = Peer::spawn(&control_args(&sock, "touch:5;remove:5;wait", &["--features", "remove"]));
+    remover.go();
+    assert_eq!(remover.line()["step"], "touch:5");
+    assert_eq!(remover.line()["step"], "remove:5");
+    let mut rest = Peer::spawn(&control_args(&sock, "touch:0-4;touch:6-63", &[]));
+    rest.go();
+    rest.finish_within(30);
+    let st = loop {
+        if let Some(st) = serve.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "serve hung after the last page arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "{st}");
+    let mut want = data.clone();
+    want[5 * PS as usize..6 * PS as usize].fill(0);
+    let got: serde_json::Value = serde_json::from_slice(&std::fs::read(&sums).unwrap()).unwrap();
+    assert_eq!(got["ram"], format!("{:016x}", common::fnv1a64(&want)));
+    remover.go();
+    remover.finish_within(30);
+}

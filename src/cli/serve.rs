@@ -129,15 +129,19 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// Per-block checksums of received RAM (every page must have arrived).
+/// Per-block checksums of received RAM (every page must have arrived). Call only after the
+/// Incoming's cleanup: a received page can be a hole again (a client removed it), and reading it
+/// while the block is registered would fault on the broker's own userfaultfd with no loop left
+/// to serve it.
 pub fn block_checksums(blocks: &RamBlocks) -> Result<serde_json::Value> {
     let mut m = serde_json::Map::new();
     for (_, b) in blocks.iter() {
         if !b.received().all_set() {
             return Err(Error::Invalid(format!("block '{}' is not complete; refusing to read it", b.name())));
         }
-        // SAFETY: every page of the block has been placed, so reading the placement mapping
-        // faults nothing in and aliases no Rust object.
+        // SAFETY: the block is no longer registered with a userfaultfd (see the doc: after
+        // cleanup), so reading its placement mapping cannot block; holes read as zeros; no Rust
+        // object aliases it.
         let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), b.size() as usize) };
         m.insert(b.name().into(), serde_json::json!(format!("{:016x}", fnv1a64(data))));
     }
@@ -236,12 +240,12 @@ fn serve(o: ServeOptions) -> Result<()> {
     progress.finish();
     let done = lazy && inc.blocks().all_received();
     let report = h.stop()?;
+    inc.cleanup()?;
     if let (true, Some(path)) = (done, &o.checksums) {
         let sums = block_checksums(inc.blocks())?;
         std::fs::write(path, serde_json::to_vec_pretty(&sums).unwrap_or_default())
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     }
-    inc.cleanup()?;
     println!("{}", crate::stats::render(&report).trim_end());
     if lazy {
         println!("restore: {} pages in {:.2}s, complete: {done}", total, start.elapsed().as_secs_f64());

@@ -28,13 +28,14 @@ use crate::migration::verify::{BlockChecksum, VerifyReport};
 use crate::ram::RamBlocks;
 
 /// Checksums of every block's RAM as the destination holds it. Call only after the Incoming's
-/// cleanup (unregistered: nothing can block) or when every page is received.
+/// cleanup (unregistered: nothing can block; a received page that a client removed again is a
+/// hole, which would fault while the block is registered).
 pub fn verify_report(blocks: &RamBlocks) -> VerifyReport {
     let blocks = blocks
         .iter()
         .map(|(_, b)| {
-            // SAFETY: the placement mapping is live for the block's size; after cleanup or with
-            // every page received no read of it blocks, and no Rust reference writes it.
+            // SAFETY: the placement mapping is live for the block's size; after cleanup no read
+            // of it blocks, and no Rust reference writes it.
             let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), usize_of(b.size())) };
             BlockChecksum::of(b.name(), b.page_size(), data)
         })
