@@ -106,6 +106,9 @@ impl Stream {
     /// Start reading `main` (blocking) with `dec`, which may already hold frames.
     pub(crate) fn spawn(main: Transport, dec: Decoder, parts: StreamParts) -> Result<Stream> {
         main.set_nonblocking(false).ctx(|| "set the main connection blocking".into())?;
+        // Records are opened on a thread of their own, beside placement (the stream thread is
+        // the migration's critical path).
+        main.read_ahead().ctx(|| "start opening the main connection's records ahead".into())?;
         let sock = main.try_clone().ctx(|| "clone the main connection".into())?;
         let shared = Arc::new(Shared::default());
         let sh = Arc::clone(&shared);

@@ -19,6 +19,7 @@
 
 pub mod deadline;
 pub mod noise;
+mod readahead;
 mod sealed;
 #[cfg(test)]
 mod tests;
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 use super::auth::{authenticate, load_key, AuthError};
 use super::wire::{write_frame, Frame, Side, MAGIC};
 use deadline::Deadline;
+use readahead::{ReadAhead, Wait};
 use sealed::{Rx, Tx};
 
 /// How long a handshake may take, per connection, when the caller gives no other deadline.
@@ -351,8 +353,12 @@ struct Inner {
     sock: TcpStream,
     peer: SocketAddr,
     /// None: plaintext (reads and writes go straight to the socket).
-    sealer: Option<Sealer>,
+    sealer: Option<Arc<Sealer>>,
     rx: Mutex<Rx>,
+    /// Records opened by a thread of their own ([`Transport::read_ahead`]); `rx` is then unused.
+    ahead: Mutex<Option<ReadAhead>>,
+    /// The read timeout last set (what a read-ahead consumer waits at most).
+    read_timeout: Mutex<Option<Duration>>,
     tx: Mutex<Tx>,
     nonblocking: AtomicBool,
     identity: Option<Vec<u8>>,
@@ -392,8 +398,10 @@ impl Transport {
         let inner = Inner {
             sock,
             peer,
-            sealer,
+            sealer: sealer.map(Arc::new),
             rx: Mutex::new(Rx { nonce: rx_seq, ..Rx::default() }),
+            ahead: Mutex::new(None),
+            read_timeout: Mutex::new(None),
             tx: Mutex::new(Tx::starting_at(tx_seq)),
             nonblocking: AtomicBool::new(false),
             identity,
@@ -410,7 +418,7 @@ impl Transport {
 
     /// The protection of this connection.
     pub fn mode(&self) -> Mode {
-        match self.inner.sealer {
+        match self.inner.sealer.as_deref() {
             None => Mode::Plaintext,
             Some(Sealer::Tls(_)) => Mode::Tls,
             Some(Sealer::Noise(_)) => Mode::Psk,
@@ -447,7 +455,23 @@ impl Transport {
 
     /// Read timeout of blocking reads (`WouldBlock` when it passes).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.inner.sock.set_read_timeout(t)
+        self.inner.sock.set_read_timeout(t)?;
+        *lock(&self.inner.read_timeout) = t;
+        Ok(())
+    }
+
+    /// Open the records of this connection on a thread of its own from now on, ahead of the
+    /// reads (see [`readahead`]): for a bulk connection whose reader has other work per byte. A
+    /// plaintext connection has nothing to open and stays as it is; a second call does nothing.
+    pub fn read_ahead(&self) -> io::Result<()> {
+        let Some(sealer) = &self.inner.sealer else { return Ok(()) };
+        let mut ahead = lock(&self.inner.ahead);
+        if ahead.is_some() {
+            return Ok(());
+        }
+        let rx = std::mem::take(&mut *lock(&self.inner.rx));
+        *ahead = Some(ReadAhead::start(self.inner.sock.try_clone()?, Arc::clone(sealer), rx)?);
+        Ok(())
     }
 
     /// Write timeout of blocking writes.
@@ -466,6 +490,14 @@ impl Transport {
     }
 
     fn read_sealed(&self, sealer: &Sealer, out: &mut [u8]) -> io::Result<usize> {
+        if let Some(ahead) = lock(&self.inner.ahead).as_mut() {
+            let wait = if self.nonblocking() {
+                Wait::No
+            } else {
+                lock(&self.inner.read_timeout).map_or(Wait::Forever, Wait::For)
+            };
+            return ahead.read(out, wait);
+        }
         let mut rx = lock(&self.inner.rx);
         match sealer {
             Sealer::Tls(rec) => tls::read(&self.inner.sock, rec, &mut rx, out),
@@ -503,9 +535,18 @@ impl AsRawFd for Transport {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The opener thread reads a handle of its own: end its read so that it ends too.
+        if self.ahead.get_mut().map(|a| a.is_some()).unwrap_or(true) {
+            let _ = self.sock.shutdown(Shutdown::Read);
+        }
+    }
+}
+
 impl Read for &Transport {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        match &self.inner.sealer {
+        match self.inner.sealer.as_deref() {
             None => (&self.inner.sock).read(out),
             Some(s) => self.read_sealed(s, out),
         }
@@ -514,14 +555,14 @@ impl Read for &Transport {
 
 impl Write for &Transport {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match &self.inner.sealer {
+        match self.inner.sealer.as_deref() {
             None => (&self.inner.sock).write(buf),
             Some(s) => self.write_sealed(s, &[IoSlice::new(buf)]),
         }
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match &self.inner.sealer {
+        match self.inner.sealer.as_deref() {
             None => (&self.inner.sock).write_vectored(bufs),
             Some(s) => self.write_sealed(s, bufs),
         }

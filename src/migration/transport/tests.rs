@@ -110,6 +110,36 @@ fn psk_carries_every_byte_both_ways() {
     round_trip(s, d);
 }
 
+/// The same with the records of both ends opened ahead on threads of their own.
+#[test]
+fn records_opened_ahead_carry_every_byte_both_ways() {
+    let (_d, src, dst) = tls_pair("tls-ahead");
+    let k = Security::psk(KEY).unwrap();
+    for (s, d) in [pair(&src, &dst), pair(&k, &k)] {
+        let (s, d) = (s.unwrap(), d.unwrap());
+        s.read_ahead().unwrap();
+        d.read_ahead().unwrap();
+        round_trip(s, d);
+    }
+}
+
+/// A read timeout set on a connection whose records are opened ahead still ends a read that
+/// waits too long, and the bytes that come later are all there.
+#[test]
+fn records_opened_ahead_keep_the_read_timeout() {
+    let (_d, src, dst) = tls_pair("tls-ahead-timeout");
+    let (s, d) = pair(&src, &dst);
+    let (s, d) = (s.unwrap(), d.unwrap());
+    d.read_ahead().unwrap();
+    d.set_read_timeout(Some(std::time::Duration::from_millis(50))).unwrap();
+    let mut b = [0u8; 4];
+    let e = (&d).read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+    (&s).write_all(&pattern(100_000, 9)).unwrap();
+    d.set_read_timeout(None).unwrap();
+    assert_eq!(read_n(&d, 100_000), pattern(100_000, 9));
+}
+
 #[test]
 fn non_blocking_reads_and_writes_deliver_everything() {
     for (tag, sec) in [("tls", None), ("psk", Some(Security::psk(KEY).unwrap()))] {
