@@ -428,6 +428,7 @@ impl Loop {
         let mut fds = Vec::new();
         for b in chosen {
             let fd = if fds.len() < MAX_FDS_PER_REPLY { b.fd() } else { None };
+            #[allow(clippy::cast_possible_truncation)] // at most MAX_FDS_PER_REPLY (8) fds
             let fd_index = fd.map(|f| {
                 fds.push(f);
                 (fds.len() - 1) as u32

@@ -307,7 +307,7 @@ impl Loop {
                             .map(|w| PendingWaiter {
                                 client: w.client.0,
                                 addr: w.addr,
-                                waiting_ms: w.since.elapsed().as_millis() as u64,
+                                waiting_ms: u64::try_from(w.since.elapsed().as_millis()).unwrap_or(u64::MAX),
                             })
                             .collect(),
                     }
