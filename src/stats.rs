@@ -55,6 +55,9 @@ impl Histogram {
         if self.count == 0 {
             return 0;
         }
+        // A float's `as` saturates (NaN is 0): the target is 1..=count for q in 0..=1, and
+        // anything past count just picks the last bucket.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let target = ((self.count as f64) * q).ceil().max(1.0) as u64;
         let mut seen = 0;
         for (i, c) in self.buckets.iter().enumerate() {
