@@ -1,5 +1,7 @@
 //! The `postcopy-broker` command line.
 
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
