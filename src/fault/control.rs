@@ -372,7 +372,7 @@ impl Loop {
         if pid.is_none() {
             exits_with_conn = !self.watch_peer(conn, cid);
         }
-        self.owners.insert(cid, Owner { uid: creds.uid, conn, exits_with_conn });
+        self.owners.insert(cid, Owner { uid: creds.uid, conn, exits_with_conn, parent: None });
         Ok(cid)
     }
 

@@ -101,9 +101,11 @@ impl Core {
                 }
             }
             Ok(Fill::Again) => self.deferred.push((id, addr, since)),
+            // The client's address space is gone (it exited, or exec'd): nothing of it can be
+            // served again, so it is released at once, whatever its pidfd says.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOSPC)) => {
-                log::info!("private client {} exited", id.0);
-                self.failed.push(id);
+                log::info!("private client {}: its process is gone ({e})", id.0);
+                self.gone.push(id);
             }
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) && !zero => {
                 log::error!(
