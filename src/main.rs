@@ -1,5 +1,7 @@
 //! The `postcopy-broker` command line.
 
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -80,18 +82,15 @@ enum Command {
         #[arg(long = "grant", value_parser = cli::serve::parse_grant)]
         grant: Vec<(u32, Vec<String>)>,
         /// Registrations (client userfaultfds) one control connection may hold.
-        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_CONNECTION,
-              conflicts_with = "incoming")]
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_CONNECTION)]
         max_registrations_per_connection: usize,
         /// Registrations all control connections of one uid may hold (including clients retired
         /// for misbehaving whose process still lives).
-        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_UID,
-              conflicts_with = "incoming")]
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_UID)]
         max_registrations_per_uid: usize,
         /// Control connections one uid may have open at once (Firecracker keeps its own open for
         /// the life of its VM).
-        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::CONNECTIONS_PER_UID,
-              conflicts_with = "incoming")]
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::CONNECTIONS_PER_UID)]
         max_connections_per_uid: usize,
         /// Snapshot image: the blocks back to back (lazy restore), and the memory file of
         /// Firecracker clients.
@@ -175,6 +174,9 @@ fn main() -> ExitCode {
             allow_uid,
             grant,
             busy_poll,
+            max_registrations_per_connection,
+            max_registrations_per_uid,
+            max_connections_per_uid,
             ..
         } => report({
             cli::serve::raise_fd_limit();
@@ -195,6 +197,11 @@ fn main() -> ExitCode {
                 resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
                     .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
                 stream_nice,
+                limits: postcopy_broker::fault::ControlLimits {
+                    registrations_per_connection: max_registrations_per_connection,
+                    registrations_per_uid: max_registrations_per_uid,
+                    connections_per_uid: max_connections_per_uid,
+                },
             })
         }),
         Command::Serve {

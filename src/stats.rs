@@ -55,6 +55,9 @@ impl Histogram {
         if self.count == 0 {
             return 0;
         }
+        // A float's `as` saturates (NaN is 0): the target is 1..=count for q in 0..=1, and
+        // anything past count just picks the last bucket.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let target = ((self.count as f64) * q).ceil().max(1.0) as u64;
         let mut seen = 0;
         for (i, c) in self.buckets.iter().enumerate() {
@@ -117,6 +120,10 @@ pub struct ClientStatus {
     pub mapped_bytes: u64,
     /// Counters.
     pub stats: ClientStats,
+    /// How a departed client left ("exited", "unregistered itself", "retired", "released with
+    /// its parent"); none while it is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub departure: Option<String>,
 }
 
 /// Broker-wide counters.
@@ -150,6 +157,10 @@ pub struct BrokerStats {
     pub holes_refilled: u64,
     /// Control connections closed for protocol errors.
     pub control_errors: u64,
+    /// Children of clients (FORK events) not adopted because the parent's peer was at a
+    /// registration limit: their userfaultfds were closed.
+    #[serde(default)]
+    pub forks_refused: u64,
 }
 
 /// What `postcopy-broker status` shows.
@@ -298,14 +309,22 @@ pub fn render(r: &StatusReport) -> String {
             .collect();
         let _ = writeln!(s, "  waiting: block {} offset {:#x}: {}", p.block, p.offset, ws.join(", "));
     }
-    let _ = writeln!(s, "clients: {} registered, {} gone", g.clients_registered, g.clients_gone);
+    let _ = writeln!(
+        s,
+        "clients: {} registered, {} gone, {} forked children refused",
+        g.clients_registered, g.clients_gone, g.forks_refused
+    );
     for c in r.all_clients() {
         let l = &c.stats.latency;
         let _ = writeln!(
             s,
             "  #{}{} {:<20} {:<7} pid {:<8} faults {:>8} requested {:>8} wakes {:>8}  latency mean {:.1}us p50<{}us p99<{}us max {:.1}us",
             c.id,
-            if r.departed.iter().any(|d| d.id == c.id) { " (gone)" } else { "" },
+            match &c.departure {
+                Some(how) => format!(" ({how})"),
+                None if r.departed.iter().any(|d| d.id == c.id) => " (gone)".into(),
+                None => String::new(),
+            },
             c.name,
             c.kind,
             c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -363,6 +382,7 @@ mod tests {
             pid: Some(1),
             mapped_bytes: 1,
             stats,
+            departure: None,
         }
     }
 

@@ -443,3 +443,146 @@ fn a_pipelining_peer_does_not_stop_other_clients_faults() {
     assert!(r["sent"].as_u64().unwrap() > 64, "{r}");
     h.stop().unwrap();
 }
+
+#[test]
+fn a_forking_client_past_its_limit_has_its_child_released_and_is_served_on() {
+    let data = content(PAGES, 4096, 15);
+    // pcb-client registers on a connection of its own: its registration fills that connection.
+    let srv = Serve::start(
+        "forklimit",
+        &data,
+        &["--block", &block_arg(), "--max-registrations-per-connection", "1"],
+    );
+    let base = srv.fds();
+    let mut p = Peer::spawn(&control_args(&srv.sock, "touch:0-7;fork;touch:0-7", &["--features", "fork"]));
+    let pid = p.pid();
+    p.go();
+    let lines = p.finish_within(60);
+    // The child was not held up: it ran without the broker (these pages had arrived already).
+    assert!(lines.iter().any(|l| l["who"] == "child" && l["done"] == true), "{lines:?}");
+    let (child, parent): (Vec<_>, Vec<_>) = lines.iter().cloned().partition(|l| l["who"] == "child");
+    assert_eq!(check_pages(&child, &data, 4096), 8);
+    assert_eq!(check_pages(&parent, &data, 4096), 16, "the parent is served before and after its fork");
+    let log = srv.wait_log("child's userfaultfd is released instead of adopted");
+    assert!(log.contains(&format!("(pid {pid}, uid 0) forked")), "the refusal names the parent's pid: {log}");
+    assert!(log.contains("the limit per connection"), "{log}");
+    let st = srv.status();
+    assert_eq!((st.broker.forks_refused, st.broker.clients_registered), (1, 1), "{:?}", st.broker);
+    srv.wait_until("the parent's exit to release its fds", |s| s.fds() == base);
+}
+
+#[test]
+fn forked_children_count_against_the_parents_limits_and_go_with_it() {
+    let data = content(PAGES, 4096, 16);
+    let srv =
+        Serve::start("forkcount", &data, &["--block", &block_arg(), "--max-registrations-per-uid", "2"]);
+    let base = srv.fds();
+    let mut p = Peer::spawn(&control_args(&srv.sock, "fork;touch:0-3;wait", &["--features", "fork"]));
+    p.go();
+    let first = p.line();
+    assert_eq!(first["who"], "child", "{first}");
+    assert_eq!(check_pages(std::slice::from_ref(&first), &data, 4096), 4, "the adopted child is served");
+    // Parent and child hold the uid's two registrations: a third is refused.
+    let st = srv.status();
+    assert_eq!(st.clients.len(), 2, "{:?}", st.clients);
+    assert!(st.clients.iter().any(|c| c.name.ends_with("/fork")), "{:?}", st.clients);
+    let (code, message) = remote(register(&mut srv.client(), 0).unwrap_err());
+    assert_eq!(code, code::REFUSED);
+    assert!(message.contains("uid 0 already holds 2 registrations"), "{message}");
+    // Let the child end (one line at a time: the child must not read the parent's line).
+    p.go();
+    loop {
+        let l = p.line();
+        if l["who"] == "child" && l["done"] == true {
+            break;
+        }
+    }
+    p.go();
+    let rest = p.finish_within(60);
+    assert_eq!(check_pages(&rest, &data, 4096), 4);
+    srv.wait_until("the child released with its parent", |s| s.status().clients.is_empty());
+    let st = srv.status();
+    let how: Vec<_> = st.departed.iter().map(|c| (c.name.ends_with("/fork"), c.departure.clone())).collect();
+    assert!(how.contains(&(true, Some("released with its parent".into()))), "{how:?}");
+    assert!(how.contains(&(false, Some("exited".into()))), "{how:?}");
+    srv.wait_until("their fds to be released", |s| s.fds() == base);
+}
+
+#[test]
+fn a_private_client_killed_with_sigkill_is_released_at_once() {
+    let data = content(PAGES, 4096, 17);
+    let srv = Serve::start("fckill", &data, &[]);
+    let base = srv.fds();
+    let size = SIZE.to_string();
+    let mut p = Peer::spawn(&control_args(&srv.sock, "touch:0-15;wait", &["--firecracker", "--size", &size]));
+    p.go();
+    assert_eq!(check_pages(&[p.line()], &data, 4096), 16);
+    let st = srv.status();
+    assert_eq!(st.clients.len(), 1);
+    assert_eq!(st.clients[0].kind, "private");
+    assert!(srv.fds() > base, "the broker holds the client's fds");
+    p.child.kill().unwrap(); // SIGKILL
+    p.child.wait().unwrap();
+    srv.wait_until("the kill to show in the status", |s| s.status().clients.is_empty());
+    let st = srv.status();
+    assert_eq!(st.broker.clients_gone, 1);
+    let gone = st.departed.last().unwrap();
+    assert_eq!((gone.kind.as_str(), gone.departure.as_deref()), ("private", Some("exited")), "{gone:?}");
+    assert_eq!(gone.stats.faults, 16, "{gone:?}");
+    srv.wait_until("its uffd, pidfd and connection to be released", |s| s.fds() == base);
+    let out = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+        .args(["status", "--control"])
+        .arg(&srv.sock)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(exited)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn serve_incoming_has_the_same_limits() {
+    use common::mig::{write_key, Creds, Dir};
+    let dir = Dir::new("incoming-limits");
+    write_key(&dir.path("key"));
+    let creds = Creds::psk(&dir.path("key"));
+    let ram = content(4096, 4096, 18); // 16 MiB
+    std::fs::write(dir.path("img"), &ram).unwrap();
+    let sock = dir.path("ctl.sock");
+    let (mut serve, addr, _out) = common::mig::spawn_serve(
+        &sock,
+        &creds,
+        "127.0.0.1:0",
+        &["--max-registrations-per-uid", "1", "--max-connections-per-uid", "8"],
+    );
+    // A slow source keeps postcopy (and the control socket) up for about 16 s.
+    let mut source = Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
+        .args(["source", "--connect", &addr])
+        .args(creds.args())
+        .arg("--image")
+        .arg(dir.path("img"))
+        .args(["--block", "ram:16M", "--bandwidth", "1M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut a = loop {
+        if let Ok(c) = ControlClient::connect(&sock) {
+            break c;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the destination's control socket never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    register(&mut a, 0).unwrap();
+    let (code, message) = remote(register(&mut ControlClient::connect(&sock).unwrap(), 1).unwrap_err());
+    assert_eq!(code, code::REFUSED);
+    assert!(message.contains("uid 0 already holds 1 registrations, the limit per uid"), "{message}");
+    assert!(message.contains("serve --max-registrations-per-uid"), "{message}");
+    let _ = source.kill();
+    let _ = source.wait();
+    let _ = serve.kill();
+    let _ = serve.wait();
+}

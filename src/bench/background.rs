@@ -55,8 +55,8 @@ pub fn run(client: &Path, cpus: &[usize], mib: usize, chunk: u64, idle: usize) -
     let n = mib << 20;
     sys::warm_memory(4 * n)?;
     let mut data = vec![0u8; n];
-    for (i, page) in data.chunks_mut(4096).enumerate() {
-        page.fill((i % 251) as u8 | 1);
+    for (page, b) in data.chunks_mut(4096).zip((0..251u8).cycle()) {
+        page.fill(b | 1);
     }
     let mut blocks = RamBlocks::new();
     blocks.add(RamBlock::memfd("ram", n as u64)?)?;
@@ -105,9 +105,9 @@ pub fn cold_copy(mib: usize) -> Result<f64> {
     let n = (mib << 20).max(CHUNK) / CHUNK * CHUNK;
     sys::warm_memory(4 * n)?;
     let src = crate::ram::Mapping::private(n)?;
-    for (i, p) in (0..n).step_by(4096).enumerate() {
+    for (p, b) in (0..n).step_by(4096).zip((0..251u8).cycle()) {
         // SAFETY: the private mapping is n bytes long and writable; p + 4096 <= n.
-        unsafe { std::ptr::write_bytes(src.as_ptr().add(p), (i % 251) as u8 | 1, 4096) };
+        unsafe { std::ptr::write_bytes(src.as_ptr().add(p), b | 1, 4096) };
     }
     let mut blocks = RamBlocks::new();
     blocks.add(RamBlock::memfd("cold-copy", n as u64)?)?;
@@ -123,7 +123,7 @@ pub fn cold_copy(mib: usize) -> Result<f64> {
         // SAFETY: `src + done` points at `len` readable bytes of the private mapping.
         let r = unsafe { uffd.copy(base + done as u64, src.as_ptr().add(done), len, false) };
         match r.map_err(|e| Error::io("UFFDIO_COPY (cold copy)", e))? {
-            crate::uffd::Fill::Done(k) => done += k as usize,
+            crate::uffd::Fill::Done(k) => done += crate::conv::usize_of(k),
             crate::uffd::Fill::Again => {}
             crate::uffd::Fill::Exists => {
                 return Err(Error::Invalid("cold copy: a page of the fresh block exists".into()))

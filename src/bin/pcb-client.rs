@@ -6,6 +6,8 @@
 //! mapping table, and the broker side takes the fd with pidfd_getfd(2); then it waits for a
 //! line on stdin before touching pages.
 
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 use std::io::{BufRead, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::ExitCode;
@@ -15,6 +17,7 @@ use nix::sys::mman::{madvise, mmap, mmap_anonymous, munmap, MapFlags, MmapAdvise
 use postcopy_broker::control::{
     send_firecracker_handshake, ClientKind, ControlClient, FcRegion, MappingSpec,
 };
+use postcopy_broker::conv::usize_of;
 use postcopy_broker::uffd::{feature, Uffd};
 use serde_json::json;
 
@@ -121,7 +124,7 @@ struct Client {
 
 impl Client {
     fn read(&self, list: &[u64], maps: usize) -> Vec<serde_json::Value> {
-        let ps = self.page_size as usize;
+        let ps = usize_of(self.page_size);
         let mut out = Vec::new();
         for &p in list {
             for (m, base) in self.bases.iter().enumerate().take(maps) {
@@ -176,7 +179,7 @@ impl Client {
         let (s, e) = (*v.first().ok_or("empty range")?, *v.last().ok_or("empty range")? + 1);
         let p = std::ptr::NonNull::new((self.bases[0] + s * self.page_size) as *mut std::ffi::c_void)
             .ok_or("null")?;
-        Ok((p, ((e - s) * self.page_size) as usize))
+        Ok((p, usize_of((e - s) * self.page_size)))
     }
 
     fn step(&self, step: &str, who: &str, out: &mut impl Write) -> Result<(), String> {
@@ -243,7 +246,7 @@ impl Client {
                             .ok_or("null")?;
                     // SAFETY: the page lies inside this process's own private mapping; its
                     // contents may be dropped.
-                    unsafe { madvise(addr, self.page_size as usize, MmapAdvise::MADV_DONTNEED) }
+                    unsafe { madvise(addr, usize_of(self.page_size), MmapAdvise::MADV_DONTNEED) }
                         .map_err(|e| format!("madvise of page {p}: {e}"))?;
                 }
                 json!({"who": who, "step": step})
@@ -252,7 +255,7 @@ impl Client {
                 let (start, len) = self.reserve.ok_or("dontneed-reserve needs --reserve-anon")?;
                 let p = std::ptr::NonNull::new(start as *mut std::ffi::c_void).ok_or("null")?;
                 // SAFETY: the range is this process's own reserved mapping, holding nothing.
-                unsafe { madvise(p, len as usize, MmapAdvise::MADV_DONTNEED) }
+                unsafe { madvise(p, usize_of(len), MmapAdvise::MADV_DONTNEED) }
                     .map_err(|e| format!("madvise: {e}"))?;
                 json!({"who": who, "step": step})
             }
@@ -293,7 +296,7 @@ fn run(mut a: Args) -> Result<(), String> {
         (None, None) => None,
     };
     let size = a.size.ok_or("--size is needed without --control")?;
-    let len = std::num::NonZeroUsize::new(size as usize).ok_or("size 0")?;
+    let len = std::num::NonZeroUsize::new(usize_of(size)).ok_or("size 0")?;
     let mut want = match (&fd, a.page_size > 4096) {
         (None, _) => 0,
         (Some(_), true) => feature::MISSING_HUGETLBFS,
@@ -341,10 +344,10 @@ fn run(mut a: Args) -> Result<(), String> {
             None | Some("populate") => {}
             Some("mlock") => {
                 // SAFETY: the range is this process's own fresh mapping.
-                unsafe { nix::sys::mman::mlock(p, size as usize) }.map_err(|e| format!("mlock: {e}"))?
+                unsafe { nix::sys::mman::mlock(p, usize_of(size)) }.map_err(|e| format!("mlock: {e}"))?
             }
             Some("touch") => {
-                for off in (0..size).step_by(a.page_size as usize) {
+                for off in (0..size).step_by(usize_of(a.page_size)) {
                     // SAFETY: the page lies inside the mapping just made; no uffd watches it yet.
                     let _ = unsafe { std::ptr::read_volatile((base + off) as *const u8) };
                 }
@@ -356,7 +359,7 @@ fn run(mut a: Args) -> Result<(), String> {
     }
     let reserve = match a.reserve_anon {
         Some(n) => {
-            let len = std::num::NonZeroUsize::new(n as usize).ok_or("--reserve-anon 0")?;
+            let len = std::num::NonZeroUsize::new(usize_of(n)).ok_or("--reserve-anon 0")?;
             // SAFETY: a fresh mapping chosen by the kernel; nothing in Rust aliases it.
             let p = unsafe {
                 mmap_anonymous(

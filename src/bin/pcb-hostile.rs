@@ -9,6 +9,8 @@
 //!   the broker closes the connection and whether it wrote anything back.
 //! * `flood`: pipelines requests, keeping many in flight, until stdin closes.
 
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;

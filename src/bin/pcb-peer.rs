@@ -8,6 +8,8 @@
 //! The mapping is not registered with any userfaultfd, so reading a page that was never placed
 //! would allocate a zero page in the shared memory: only read ranges the broker has placed.
 
+#![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 use std::fs::OpenOptions;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use postcopy_broker::conv::usize_of;
 
 /// A peer process for postcopy-broker tests and diagnostics.
 #[derive(Debug, Parser)]
@@ -72,7 +75,7 @@ fn read(fd_path: &PathBuf, size: u64, offset: u64, len: u64) -> Result<String, S
             )
         },
     )?;
-    let (start, n) = (offset as usize, (end - offset) as usize);
+    let (start, n) = (usize_of(offset), usize_of(end - offset));
     // SAFETY: `[start, start+n)` lies inside the `map_len`-byte mapping created above (checked
     // against --size), which stays mapped until the munmap below; nothing writes through it here.
     let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr().cast::<u8>().add(start), n) };

@@ -142,7 +142,7 @@ pub fn block_checksums(blocks: &RamBlocks) -> Result<serde_json::Value> {
         // SAFETY: the block is no longer registered with a userfaultfd (see the doc: after
         // cleanup), so reading its placement mapping cannot block; holes read as zeros; no Rust
         // object aliases it.
-        let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), b.size() as usize) };
+        let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), crate::conv::usize_of(b.size())) };
         m.insert(b.name().into(), serde_json::json!(format!("{:016x}", fnv1a64(data))));
     }
     Ok(serde_json::Value::Object(m))

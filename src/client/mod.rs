@@ -102,6 +102,7 @@ impl Client {
             pid: self.pid,
             mapped_bytes: self.mapped_bytes(),
             stats: self.stats.clone(),
+            departure: None,
         }
     }
 }

@@ -27,6 +27,7 @@ pub struct Received {
 /// socket gives `ErrorKind::WouldBlock`. EINTR is retried.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], nonblocking: bool) -> io::Result<Received> {
     let mut cmsg_buf = [0u64; CMSG_BUF_WORDS];
+    #[allow(clippy::cast_possible_truncation)] // MAX_FDS ints: 32 bytes
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE((MAX_FDS * mem::size_of::<RawFd>()) as libc::c_uint) } as usize;
     debug_assert!(space <= mem::size_of_val(&cmsg_buf));
@@ -44,14 +45,15 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], nonblocking: bool) ->
         msg.msg_controllen = space.min(mem::size_of_val(&cmsg_buf)) as _;
         // SAFETY: msg points at a live iovec over `buf` and at `cmsg_buf`, both valid for the
         // lengths given and for the duration of the call.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
-        if n < 0 {
+        let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
+        // Negative: failed (the count of a success always fits a usize).
+        let Ok(n) = usize::try_from(r) else {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e);
-        }
+        };
         let mut fds = Vec::new();
         // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR walk only inside msg_control
         // as bounded by msg_controllen, which the kernel set to what it wrote.
@@ -75,7 +77,7 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], nonblocking: bool) ->
             // SAFETY: as for CMSG_FIRSTHDR; NXTHDR returns null past the end.
             cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
         }
-        return Ok(Received { bytes: n as usize, fds, fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 });
+        return Ok(Received { bytes: n, fds, fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 });
     }
 }
 
@@ -95,6 +97,7 @@ pub fn send_with_fds(
     }
     let mut cmsg_buf = [0u64; CMSG_BUF_WORDS];
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    #[allow(clippy::cast_possible_truncation)] // at most MAX_FDS ints (checked above): 32 bytes
     let payload_len = (raw.len() * mem::size_of::<RawFd>()) as libc::c_uint;
     let mut flags = libc::MSG_NOSIGNAL;
     if nonblocking {
@@ -127,15 +130,16 @@ pub fn send_with_fds(
         }
         // SAFETY: msg points at a live iovec over `data` and at cmsg_buf; the fds in it are
         // borrowed and stay open for the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) };
-        if n < 0 {
+        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) };
+        // Negative: failed (the count of a success always fits a usize).
+        let Ok(n) = usize::try_from(r) else {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e);
-        }
-        return Ok(n as usize);
+        };
+        return Ok(n);
     }
 }
 

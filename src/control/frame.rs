@@ -30,17 +30,18 @@ pub const MAX_FDS: usize = 8;
 
 /// Encode one frame around `payload`.
 pub fn encode(payload: &[u8]) -> Result<Vec<u8>, ControlError> {
+    let too_large = || ControlError::TooLarge {
+        what: "frame payload",
+        len: payload.len() as u64,
+        max: MAX_PAYLOAD as u64,
+    };
     if payload.len() > MAX_PAYLOAD {
-        return Err(ControlError::TooLarge {
-            what: "frame payload",
-            len: payload.len() as u64,
-            max: MAX_PAYLOAD as u64,
-        });
+        return Err(too_large());
     }
+    let len = u32::try_from(payload.len()).map_err(|_| too_large())?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    // The length fits: it was checked against MAX_PAYLOAD above.
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(payload);
     Ok(out)
 }

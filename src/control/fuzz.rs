@@ -252,6 +252,7 @@ pub fn stream_input<B: AsRef<[u8]>>(server: bool, reads: &[(u8, B)]) -> Vec<u8> 
     for (fds, bytes) in reads {
         for (i, c) in bytes.as_ref().chunks(255).enumerate() {
             v.push(if i == 0 { *fds } else { 0 });
+            #[allow(clippy::cast_possible_truncation)] // chunks of at most 255 bytes
             v.push(c.len() as u8);
             v.extend_from_slice(c);
         }

@@ -52,8 +52,11 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: r is a new fd that this process owns and nobody else refers to.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    let fd = RawFd::try_from(r).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("pidfd_open returned {r}, not an fd"))
+    })?;
+    // SAFETY: fd is a new fd that this process owns and nobody else refers to.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A pidfd of the process at the other end of a connected Unix socket (SO_PEERPIDFD, Linux 6.5),
@@ -62,6 +65,7 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 /// process that reused the pid. It becomes readable when that process exits.
 pub fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let mut fd: libc::c_int = -1;
+    #[allow(clippy::cast_possible_truncation)] // the size of a c_int: 4
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `fd`, a live c_int, and updates `len`.
     let r = unsafe {

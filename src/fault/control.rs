@@ -372,7 +372,7 @@ impl Loop {
         if pid.is_none() {
             exits_with_conn = !self.watch_peer(conn, cid);
         }
-        self.owners.insert(cid, Owner { uid: creds.uid, conn, exits_with_conn });
+        self.owners.insert(cid, Owner { uid: creds.uid, conn, exits_with_conn, parent: None });
         Ok(cid)
     }
 
@@ -428,6 +428,7 @@ impl Loop {
         let mut fds = Vec::new();
         for b in chosen {
             let fd = if fds.len() < MAX_FDS_PER_REPLY { b.fd() } else { None };
+            #[allow(clippy::cast_possible_truncation)] // at most MAX_FDS_PER_REPLY (8) fds
             let fd_index = fd.map(|f| {
                 fds.push(f);
                 (fds.len() - 1) as u32

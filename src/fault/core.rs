@@ -44,10 +44,13 @@ pub struct Core {
     pub(super) staging: StagingPage,
     /// Private faults that got EAGAIN: retried after the client's events are drained.
     pub(crate) deferred: Vec<(ClientId, u64, Instant)>,
-    /// Clients born by fork in this round (to be added to epoll).
-    pub(crate) born: Vec<ClientId>,
+    /// Children that clients forked in this round: (parent, child), to be adopted or released
+    /// by the loop (which knows the parent's limits).
+    pub(crate) born: Vec<(ClientId, Client)>,
     /// Clients that failed in this round (to be retired).
     pub(crate) failed: Vec<ClientId>,
+    /// Clients whose process is gone (the kernel said ESRCH) seen in this round: to be released.
+    pub(crate) gone: Vec<ClientId>,
     /// Background cursor: (block, page index).
     bg_cursor: (BlockId, u64),
     /// Faults of the broker's own mapping on present pages.
@@ -79,6 +82,7 @@ impl Core {
             deferred: Vec::new(),
             born: Vec::new(),
             failed: Vec::new(),
+            gone: Vec::new(),
             bg_cursor: (0, 0),
             broker_repeat: RepeatGuard::default(),
         })
@@ -337,10 +341,10 @@ impl Core {
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(child_fd) };
         let Some(p) = self.clients.get_mut(parent) else { return };
         p.stats.events += 1;
+        // The child's addresses are the parent's as of the fork (later events change the parent's).
         let (name, map) = (format!("{}/fork", p.name), p.map.clone());
         let id = self.clients.next_id();
-        log::info!("client {} forked: adopting the child's userfaultfd as client {}", parent.0, id.0);
-        self.clients.insert(Client {
+        let child = Client {
             id,
             name,
             uffd: Uffd::adopt(fd),
@@ -349,9 +353,8 @@ impl Core {
             map,
             stats: Default::default(),
             repeat: Default::default(),
-        });
-        self.stats.clients_registered += 1;
-        self.born.push(id);
+        };
+        self.born.push((parent, child));
     }
 
     /// Send the requests created in this round to the source, adjacent pages merged into runs.

@@ -24,7 +24,7 @@ const T_EVENT: u64 = 0;
 const T_OWN: u64 = 1;
 pub(crate) const T_LISTEN: u64 = 2;
 const KIND_SHIFT: u32 = 56;
-const K_UFFD: u64 = 1;
+pub(crate) const K_UFFD: u64 = 1;
 pub(crate) const K_PIDFD: u64 = 2;
 const K_SOURCE: u64 = 3;
 pub(crate) const K_CONN: u64 = 4;
@@ -92,6 +92,8 @@ pub(crate) enum Departure {
     /// It failed, or the in-process VMM unregistered it: its uffd stays open while its process
     /// may live (closing the last reference would let its faults fill memory with zeros).
     Retired,
+    /// A child it forked, released with it (the child's own exit cannot be seen).
+    WithParent,
 }
 
 impl Departure {
@@ -100,6 +102,7 @@ impl Departure {
             Departure::Exited => "exited",
             Departure::Unregistered => "unregistered itself",
             Departure::Retired => "retired",
+            Departure::WithParent => "released with its parent",
         }
     }
 }
@@ -130,7 +133,7 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     crate::control::pidfd_open(pid)
 }
 
-fn set_nonblocking(fd: RawFd) -> Result<()> {
+pub(crate) fn set_nonblocking(fd: RawFd) -> Result<()> {
     // SAFETY: fcntl on a valid fd with integer arguments.
     let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     // SAFETY: as above.
@@ -240,7 +243,9 @@ impl Loop {
                 if self.departed.len() == DEPARTED_KEPT {
                     self.departed.pop_front();
                 }
-                self.departed.push_back(c.status());
+                let mut st = c.status();
+                st.departure = Some(how.verb().into());
+                self.departed.push_back(st);
                 log::info!("client {} '{}' {}", id.0, c.name, how.verb());
                 c
             }
@@ -262,6 +267,9 @@ impl Loop {
         }
         self.owners.remove(id);
         drop(c); // closes its uffd and pidfd
+        for child in self.owners.children_of(id) {
+            self.retire(child, Departure::WithParent);
+        }
     }
 
     pub(crate) fn status(&self) -> StatusReport {
@@ -307,7 +315,7 @@ impl Loop {
                             .map(|w| PendingWaiter {
                                 client: w.client.0,
                                 addr: w.addr,
-                                waiting_ms: w.since.elapsed().as_millis() as u64,
+                                waiting_ms: u64::try_from(w.since.elapsed().as_millis()).unwrap_or(u64::MAX),
                             })
                             .collect(),
                     }
@@ -414,13 +422,11 @@ impl Loop {
     fn after_round(&mut self) {
         self.core.issue_requests(self.source.as_mut());
         self.core.flush_wakes();
-        for id in std::mem::take(&mut self.core.born) {
-            if let Some(c) = self.core.clients.get(id) {
-                let fd = c.uffd.as_raw_fd();
-                if let Err(e) = set_nonblocking(fd).and_then(|()| self.add(fd, token(K_UFFD, id.0))) {
-                    log::error!("forked client {}: {e}", id.0);
-                }
-            }
+        for (parent, child) in std::mem::take(&mut self.core.born) {
+            self.adopt_child(parent, child);
+        }
+        for id in std::mem::take(&mut self.core.gone) {
+            self.retire(id, Departure::Exited);
         }
         for id in std::mem::take(&mut self.core.failed) {
             self.retire(id, Departure::Retired);

@@ -51,6 +51,8 @@ pub(crate) struct Owner {
     pub conn: u64,
     /// Its process can only be watched through that connection: its end is the peer's exit.
     pub exits_with_conn: bool,
+    /// The client it is a forked child of: it is released with it.
+    pub parent: Option<ClientId>,
 }
 
 /// The owners of the clients the broker holds fds for.
@@ -73,6 +75,11 @@ impl Owners {
     /// Forget a client whose fds were released.
     pub fn remove(&mut self, id: ClientId) {
         self.by_client.remove(&id);
+    }
+
+    /// The forked children of `parent`.
+    pub fn children_of(&self, parent: ClientId) -> Vec<ClientId> {
+        self.by_client.iter().filter(|(_, o)| o.parent == Some(parent)).map(|(id, _)| *id).collect()
     }
 
     /// Clients registered on `conn` that end with it.
@@ -116,7 +123,7 @@ mod tests {
             connections_per_uid: 9,
         };
         let mut o = Owners::default();
-        let own = |uid, conn| Owner { uid, conn, exits_with_conn: false };
+        let own = |uid, conn| Owner { uid, conn, exits_with_conn: false, parent: None };
         assert!(o.may_register(&limits, 1, 1000).is_ok());
         o.insert(ClientId(1), own(1000, 1));
         o.insert(ClientId(2), own(1000, 1));
@@ -135,9 +142,12 @@ mod tests {
     #[test]
     fn clients_that_end_with_their_connection() {
         let mut o = Owners::default();
-        o.insert(ClientId(1), Owner { uid: 0, conn: 7, exits_with_conn: true });
-        o.insert(ClientId(2), Owner { uid: 0, conn: 7, exits_with_conn: false });
-        o.insert(ClientId(3), Owner { uid: 0, conn: 8, exits_with_conn: true });
+        o.insert(ClientId(1), Owner { uid: 0, conn: 7, exits_with_conn: true, parent: None });
+        o.insert(ClientId(2), Owner { uid: 0, conn: 7, exits_with_conn: false, parent: None });
+        o.insert(ClientId(3), Owner { uid: 0, conn: 8, exits_with_conn: true, parent: None });
+        o.insert(ClientId(4), Owner { uid: 0, conn: 7, exits_with_conn: false, parent: Some(ClientId(1)) });
         assert_eq!(o.exiting_with(7), vec![ClientId(1)]);
+        assert_eq!(o.children_of(ClientId(1)), vec![ClientId(4)]);
+        assert!(o.children_of(ClientId(4)).is_empty());
     }
 }

@@ -9,6 +9,7 @@ mod backoff;
 mod control;
 mod core;
 mod event_loop;
+mod fork;
 mod grants;
 mod limits;
 mod pending;

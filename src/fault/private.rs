@@ -15,6 +15,7 @@
 use std::time::Instant;
 
 use crate::client::{AddressMap, ClientId};
+use crate::conv::{nanos, usize_of};
 use crate::fault::core::Core;
 use crate::uffd::Fill;
 
@@ -69,7 +70,7 @@ impl Core {
             Content::Zero if ps == 4096 => c.uffd.zeropage(page, ps, true),
             Content::Zero => {
                 let zeros = self.staging.as_slice();
-                if zeros.len() < ps as usize {
+                if zeros.len() < usize_of(ps) {
                     log::error!("private client {}: no zero page of {ps} bytes; serving it no more", id.0);
                     self.failed.push(id);
                     return;
@@ -86,7 +87,7 @@ impl Core {
         match r {
             Ok(Fill::Done(_)) => {
                 c.stats.pages_requested += 1;
-                c.stats.latency.record(since.elapsed().as_nanos() as u64);
+                c.stats.latency.record(nanos(since.elapsed()));
                 self.stats.pages_demand += 1;
                 if zero {
                     self.stats.pages_zero += 1;
@@ -100,9 +101,11 @@ impl Core {
                 }
             }
             Ok(Fill::Again) => self.deferred.push((id, addr, since)),
+            // The client's address space is gone (it exited, or exec'd): nothing of it can be
+            // served again, so it is released at once, whatever its pidfd says.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOSPC)) => {
-                log::info!("private client {} exited", id.0);
-                self.failed.push(id);
+                log::info!("private client {}: its process is gone ({e})", id.0);
+                self.gone.push(id);
             }
             Err(e) if e.raw_os_error() == Some(libc::EFAULT) && !zero => {
                 log::error!(

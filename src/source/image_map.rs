@@ -61,7 +61,7 @@ impl ImageMap {
             return None;
         }
         // In bounds: `offset < end <= self.len`, a usize.
-        Some(self.ptr.as_ptr().wrapping_add(offset as usize).cast_const())
+        Some(self.ptr.as_ptr().wrapping_add(crate::conv::usize_of(offset)).cast_const())
     }
 
     /// Map `[offset, offset+len)` of the image into the broker's page tables now

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::{verify_report, Destination, DestinationOptions, Summary};
 use crate::error::{Error, IoContext, Result};
-use crate::fault::BrokerConfig;
+use crate::fault::{BrokerConfig, ControlLimits};
 use crate::incoming::Incoming;
 use crate::migration::source::cli::warn_if_plaintext;
 use crate::migration::transport::TransportOptions;
@@ -36,6 +36,8 @@ pub struct IncomingOptions {
     pub resume_timeout: std::time::Duration,
     /// Nice value of the stream thread (0: unchanged).
     pub stream_nice: i32,
+    /// What one control-socket peer may make the broker hold (as `serve`'s).
+    pub limits: ControlLimits,
 }
 
 fn finish_outputs(a: &IncomingOptions, summary: &Summary, incoming: &Incoming) -> Result<()> {
@@ -66,6 +68,7 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         allowed_uids: a.allowed_uids.clone(),
         grants: a.grants.iter().cloned().collect(),
         busy_poll: a.busy_poll,
+        limits: a.limits,
         ..BrokerConfig::default()
     };
     let opts = DestinationOptions {
