@@ -445,7 +445,7 @@ fn a_pipelining_peer_does_not_stop_other_clients_faults() {
 }
 
 #[test]
-fn a_forking_client_past_its_limit_has_its_child_released_and_is_served_on() {
+fn a_forking_client_past_its_limit_has_its_child_held_and_is_served_on() {
     let data = content(PAGES, 4096, 15);
     // pcb-client registers on a connection of its own: its registration fills that connection.
     let srv = Serve::start(
@@ -458,12 +458,12 @@ fn a_forking_client_past_its_limit_has_its_child_released_and_is_served_on() {
     let pid = p.pid();
     p.go();
     let lines = p.finish_within(60);
-    // The child was not held up: it ran without the broker (these pages had arrived already).
+    // The child's pages had arrived already: a held child reads them without a fault.
     assert!(lines.iter().any(|l| l["who"] == "child" && l["done"] == true), "{lines:?}");
     let (child, parent): (Vec<_>, Vec<_>) = lines.iter().cloned().partition(|l| l["who"] == "child");
     assert_eq!(check_pages(&child, &data, 4096), 8);
     assert_eq!(check_pages(&parent, &data, 4096), 16, "the parent is served before and after its fork");
-    let log = srv.wait_log("child's userfaultfd is released instead of adopted");
+    let log = srv.wait_log("child's userfaultfd is held unserved instead of adopted");
     assert!(log.contains(&format!("(pid {pid}, uid 0) forked")), "the refusal names the parent's pid: {log}");
     assert!(log.contains("the limit per connection"), "{log}");
     let st = srv.status();

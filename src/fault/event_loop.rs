@@ -162,6 +162,9 @@ pub(crate) struct Loop {
     msgs: Vec<RawMsg>,
     /// Clients no longer served whose process may still live: their uffds stay open.
     retired: HashMap<ClientId, Client>,
+    /// Forked children past their parent's limits, by parent: held, not served (see
+    /// [`crate::fault::fork`]).
+    pub(crate) held_children: HashMap<ClientId, Vec<Client>>,
     /// Final statistics of clients that are gone.
     departed: std::collections::VecDeque<crate::stats::ClientStatus>,
     stop: bool,
@@ -267,6 +270,7 @@ impl Loop {
         }
         self.owners.remove(id);
         drop(c); // closes its uffd and pidfd
+        self.held_children.remove(&id); // closes the held children's uffds
         for child in self.owners.children_of(id) {
             self.retire(child, Departure::WithParent);
         }
@@ -555,6 +559,7 @@ impl Broker {
             config,
             msgs: message_buffer(64),
             retired: HashMap::new(),
+            held_children: HashMap::new(),
             departed: Default::default(),
             stop: false,
         };

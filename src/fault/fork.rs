@@ -1,16 +1,21 @@
 //! Children of clients: the userfaultfd a FORK event hands over is adopted as a client of the
 //! parent's peer, counted against that peer's registration limits and released with its parent
 //! (the event carries no pid, so the child's own exit cannot be seen). A child past a limit is
-//! not adopted: its userfaultfd is closed, which the kernel answers by unregistering the child's
-//! ranges (it runs on unserved, as a child forked without `UFFD_FEATURE_EVENT_FORK` does: a page
-//! of a shared block that has not arrived faults in as a zero page of the block, seen by every
-//! process that maps it); the parent's `fork()` has returned already and it is served as before.
+//! not adopted but *held*: the broker keeps its userfaultfd open without reading it, so the
+//! child waits at a page that has not arrived and only the child is harmed (closing it instead
+//! would make the kernel unregister the child's ranges, and a page of a shared block the child
+//! then reads would fault in as a zero page of the block, seen by every process that maps it).
+//! Held children are bounded ([`HELD_PER_PARENT`]) and released with their parent; past the
+//! bound a child's userfaultfd is closed, with an error that says what that means.
 
 use std::os::fd::AsRawFd;
 
 use crate::client::{AddressMap, Client, ClientId};
 use crate::fault::event_loop::{set_nonblocking, token, Loop, K_UFFD};
 use crate::fault::limits::Owner;
+
+/// Children past a limit whose userfaultfds one parent may have held (see the module doc).
+pub(crate) const HELD_PER_PARENT: usize = 8;
 
 impl Loop {
     /// Adopt `child`, forked by `parent`, or release it when the parent's peer is at a limit.
@@ -27,6 +32,20 @@ impl Loop {
         }
         if let Some(o) = owner {
             if let Err(why) = self.owners.may_register(&self.config.limits, o.conn, o.uid) {
+                self.core.stats.forks_refused += 1;
+                let held = self.held_children.entry(parent).or_default();
+                if held.len() < HELD_PER_PARENT {
+                    log::error!(
+                        "client {} (pid {pid}, uid {}) forked, and its child's userfaultfd is held \
+                         unserved instead of adopted: {why}. The child waits at the first page that \
+                         has not arrived (only it does; it is released with its parent); the parent \
+                         is served as before",
+                        parent.0,
+                        o.uid
+                    );
+                    held.push(child);
+                    return;
+                }
                 let shared = matches!(child.map, AddressMap::Shared(_));
                 let effect = if shared {
                     "its reads of pages that have not arrived yet now read zeros, which the kernel \
@@ -36,12 +55,12 @@ impl Loop {
                 };
                 log::error!(
                     "client {} (pid {pid}, uid {}) forked, and its child's userfaultfd is released \
-                     instead of adopted: {why}. The child runs on unserved (the kernel unregisters \
-                     its ranges: {effect}); the parent is served as before",
+                     instead of adopted: {why}, and {HELD_PER_PARENT} children past the limit are held \
+                     already. The child runs on unserved (the kernel unregisters its ranges: \
+                     {effect}); the parent is served as before",
                     parent.0,
                     o.uid
                 );
-                self.core.stats.forks_refused += 1;
                 return; // dropping the child closes its userfaultfd
             }
         }
