@@ -6,6 +6,7 @@
 //! [`state`] and [`notify`]; [`probe`] says whether the host can do it at all.
 
 pub mod bench;
+pub mod blocktime;
 pub mod cli;
 pub mod client;
 pub mod control;
@@ -16,6 +17,7 @@ pub mod fault;
 pub mod incoming;
 pub mod migration;
 pub mod notify;
+pub mod openmetrics;
 pub mod place;
 pub mod probe;
 pub mod ram;

@@ -130,9 +130,13 @@ enum Command {
         /// Control socket path.
         #[arg(long, default_value = "/run/postcopy-broker.sock")]
         control: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
+        /// Print JSON (the same as --format json).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// Output format: text, json (the report, with QEMU 10.1's postcopy-* metrics at the
+        /// top level) or openmetrics (the OpenMetrics text exposition, for Prometheus).
+        #[arg(long, value_enum, default_value_t = cli::status::Format::Text)]
+        format: cli::status::Format,
     },
 }
 
@@ -229,7 +233,9 @@ fn main() -> ExitCode {
                 connections_per_uid: max_connections_per_uid,
             },
         }),
-        Command::Status { control, json } => cli::status::run(&control, json),
+        Command::Status { control, json, format } => {
+            cli::status::run(&control, if json { cli::status::Format::Json } else { format })
+        }
         Command::Demo(a) => cli::demo::run(&a),
     }
 }

@@ -216,6 +216,20 @@ pub fn check_userfaultfd(fd: RawFd) -> std::result::Result<(), String> {
     }
 }
 
+/// The features a userfaultfd was set up with (by whoever ran its UFFDIO_API), from
+/// /proc/self/fdinfo: the kernel prints `API:\t<api>:<features>:<ioctls>` (hex) for one. A
+/// second UFFDIO_API on the fd, the other way to ask, is refused by the kernel.
+pub fn features_of(fd: RawFd) -> io::Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("API:"))
+        .and_then(|v| v.trim().split(':').nth(1))
+        .and_then(|f| u64::from_str_radix(f, 16).ok())
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("fd {fd} shows no userfaultfd API line"))
+        })
+}
+
 /// A zeroed buffer of raw messages for [`Uffd::read_messages`].
 pub fn message_buffer(n: usize) -> Vec<RawMsg> {
     // SAFETY: uffd_msg is plain old data; all-zero is a valid value.

@@ -275,6 +275,7 @@ impl Loop {
         broker.pages_background += elsewhere.background;
         broker.pages_zero += elsewhere.zero;
         broker.foreign_pages += elsewhere.foreign;
+        let blocktime = self.core.blocktime.report();
         StatusReport {
             state: "serving".into(),
             received_pages: blocks.received_pages(),
@@ -315,6 +316,8 @@ impl Loop {
                 .collect(),
             clients_omitted: 0,
             departed_omitted: 0,
+            postcopy: blocktime.qemu(),
+            blocktime,
         }
     }
 
