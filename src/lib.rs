@@ -25,6 +25,7 @@ pub mod sched;
 pub mod source;
 pub mod state;
 pub mod stats;
+pub mod systemd;
 pub mod uffd;
 pub mod vhost_user;
 

@@ -73,6 +73,9 @@ pub struct BrokerConfig {
     pub busy_poll: bool,
     /// Serve a control socket at this path.
     pub control: Option<PathBuf>,
+    /// Serve this listening control socket instead (socket activation); `control` is then only
+    /// its name in logs.
+    pub control_fd: Option<Arc<OwnedFd>>,
     /// Peer uids allowed on the control socket (empty: root and the broker's own uid).
     pub allowed_uids: Vec<u32>,
     /// Blocks each other uid may map (root and the broker's own uid may map all).
@@ -526,16 +529,18 @@ impl Broker {
         let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
         let event = Arc::new(EventFd::new()?);
         let (tx, rx) = mpsc::channel();
-        let listener = match &config.control {
-            Some(path) => {
-                let uids = if config.allowed_uids.is_empty() {
-                    ControlListener::default_allowed_uids()
-                } else {
-                    config.allowed_uids.clone()
-                };
-                Some(ControlListener::bind(path, uids)?)
+        let uids = if config.allowed_uids.is_empty() {
+            ControlListener::default_allowed_uids()
+        } else {
+            config.allowed_uids.clone()
+        };
+        let listener = match (&config.control_fd, &config.control) {
+            (Some(fd), _) => {
+                let fd = fd.try_clone().ctx(|| "duplicating the inherited control socket".into())?;
+                Some(ControlListener::from_fd(fd, uids)?)
             }
-            None => None,
+            (None, Some(path)) => Some(ControlListener::bind(path, uids)?),
+            (None, None) => None,
         };
         let lp = Loop {
             epfd,
