@@ -12,7 +12,6 @@ pub mod client;
 pub mod control;
 pub mod conv;
 pub mod error;
-pub mod eventfd;
 pub mod fault;
 pub mod incoming;
 pub mod migration;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, PrivateRegion, PrivateTable};
 use crate::control::{ControlConn, ControlListener};
 use crate::error::{Error, IoContext, Result};
-use crate::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::fault::backoff::AcceptBackoff;
 use crate::fault::core::Core;
 use crate::fault::limits::{ControlLimits, Owners};
@@ -383,7 +383,7 @@ impl Loop {
     fn dispatch(&mut self, tok: u64) -> Result<()> {
         match tok {
             T_EVENT => {
-                self.event.drain();
+                let _ = self.event.read();
                 while let Ok(cmd) = self.rx.try_recv() {
                     self.on_command(cmd);
                 }
@@ -527,7 +527,7 @@ impl Broker {
         let epfd = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
-        let event = Arc::new(EventFd::new()?);
+        let event = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?);
         let (tx, rx) = mpsc::channel();
         let uids = if config.allowed_uids.is_empty() {
             ControlListener::default_allowed_uids()
@@ -579,7 +579,7 @@ impl Broker {
 impl BrokerHandle {
     fn send(&self, c: Command) -> Result<()> {
         self.tx.send(c).map_err(|_| Error::Invalid("the fault loop has stopped".into()))?;
-        self.kick.kick();
+        let _ = self.kick.write(1);
         Ok(())
     }
 

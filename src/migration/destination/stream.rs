@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, IoContext, Result};
-use crate::eventfd::EventFd;
+use vmm_sys_util::eventfd::EventFd;
 use crate::migration::transport::Transport;
 use crate::migration::wire::Decoder;
 use crate::place::{Placed, Placer};
@@ -184,7 +184,7 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
             if let Ok(mut g) = shared.error.lock() {
                 *g = Some(e);
             }
-            kick.kick();
+            let _ = kick.write(1);
         }
     }
 }
@@ -230,7 +230,7 @@ impl StreamSink<'_> {
             if let Ok(mut g) = self.shared.landed.lock() {
                 g.push((block, offset, len));
             }
-            self.kick.kick();
+            let _ = self.kick.write(1);
         }
         Ok(())
     }
