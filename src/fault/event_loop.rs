@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, PrivateRegion, PrivateTable};
 use crate::control::{ControlConn, ControlListener};
 use crate::error::{Error, IoContext, Result};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::fault::backoff::AcceptBackoff;
 use crate::fault::core::Core;
 use crate::fault::limits::{ControlLimits, Owners};
@@ -19,6 +18,7 @@ use crate::incoming::Incoming;
 use crate::source::{FileSource, PageSource, SourceState};
 use crate::stats::{BlockStatus, PendingRequest, PendingWaiter, StatusReport, PENDING_LISTED};
 use crate::uffd::{message_buffer, Message, RawMsg, Uffd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const T_EVENT: u64 = 0;
 const T_OWN: u64 = 1;

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::{Error, IoContext, Result};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::migration::transport::deadline::Deadline;
 use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{write_frame, Decoder, Frame, Hello, Limits};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Bounds of the gate.
 #[derive(Debug, Clone, Copy)]
@@ -158,7 +158,8 @@ fn accept_loop(
     // SAFETY: `stop` is borrowed for this whole function, so its fd stays open while borrowed.
     let stop_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop.as_raw_fd()) };
     while !shared.stopping.load(Ordering::Acquire) {
-        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(stop_fd, PollFlags::POLLIN)];
+        let mut fds =
+            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(stop_fd, PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {

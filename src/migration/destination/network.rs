@@ -28,13 +28,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::error::{Error, IoContext, Result};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::migration::transport::Transport;
 use crate::migration::wire::{encode, Decoder, Frame, WireError};
 use crate::place::Placer;
 use crate::ram::{BlockId, RamBlocks};
 use crate::source::{PageRequest, PageSink, PageSource, PlacedElsewhere, SourceState, Urgency};
 use crate::uffd::Uffd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::stream::{Stream, StreamCounts, StreamParts, Wanted};
 

@@ -18,12 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, IoContext, Result};
-use vmm_sys_util::eventfd::EventFd;
 use crate::migration::transport::Transport;
 use crate::migration::wire::Decoder;
 use crate::place::{Placed, Placer};
 use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
 use crate::source::{PageSink, PlacedElsewhere, Urgency};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::network::Ctx;
 
