@@ -14,16 +14,17 @@
 )]
 
 pub mod bench;
+pub mod blocktime;
 pub mod cli;
 pub mod client;
 pub mod control;
 pub mod conv;
 pub mod error;
-pub mod eventfd;
 pub mod fault;
 pub mod incoming;
 pub mod migration;
 pub mod notify;
+pub mod openmetrics;
 pub mod place;
 pub mod probe;
 pub mod ram;
@@ -31,6 +32,7 @@ pub mod sched;
 pub mod source;
 pub mod state;
 pub mod stats;
+pub mod systemd;
 pub mod uffd;
 pub mod vhost_user;
 

@@ -35,87 +35,111 @@ enum Command {
     Serve {
         /// Receive a migration: listen on ADDR:PORT (port 0 picks one; the first stdout line
         /// is `listening ADDR`). The RAM blocks come from the source's Hello.
-        #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["image", "blocks"])]
+        #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["image", "blocks"], env = "POSTCOPY_BROKER_INCOMING")]
         incoming: Option<String>,
         /// With --incoming: mutual TLS 1.3 with the certificates of DIR: ca-cert.pem,
         /// server-cert.pem and server-key.pem (QEMU's tls-creds-x509 layout; sources need a
         /// certificate from that CA). See docs/security.md.
-        #[arg(long, value_name = "DIR", requires = "incoming", conflicts_with = "key")]
+        #[arg(
+            long,
+            value_name = "DIR",
+            requires = "incoming",
+            conflicts_with = "key",
+            env = "POSTCOPY_BROKER_TLS_DIR"
+        )]
         tls_dir: Option<PathBuf>,
         /// With --tls-dir: accept only sources whose certificate is valid for NAME (a DNS name or
         /// IP address). Default: any certificate from the CA.
-        #[arg(long, value_name = "NAME", requires = "tls_dir")]
+        #[arg(long, value_name = "NAME", requires = "tls_dir", env = "POSTCOPY_BROKER_TLS_PEER_NAME")]
         tls_peer_name: Option<String>,
         /// With --incoming: pre-shared key file (hex or raw, >= 16 bytes, mode 0600), the same as
         /// the source's: the connections are authenticated and encrypted with it (Noise NNpsk0).
-        #[arg(long, value_name = "FILE", requires = "incoming")]
+        #[arg(long, value_name = "FILE", requires = "incoming", env = "POSTCOPY_BROKER_KEY")]
         key: Option<PathBuf>,
         /// With --key: authenticate with the key but receive guest RAM unencrypted and without
         /// integrity protection, for a link you trust (the source must say it too).
-        #[arg(long, requires = "key")]
+        #[arg(long, requires = "key", env = "POSTCOPY_BROKER_INSECURE_PLAINTEXT")]
         insecure_plaintext: bool,
         /// With --incoming: write the RAM's checksums (JSON, as `source --verify-file`) here.
-        #[arg(long, value_name = "FILE", requires = "incoming")]
+        #[arg(long, value_name = "FILE", requires = "incoming", env = "POSTCOPY_BROKER_VERIFY_FILE")]
         verify_file: Option<PathBuf>,
         /// With --incoming: write the migration summary as JSON here.
-        #[arg(long, value_name = "FILE", requires = "incoming")]
+        #[arg(long, value_name = "FILE", requires = "incoming", env = "POSTCOPY_BROKER_SUMMARY_JSON")]
         summary_json: Option<PathBuf>,
         /// With --incoming: if the connection to the source drops during postcopy, wait this many
         /// seconds for it to reconnect and resume before giving up (docs/recovery.md).
-        #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "incoming")]
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 60.0,
+            requires = "incoming",
+            env = "POSTCOPY_BROKER_RESUME_TIMEOUT"
+        )]
         resume_timeout: f64,
         /// With --incoming: nice value (0-19) of the thread that places the background stream, so
         /// that client faults and demand answers preempt it; 0 runs it at the daemon's priority.
         #[arg(long, value_name = "NICE", default_value_t = postcopy_broker::migration::source::DEFAULT_BACKGROUND_NICE,
-              value_parser = clap::value_parser!(i32).range(0..=19), requires = "incoming")]
+              value_parser = clap::value_parser!(i32).range(0..=19), requires = "incoming", env = "POSTCOPY_BROKER_STREAM_NICE")]
         stream_nice: i32,
-        /// Control socket path (mode 0600).
-        #[arg(long, default_value = "/run/postcopy-broker.sock")]
-        control: PathBuf,
+        /// Control socket path (mode 0600). Default: $RUNTIME_DIRECTORY/control.sock under
+        /// systemd, else /run/postcopy-broker/VM/control.sock with --vm, else
+        /// /run/postcopy-broker.sock. Under socket activation the inherited socket is used.
+        #[arg(long, env = "POSTCOPY_BROKER_CONTROL")]
+        control: Option<PathBuf>,
+        /// The VM this broker serves (one broker per VM: the %i of postcopy-broker@.service):
+        /// names the default control socket path.
+        #[arg(long, value_name = "NAME", env = "POSTCOPY_BROKER_VM", value_parser = cli::paths::parse_vm)]
+        vm: Option<String>,
         /// Peer uid allowed on the control socket (repeatable; default: root and our own uid).
-        #[arg(long = "allow-uid")]
+        #[arg(long = "allow-uid", env = "POSTCOPY_BROKER_ALLOW_UIDS", value_delimiter = ',')]
         allow_uid: Vec<u32>,
         /// What a non-root allowed uid may reach: UID=BLOCK[,BLOCK...] (repeatable). Root and
         /// the broker's own uid reach every block; other uids only what is granted, also through
         /// private registrations and Firecracker handshakes (their image ranges must lie in
         /// granted blocks). Without --block the image is granted as UID=image.
-        #[arg(long = "grant", value_parser = cli::serve::parse_grant)]
+        #[arg(long = "grant", value_parser = cli::serve::parse_grant, env = "POSTCOPY_BROKER_GRANTS", value_delimiter = ' ')]
         grant: Vec<(u32, Vec<String>)>,
         /// Registrations (client userfaultfds) one control connection may hold.
-        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_CONNECTION)]
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_CONNECTION, env = "POSTCOPY_BROKER_MAX_REGISTRATIONS_PER_CONNECTION")]
         max_registrations_per_connection: usize,
         /// Registrations all control connections of one uid may hold (including clients retired
         /// for misbehaving whose process still lives).
-        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_UID)]
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::REGISTRATIONS_PER_UID, env = "POSTCOPY_BROKER_MAX_REGISTRATIONS_PER_UID")]
         max_registrations_per_uid: usize,
         /// Control connections one uid may have open at once (Firecracker keeps its own open for
         /// the life of its VM).
-        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::CONNECTIONS_PER_UID)]
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::fault::ControlLimits::CONNECTIONS_PER_UID, env = "POSTCOPY_BROKER_MAX_CONNECTIONS_PER_UID")]
         max_connections_per_uid: usize,
         /// Snapshot image: the blocks back to back (lazy restore), and the memory file of
         /// Firecracker clients.
-        #[arg(long)]
+        #[arg(long, env = "POSTCOPY_BROKER_IMAGE")]
         image: Option<PathBuf>,
         /// A RAM block NAME:SIZE[:4k|2m] (repeatable), in image order.
-        #[arg(long = "block", value_parser = cli::serve::parse_block)]
+        #[arg(long = "block", value_parser = cli::serve::parse_block, env = "POSTCOPY_BROKER_BLOCKS", value_delimiter = ',')]
         blocks: Vec<(String, u64, u64)>,
         /// Do not push pages in the background; serve faults only.
-        #[arg(long)]
+        #[arg(long, env = "POSTCOPY_BROKER_NO_BACKGROUND")]
         no_background: bool,
         /// Busy-poll the fault loop instead of sleeping in epoll_wait.
-        #[arg(long)]
+        #[arg(long, env = "POSTCOPY_BROKER_BUSY_POLL")]
         busy_poll: bool,
         /// When every page arrived, write per-block FNV-1a checksums (JSON) here.
-        #[arg(long)]
+        #[arg(long, env = "POSTCOPY_BROKER_CHECKSUMS")]
         checksums: Option<PathBuf>,
         /// Hold the background fill until this many clients have registered.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, env = "POSTCOPY_BROKER_WAIT_CLIENTS")]
         wait_clients: u64,
         /// Be the frontend of the vhost-user backend at this socket for postcopy (repeatable):
         /// refuse to start if it lacks PAGEFAULT, run the postcopy handshake with the blocks'
         /// memfds, register it as a client, send POSTCOPY_END at the end. (Lazy restore only;
         /// with --incoming the VMM registers its backends over the control socket.)
-        #[arg(long = "vhost-user-backend", value_name = "SOCKET", conflicts_with = "incoming")]
+        #[arg(
+            long = "vhost-user-backend",
+            value_name = "SOCKET",
+            conflicts_with = "incoming",
+            env = "POSTCOPY_BROKER_VHOST_USER_BACKENDS",
+            value_delimiter = ','
+        )]
         vhost_user_backends: Vec<PathBuf>,
     },
     /// A whole local migration as separate processes (source, destination broker, a
@@ -126,12 +150,19 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Show a running broker's state and statistics.
     Status {
-        /// Control socket path.
-        #[arg(long, default_value = "/run/postcopy-broker.sock")]
-        control: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
+        /// Control socket path (default as for `serve`).
+        #[arg(long, env = "POSTCOPY_BROKER_CONTROL")]
+        control: Option<PathBuf>,
+        /// The VM whose broker to ask (its default control socket path).
+        #[arg(long, value_name = "NAME", env = "POSTCOPY_BROKER_VM", value_parser = cli::paths::parse_vm)]
+        vm: Option<String>,
+        /// Print JSON (the same as --format json).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// Output format: text, json (the report, with QEMU 10.1's postcopy-* metrics at the
+        /// top level) or openmetrics (the OpenMetrics text exposition, for Prometheus).
+        #[arg(long, value_enum, default_value_t = cli::status::Format::Text)]
+        format: cli::status::Format,
     },
 }
 
@@ -155,8 +186,19 @@ fn exit_on_panic() {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let command = Cli::parse().command;
+    let inherited = if matches!(command, Command::Serve { .. }) {
+        // SAFETY: no thread has started yet (neither env_logger nor clap starts one), so
+        // unsetting LISTEN_* races with nothing.
+        match unsafe { postcopy_broker::systemd::take_control_socket() } {
+            Ok(fd) => fd.map(std::sync::Arc::new),
+            Err(e) => return report(Err(e)),
+        }
+    } else {
+        None
+    };
     exit_on_panic();
-    match Cli::parse().command {
+    match command {
         Command::Probe { json } => cli::probe::run(json),
         Command::Bench(a) => cli::bench::run(a),
         Command::Source(a) => report(postcopy_broker::migration::source::cli::run(&a)),
@@ -171,6 +213,7 @@ fn main() -> ExitCode {
             resume_timeout,
             stream_nice,
             control,
+            vm,
             allow_uid,
             grant,
             busy_poll,
@@ -188,7 +231,8 @@ fn main() -> ExitCode {
                     key,
                     insecure_plaintext,
                 },
-                control,
+                control: cli::paths::control_for_serve(control, vm.as_deref()),
+                control_fd: inherited,
                 allowed_uids: allow_uid,
                 grants: grant,
                 busy_poll,
@@ -206,6 +250,7 @@ fn main() -> ExitCode {
         }),
         Command::Serve {
             control,
+            vm,
             allow_uid,
             grant,
             image,
@@ -220,7 +265,8 @@ fn main() -> ExitCode {
             max_connections_per_uid,
             ..
         } => cli::serve::run(cli::serve::ServeOptions {
-            control,
+            control: cli::paths::control_for_serve(control, vm.as_deref()),
+            control_fd: inherited,
             allowed_uids: allow_uid,
             grants: grant,
             image,
@@ -236,7 +282,10 @@ fn main() -> ExitCode {
                 connections_per_uid: max_connections_per_uid,
             },
         }),
-        Command::Status { control, json } => cli::status::run(&control, json),
+        Command::Status { control, vm, json, format } => cli::status::run(
+            &control.unwrap_or_else(|| cli::paths::default_control(vm.as_deref())),
+            if json { cli::status::Format::Json } else { format },
+        ),
         Command::Demo(a) => cli::demo::run(&a),
     }
 }
@@ -247,6 +296,10 @@ fn report(r: postcopy_broker::Result<()>) -> ExitCode {
         Err(e) => {
             log::error!("{e}");
             eprintln!("error: {e}");
+            postcopy_broker::systemd::tell(&format!(
+                "ERRNO={}\nSTATUS=failed: {e}",
+                postcopy_broker::systemd::errno_of(&e)
+            ));
             ExitCode::FAILURE
         }
     }

@@ -192,6 +192,13 @@ pub struct StatusReport {
     /// hung client waits for).
     #[serde(default)]
     pub pending: Vec<PendingRequest>,
+    /// QEMU 10.1's postcopy metrics (`postcopy-blocktime`, ...), at the top level as in
+    /// `query-migrate`.
+    #[serde(flatten)]
+    pub postcopy: crate::blocktime::PostcopyMetrics,
+    /// The exact sums behind `postcopy`, per declared vCPU.
+    #[serde(default)]
+    pub blocktime: crate::blocktime::BlocktimeReport,
 }
 
 /// Most outstanding requests listed in [`StatusReport::pending`].
@@ -309,6 +316,16 @@ pub fn render(r: &StatusReport) -> String {
             .collect();
         let _ = writeln!(s, "  waiting: block {} offset {:#x}: {}", p.block, p.offset, ws.join(", "));
     }
+    let q = &r.postcopy;
+    let _ = writeln!(
+        s,
+        "postcopy: {} remote faults, latency mean {:.1}us (non-vCPU {:.1}us), blocktime {} ms, per vCPU {:?} ms",
+        r.blocktime.faults(),
+        q.latency_ns as f64 / 1000.0,
+        q.non_vcpu_latency_ns as f64 / 1000.0,
+        q.blocktime_ms,
+        q.vcpu_blocktime_ms
+    );
     let _ = writeln!(
         s,
         "clients: {} registered, {} gone, {} forked children refused",

@@ -1,10 +1,19 @@
 //! A thin, honest wrapper over one userfaultfd object.
 //!
 //! It owns the fd and exposes exactly the ioctls the broker needs (API, REGISTER, UNREGISTER,
-//! COPY, ZEROPAGE, WAKE) plus batched message reads. Unlike the `userfaultfd` crate it decodes the
-//! signed `copy`/`zeropage` result fields correctly (0 or -EAGAIN means "nothing done, retry"),
-//! returns the features the kernel reported, and reads raw `uffd_msg`s into a caller-owned buffer
-//! so the fault path never allocates.
+//! COPY, ZEROPAGE, WAKE) plus batched message reads, and reads a peer's uffd features from
+//! fdinfo. It stays the project's own, instead of the `userfaultfd` crate's `Uffd`, only where
+//! that crate is wrong for a placer that must know exactly which bytes landed:
+//!
+//! - UFFDIO_COPY: on EAGAIN the crate returns `Error::PartiallyCopied(copy.copy as usize)`, but
+//!   the kernel may leave `copy` at `-EAGAIN` (nothing copied), which that cast turns into a
+//!   huge "partial" count; here `copy` is decoded as the signed field it is (a count, or a
+//!   negative errno: nothing done, retry).
+//! - UFFDIO_ZEROPAGE: on any error the crate returns `ZeropageFailed(errno)` and drops the
+//!   `zeropage` field, so a zero run interrupted by EAGAIN loses how much was already zeroed;
+//!   here the partial count is kept, so received bits are set only for those pages.
+//! - Around those, it returns the features the kernel granted and reads raw `uffd_msg`s into a
+//!   caller-owned buffer, so the fault path never allocates.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -214,6 +223,20 @@ pub fn check_userfaultfd(fd: RawFd) -> std::result::Result<(), String> {
         Ok(k) => Err(k),
         Err(e) => Err(format!("fd {fd} ({e})")),
     }
+}
+
+/// The features a userfaultfd was set up with (by whoever ran its UFFDIO_API), from
+/// /proc/self/fdinfo: the kernel prints `API:\t<api>:<features>:<ioctls>` (hex) for one. A
+/// second UFFDIO_API on the fd, the other way to ask, is refused by the kernel.
+pub fn features_of(fd: RawFd) -> io::Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("API:"))
+        .and_then(|v| v.trim().split(':').nth(1))
+        .and_then(|f| u64::from_str_radix(f, 16).ok())
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("fd {fd} shows no userfaultfd API line"))
+        })
 }
 
 /// A zeroed buffer of raw messages for [`Uffd::read_messages`].

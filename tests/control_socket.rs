@@ -261,6 +261,7 @@ fn bad_messages_get_typed_errors_and_the_broker_serves_on() {
         kind: ClientKind::Shared,
         pid: None,
         mappings: Vec::new(),
+        vcpu_tids: Vec::new(),
     })
     .unwrap();
     let status = encode(br#"{"op":"status"}"#).unwrap();

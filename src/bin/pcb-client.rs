@@ -49,9 +49,14 @@ struct Args {
     /// How many times to map the whole block.
     #[arg(long, default_value_t = 1)]
     maps: usize,
-    /// uffd features to ask for: comma list of remove,unmap,remap,fork.
+    /// uffd features to ask for: comma list of remove,unmap,remap,fork,thread_id.
     #[arg(long, default_value = "")]
     features: String,
+    /// With --control: start N threads before registering and declare their thread ids as the
+    /// client's vCPUs (`vcpu_tids`; the uffd then asks for thread_id); the `vcpus` step reads
+    /// pages from them.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    vcpus: usize,
     /// Populate the mapping before registering the userfaultfd, as a misbehaving backend does:
     /// `mlock` (mlock(2) of the mapping, like dpdk-testpmd's mlockall), `populate`
     /// (MAP_POPULATE) or `touch` (read every page). The broker must refuse the registration.
@@ -82,7 +87,8 @@ struct Args {
     /// at once), dontneed-each:LIST (MADV_DONTNEED of each page of LIST on mapping 0, one call per page,
     /// as a balloon's free page reporting does: one REMOVE event each), dontneed-reserve
     /// (MADV_DONTNEED over the whole --reserve-anon region). LIST is like 0,5,7-20,30-90/3 (the
-    /// last: every third page from 30 to 90).
+    /// last: every third page from 30 to 90), vcpus:LIST (read one byte of each page through mapping
+    /// 0, the pages dealt round-robin to the --vcpus threads, all at once).
     #[arg(long, default_value = "")]
     script: String,
 }
@@ -120,6 +126,39 @@ struct Client {
     page_size: u64,
     /// The --reserve-anon region: (start, len).
     reserve: Option<(u64, u64)>,
+    vcpus: Vec<Vcpu>,
+}
+
+/// A thread declared as a vCPU: it reads the addresses it is sent and answers their byte sum.
+struct Vcpu {
+    tid: u32,
+    work: std::sync::mpsc::Sender<Vec<u64>>,
+    done: std::sync::mpsc::Receiver<u64>,
+}
+
+impl Vcpu {
+    fn start() -> Result<Vcpu, String> {
+        let (work, rx) = std::sync::mpsc::channel::<Vec<u64>>();
+        let (tx, done) = std::sync::mpsc::channel();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+            for addrs in rx {
+                let mut sum = 0u64;
+                for a in addrs {
+                    // SAFETY: the address lies inside a live mapping of this process (the main
+                    // thread keeps it mapped while it waits for the answer); the read may block
+                    // in the kernel until the broker places the page.
+                    sum += u64::from(unsafe { std::ptr::read_volatile(a as *const u8) });
+                }
+                if tx.send(sum).is_err() {
+                    break;
+                }
+            }
+        });
+        let tid = tid_rx.recv().map_err(|_| "a vCPU thread died")?;
+        Ok(Vcpu { tid: u32::try_from(tid).map_err(|_| "negative tid")?, work, done })
+    }
 }
 
 impl Client {
@@ -208,6 +247,24 @@ impl Client {
                     hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
                 });
                 json!({"who": who, "step": step, "sum": sums.iter().sum::<u64>()})
+            }
+            "vcpus" => {
+                if self.vcpus.is_empty() {
+                    return Err("the vcpus step needs --vcpus N".into());
+                }
+                let mut shares = vec![Vec::new(); self.vcpus.len()];
+                for (i, p) in pages(arg)?.into_iter().enumerate() {
+                    shares[i % self.vcpus.len()].push(self.bases[0] + p * self.page_size);
+                }
+                for (v, share) in self.vcpus.iter().zip(shares) {
+                    v.work.send(share).map_err(|_| "a vCPU thread died")?;
+                }
+                let mut sum = 0;
+                for v in &self.vcpus {
+                    sum += v.done.recv().map_err(|_| "a vCPU thread died")?;
+                }
+                let tids: Vec<u32> = self.vcpus.iter().map(|v| v.tid).collect();
+                json!({"who": who, "step": step, "sum": sum, "vcpu_tids": tids})
             }
             "write" => {
                 let (list, byte) = arg.rsplit_once(':').ok_or("write:LIST:BYTE")?;
@@ -308,8 +365,12 @@ fn run(mut a: Args) -> Result<(), String> {
             "unmap" => feature::EVENT_UNMAP,
             "remap" => feature::EVENT_REMAP,
             "fork" => feature::EVENT_FORK,
+            "thread_id" => feature::THREAD_ID,
             other => return Err(format!("unknown feature {other}")),
         };
+    }
+    if a.vcpus > 0 {
+        want |= feature::THREAD_ID;
     }
     if a.anon {
         want &= !(feature::MISSING_SHMEM | feature::MISSING_HUGETLBFS);
@@ -380,13 +441,15 @@ fn run(mut a: Args) -> Result<(), String> {
         bases.iter().map(|b| json!({"client_addr": b, "block": 0, "block_offset": 0, "len": size})).collect();
     let mut client_id = None;
     let mut _fc_stream = None;
+    let vcpus = (0..a.vcpus).map(|_| Vcpu::start()).collect::<Result<Vec<_>, _>>()?;
+    let vcpu_tids: Vec<u32> = vcpus.iter().map(|v| v.tid).collect();
     if let Some(c) = &mut ctl {
         let specs: Vec<MappingSpec> = bases
             .iter()
             .map(|&b| MappingSpec { client_addr: b, block: a.block.clone(), offset: 0, len: size })
             .collect();
         let id = c
-            .register("pcb-client", ClientKind::Shared, None, &specs, uffd.as_fd())
+            .register_with_vcpus("pcb-client", ClientKind::Shared, None, &specs, &vcpu_tids, uffd.as_fd())
             .map_err(|e| format!("register: {e}"))?;
         client_id = Some(id);
     } else if let (Some(path), true) = (&a.control, a.firecracker) {
@@ -398,18 +461,21 @@ fn run(mut a: Args) -> Result<(), String> {
             Some(send_firecracker_handshake(path, &regions, uffd.as_fd()).map_err(|e| e.to_string())?);
     }
     let mut out = std::io::stdout().lock();
-    let ready = json!({"ready": true, "pid": std::process::id(), "uffd_fd": uffd.as_raw_fd(), "mappings": mappings, "client": client_id});
+    let ready = json!({"ready": true, "pid": std::process::id(), "uffd_fd": uffd.as_raw_fd(), "mappings": mappings, "client": client_id, "vcpu_tids": vcpu_tids});
     writeln!(out, "{ready}").map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
     if !a.no_wait {
         let mut line = String::new();
         std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
     }
-    let client = Client { bases, page_size: a.page_size, reserve };
+    let client = Client { bases, page_size: a.page_size, reserve, vcpus };
     let steps: Vec<&str> = a.script.split(';').filter(|s| !s.is_empty()).collect();
     let mut i = 0;
     while i < steps.len() {
         if steps[i] == "fork" {
+            if !client.vcpus.is_empty() {
+                return Err("the fork step needs a single-threaded client: leave out --vcpus".into());
+            }
             // SAFETY: this process is single-threaded; the child runs the rest of the script and
             // leaves with _exit.
             match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod demo;
 pub mod demo_check;
+pub mod paths;
 pub mod probe;
 pub mod progress;
 pub mod serve;

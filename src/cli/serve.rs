@@ -20,6 +20,8 @@ use crate::Incoming;
 pub struct ServeOptions {
     /// Control socket path.
     pub control: PathBuf,
+    /// The control socket inherited by socket activation (then `control` only names it).
+    pub control_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// Allowed peer uids (empty: root and our own uid).
     pub allowed_uids: Vec<u32>,
     /// Blocks each non-root allowed uid may map.
@@ -172,9 +174,22 @@ pub fn run(o: ServeOptions) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            crate::systemd::tell(&format!("ERRNO={}\nSTATUS=failed: {e}", crate::systemd::errno_of(&e)));
             ExitCode::FAILURE
         }
     }
+}
+
+/// How often the service manager hears the progress (STATUS=) while pages arrive.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// The STATUS= line for the service manager.
+fn service_status(lazy: bool, got: u64, total: u64) -> String {
+    if !lazy {
+        return "serving private (Firecracker) clients from the image".into();
+    }
+    let pct = if total == 0 { 100.0 } else { got as f64 * 100.0 / total as f64 };
+    format!("postcopy: {got}/{total} pages received ({pct:.1}%)")
 }
 
 fn serve(o: ServeOptions) -> Result<()> {
@@ -211,6 +226,7 @@ fn serve(o: ServeOptions) -> Result<()> {
         image: o.image.clone(),
         busy_poll: o.busy_poll,
         control: Some(o.control.clone()),
+        control_fd: o.control_fd.clone(),
         allowed_uids: o.allowed_uids.clone(),
         grants: o.grants.iter().cloned().collect(),
         limits: o.limits,
@@ -221,7 +237,9 @@ fn serve(o: ServeOptions) -> Result<()> {
     log::info!("serving on {}", o.control.display());
     let start = Instant::now();
     let total = inc.blocks().total_pages();
+    crate::systemd::tell(&format!("READY=1\nSTATUS={}", service_status(lazy, 0, total)));
     let mut progress = Progress::new("restore", total);
+    let mut told = (Instant::now(), 0);
     loop {
         h.check_alive()?;
         if stop_requested() {
@@ -231,12 +249,17 @@ fn serve(o: ServeOptions) -> Result<()> {
         if lazy {
             let got = inc.blocks().received_pages();
             progress.update(got, "");
+            if got != told.1 && (told.0.elapsed() >= STATUS_EVERY || got == total) {
+                crate::systemd::tell(&format!("STATUS={}", service_status(lazy, got, total)));
+                told = (Instant::now(), got);
+            }
             if got == total {
                 break;
             }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    crate::systemd::tell("STOPPING=1");
     progress.finish();
     let done = lazy && inc.blocks().all_received();
     let report = h.stop()?;

@@ -6,8 +6,19 @@ use std::process::ExitCode;
 use crate::control::ControlClient;
 use crate::stats::StatusReport;
 
-/// Print the broker's status (human or JSON).
-pub fn run(control: &Path, json: bool) -> ExitCode {
+/// How `status` prints the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A summary for people.
+    Text,
+    /// The report as the broker sent it (pretty-printed JSON).
+    Json,
+    /// The OpenMetrics text exposition ([`crate::openmetrics`]).
+    Openmetrics,
+}
+
+/// Print the broker's status.
+pub fn run(control: &Path, format: Format) -> ExitCode {
     let report = ControlClient::connect(control).and_then(|mut c| c.status());
     let value = match report {
         Ok(v) => v,
@@ -19,17 +30,21 @@ pub fn run(control: &Path, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if json {
+    if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
         return ExitCode::SUCCESS;
     }
     match serde_json::from_value::<StatusReport>(value) {
+        Ok(r) if format == Format::Openmetrics => {
+            print!("{}", crate::openmetrics::render(&r));
+            ExitCode::SUCCESS
+        }
         Ok(r) => {
             print!("{}", crate::stats::render(&r));
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: the broker's status has an unexpected shape ({e}); try --json");
+            eprintln!("error: the broker's status has an unexpected shape ({e}); try --format json");
             ExitCode::FAILURE
         }
     }

@@ -167,7 +167,27 @@ impl ControlClient {
         mappings: &[MappingSpec],
         uffd: BorrowedFd<'_>,
     ) -> Result<u64, ControlError> {
-        let req = Request::Register { name: name.to_string(), kind, pid, mappings: mappings.to_vec() };
+        self.register_with_vcpus(name, kind, pid, mappings, &[], uffd)
+    }
+
+    /// Like [`ControlClient::register`], declaring the thread ids of the client's vCPU threads
+    /// for the blocktime metrics (`uffd` must have UFFD_FEATURE_THREAD_ID).
+    pub fn register_with_vcpus(
+        &mut self,
+        name: &str,
+        kind: ClientKind,
+        pid: Option<u32>,
+        mappings: &[MappingSpec],
+        vcpu_tids: &[u32],
+        uffd: BorrowedFd<'_>,
+    ) -> Result<u64, ControlError> {
+        let req = Request::Register {
+            name: name.to_string(),
+            kind,
+            pid,
+            mappings: mappings.to_vec(),
+            vcpu_tids: vcpu_tids.to_vec(),
+        };
         match self.call(&req, &[uffd])?.0 {
             Response::Registered { client } => Ok(client),
             other => Err(unexpected("registered", &other)),

@@ -98,6 +98,10 @@ pub enum Request {
         pid: Option<u32>,
         /// The client's mapping table.
         mappings: Vec<MappingSpec>,
+        /// Thread ids (in the client's pid namespace) of its vCPU threads, for the postcopy
+        /// blocktime metrics; the uffd must then have UFFD_FEATURE_THREAD_ID.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vcpu_tids: Vec<u32>,
     },
     /// Forget a client registered earlier.
     Unregister {
@@ -309,6 +313,7 @@ mod tests {
             kind: ClientKind::Shared,
             pid: None,
             mappings: vec![MappingSpec { client_addr: 0x1000, block: "ram0".into(), offset: 0, len: 4096 }],
+            vcpu_tids: vec![41, 42],
         };
         let v = serde_json::to_value(&r).unwrap();
         assert_eq!(v["op"], "register");

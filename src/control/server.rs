@@ -173,6 +173,33 @@ impl ControlListener {
         })
     }
 
+    /// Take over a listening Unix stream socket someone else created (socket activation: the
+    /// service manager made the file and its mode, and removes it; so the file stays when this
+    /// listener is dropped). It is made non-blocking; anything but a listening Unix stream
+    /// socket is refused.
+    pub fn from_fd(fd: OwnedFd, allowed_uids: Vec<u32>) -> Result<ControlListener, ControlError> {
+        let bad = |what: String| ControlError::Invalid(format!("the inherited control socket {what}"));
+        let e = |what: &str, err: nix::Error| bad(format!("{what}: {err}"));
+        if socket::getsockopt(&fd, sockopt::SockType).map_err(|er| e("SO_TYPE", er))? != SockType::Stream {
+            return Err(bad("is not a stream socket (ListenStream= in the .socket unit)".into()));
+        }
+        if !socket::getsockopt(&fd, sockopt::AcceptConn).map_err(|er| e("SO_ACCEPTCONN", er))? {
+            return Err(bad("is not listening".into()));
+        }
+        let addr: UnixAddr = socket::getsockname(fd.as_raw_fd())
+            .map_err(|_| bad("is not a Unix socket (give ListenStream= a path)".into()))?;
+        let path = addr.path().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("(unnamed)"));
+        let listener = UnixListener::from(fd);
+        listener
+            .set_nonblocking(true)
+            .map_err(|er| ControlError::io("making the inherited control socket non-blocking", er))?;
+        log::info!(
+            "control socket {} inherited from the service manager (allowed uids {allowed_uids:?})",
+            path.display()
+        );
+        Ok(ControlListener { listener, path, ident: None, allowed_uids })
+    }
+
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path

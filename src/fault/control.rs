@@ -221,8 +221,11 @@ impl Loop {
                 log::debug!("control peer #{id} is '{name}'");
                 self.reply(id, &Response::hello_reply(version), &[]);
             }
-            Incoming::Request(Request::Register { name, kind, pid, mappings }, mut fds) => {
+            Incoming::Request(Request::Register { name, kind, pid, mappings, vcpu_tids }, mut fds) => {
                 let Some(uffd) = fds.pop() else { return };
+                if let Err(e) = crate::blocktime::check_vcpus(&vcpu_tids, uffd.as_raw_fd()) {
+                    return self.refuse(id, &e);
+                }
                 if kind == ClientKind::Shared {
                     if let Some(m) = mappings.iter().find(|m| !self.grants().has(creds.uid, &m.block)) {
                         let msg = format!("uid {} was not given block '{}'", creds.uid, m.block);
@@ -234,7 +237,10 @@ impl Loop {
                     Err(e) => return self.refuse(id, &e),
                 };
                 match self.register_peer(id, creds, Ask { name, pid, map, uffd }) {
-                    Ok(cid) => self.reply(id, &Response::Registered { client: cid.0 }, &[]),
+                    Ok(cid) => {
+                        self.core.blocktime.declare(cid, &vcpu_tids);
+                        self.reply(id, &Response::Registered { client: cid.0 }, &[])
+                    }
                     Err(PeerRefusal::NotAllowed(msg)) => {
                         self.reply(id, &Response::error(code::NOT_ALLOWED, msg), &[])
                     }

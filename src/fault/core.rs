@@ -7,6 +7,7 @@ use crate::conv::{nanos, usize_of};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::blocktime::Blocktime;
 use crate::client::{AddressMap, Client, ClientId, Registry, RepeatGuard};
 use crate::error::Result;
 use crate::fault::pending::{Pending, Waiter};
@@ -37,13 +38,15 @@ pub struct Core {
     taken: Vec<Waiter>,
     pub(crate) clients: Registry,
     pub(crate) stats: BrokerStats,
+    /// Who waited how long in remote faults (QEMU's postcopy blocktime and latency).
+    pub(crate) blocktime: Blocktime,
     /// (block, page index) newly requested in this round.
     new_requests: Vec<(BlockId, u64)>,
     /// Image file for private clients.
     pub(crate) image: Option<FileSource>,
     pub(super) staging: StagingPage,
     /// Private faults that got EAGAIN: retried after the client's events are drained.
-    pub(crate) deferred: Vec<(ClientId, u64, Instant)>,
+    pub(crate) deferred: Vec<(ClientId, u64, u32, Instant)>,
     /// Children that clients forked in this round: (parent, child), to be adopted or released
     /// by the loop (which knows the parent's limits).
     pub(crate) born: Vec<(ClientId, Client)>,
@@ -77,6 +80,7 @@ impl Core {
             taken: Vec::with_capacity(64),
             clients: Registry::new(),
             stats: BrokerStats::default(),
+            blocktime: Blocktime::default(),
             new_requests: Vec::new(),
             image,
             deferred: Vec::new(),
@@ -91,14 +95,14 @@ impl Core {
     /// Handle one message read from `client`'s uffd (or the broker's own, `ClientId::BROKER`).
     pub fn on_message(&mut self, client: ClientId, msg: Message, now: Instant) {
         match msg {
-            Message::Pagefault { addr, .. } => {
+            Message::Pagefault { addr, tid, .. } => {
                 self.stats.faults += 1;
                 let private =
                     matches!(self.clients.get(client).map(|c| &c.map), Some(AddressMap::Private(_)));
                 if private {
-                    self.private_fault(client, addr, now);
+                    self.private_fault(client, addr, tid, now);
                 } else {
-                    self.shared_fault(client, addr, now);
+                    self.shared_fault(client, addr, tid, now);
                 }
             }
             Message::Fork { child_fd } => self.adopt_fork(client, child_fd),
@@ -142,6 +146,7 @@ impl Core {
         for w in self.pending.take_client_range(client, start, end) {
             self.wakes.push(w.client, w.addr, 4096);
         }
+        self.blocktime.abandon_range(client, start, end, Instant::now());
     }
 
     fn translate(&self, client: ClientId, addr: u64) -> Option<(BlockId, u64)> {
@@ -154,7 +159,7 @@ impl Core {
         }
     }
 
-    fn shared_fault(&mut self, client: ClientId, addr: u64, now: Instant) {
+    fn shared_fault(&mut self, client: ClientId, addr: u64, tid: u32, now: Instant) {
         let Some((block, off)) = self.translate(client, addr) else {
             log::error!(
                 "client {}: fault at {addr:#x} outside its mapping table; it stays blocked",
@@ -196,6 +201,7 @@ impl Core {
             c.repeat.progress();
         }
         let first = self.pending.join(block, idx, Waiter { client, addr: page_addr, since: now });
+        self.blocktime.begin(client, tid, page_addr, now);
         if let Some(c) = self.clients.get_mut(client) {
             if first {
                 c.stats.pages_requested += 1;
@@ -453,6 +459,7 @@ impl Core {
                         c.stats.blocked_ns = c.stats.blocked_ns.saturating_add(ns);
                     }
                     self.wakes.push(w.client, w.addr, ps);
+                    self.blocktime.resolve(w.client, w.addr, now);
                 }
             }
             ws.clear();
@@ -496,6 +503,7 @@ impl Core {
     pub fn forget_client(&mut self, id: ClientId) {
         self.pending.drop_client(id);
         self.deferred.retain(|d| d.0 != id);
+        self.blocktime.drop_client(id, Instant::now());
     }
 }
 

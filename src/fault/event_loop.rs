@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, PrivateRegion, PrivateTable};
 use crate::control::{ControlConn, ControlListener};
 use crate::error::{Error, IoContext, Result};
-use crate::eventfd::EventFd;
 use crate::fault::backoff::AcceptBackoff;
 use crate::fault::core::Core;
 use crate::fault::limits::{ControlLimits, Owners};
@@ -19,6 +18,7 @@ use crate::incoming::Incoming;
 use crate::source::{FileSource, PageSource, SourceState};
 use crate::stats::{BlockStatus, PendingRequest, PendingWaiter, StatusReport, PENDING_LISTED};
 use crate::uffd::{message_buffer, Message, RawMsg, Uffd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const T_EVENT: u64 = 0;
 const T_OWN: u64 = 1;
@@ -73,6 +73,9 @@ pub struct BrokerConfig {
     pub busy_poll: bool,
     /// Serve a control socket at this path.
     pub control: Option<PathBuf>,
+    /// Serve this listening control socket instead (socket activation); `control` is then only
+    /// its name in logs.
+    pub control_fd: Option<Arc<OwnedFd>>,
     /// Peer uids allowed on the control socket (empty: root and the broker's own uid).
     pub allowed_uids: Vec<u32>,
     /// Blocks each other uid may map (root and the broker's own uid may map all).
@@ -287,6 +290,7 @@ impl Loop {
         broker.pages_background += elsewhere.background;
         broker.pages_zero += elsewhere.zero;
         broker.foreign_pages += elsewhere.foreign;
+        let blocktime = self.core.blocktime.report();
         StatusReport {
             state: "serving".into(),
             received_pages: blocks.received_pages(),
@@ -327,6 +331,8 @@ impl Loop {
                 .collect(),
             clients_omitted: 0,
             departed_omitted: 0,
+            postcopy: blocktime.qemu(),
+            blocktime,
         }
     }
 
@@ -389,7 +395,7 @@ impl Loop {
     fn dispatch(&mut self, tok: u64) -> Result<()> {
         match tok {
             T_EVENT => {
-                self.event.drain();
+                let _ = self.event.read();
                 while let Ok(cmd) = self.rx.try_recv() {
                     self.on_command(cmd);
                 }
@@ -531,18 +537,20 @@ impl Broker {
         let epfd = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
-        let event = Arc::new(EventFd::new()?);
+        let event = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?);
         let (tx, rx) = mpsc::channel();
-        let listener = match &config.control {
-            Some(path) => {
-                let uids = if config.allowed_uids.is_empty() {
-                    ControlListener::default_allowed_uids()
-                } else {
-                    config.allowed_uids.clone()
-                };
-                Some(ControlListener::bind(path, uids)?)
+        let uids = if config.allowed_uids.is_empty() {
+            ControlListener::default_allowed_uids()
+        } else {
+            config.allowed_uids.clone()
+        };
+        let listener = match (&config.control_fd, &config.control) {
+            (Some(fd), _) => {
+                let fd = fd.try_clone().ctx(|| "duplicating the inherited control socket".into())?;
+                Some(ControlListener::from_fd(fd, uids)?)
             }
-            None => None,
+            (None, Some(path)) => Some(ControlListener::bind(path, uids)?),
+            (None, None) => None,
         };
         let lp = Loop {
             epfd,
@@ -582,7 +590,7 @@ impl Broker {
 impl BrokerHandle {
     fn send(&self, c: Command) -> Result<()> {
         self.tx.send(c).map_err(|_| Error::Invalid("the fault loop has stopped".into()))?;
-        self.kick.kick();
+        let _ = self.kick.write(1);
         Ok(())
     }
 

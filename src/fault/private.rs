@@ -31,7 +31,7 @@ enum Content {
 impl Core {
     /// Serve a private (Firecracker-style) client: place the page from the image (or zeros for
     /// a removed page) through the client's own uffd, which also wakes it.
-    pub(crate) fn private_fault(&mut self, id: ClientId, addr: u64, since: Instant) {
+    pub(crate) fn private_fault(&mut self, id: ClientId, addr: u64, tid: u32, since: Instant) {
         let Some(c) = self.clients.get_mut(id) else { return };
         c.stats.faults += 1;
         let AddressMap::Private(t) = &c.map else { return };
@@ -89,6 +89,9 @@ impl Core {
                 c.stats.pages_requested += 1;
                 c.stats.latency.record(nanos(since.elapsed()));
                 self.stats.pages_demand += 1;
+                // Served at once, through the client's own uffd: one wait from `since` to now.
+                self.blocktime.begin(id, tid, page, since);
+                self.blocktime.resolve(id, page, Instant::now());
                 if zero {
                     self.stats.pages_zero += 1;
                 }
@@ -100,7 +103,7 @@ impl Core {
                     self.stats.wakes += 1;
                 }
             }
-            Ok(Fill::Again) => self.deferred.push((id, addr, since)),
+            Ok(Fill::Again) => self.deferred.push((id, addr, tid, since)),
             // The client's address space is gone (it exited, or exec'd): nothing of it can be
             // served again, so it is released at once, whatever its pidfd says.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH) | Some(libc::ENOSPC)) => {
@@ -128,8 +131,8 @@ impl Core {
             self.deferred = rest;
             m
         };
-        for (c, addr, since) in mine {
-            self.private_fault(c, addr, since);
+        for (c, addr, tid, since) in mine {
+            self.private_fault(c, addr, tid, since);
         }
     }
 }

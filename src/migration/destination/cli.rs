@@ -22,6 +22,8 @@ pub struct IncomingOptions {
     pub transport: TransportOptions,
     /// Control socket for client processes.
     pub control: PathBuf,
+    /// The control socket inherited by socket activation (then `control` only names it).
+    pub control_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// Peer uids allowed on the control socket (empty: root and our own uid).
     pub allowed_uids: Vec<u32>,
     /// Blocks each non-root allowed uid may map.
@@ -63,8 +65,11 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
     let local = listener.local_addr().ctx(|| "local address".into())?;
     println!("listening {local}");
     let _ = std::io::stdout().flush();
+    // Ready for the source; the control socket opens once its Hello says what RAM comes.
+    crate::systemd::tell(&format!("READY=1\nSTATUS=waiting for the migration source on {local}"));
     let broker = BrokerConfig {
         control: Some(a.control.clone()),
+        control_fd: a.control_fd.clone(),
         allowed_uids: a.allowed_uids.clone(),
         grants: a.grants.iter().cloned().collect(),
         busy_poll: a.busy_poll,
@@ -79,6 +84,8 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
     };
     log::info!("migration connections: {}", security.mode());
     let d = Destination::accept(&listener, &security, None, opts)?;
+    crate::systemd::tell("STATUS=receiving the migration (postcopy)");
     let (summary, incoming) = d.run()?;
+    crate::systemd::tell("STOPPING=1\nSTATUS=migration done");
     finish_outputs(a, &summary, &incoming)
 }

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::{Error, IoContext, Result};
-use crate::eventfd::EventFd;
 use crate::migration::transport::deadline::Deadline;
 use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{write_frame, Decoder, Frame, Hello, Limits};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Bounds of the gate.
 #[derive(Debug, Clone, Copy)]
@@ -96,7 +96,7 @@ impl Gate {
         let listener = listener.try_clone().ctx(|| "clone the listening socket".into())?;
         listener.set_nonblocking(true).ctx(|| "set the listening socket non-blocking".into())?;
         let shared = Arc::new(Shared::default());
-        let stop = Arc::new(EventFd::new()?);
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?);
         let (sh, st) = (Arc::clone(&shared), Arc::clone(&stop));
         let thread = std::thread::Builder::new()
             .name("migration-gate".into())
@@ -135,7 +135,7 @@ impl Gate {
 impl Drop for Gate {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
-        self.stop.kick();
+        let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -155,9 +155,11 @@ fn accept_loop(
     stop: &EventFd,
 ) {
     let mut next_id = 0u64;
+    // SAFETY: `stop` is borrowed for this whole function, so its fd stays open while borrowed.
+    let stop_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop.as_raw_fd()) };
     while !shared.stopping.load(Ordering::Acquire) {
         let mut fds =
-            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(stop_fd, PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => {

@@ -28,13 +28,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::error::{Error, IoContext, Result};
-use crate::eventfd::EventFd;
 use crate::migration::transport::Transport;
 use crate::migration::wire::{encode, Decoder, Frame, WireError};
 use crate::place::Placer;
 use crate::ram::{BlockId, RamBlocks};
 use crate::source::{PageRequest, PageSink, PageSource, PlacedElsewhere, SourceState, Urgency};
 use crate::uffd::Uffd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::stream::{Stream, StreamCounts, StreamParts, Wanted};
 
@@ -145,7 +145,7 @@ impl Resumer {
         if let Ok(mut g) = self.slot.lock() {
             *g = Some(conns);
         }
-        self.kick.kick();
+        let _ = self.kick.write(1);
     }
 }
 
@@ -225,7 +225,7 @@ impl NetworkSource {
         let ep = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        let kickfd = Arc::new(EventFd::new()?);
+        let kickfd = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?);
         ep_ctl(
             &ep,
             epoll::ControlOptions::EPOLL_CTL_ADD,
@@ -308,7 +308,7 @@ impl NetworkSource {
             self.encode_request(block, offset, len)?;
         }
         // Frames read with the handshake may already wait in the urgent decoder.
-        self.kick.kick();
+        let _ = self.kick.write(1);
         Ok(())
     }
 
@@ -579,7 +579,7 @@ impl PageSource for NetworkSource {
         if self.closed {
             return Ok(SourceState::Closed);
         }
-        self.kick.drain();
+        let _ = self.kick.read();
         if self.urgent.is_none() {
             let Some(c) = self.slot.lock().ok().and_then(|mut g| g.take()) else {
                 return Ok(SourceState::Open);

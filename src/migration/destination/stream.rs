@@ -18,12 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, IoContext, Result};
-use crate::eventfd::EventFd;
 use crate::migration::transport::Transport;
 use crate::migration::wire::Decoder;
 use crate::place::{Placed, Placer};
 use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
 use crate::source::{PageSink, PlacedElsewhere, Urgency};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::network::Ctx;
 
@@ -187,7 +187,7 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
             if let Ok(mut g) = shared.error.lock() {
                 *g = Some(e);
             }
-            kick.kick();
+            let _ = kick.write(1);
         }
     }
 }
@@ -233,7 +233,7 @@ impl StreamSink<'_> {
             if let Ok(mut g) = self.shared.landed.lock() {
                 g.push((block, offset, len));
             }
-            self.kick.kick();
+            let _ = self.kick.write(1);
         }
         Ok(())
     }
