@@ -12,6 +12,7 @@ pub mod control;
 pub mod conv;
 pub mod error;
 pub mod eventfd;
+pub mod failpoint;
 pub mod fault;
 pub mod incoming;
 pub mod migration;
