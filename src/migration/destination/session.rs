@@ -452,7 +452,7 @@ impl Destination {
             return Err(self.fail_digests(e));
         }
         let h = self.broker.take().ok_or_else(|| Error::Invalid("no fault loop".into()))?;
-        let status = h.stop()?;
+        let status = h.finish_complete()?;
         self.incoming.cleanup()?;
         let end = End {
             link: &self.link,
