@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::end::End;
+use super::end::{End, Ending};
 use super::gate::{Arrival, Gate, GateLimits};
 use super::network::{Connections, NetState, NetworkSource, Resumer};
 use super::resume::Link;
@@ -472,6 +472,11 @@ impl Destination {
             &self.net,
             status,
         );
+        if ending == Ending::ConfirmedAfterResume {
+            // The loss at the end (a pause if the fault loop still saw it) and its resume.
+            summary.pauses = summary.pauses.max(summary.resumes + 1);
+            summary.resumes = summary.pauses;
+        }
         summary.end = Some(ending);
         Ok((summary, self.incoming))
     }
