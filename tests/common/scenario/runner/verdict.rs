@@ -104,11 +104,12 @@ impl Run<'_> {
                         .map(|i| counters::registrations(&self.s.clients[i]))
                         .sum()
                 });
+                let end_cut = matches!(self.s.mode, Mode::Migration { end_cut: Some(_), .. });
                 counters::check_migration_end(
                     self.s,
                     &summary,
                     at_listen,
-                    self.cuts_done,
+                    self.cuts_done + u64::from(end_cut),
                     registered,
                     &mut errs,
                 );
