@@ -324,7 +324,12 @@ impl Registered {
             }
         }
         for &id in &clients {
-            c.unregister(id).map_err(|e| format!("unregister {id}: {e}"))?;
+            match c.unregister(id) {
+                // The broker's grace after postcopy_end ran out while this client was busy: it
+                // has stopped, and the ranges are unregistered here already.
+                Ok(()) | Err(postcopy_broker::control::ControlError::PeerClosed) => {}
+                Err(e) => return Err(format!("unregister {id}: {e}")),
+            }
         }
         writeln!(out, "{}", json!({"who": "parent", "postcopy_end": clients})).map_err(|e| e.to_string())?;
         out.flush().map_err(|e| e.to_string())
