@@ -20,6 +20,7 @@ pub mod client;
 pub mod control;
 pub mod conv;
 pub mod error;
+pub mod failpoint;
 pub mod fault;
 pub mod incoming;
 pub mod migration;
