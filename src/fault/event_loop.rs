@@ -295,19 +295,22 @@ impl Loop {
         broker.pages_zero += elsewhere.zero;
         broker.foreign_pages += elsewhere.foreign;
         let blocktime = self.core.blocktime.report();
+        // Each block's bitmap is counted once and the total is their sum: the stream thread
+        // places pages meanwhile, and two separate counts would not add up.
+        let block_status: Vec<BlockStatus> = blocks
+            .iter()
+            .map(|(_, b)| BlockStatus {
+                name: b.name().into(),
+                size: b.size(),
+                page_size: b.page_size(),
+                received: b.received().count_ones() as u64,
+            })
+            .collect();
         StatusReport {
             state: "serving".into(),
-            received_pages: blocks.received_pages(),
+            received_pages: block_status.iter().map(|b| b.received).sum(),
             total_pages: blocks.total_pages(),
-            blocks: blocks
-                .iter()
-                .map(|(_, b)| BlockStatus {
-                    name: b.name().into(),
-                    size: b.size(),
-                    page_size: b.page_size(),
-                    received: b.received().count_ones() as u64,
-                })
-                .collect(),
+            blocks: block_status,
             outstanding: self.core.pending.len() as u64,
             broker,
             clients,

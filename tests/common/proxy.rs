@@ -8,7 +8,9 @@
 //! caller's choosing instead of a byte count. `hold_after_listen` makes it hold the first
 //! connection (the migration's main one, in the plaintext transport) right after the Listen frame
 //! until `release`: the destination listens and serves demand faults (urgent connection), but no
-//! background page and no Complete arrives, so clients can register before the end.
+//! background page and no Complete arrives, so clients can register before the end. Connections
+//! made after the first one ended and before the release (a resume after an early cut) are held
+//! from their first byte.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -45,6 +47,8 @@ struct State {
     watch: Option<Vec<u8>>,
     watched: AtomicBool,
     hold_armed: AtomicBool,
+    /// The first connection's client-to-target direction has ended.
+    first_ended: AtomicBool,
     released: AtomicBool,
 }
 
@@ -89,6 +93,7 @@ impl Proxy {
             watch: tamper.watch,
             watched: AtomicBool::new(false),
             hold_armed: AtomicBool::new(false),
+            first_ended: AtomicBool::new(false),
             released: AtomicBool::new(false),
         });
         let s = Arc::clone(&st);
@@ -172,7 +177,19 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
             continue;
         };
         let first = st.connections.fetch_add(1, Ordering::SeqCst) == 0;
-        let hold = first && st.hold_armed.load(Ordering::SeqCst);
+        // The first connection is held right after its Listen; once it has ended (a cut before
+        // the release, by the proxy or by a peer), every new one (the resume's) from its first
+        // byte, so the migration cannot end around the hold.
+        let armed = st.hold_armed.load(Ordering::SeqCst) && !st.released.load(Ordering::SeqCst);
+        let hold = if !armed {
+            Hold::No
+        } else if first {
+            Hold::AfterListen
+        } else if st.first_ended.load(Ordering::SeqCst) {
+            Hold::FromStart
+        } else {
+            Hold::No
+        };
         let _ = client.set_nodelay(true);
         let _ = server.set_nodelay(true);
         {
@@ -182,9 +199,14 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
         }
         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
         let a = Arc::clone(&st);
-        std::thread::spawn(move || forward(client, server, &a, true, hold));
+        std::thread::spawn(move || {
+            forward(client, server, &a, true, hold);
+            if first {
+                a.first_ended.store(true, Ordering::SeqCst);
+            }
+        });
         let b = Arc::clone(&st);
-        std::thread::spawn(move || forward(s2, c2, &b, false, false));
+        std::thread::spawn(move || forward(s2, c2, &b, false, Hold::No));
     }
 }
 
@@ -245,8 +267,25 @@ impl ListenScan {
     }
 }
 
-fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, hold: bool) {
-    let mut listen = hold.then(ListenScan::default);
+/// Where a direction of a connection waits for [`Proxy::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    No,
+    AfterListen,
+    FromStart,
+}
+
+fn wait_release(st: &State) {
+    while !st.released.load(Ordering::SeqCst) && !st.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, hold: Hold) {
+    let mut listen = (hold == Hold::AfterListen).then(ListenScan::default);
+    if hold == Hold::FromStart {
+        wait_release(st);
+    }
     let mut buf = vec![0u8; 64 << 10];
     let mut tail = Vec::new();
     loop {
@@ -290,9 +329,7 @@ fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, h
             if to.write_all(&buf[..at]).is_err() {
                 break;
             }
-            while !st.released.load(Ordering::SeqCst) && !st.stop.load(Ordering::SeqCst) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            wait_release(st);
             from_here = at;
         }
         if keep > from_here && to.write_all(&buf[from_here..keep]).is_err() {
