@@ -136,7 +136,7 @@ struct Args {
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    postcopy_broker::cli::parse_size(s)
+    postcopy_broker_cli::cli::parse_size(s)
 }
 
 fn parse_range(s: &str) -> std::result::Result<(u64, u64), String> {

@@ -76,7 +76,7 @@ struct Args {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let size = postcopy_broker::cli::parse_size(s)?;
+    let size = postcopy_broker_cli::cli::parse_size(s)?;
     if size == 0 || size % SECTOR != 0 {
         return Err(format!("size '{s}' must be a positive multiple of 512"));
     }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use postcopy_broker::cli;
-use postcopy_broker::migration::destination::cli::IncomingOptions;
+use postcopy_broker_cli::cli;
+use postcopy_broker_cli::cli::incoming::IncomingOptions;
 
 /// Postcopy live migration of shared guest RAM.
 #[derive(Debug, Parser)]
@@ -27,7 +27,7 @@ enum Command {
     },
     /// Serve guest RAM to a destination: connect (mutual TLS or a pre-shared key), precopy
     /// (optional), postcopy.
-    Source(postcopy_broker::migration::source::SourceArgs),
+    Source(postcopy_broker_cli::cli::source::SourceArgs),
     /// Run the broker: own the RAM blocks, serve client faults from a page source, answer on
     /// the control socket. With --incoming it receives a live migration from `source`; with
     /// --block and --image it restores lazily from a snapshot; with --image alone it serves
@@ -190,7 +190,7 @@ fn main() -> ExitCode {
     let inherited = if matches!(command, Command::Serve { .. }) {
         // SAFETY: no thread has started yet (neither env_logger nor clap starts one), so
         // unsetting LISTEN_* races with nothing.
-        match unsafe { postcopy_broker::systemd::take_control_socket() } {
+        match unsafe { postcopy_broker_cli::systemd::take_control_socket() } {
             Ok(fd) => fd.map(std::sync::Arc::new),
             Err(e) => return report(Err(e)),
         }
@@ -201,7 +201,7 @@ fn main() -> ExitCode {
     match command {
         Command::Probe { json } => cli::probe::run(json),
         Command::Bench(a) => cli::bench::run(a),
-        Command::Source(a) => report(postcopy_broker::migration::source::cli::run(&a)),
+        Command::Source(a) => report(postcopy_broker_cli::cli::source::run(&a)),
         Command::Serve {
             incoming: Some(addr),
             tls_dir,
@@ -223,7 +223,7 @@ fn main() -> ExitCode {
             ..
         } => report({
             cli::serve::raise_fd_limit();
-            postcopy_broker::migration::destination::cli::run(&IncomingOptions {
+            postcopy_broker_cli::cli::incoming::run(&IncomingOptions {
                 addr,
                 transport: postcopy_broker::migration::transport::TransportOptions {
                     tls_dir,
@@ -296,9 +296,9 @@ fn report(r: postcopy_broker::Result<()>) -> ExitCode {
         Err(e) => {
             log::error!("{e}");
             eprintln!("error: {e}");
-            postcopy_broker::systemd::tell(&format!(
+            postcopy_broker_cli::systemd::tell(&format!(
                 "ERRNO={}\nSTATUS=failed: {e}",
-                postcopy_broker::systemd::errno_of(&e)
+                postcopy_broker_cli::systemd::errno_of(&e)
             ));
             ExitCode::FAILURE
         }

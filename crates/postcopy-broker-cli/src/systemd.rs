@@ -13,7 +13,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
-use crate::error::{Error, Result};
+use postcopy_broker::error::{Error, Result};
 
 /// The name (`FileDescriptorName=` in the .socket unit) of the control socket among the
 /// activation fds; with a single fd its name does not matter.

@@ -425,7 +425,7 @@ fn all_seeds() -> BTreeMap<&'static str, Seeds> {
 }
 
 fn corpus_dir(target: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../postcopy-broker/fuzz/corpus").join(target)
 }
 
 /// Valid wire seeds decode frame by frame without an error; near-valid ones fail.

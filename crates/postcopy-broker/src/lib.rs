@@ -13,15 +13,14 @@
     deny(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)
 )]
 
-pub mod bench;
 pub mod blocktime;
-pub mod cli;
 pub mod client;
 pub mod control;
 pub mod conv;
 pub mod error;
 pub mod fault;
 pub mod incoming;
+#[cfg(feature = "migration")]
 pub mod migration;
 pub mod notify;
 pub mod openmetrics;
@@ -32,8 +31,8 @@ pub mod sched;
 pub mod source;
 pub mod state;
 pub mod stats;
-pub mod systemd;
 pub mod uffd;
+#[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 
 pub use error::{Error, Result};

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use crate::bench::peer::Peer;
 use crate::bench::sys;
-use crate::error::{Error, Result};
-use crate::fault::{Broker, BrokerConfig};
-use crate::incoming::Incoming;
-use crate::ram::{RamBlock, RamBlocks};
-use crate::source::{MemorySource, PageRequest, PageSink, PageSource, Urgency};
+use postcopy_broker::error::{Error, Result};
+use postcopy_broker::fault::{Broker, BrokerConfig};
+use postcopy_broker::incoming::Incoming;
+use postcopy_broker::ram::{RamBlock, RamBlocks};
+use postcopy_broker::source::{MemorySource, PageRequest, PageSink, PageSource, Urgency};
 
 /// A source that ignores background requests until its gate opens (so that the clock starts,
 /// and the idle clients are registered, before any page moves). Demand requests always pass.
@@ -104,7 +104,7 @@ pub fn cold_copy(mib: usize) -> Result<f64> {
     const CHUNK: usize = 2 << 20;
     let n = (mib << 20).max(CHUNK) / CHUNK * CHUNK;
     sys::warm_memory(4 * n)?;
-    let src = crate::ram::Mapping::private(n)?;
+    let src = postcopy_broker::ram::Mapping::private(n)?;
     for (p, b) in (0..n).step_by(4096).zip((0..251u8).cycle()) {
         // SAFETY: the private mapping is n bytes long and writable; p + 4096 <= n.
         unsafe { std::ptr::write_bytes(src.as_ptr().add(p), b | 1, 4096) };
@@ -123,9 +123,9 @@ pub fn cold_copy(mib: usize) -> Result<f64> {
         // SAFETY: `src + done` points at `len` readable bytes of the private mapping.
         let r = unsafe { uffd.copy(base + done as u64, src.as_ptr().add(done), len, false) };
         match r.map_err(|e| Error::io("UFFDIO_COPY (cold copy)", e))? {
-            crate::uffd::Fill::Done(k) => done += crate::conv::usize_of(k),
-            crate::uffd::Fill::Again => {}
-            crate::uffd::Fill::Exists => {
+            postcopy_broker::uffd::Fill::Done(k) => done += postcopy_broker::conv::usize_of(k),
+            postcopy_broker::uffd::Fill::Again => {}
+            postcopy_broker::uffd::Fill::Exists => {
                 return Err(Error::Invalid("cold copy: a page of the fresh block exists".into()))
             }
         }

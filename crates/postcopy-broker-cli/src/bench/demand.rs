@@ -6,11 +6,11 @@ use std::path::Path;
 
 use crate::bench::peer::Peer;
 use crate::bench::sys;
-use crate::error::{Error, Result};
-use crate::fault::{Broker, BrokerConfig};
-use crate::incoming::Incoming;
-use crate::ram::{RamBlock, RamBlocks};
-use crate::source::{MemorySource, PageRequest, PageSink, PageSource};
+use postcopy_broker::error::{Error, Result};
+use postcopy_broker::fault::{Broker, BrokerConfig};
+use postcopy_broker::incoming::Incoming;
+use postcopy_broker::ram::{RamBlock, RamBlocks};
+use postcopy_broker::source::{MemorySource, PageRequest, PageSink, PageSource};
 
 /// The client's figures of one demand run (microseconds).
 #[derive(Debug, Clone, Copy, Default)]

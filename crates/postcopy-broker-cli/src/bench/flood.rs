@@ -18,11 +18,11 @@ use crate::bench::demand::DemandFigures;
 use crate::bench::peer::Peer;
 use crate::bench::report::{Row, Target};
 use crate::bench::sys;
-use crate::error::{Error, Result};
-use crate::fault::{Broker, BrokerConfig};
-use crate::incoming::Incoming;
-use crate::ram::{RamBlock, RamBlocks};
-use crate::source::MemorySource;
+use postcopy_broker::error::{Error, Result};
+use postcopy_broker::fault::{Broker, BrokerConfig};
+use postcopy_broker::incoming::Incoming;
+use postcopy_broker::ram::{RamBlock, RamBlocks};
+use postcopy_broker::source::MemorySource;
 
 /// Requests the flooding peer keeps in flight.
 pub const DEPTH: usize = 64;

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use crate::bench::demand::DemandFigures;
 use crate::bench::peer::Peer;
 use crate::bench::sys;
-use crate::error::{Error, IoContext, Result};
-use crate::migration::destination::{Destination, DestinationOptions, Progress};
-use crate::migration::source::{SourceBlock, SourceOptions, SourceRam, SourceSession};
-use crate::migration::transport::throwaway::ThrowawayCa;
-use crate::migration::transport::tls::TlsSetup;
-use crate::migration::transport::Security;
+use postcopy_broker::error::{Error, IoContext, Result};
+use postcopy_broker::migration::destination::{Destination, DestinationOptions, Progress};
+use postcopy_broker::migration::source::{SourceBlock, SourceOptions, SourceRam, SourceSession};
+use postcopy_broker::migration::transport::throwaway::ThrowawayCa;
+use postcopy_broker::migration::transport::tls::TlsSetup;
+use postcopy_broker::migration::transport::Security;
 
 const KEY: [u8; 32] = [0x5a; 32];
 
@@ -147,7 +147,7 @@ fn start(data: &[u8], bandwidth: u64, busy_poll: bool, protection: Protection) -
 impl Running {
     /// Wait for every page; returns seconds since the source started connecting, and the
     /// destination's summary.
-    fn finish(self) -> Result<(f64, crate::migration::destination::Summary)> {
+    fn finish(self) -> Result<(f64, postcopy_broker::migration::destination::Summary)> {
         let blocks = std::sync::Arc::clone(self.dest.incoming().blocks());
         while !blocks.all_received() {
             if let Some(why) = self.dest.net().failure() {
@@ -165,7 +165,7 @@ impl Running {
 /// Migrate `data` (one 4 KiB-page block) over loopback with no client.
 pub fn migrate(data: &[u8], protection: Protection) -> Result<MigrationFigures> {
     sys::warm_memory(2 * data.len())?;
-    let nonzero = data.chunks(4096).filter(|p| !crate::source::is_zero(p)).count() as u64 * 4096;
+    let nonzero = data.chunks(4096).filter(|p| !postcopy_broker::source::is_zero(p)).count() as u64 * 4096;
     let (secs, _) = start(data, 0, false, protection)?.finish()?;
     Ok(MigrationFigures { secs, nonzero })
 }
@@ -221,7 +221,7 @@ mod tests {
     #[test]
     fn half_of_the_pages_are_zero() {
         let v = half_zero(256 * 4096);
-        let zero = v.chunks(4096).filter(|p| crate::source::is_zero(p)).count();
+        let zero = v.chunks(4096).filter(|p| postcopy_broker::source::is_zero(p)).count();
         assert_eq!(zero, 128);
     }
 

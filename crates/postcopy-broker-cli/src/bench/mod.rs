@@ -23,8 +23,8 @@ pub mod sys;
 
 use std::path::PathBuf;
 
-use crate::error::{Error, Result};
 use migrate::Protection;
+use postcopy_broker::error::{Error, Result};
 use report::{Row, Target};
 use sys::Placement;
 
@@ -377,7 +377,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                     pr.spin.ours.push(d.us_per_fault);
                     pr.spin_p50.ours.push(d.p50);
                     pr.spin_p99.ours.push(d.p99);
-                    let hot = |_: usize| -> Box<dyn crate::source::PageSource> {
+                    let hot = |_: usize| -> Box<dyn postcopy_broker::source::PageSource> {
                         Box::new(demand::HotPageSource::new())
                     };
                     let d = demand::run_with(&cfg.client, &p.client, cfg.pages, false, hot)?;

@@ -9,10 +9,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use serde_json::Value;
 
-use crate::client::{ClientId, MappingEntry, PrivateRegion};
-use crate::error::{Error, Result};
-use crate::fault::{pidfd_open, BrokerHandle, Registration, RegistrationMap};
-use crate::ram::RamBlock;
+use postcopy_broker::client::{ClientId, MappingEntry, PrivateRegion};
+use postcopy_broker::error::{Error, Result};
+use postcopy_broker::fault::{pidfd_open, BrokerHandle, Registration, RegistrationMap};
+use postcopy_broker::ram::RamBlock;
 
 /// A running pcb-client.
 #[derive(Debug)]

@@ -15,11 +15,11 @@ use crate::bench::peer::Peer;
 use crate::bench::reference::{Figures, Reference};
 use crate::bench::report::{Row, Target};
 use crate::bench::sys::{self, Placement};
-use crate::error::{Error, Result};
-use crate::fault::{Broker, BrokerConfig};
-use crate::incoming::Incoming;
-use crate::ram::{RamBlock, RamBlocks};
-use crate::source::MemorySource;
+use postcopy_broker::error::{Error, Result};
+use postcopy_broker::fault::{Broker, BrokerConfig};
+use postcopy_broker::incoming::Incoming;
+use postcopy_broker::ram::{RamBlock, RamBlocks};
+use postcopy_broker::source::MemorySource;
 
 /// The C reference's default place: bench/private_fault.c in the project.
 pub fn default_source() -> PathBuf {

@@ -9,14 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::bench::sys::{self, Placement};
-use crate::error::{Error, Result};
+use postcopy_broker::error::{Error, Result};
 
 /// Environment variable that names the reference source file.
 pub const REFERENCE_ENV: &str = "POSTCOPY_BENCH_REFERENCE";
 
 /// The reference source's default place: ../shared/bench/uffd_limit.c from the project root.
 pub fn default_source() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/uffd_limit.c")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/uffd_limit.c")
 }
 
 /// One run's figures: `demand mode=poll` → {"us_per_fault": .., "p50": .., ..}, and so on.
@@ -159,7 +159,7 @@ fn follow_children(parent: &mut Child, cpus: &[usize]) -> Result<()> {
             std::thread::sleep(Duration::from_micros(50));
             continue;
         }
-        if let Ok(fd) = crate::fault::pidfd_open(pid) {
+        if let Ok(fd) = postcopy_broker::fault::pidfd_open(pid) {
             let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd; waits until the child exits.
             unsafe { libc::poll(&mut p, 1, -1) };

@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use crate::bench::peer::Peer;
 use crate::bench::sys;
-use crate::error::{Error, Result};
-use crate::fault::{Broker, BrokerConfig};
-use crate::incoming::Incoming;
-use crate::ram::{BlockId, RamBlock, RamBlocks};
-use crate::source::{PageRequest, PageSink, PageSource};
+use postcopy_broker::error::{Error, Result};
+use postcopy_broker::fault::{Broker, BrokerConfig};
+use postcopy_broker::incoming::Incoming;
+use postcopy_broker::ram::{BlockId, RamBlock, RamBlocks};
+use postcopy_broker::source::{PageRequest, PageSink, PageSource};
 
 /// A source of zero pages (nothing faults in this case; it only has to exist).
 #[derive(Debug)]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use postcopy_broker::error::{Error, Result};
 
 /// Where the two sides of a measurement run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +119,7 @@ pub fn pin_pid(pid: u32, cpus: &[usize]) -> Result<()> {
 /// Touch and free `bytes` of anonymous memory, as uffd_limit.c's warm_memory does: on a VM whose
 /// host backs guest memory lazily, memory never touched costs a host fault per page.
 pub fn warm_memory(bytes: usize) -> Result<()> {
-    let m = crate::ram::Mapping::private(bytes.max(4096))?;
+    let m = postcopy_broker::ram::Mapping::private(bytes.max(4096))?;
     // SAFETY: the mapping is private to this function, writable for its whole length.
     unsafe { std::ptr::write_bytes(m.as_ptr(), 1, m.len()) };
     Ok(())

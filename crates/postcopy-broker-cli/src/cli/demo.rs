@@ -11,9 +11,9 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cli::demo_check::{block_checksums, check_disk, write_disk, write_image, MIRROR_SECTORS, PAGE};
-use crate::control::ControlClient;
-use crate::error::{Error, IoContext, Result};
-use crate::migration::transport::throwaway::ThrowawayCa;
+use postcopy_broker::control::ControlClient;
+use postcopy_broker::error::{Error, IoContext, Result};
+use postcopy_broker::migration::transport::throwaway::ThrowawayCa;
 
 /// Which vhost-user-blk backend the demo runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -2,12 +2,12 @@
 //! the disk it prepares (its first sectors mirror a window of guest RAM), and the checks that the
 //! destination's RAM and the disk hold what the source implies.
 
-use crate::conv::usize_of;
+use postcopy_broker::conv::usize_of;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use crate::error::{Error, IoContext, Result};
+use postcopy_broker::error::{Error, IoContext, Result};
 
 /// Bytes per page of the demo's RAM.
 pub const PAGE: u64 = 4096;

@@ -5,13 +5,13 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
 
-use super::{verify_report, Destination, DestinationOptions, Summary};
-use crate::error::{Error, IoContext, Result};
-use crate::fault::{BrokerConfig, ControlLimits};
-use crate::incoming::Incoming;
-use crate::migration::source::cli::warn_if_plaintext;
-use crate::migration::transport::TransportOptions;
-use crate::migration::wire::Side;
+use crate::cli::source::warn_if_plaintext;
+use postcopy_broker::error::{Error, IoContext, Result};
+use postcopy_broker::fault::{BrokerConfig, ControlLimits};
+use postcopy_broker::incoming::Incoming;
+use postcopy_broker::migration::destination::{verify_report, Destination, DestinationOptions, Summary};
+use postcopy_broker::migration::transport::TransportOptions;
+use postcopy_broker::migration::wire::Side;
 
 /// What `postcopy-broker serve --incoming` needs.
 #[derive(Debug, Clone)]

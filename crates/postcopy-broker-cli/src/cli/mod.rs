@@ -3,15 +3,17 @@
 pub mod bench;
 pub mod demo;
 pub mod demo_check;
+pub mod incoming;
 pub mod paths;
 pub mod probe;
 pub mod progress;
 pub mod serve;
+pub mod source;
 pub mod status;
 
 /// Parse a size like `64M`, `1G`, `4096`, `0x1000` (for clap).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    crate::migration::spec::parse_size(s).map_err(|e| e.to_string())
+    postcopy_broker::migration::spec::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

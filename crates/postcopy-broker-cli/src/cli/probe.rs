@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 /// Run the probe; exit 0 only when postcopy on shared memory works.
 pub fn run(json: bool) -> ExitCode {
-    let report = crate::probe::probe();
+    let report = postcopy_broker::probe::probe();
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
@@ -14,7 +14,7 @@ pub fn run(json: bool) -> ExitCode {
             }
         }
     } else {
-        print!("{}", crate::probe::render(&report));
+        print!("{}", postcopy_broker::probe::render(&report));
     }
     if report.postcopy_shared_ok {
         ExitCode::SUCCESS

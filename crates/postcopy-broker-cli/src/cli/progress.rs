@@ -1,6 +1,6 @@
 //! Progress of long work: a line redrawn in place on a terminal, periodic log lines otherwise.
 
-use crate::conv::share;
+use postcopy_broker::conv::share;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 

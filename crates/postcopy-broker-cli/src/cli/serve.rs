@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::cli::progress::Progress;
-use crate::error::{Error, Result};
-use crate::fault::{Broker, BrokerConfig, ControlLimits, IMAGE_GRANT};
-use crate::ram::{RamBlock, RamBlocks, HUGE_2M};
-use crate::source::{FileSource, MemorySource, PageSource};
-use crate::vhost_user::daemon::DaemonBackends;
-use crate::Incoming;
+use postcopy_broker::error::{Error, Result};
+use postcopy_broker::fault::{Broker, BrokerConfig, ControlLimits, IMAGE_GRANT};
+use postcopy_broker::ram::{RamBlock, RamBlocks, HUGE_2M};
+use postcopy_broker::source::{FileSource, MemorySource, PageSource};
+use postcopy_broker::vhost_user::daemon::DaemonBackends;
+use postcopy_broker::Incoming;
 
 /// Options of `serve` for a local source.
 #[derive(Debug, Clone)]
@@ -47,7 +47,9 @@ pub struct ServeOptions {
 
 /// Parse `NAME:SIZE[:4k|2m]` (for clap).
 pub fn parse_block(s: &str) -> std::result::Result<(String, u64, u64), String> {
-    crate::migration::spec::parse_block(s).map(|b| (b.name, b.size, b.page_size)).map_err(|e| e.to_string())
+    postcopy_broker::migration::spec::parse_block(s)
+        .map(|b| (b.name, b.size, b.page_size))
+        .map_err(|e| e.to_string())
 }
 
 /// Parse `UID=BLOCK[,BLOCK...]` (for clap).
@@ -144,7 +146,8 @@ pub fn block_checksums(blocks: &RamBlocks) -> Result<serde_json::Value> {
         // SAFETY: the block is no longer registered with a userfaultfd (see the doc: after
         // cleanup), so reading its placement mapping cannot block; holes read as zeros; no Rust
         // object aliases it.
-        let data = unsafe { std::slice::from_raw_parts(b.host_ptr(), crate::conv::usize_of(b.size())) };
+        let data =
+            unsafe { std::slice::from_raw_parts(b.host_ptr(), postcopy_broker::conv::usize_of(b.size())) };
         m.insert(b.name().into(), serde_json::json!(format!("{:016x}", fnv1a64(data))));
     }
     Ok(serde_json::Value::Object(m))
@@ -269,7 +272,7 @@ fn serve(o: ServeOptions) -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&sums).unwrap_or_default())
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     }
-    println!("{}", crate::stats::render(&report).trim_end());
+    println!("{}", postcopy_broker::stats::render(&report).trim_end());
     if lazy {
         println!("restore: {} pages in {:.2}s, complete: {done}", total, start.elapsed().as_secs_f64());
     }

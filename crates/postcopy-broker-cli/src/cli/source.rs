@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
-use crate::error::{Error, Result};
-use crate::migration::spec::{parse_block, parse_dirty, parse_size};
-use crate::migration::transport::{Mode, TransportOptions};
-use crate::migration::verify::{BlockChecksum, VerifyReport};
-use crate::migration::wire::Side;
+use postcopy_broker::error::{Error, Result};
+use postcopy_broker::migration::spec::{parse_block, parse_dirty, parse_size};
+use postcopy_broker::migration::transport::{Mode, TransportOptions};
+use postcopy_broker::migration::verify::{BlockChecksum, VerifyReport};
+use postcopy_broker::migration::wire::Side;
 
-use super::control::SourceControl;
-use super::{SourceOptions, SourceRam, SourceSession};
+use postcopy_broker::migration::source::control::SourceControl;
+use postcopy_broker::migration::source::{SourceOptions, SourceRam, SourceSession};
 
 /// Arguments of `postcopy-broker source`.
 #[derive(Debug, Clone, clap::Args)]
@@ -70,7 +70,7 @@ pub struct SourceArgs {
     pub no_resume: bool,
     /// Nice value (0-19) of the background stream while it runs, so that the urgent thread
     /// answering demand faults preempts it; 0 runs it at the process's priority.
-    #[arg(long, value_name = "NICE", default_value_t = super::DEFAULT_BACKGROUND_NICE,
+    #[arg(long, value_name = "NICE", default_value_t = postcopy_broker::migration::source::DEFAULT_BACKGROUND_NICE,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     pub background_nice: i32,
     /// Write the checksums of the final source RAM (after --dirty) to this JSON file.

@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::control::ControlClient;
-use crate::stats::StatusReport;
+use postcopy_broker::control::ControlClient;
+use postcopy_broker::stats::StatusReport;
 
 /// How `status` prints the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -13,7 +13,7 @@ pub enum Format {
     Text,
     /// The report as the broker sent it (pretty-printed JSON).
     Json,
-    /// The OpenMetrics text exposition ([`crate::openmetrics`]).
+    /// The OpenMetrics text exposition ([`postcopy_broker::openmetrics`]).
     Openmetrics,
 }
 
@@ -36,11 +36,11 @@ pub fn run(control: &Path, format: Format) -> ExitCode {
     }
     match serde_json::from_value::<StatusReport>(value) {
         Ok(r) if format == Format::Openmetrics => {
-            print!("{}", crate::openmetrics::render(&r));
+            print!("{}", postcopy_broker::openmetrics::render(&r));
             ExitCode::SUCCESS
         }
         Ok(r) => {
-            print!("{}", crate::stats::render(&r));
+            print!("{}", postcopy_broker::stats::render(&r));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -8,9 +8,7 @@
 //! - `stream`: the stream thread that reads and places the background stream;
 //! - `resume`: the destination's half of the resume handshake;
 //! - [`summary`]: progress display and the end [`Summary`];
-//! - [`cli`]: `postcopy-broker serve --incoming`.
 
-pub mod cli;
 pub mod gate;
 pub mod network;
 mod resume;
@@ -18,7 +16,6 @@ pub mod session;
 mod stream;
 pub mod summary;
 
-pub use cli::IncomingOptions;
 pub use network::{Connections, NetState, NetworkSource, Resumer};
 pub use session::{create_blocks, Destination, DestinationOptions, DEFAULT_RESUME_TIMEOUT, DESTINATION_CAPS};
 pub use summary::{ClientLatency, Progress, Summary};

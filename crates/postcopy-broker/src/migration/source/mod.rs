@@ -7,9 +7,7 @@
 //! - [`sender`]: pages to frames (zero runs, writev), counters, bandwidth limit;
 //! - [`control`]: the source's control socket (memfds from the VMM, dirty ranges, start);
 //! - [`handshake`]: opening a connection, and the source's half of a postcopy resume;
-//! - [`cli`]: `postcopy-broker source`.
 
-pub mod cli;
 pub mod control;
 pub mod handshake;
 pub mod ram;
@@ -17,7 +15,6 @@ pub mod sender;
 pub mod session;
 pub mod urgent;
 
-pub use cli::SourceArgs;
 pub use ram::{SourceBlock, SourceRam};
 pub use sender::{SourceCounts, SourceStats};
 pub use session::{
