@@ -2,7 +2,13 @@
 
 use std::io;
 
-use crate::state::PostcopyState;
+use crate::notify::{NotifierRefused, NotifyReason};
+use crate::state::{IllegalTransition, PostcopyState};
+
+/// The error of an upper layer (migration, control socket, vhost-user) carried by a variant of
+/// [`Error`]: this module is below them and does not name their types. Each of them converts
+/// its own error with a `From` impl beside it; `downcast_ref` gets the typed error back.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Result alias for the broker.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -70,7 +76,7 @@ pub enum Error {
         /// Notifier name.
         name: String,
         /// The reason being notified.
-        reason: crate::notify::NotifyReason,
+        reason: NotifyReason,
         /// The notifier's own error text.
         message: String,
     },
@@ -143,9 +149,9 @@ pub enum Error {
         op: String,
         /// The backend's socket path (or a description of the peer).
         socket: String,
-        /// The vhost crate's error.
+        /// The vhost crate's error (`vhost::Error`; the vhost_user module builds this variant).
         #[source]
-        source: vhost::Error,
+        source: BoxError,
     },
     /// A vhost-user backend lacks a feature an operation needs.
     #[error("the vhost-user backend at {socket} does not offer {feature}, which {why}")]
@@ -165,19 +171,31 @@ pub enum Error {
     Invalid(String),
     /// A migration wire frame that could not be encoded, decoded or transported.
     #[error("migration stream: {0}")]
-    Wire(#[from] crate::migration::wire::WireError),
+    Wire(#[source] BoxError),
     /// Migration peer authentication failed (or its key file cannot be used).
     #[error(transparent)]
-    Auth(#[from] crate::migration::auth::AuthError),
+    Auth(BoxError),
     /// The protection of a migration connection (TLS, pre-shared key) failed or cannot be set up.
     #[error(transparent)]
-    Transport(#[from] crate::migration::transport::TransportError),
+    Transport(BoxError),
     /// The pages that arrived are not the pages the source sent.
     #[error("migration failed: {0}")]
-    Digest(#[from] crate::migration::digest::DigestError),
-    /// A control socket failure (see [`crate::control::ControlError`]).
+    Digest(#[source] BoxError),
+    /// A control socket failure (a `control::ControlError`).
     #[error("control socket: {0}")]
-    Control(#[from] crate::control::ControlError),
+    Control(#[source] BoxError),
+}
+
+impl From<IllegalTransition> for Error {
+    fn from(e: IllegalTransition) -> Error {
+        Error::IllegalTransition { from: e.from, to: e.to }
+    }
+}
+
+impl From<NotifierRefused> for Error {
+    fn from(e: NotifierRefused) -> Error {
+        Error::Notifier { name: e.name, reason: e.reason, message: e.message }
+    }
 }
 
 impl Error {

@@ -69,7 +69,7 @@ impl Incoming {
                 });
             }
         }
-        self.notifiers.notify(NotifyReason::Probe)
+        Ok(self.notifiers.notify(NotifyReason::Probe)?)
     }
 
     /// Postcopy advised (None → Advise): InboundAdvise notifiers, then discard all RAM so that
@@ -187,14 +187,15 @@ impl Incoming {
         self.state.transition(PostcopyState::Listening)?;
         if let Err(e) = self.notifiers.notify(NotifyReason::InboundListen) {
             self.cleanup_quietly();
-            return Err(e);
+            return Err(e.into());
         }
         Ok(())
     }
 
     /// The guest runs (Listening → Running).
     pub fn run(&mut self) -> Result<()> {
-        self.state.transition(PostcopyState::Running).map(|_| ())
+        self.state.transition(PostcopyState::Running)?;
+        Ok(())
     }
 
     /// End postcopy (→ End): InboundEnd notifiers, unregister every block, restore THP, close the
@@ -204,7 +205,7 @@ impl Incoming {
         if !cur.can_go_to(PostcopyState::End) {
             return Err(Error::IllegalTransition { from: cur, to: PostcopyState::End });
         }
-        let mut first = self.notifiers.notify(NotifyReason::InboundEnd).err();
+        let mut first = self.notifiers.notify(NotifyReason::InboundEnd).err().map(Error::from);
         if let Err(e) = self.release() {
             first.get_or_insert(e);
         }

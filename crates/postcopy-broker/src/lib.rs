@@ -14,6 +14,7 @@
 )]
 
 pub mod blocktime;
+pub mod checksum;
 pub mod client;
 pub mod control;
 pub mod conv;
@@ -34,6 +35,7 @@ pub mod stats;
 pub mod uffd;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
+pub mod zero;
 
 pub use error::{Error, Result};
 pub use incoming::Incoming;

@@ -6,7 +6,17 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+/// A notifier that refused a step; it becomes [`crate::Error::Notifier`] with `?`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("notifier '{name}' refused {reason}: {message}")]
+pub struct NotifierRefused {
+    /// Notifier name.
+    pub name: String,
+    /// The reason being notified.
+    pub reason: NotifyReason,
+    /// The notifier's own error text.
+    pub message: String,
+}
 
 /// Why notifiers are being called.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,11 +103,11 @@ impl Notifiers {
     }
 
     /// Call every notifier in order; the first failure stops the walk and is returned.
-    pub fn notify(&mut self, reason: NotifyReason) -> Result<()> {
+    pub fn notify(&mut self, reason: NotifyReason) -> Result<(), NotifierRefused> {
         for e in &mut self.entries {
             if let Err(message) = (e.f)(reason) {
                 log::warn!("notifier '{}' refused {reason}: {message}", e.name);
-                return Err(Error::Notifier { name: e.name.clone(), reason, message });
+                return Err(NotifierRefused { name: e.name.clone(), reason, message });
             }
         }
         Ok(())

@@ -6,7 +6,16 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+/// A state change that the postcopy state machine does not allow; it becomes
+/// [`crate::Error::IllegalTransition`] with `?`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("illegal postcopy state transition from {from} to {to}")]
+pub struct IllegalTransition {
+    /// Current state.
+    pub from: PostcopyState,
+    /// Requested state.
+    pub to: PostcopyState,
+}
 
 /// Where the incoming side is in the postcopy flow (QEMU's `PostcopyState`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -98,12 +107,12 @@ impl StateCell {
     }
 
     /// Move to `to` if that is legal from the current state; returns the previous state.
-    pub fn transition(&self, to: PostcopyState) -> Result<PostcopyState> {
+    pub fn transition(&self, to: PostcopyState) -> Result<PostcopyState, IllegalTransition> {
         let mut cur = self.0.load(Ordering::Acquire);
         loop {
             let from = PostcopyState::from_u8(cur);
             if !from.can_go_to(to) {
-                return Err(Error::IllegalTransition { from, to });
+                return Err(IllegalTransition { from, to });
             }
             match self.0.compare_exchange(cur, to as u8, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(from),

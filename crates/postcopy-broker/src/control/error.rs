@@ -170,6 +170,13 @@ pub(crate) fn escape_prefix(bytes: &[u8]) -> String {
     format!("\"{s}\"")
 }
 
+/// A control socket failure as the broker's [`crate::Error::Control`] (error.rs is below this module).
+impl From<ControlError> for crate::error::Error {
+    fn from(e: ControlError) -> crate::error::Error {
+        crate::error::Error::Control(Box::new(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -263,5 +263,12 @@ fn hex_val(c: u8) -> u8 {
     }
 }
 
+/// An authentication failure as the broker's [`crate::Error::Auth`] (error.rs is below migration).
+impl From<AuthError> for crate::error::Error {
+    fn from(e: AuthError) -> crate::error::Error {
+        crate::error::Error::Auth(Box::new(e))
+    }
+}
+
 #[cfg(test)]
 mod tests;

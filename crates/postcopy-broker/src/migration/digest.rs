@@ -231,6 +231,13 @@ impl Received {
     }
 }
 
+/// A digest mismatch as the broker's [`crate::Error::Digest`] (error.rs is below migration).
+impl From<DigestError> for crate::error::Error {
+    fn from(e: DigestError) -> crate::error::Error {
+        crate::error::Error::Digest(Box::new(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

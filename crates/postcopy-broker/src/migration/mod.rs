@@ -8,7 +8,8 @@
 //! - [`auth`]: the pre-shared-key challenge-response of the plaintext mode;
 //! - [`digest`]: per-page digests of what travelled, checked at the end in every mode.
 //! - [`discard`]: source-side batching of dirty ranges into Discard frames per block.
-//! - [`zero`]: zero-page detection, so zero pages travel as ZeroRun frames.
+//! - [`zero`] (the crate's, below this module): zero-page detection, so zero pages travel as
+//!   ZeroRun frames.
 //! - [`bitmap`]: dirty / received bitmaps to ranges, and received bitmaps to Resume frames.
 //! - [`source`]: the source page server (`postcopy-broker source`).
 //! - [`destination`]: the destination session, the network page source, lazy restore
@@ -29,7 +30,7 @@ pub mod spec;
 pub mod transport;
 pub mod verify;
 pub mod wire;
-pub mod zero;
+pub use crate::zero;
 
 pub use auth::{authenticate, authenticate_tcp, load_key, AuthError};
 pub use discard::DiscardBatcher;

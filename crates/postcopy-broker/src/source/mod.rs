@@ -101,7 +101,7 @@ pub trait PageSource: Send + std::fmt::Debug {
     }
 }
 
-pub use crate::migration::zero::is_zero;
+pub use crate::zero::is_zero;
 
 /// Hand `data` (pages of `page_size` covering `[offset, ..)` of `block`) to `sink`, as runs of
 /// data pages and runs of zero pages.

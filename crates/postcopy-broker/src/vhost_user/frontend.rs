@@ -116,7 +116,7 @@ impl BackendConn {
         let frontend = Frontend::connect(socket, 1).map_err(|source| Error::VhostUser {
             op: "connect".into(),
             socket: name.clone(),
-            source,
+            source: Box::new(source),
         })?;
         let mut conn = BackendConn {
             frontend,
@@ -301,6 +301,6 @@ impl BackendConn {
     }
 
     pub(crate) fn err(&self, op: &str, source: vhost::Error) -> Error {
-        Error::VhostUser { op: op.to_string(), socket: self.socket_name(), source }
+        Error::VhostUser { op: op.to_string(), socket: self.socket_name(), source: Box::new(source) }
     }
 }

@@ -5,8 +5,8 @@ use crate::conv::usize_of;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
+use crate::checksum::checksum;
 use crate::error::{Error, Result};
-use crate::migration::verify::checksum;
 use crate::ram::RamBlock;
 use crate::vhost_user::blk::{fnv1a64, FNV_OFFSET};
 use crate::vhost_user::frontend::MemRegion;

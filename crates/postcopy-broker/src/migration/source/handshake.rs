@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::ram::SourceRam;
 use crate::error::{Error, IoContext, Result};
 use crate::migration::bitmap::{bit_runs, ReceivedMap};
-use crate::migration::transport::{Security, Transport};
+use crate::migration::transport::{Security, Transport, TransportError};
 use crate::migration::wire::{
     check_ack, write_frame, Channel, Decoder, Frame, Hello, Limits, CAP_RESUME, PROTOCOL_VERSION,
 };
@@ -28,7 +28,7 @@ pub const NO_SESSION: &str = "no paused session";
 /// refused the other's certificate, key or protection.
 pub fn is_fatal(e: &Error) -> bool {
     match e {
-        Error::Transport(t) => t.is_refusal(),
+        Error::Transport(t) => t.downcast_ref::<TransportError>().is_some_and(TransportError::is_refusal),
         e => {
             let text = e.to_string();
             text.contains(NO_SESSION) || text.contains(crate::migration::digest::UNTRUSTED)

@@ -595,3 +595,10 @@ impl Write for Transport {
         (&*self).flush()
     }
 }
+
+/// A transport failure as the broker's [`crate::Error::Transport`] (error.rs is below migration).
+impl From<TransportError> for crate::error::Error {
+    fn from(e: TransportError) -> crate::error::Error {
+        crate::error::Error::Transport(Box::new(e))
+    }
+}

@@ -128,3 +128,10 @@ impl WireError {
         WireError::Malformed { frame, why: why.into() }
     }
 }
+
+/// A wire failure as the broker's [`crate::Error::Wire`] (error.rs is below migration).
+impl From<WireError> for crate::error::Error {
+    fn from(e: WireError) -> crate::error::Error {
+        crate::error::Error::Wire(Box::new(e))
+    }
+}
