@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::client::ClientId;
+use crate::client_id::ClientId;
 use crate::conv::nanos;
 
 /// Buckets of the latency distribution: bucket N holds waits of [2^N, 2^(N+1)) µs (bucket 0 also

@@ -16,10 +16,12 @@
 pub mod blocktime;
 pub mod checksum;
 pub mod client;
+pub mod client_id;
 pub mod control;
 pub mod conv;
 pub mod error;
 pub mod fault;
+pub mod hasher;
 pub mod incoming;
 #[cfg(feature = "migration")]
 pub mod migration;

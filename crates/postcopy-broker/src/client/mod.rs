@@ -19,17 +19,9 @@ use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::client_id::ClientId;
 use crate::stats::{ClientStats, ClientStatus};
 use crate::uffd::Uffd;
-
-/// A client's id; 0 is the broker's own placement mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct ClientId(pub u64);
-
-impl ClientId {
-    /// The broker's own mapping (faults on its own userfaultfd).
-    pub const BROKER: ClientId = ClientId(0);
-}
 
 /// How pages reach a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,7 +103,7 @@ impl Client {
 #[derive(Debug, Default)]
 pub struct Registry {
     /// Looked up several times per fault: hashed with a cheap multiply-rotate hash.
-    clients: HashMap<ClientId, Client, std::hash::BuildHasherDefault<crate::fault::PageHasher>>,
+    clients: HashMap<ClientId, Client, std::hash::BuildHasherDefault<crate::hasher::PageHasher>>,
     next: u64,
 }
 

@@ -18,8 +18,9 @@ mod unplaced;
 mod wake;
 
 pub use self::core::MAX_RUN;
+pub use crate::hasher::PageHasher;
 pub use event_loop::{pidfd_open, Broker, BrokerConfig, BrokerHandle, Registration, RegistrationMap};
 pub use grants::IMAGE_GRANT;
 pub use limits::ControlLimits;
-pub use pending::{PageHasher, Pending, Waiter};
+pub use pending::{Pending, Waiter};
 pub use wake::WakeQueue;

@@ -8,10 +8,11 @@
 //! SipHash (the keys are page numbers, not attacker-chosen strings).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::time::Instant;
 
 use crate::client::ClientId;
+use crate::hasher::PageHasher;
 use crate::ram::BlockId;
 
 /// A blocked fault: which client, at which of its (page-aligned) addresses, since when.
@@ -23,27 +24,6 @@ pub struct Waiter {
     pub addr: u64,
     /// When the fault was read.
     pub since: Instant,
-}
-
-/// A cheap hasher for small integer keys: (block, page) here, client ids in the registry.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PageHasher(u64);
-
-impl Hasher for PageHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-    fn write_usize(&mut self, v: usize) {
-        self.write_u64(v as u64);
-    }
 }
 
 const NIL: u32 = u32::MAX;
