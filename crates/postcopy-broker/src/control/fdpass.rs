@@ -1,6 +1,14 @@
 //! Sending and receiving bytes with file descriptors attached (SCM_RIGHTS) on a Unix stream
 //! socket. Received fds become [`OwnedFd`]s at once, also when the kernel had to truncate them, so
 //! nothing a peer sends can leak.
+//!
+//! Sending goes through nix's `sendmsg` with `ControlMessage::ScmRights`. Receiving is written
+//! here on purpose: nix 0.29's `RecvMsg::cmsgs` refuses to walk the control data when the kernel
+//! set `MSG_CTRUNC` (it returns `ENOBUFS`), so the fds that did arrive would stay open in this
+//! process with nobody owning them, and a peer that attaches too many fds to every message would
+//! leak fds into the broker; vmm-sys-util's `ScmSocket::recv_with_fds` closes them, but receives
+//! without `MSG_CMSG_CLOEXEC` (an fd can leak into a child exec'd in between) and loses the
+//! message's bytes with the error.
 
 use std::io;
 use std::mem;
@@ -95,51 +103,22 @@ pub fn send_with_fds(
             format!("at most {MAX_FDS} fds fit in one frame, asked to send {}", fds.len()),
         ));
     }
-    let mut cmsg_buf = [0u64; CMSG_BUF_WORDS];
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    #[allow(clippy::cast_possible_truncation)] // at most MAX_FDS ints (checked above): 32 bytes
-    let payload_len = (raw.len() * mem::size_of::<RawFd>()) as libc::c_uint;
-    let mut flags = libc::MSG_NOSIGNAL;
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    let mut flags = MsgFlags::MSG_NOSIGNAL;
     if nonblocking {
-        flags |= libc::MSG_DONTWAIT;
+        flags |= MsgFlags::MSG_DONTWAIT;
     }
+    let iov = [io::IoSlice::new(data)];
     loop {
-        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
-        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if !raw.is_empty() {
-            msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-            // SAFETY: CMSG_SPACE only computes a size; it is at most 48 bytes for MAX_FDS fds,
-            // within cmsg_buf's 64.
-            msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload_len) } as _;
-            // SAFETY: msg_control points at cmsg_buf, large enough for one header (see above).
-            let cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-            if cmsg.is_null() {
-                return Err(io::Error::other("no room for the control message"));
-            }
-            // SAFETY: cmsg points at the start of cmsg_buf, aligned and large enough for a header
-            // plus `raw.len()` ints; CMSG_DATA points right after the header.
-            unsafe {
-                (*cmsg).cmsg_level = libc::SOL_SOCKET;
-                (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-                (*cmsg).cmsg_len = libc::CMSG_LEN(payload_len) as _;
-                ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(cmsg).cast::<RawFd>(), raw.len());
-            }
+        // The fds are borrowed and stay open for the call.
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, flags, None) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
-        // SAFETY: msg points at a live iovec over `data` and at cmsg_buf; the fds in it are
-        // borrowed and stay open for the call.
-        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) };
-        // Negative: failed (the count of a success always fits a usize).
-        let Ok(n) = usize::try_from(r) else {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        };
-        return Ok(n);
     }
 }
 
