@@ -146,7 +146,7 @@ enum Command {
     /// vhost-user-blk backend, a guest driver doing I/O during postcopy), with progress, a
     /// summary and a verification of RAM and disk.
     Demo(cli::demo::DemoArgs),
-    /// Benchmark the fault path against the machine's limits (uffd_limit.c, run alternately).
+    /// Benchmark the fault path against the machine's limits (the floor program bench/uffd_floor.c, run alternately).
     Bench(cli::bench::BenchArgs),
     /// Show a running broker's state and statistics.
     Status {

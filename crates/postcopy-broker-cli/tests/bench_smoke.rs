@@ -27,7 +27,7 @@ fn quick_bench_prints_a_number_for_every_case() {
         "register 4 clients",
         "broker private memory",
         "migration 32 MiB, half zero, s (ref: non-zero bytes / raw TCP)",
-        "migration 32 MiB, half zero, s (ref: non-zero bytes / uffd_limit copy_2m",
+        "migration 32 MiB, half zero, s (ref: non-zero bytes / floor copy_2m",
         "demand p50 us during migration",
         "control socket flooded by a peer: demand us/fault",
         "control socket flooded by a peer: status requests answered",
@@ -52,6 +52,30 @@ fn quick_bench_prints_a_number_for_every_case() {
         let cells: Vec<&str> = r.split('|').map(str::trim).collect();
         assert!(cells[5].split_whitespace().next().unwrap().parse::<f64>().is_ok(), "{r}");
         assert!(cells[6].parse::<f64>().is_ok(), "ratio in {r}");
+    }
+}
+
+/// With the shared reference beside the project (as on this machine and in CI), the floor is
+/// compared with it in the same run.
+#[test]
+fn the_floor_is_compared_with_the_shared_reference() {
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/uffd_limit.c");
+    assert!(
+        shared.is_file(),
+        "{} is not there: the suite runs with ../shared beside the clone",
+        shared.display()
+    );
+    let out = bench(&["--quick", "--cases", "demand,background", "--placement", "same"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let floor: Vec<&str> = text.lines().filter(|l| l.contains("(ref: second reference)")).collect();
+    assert_eq!(floor.len(), 3, "{text}");
+    for row in floor {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        for cell in &cells[4..6] {
+            let median: f64 = cell.split_whitespace().next().unwrap().parse().unwrap();
+            assert!(median > 0.0, "{row}");
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The benchmark against the machine's limits (`postcopy-broker bench`): it compiles and runs the
-//! reference program uffd_limit.c and the broker's own cases alternately, pinned the same way,
-//! and reports medians with min-max, the ratio broker / reference, and the targets.
+//! floor program (bench/uffd_floor.c, or --reference) and the broker's own cases alternately,
+//! pinned the same way, and reports medians with min-max, the ratio broker / reference, and the
+//! targets; with ../shared/bench/uffd_limit.c beside the project it compares the floor with it.
 //!
 //! Cases: demand faults of a client process served from memory (blocking and busy-polling),
 //! background placement throughput with idle clients registered (and the wakes they get),
@@ -61,8 +62,11 @@ pub struct BenchConfig {
     pub cases: Vec<String>,
     /// Placements to use; empty: every placement the machine offers.
     pub placements: Vec<Placement>,
-    /// uffd_limit.c.
+    /// The floor program: bench/uffd_floor.c, or uffd_limit.c.
     pub reference: PathBuf,
+    /// A second floor program the first is compared with (../shared/bench/uffd_limit.c when it is
+    /// there): extra rows, the first's figures against its own.
+    pub second_reference: Option<PathBuf>,
     /// private_fault.c, the C handler of the private case.
     pub private_reference: PathBuf,
     /// Where the reference is compiled to.
@@ -95,6 +99,7 @@ impl BenchConfig {
                 .to_vec(),
             placements: Vec::new(),
             reference,
+            second_reference: reference::shared_source(),
             private_reference: private::default_source(),
             out_dir,
             hostile: client.with_file_name("pcb-hostile"),
@@ -152,6 +157,10 @@ struct PlacementRows {
     place: Row,
     cold: Row,
     wakes: Row,
+    /// The floor against the second reference (empty without one).
+    floor_poll: Row,
+    floor_spin: Row,
+    floor_place: Row,
 }
 
 impl PlacementRows {
@@ -167,7 +176,7 @@ impl PlacementRows {
                 .with_reference(),
             spin_p99: Row::new("demand p99 us", n, "busy-poll", Target::None, 2).with_reference(),
             hot_poll: Row::new(
-                "demand us/fault, source = one hot page (as uffd_limit)",
+                "demand us/fault, source = one hot page (as the floor)",
                 n,
                 "blocking",
                 Target::None,
@@ -175,7 +184,7 @@ impl PlacementRows {
             )
             .with_reference(),
             hot_spin: Row::new(
-                "demand us/fault, source = one hot page (as uffd_limit)",
+                "demand us/fault, source = one hot page (as the floor)",
                 n,
                 "busy-poll",
                 Target::None,
@@ -205,8 +214,58 @@ impl PlacementRows {
                 Target::Equal(0.0),
                 3,
             ),
+            floor_poll: Row::new(
+                "floor demand us/fault (ref: second reference)",
+                n,
+                "blocking",
+                Target::None,
+                2,
+            )
+            .with_reference(),
+            floor_spin: Row::new(
+                "floor demand us/fault (ref: second reference)",
+                n,
+                "busy-poll",
+                Target::None,
+                2,
+            )
+            .with_reference(),
+            floor_place: Row::new(
+                "floor UFFDIO_COPY 2 MiB GiB/s (ref: second reference)",
+                n,
+                "-",
+                Target::None,
+                2,
+            )
+            .with_reference(),
             p,
         }
+    }
+
+    /// Push the floor's figures `f` and the second reference's `s` of the cases that ran.
+    fn push_floor(
+        &mut self,
+        f: &reference::Figures,
+        s: &reference::Figures,
+        demand: bool,
+        background: bool,
+    ) -> Result<()> {
+        let mut rows = Vec::new();
+        if demand {
+            rows.push((&mut self.floor_poll, "demand poll", "us_per_fault"));
+            rows.push((&mut self.floor_spin, "demand spin", "us_per_fault"));
+        }
+        if background {
+            rows.push((&mut self.floor_place, "place", "copy_2m_gibs"));
+        }
+        for (row, line, field) in rows {
+            let ours = f
+                .get(line, field)
+                .ok_or_else(|| Error::Invalid(format!("the floor program printed no `{line}` {field}")))?;
+            row.ours.push(ours);
+            push_ref(row, s, line, field)?;
+        }
+        Ok(())
     }
 
     fn rows(self) -> Vec<Row> {
@@ -222,6 +281,9 @@ impl PlacementRows {
             self.place,
             self.cold,
             self.wakes,
+            self.floor_poll,
+            self.floor_spin,
+            self.floor_place,
         ]
     }
 }
@@ -245,6 +307,10 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
         )));
     }
     let refp = reference::Reference::build(&cfg.reference, &cfg.out_dir)?;
+    let second = match &cfg.second_reference {
+        Some(s) if s != &cfg.reference => Some(reference::Reference::build(s, &cfg.out_dir)?),
+        _ => None,
+    };
     let placements = if cfg.placements.is_empty() { Placement::available() } else { cfg.placements.clone() };
     let private_ref = match cfg.wants("private") {
         true => Some(reference::Reference::build_as(&cfg.private_reference, &cfg.out_dir, "private_fault")?),
@@ -296,7 +362,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     let mut m_secs = Row::new(&mig, "unpinned", "blocking", Target::RatioAtMost(1.2), 3).with_reference();
     let mut m_tcp = Row::new("loopback TCP GiB/s, one connection", "unpinned", "-", Target::None, 2);
     let floor = format!(
-        "migration {} MiB, half zero, s (ref: non-zero bytes / uffd_limit copy_2m, placing them on one thread)",
+        "migration {} MiB, half zero, s (ref: non-zero bytes / floor copy_2m, placing them on one thread)",
         cfg.migrate_mib
     );
     let mut m_floor = Row::new(&floor, "unpinned", "blocking", Target::None, 3).with_reference();
@@ -363,6 +429,11 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
                 if background {
                     push_ref(&mut pr.place, &f, "place", "copy_2m_gibs")?;
                     push_ref(&mut pr.cold, &f, "place", "copy_2m_gibs")?;
+                }
+                if let Some(second) = &second {
+                    progress(&format!("run {}/{}: second reference, {}", run + 1, cfg.runs, p.name));
+                    let s = second.run(&p, cfg.pages, mib)?;
+                    pr.push_floor(&f, &s, demand, background)?;
                 }
             }
             progress(&format!("run {}/{}: broker, {}", run + 1, cfg.runs, p.name));

@@ -1,5 +1,7 @@
-//! The reference program, ../shared/bench/uffd_limit.c: compiled with `cc -O2` at bench time and
-//! run under `taskset -c`, its `key=value` lines parsed into figures.
+//! The reference floor programs: the project's own bench/uffd_floor.c (the default, so that a lone
+//! clone benchmarks), and the shared ../shared/bench/uffd_limit.c as a second comparison when it
+//! is there. Each is compiled with `cc -O2` at bench time and run under `taskset -c`, its
+//! `key=value` lines (the same format) parsed into figures.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -14,9 +16,15 @@ use postcopy_broker::error::{Error, Result};
 /// Environment variable that names the reference source file.
 pub const REFERENCE_ENV: &str = "POSTCOPY_BENCH_REFERENCE";
 
-/// The reference source's default place: ../shared/bench/uffd_limit.c from the project root.
+/// The reference source's default: the project's own floor, bench/uffd_floor.c of this package.
 pub fn default_source() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/uffd_limit.c")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/uffd_floor.c")
+}
+
+/// The shared reference, ../shared/bench/uffd_limit.c beside the project root, if it is there.
+pub fn shared_source() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/bench/uffd_limit.c");
+    p.is_file().then_some(p)
 }
 
 /// One run's figures: `demand mode=poll` → {"us_per_fault": .., "p50": .., ..}, and so on.
@@ -68,11 +76,12 @@ impl Reference {
         if !source.is_file() {
             return Err(Error::Invalid(format!(
                 "reference program {} not found; pass --reference PATH or set {REFERENCE_ENV} to \
-                 uffd_limit.c (it lives in ../shared/bench/ next to the project root)",
+                 a floor program (crates/postcopy-broker-cli/bench/uffd_floor.c)",
                 source.display()
             )));
         }
-        Self::build_as(source, out_dir, "uffd_limit")
+        let name = source.file_stem().and_then(|s| s.to_str()).unwrap_or("reference");
+        Self::build_as(source, out_dir, name)
     }
 
     /// Compile `source` with `cc -O2` into `out_dir/name`.

@@ -45,8 +45,9 @@ pub struct BenchArgs {
     /// broker on cpu 1).
     #[arg(long, value_delimiter = ',', default_value = "same,cross")]
     pub placement: Vec<String>,
-    /// The reference program uffd_limit.c (default: $POSTCOPY_BENCH_REFERENCE, else
-    /// ../shared/bench/uffd_limit.c from the project root).
+    /// The floor program the broker is compared with (default: $POSTCOPY_BENCH_REFERENCE, else
+    /// the project's own bench/uffd_floor.c). When ../shared/bench/uffd_limit.c is beside the
+    /// project root, the floor is also compared with it (the "second reference" rows).
     #[arg(long)]
     pub reference: Option<std::path::PathBuf>,
     /// The pcb-client executable (default: next to this program).
