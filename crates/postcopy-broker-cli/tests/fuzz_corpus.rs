@@ -81,6 +81,7 @@ fn wire_seeds() -> Seeds {
         ("resume", Frame::Resume { block: 0, first_page: 10, page_count: 13, bitmap: &bitmap }),
         ("resume-end", Frame::ResumeEnd),
         ("resume-ack", Frame::ResumeAck),
+        ("complete-ack", Frame::CompleteAck),
         ("error", Frame::Error { text: "source: block 'pc.ram' vanished" }),
         ("auth-nonce", Frame::AuthNonce { side: Side::Source, nonce: [7; AUTH_LEN] }),
         ("auth-proof", Frame::AuthProof { mac: [0xa5; AUTH_LEN] }),

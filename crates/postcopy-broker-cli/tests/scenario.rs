@@ -20,7 +20,7 @@ mod scenario;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use scenario::plan::{Backend, ClientPlan, Mode, Op, SourceKind, Zeros, HUGE};
+use scenario::plan::{Backend, ClientPlan, EndCut, Mode, Op, SourceKind, Zeros, HUGE};
 use scenario::runner::{run, Options};
 
 /// Scenarios of a default run (CI): a few minutes on two cores even when some hang until the
@@ -116,6 +116,16 @@ fn the_generator_draws_every_dimension() {
         mark("memfd source", matches!(s.mode, Mode::Migration { source: SourceKind::Memfd, .. }));
         mark("dirty ranges", !s.dirty().is_empty());
         mark("connection cuts", matches!(&s.mode, Mode::Migration { cuts_ms, .. } if !cuts_ms.is_empty()));
+        for e in [EndCut::BeforeComplete, EndCut::SourceMissesComplete, EndCut::CompleteUnwritable] {
+            mark(
+                match e {
+                    EndCut::BeforeComplete => "a cut before Complete",
+                    EndCut::SourceMissesComplete => "the source misses Complete",
+                    EndCut::CompleteUnwritable => "Complete cannot be written",
+                },
+                matches!(&s.mode, Mode::Migration { end_cut: Some(x), .. } if *x == e),
+            );
+        }
         mark("two blocks", s.blocks.len() == 2);
         mark("2 MiB block", s.blocks.iter().any(|b| b.page_size == HUGE));
         for z in [Zeros::None, Zeros::Sparse, Zeros::Dense, Zeros::Runs] {

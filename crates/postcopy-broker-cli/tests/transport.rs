@@ -160,3 +160,73 @@ fn a_flipped_bit_in_plaintext_is_a_loud_digest_failure() {
     assert!(!derr.contains("migration complete") && !serr.contains("migration complete"));
     assert!(!dir.path("d.json").exists(), "no checksums of a RAM that cannot be trusted");
 }
+
+/// A migration whose end is cut by a failpoint (`POSTCOPY_BROKER_FAILPOINT`: `on_source` in the
+/// source, else in the destination): both sides must exit 0 and every byte must be here. Returns
+/// the destination's log and summary.
+fn cut_at_the_end(tag: &str, on_source: bool, failpoint: &str) -> (String, serde_json::Value) {
+    let dir = Dir::new(tag);
+    let ram = contents(SIZE, 4096, 0xe2d0, 4);
+    std::fs::write(dir.path("img"), &ram).unwrap();
+    let creds = Creds::psk(&dir.path("key"));
+    let (dv, ds) = (dir.path("d.json"), dir.path("ds.json"));
+    let args = ["--verify-file", dv.to_str().unwrap(), "--summary-json", ds.to_str().unwrap()];
+    let fp = [("POSTCOPY_BROKER_FAILPOINT", failpoint)];
+    let denv: &[(&str, &str)] = if on_source { &[] } else { &fp };
+    let (serve, addr, _out) =
+        common::mig::spawn_serve_env(&dir.path("ctl.sock"), &creds, "127.0.0.1:0", &args, denv);
+    let mut src = source_cmd(&addr, &creds.args(), &dir.path("img"), &[]);
+    if on_source {
+        src.env("POSTCOPY_BROKER_FAILPOINT", failpoint);
+    }
+    let (sok, serr) = end(src.spawn().unwrap());
+    let (dok, derr) = end(serve);
+    assert!(sok && dok, "{failpoint}: both sides succeed\nsource: {serr}\ndestination: {derr}");
+    for fp in failpoint.split(',').filter(|f| *f != "none") {
+        let fired = format!("failpoint {fp} fires");
+        assert!(serr.contains(&fired) || derr.contains(&fired), "failpoint {fp} fired: {serr}\n{derr}");
+    }
+    assert!(serr.contains("migration complete"), "{serr}");
+    assert_eq!(sums(&dv), want(&ram), "every byte arrived");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ds).unwrap()).unwrap();
+    (derr, s)
+}
+
+#[test]
+fn a_cut_right_after_the_final_complete_ends_in_success_on_both_sides() {
+    // The destination wrote Complete; the source never read it: it resumes the completed
+    // session, which the lingering destination answers with full bitmaps and a second Complete.
+    let (derr, s) = cut_at_the_end("end-missed", true, "source-miss-complete");
+    assert_eq!(s["end"], "confirmed_after_resume", "{s}");
+    assert!(derr.contains("did not confirm the end"), "{derr}");
+    // The destination could not write its Complete at all (the connection died under it).
+    let (derr, s) = cut_at_the_end("end-unwritable", false, "destination-complete-unwritable");
+    assert_eq!(s["end"], "confirmed_after_resume", "{s}");
+    assert!(derr.contains("resumed the completed session"), "{derr}");
+}
+
+#[test]
+fn a_cut_right_before_the_final_complete_resumes_with_nothing_to_send() {
+    let (derr, s) = cut_at_the_end("end-before", true, "source-cut-before-complete");
+    assert_eq!(s["end"], "confirmed", "{s}");
+    assert_eq!((s["pauses"].as_u64(), s["resumes"].as_u64()), (Some(1), Some(1)), "{s}");
+    assert!(derr.contains("paused"), "{derr}");
+}
+
+#[test]
+fn an_uncut_migration_is_confirmed_at_once() {
+    let (_, s) = cut_at_the_end("end-plain", true, "none");
+    assert_eq!(s["end"], "confirmed", "{s}");
+    assert_eq!(s["pauses"].as_u64(), Some(0), "{s}");
+}
+
+#[test]
+fn a_resume_attempt_abandoned_after_its_hello_ack_is_replaced_by_the_next() {
+    // The cut before Complete makes the source resume; its first attempt dies between the main
+    // connection's HelloAck and the urgent connection, as when a second cut lands there. The
+    // destination must take the next attempt instead of waiting for that urgent connection.
+    let (derr, s) =
+        cut_at_the_end("resume-abandoned", true, "source-cut-before-complete,source-resume-abandoned");
+    assert!(derr.contains("replaces the one waiting for its urgent connection"), "{derr}");
+    assert_eq!(s["resumes"].as_u64(), Some(1), "{s}");
+}

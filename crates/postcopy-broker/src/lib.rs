@@ -20,6 +20,7 @@ pub mod client_id;
 pub mod control;
 pub mod conv;
 pub mod error;
+pub mod failpoint;
 pub mod fault;
 pub mod hasher;
 pub mod incoming;

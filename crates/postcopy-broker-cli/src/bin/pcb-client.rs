@@ -8,7 +8,7 @@
 
 #![deny(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::ExitCode;
 
@@ -317,14 +317,109 @@ impl Client {
                 json!({"who": who, "step": step})
             }
             "wait" => {
-                let mut line = String::new();
-                std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+                read_stdin_line()?;
                 json!({"who": who, "step": step})
             }
             other => return Err(format!("unknown step {other}")),
         };
         writeln!(out, "{result}").map_err(|e| e.to_string())?;
         out.flush().map_err(|e| e.to_string())
+    }
+}
+
+/// Read one line from stdin, unbuffered (so polling fd 0 says whether another line is there).
+fn read_stdin_line() -> Result<(), String> {
+    let mut b = [0u8; 1];
+    loop {
+        match nix::unistd::read(std::io::stdin().as_raw_fd(), &mut b) {
+            Ok(0) => return Ok(()),
+            Ok(_) if b[0] == b'\n' => return Ok(()),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("read stdin: {e}")),
+        }
+    }
+}
+
+/// The registration over the control socket, and the client's duty at the broker's end: on
+/// `postcopy_end` it unregisters its ranges, closes its userfaultfd and unregisters, so its
+/// later fork(), MADV_REMOVE or munmap raise no event that nobody would read.
+struct Registered {
+    ctl: Option<ControlClient>,
+    uffd: Option<Uffd>,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Registered {
+    /// Whether the broker's notification is waiting (or came with a response already).
+    fn end_pending(&self, timeout: nix::poll::PollTimeout) -> Result<bool, String> {
+        let Some(c) = &self.ctl else { return Ok(false) };
+        if c.postcopy_ended().is_some() {
+            return Ok(true);
+        }
+        let mut fds = [nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN)];
+        Ok(nix::poll::poll(&mut fds, timeout).map_err(|e| format!("poll: {e}"))? > 0)
+    }
+
+    /// Handle the broker's end if it has come.
+    fn check(&mut self, out: &mut impl Write) -> Result<(), String> {
+        if self.end_pending(nix::poll::PollTimeout::ZERO)? {
+            self.end(out)?;
+        }
+        Ok(())
+    }
+
+    /// Read `postcopy_end` (or the broker's close) and do the client's part.
+    fn end(&mut self, out: &mut impl Write) -> Result<(), String> {
+        let Some(mut c) = self.ctl.take() else { return Ok(()) };
+        let clients = match c.wait_postcopy_end() {
+            Ok(clients) => clients,
+            // The broker ended without a word (it failed): keep the registration, the pages
+            // that never arrived must not read as zeros.
+            Err(postcopy_broker::control::ControlError::PeerClosed) => return Ok(()),
+            Err(e) => return Err(format!("waiting for postcopy_end: {e}")),
+        };
+        if let Some(u) = self.uffd.take() {
+            for &(start, len) in &self.ranges {
+                u.unregister(start, len).map_err(|e| format!("UFFDIO_UNREGISTER at {start:#x}: {e}"))?;
+            }
+        }
+        for &id in &clients {
+            match c.unregister(id) {
+                // The broker's grace after postcopy_end ran out while this client was busy: it
+                // has stopped, and the ranges are unregistered here already.
+                Ok(()) | Err(postcopy_broker::control::ControlError::PeerClosed) => {}
+                Err(e) => return Err(format!("unregister {id}: {e}")),
+            }
+        }
+        writeln!(out, "{}", json!({"who": "parent", "postcopy_end": clients})).map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())
+    }
+
+    /// Wait for a line on stdin, doing the client's part of the broker's end meanwhile.
+    fn wait_line(&mut self, out: &mut impl Write) -> Result<(), String> {
+        loop {
+            let stdin = std::io::stdin();
+            let mut fds = vec![nix::poll::PollFd::new(stdin.as_fd(), nix::poll::PollFlags::POLLIN)];
+            if let Some(c) = &self.ctl {
+                fds.push(nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN));
+            }
+            if self.ctl.as_ref().is_some_and(|c| c.postcopy_ended().is_some()) {
+                self.end(out)?;
+                continue;
+            }
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(format!("poll: {e}")),
+            }
+            let ctl_ready = fds.get(1).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
+            let stdin_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+            if ctl_ready {
+                self.end(out)?;
+            } else if stdin_ready {
+                return read_stdin_line();
+            }
+        }
     }
 }
 
@@ -464,14 +559,17 @@ fn run(mut a: Args) -> Result<(), String> {
     let ready = json!({"ready": true, "pid": std::process::id(), "uffd_fd": uffd.as_raw_fd(), "mappings": mappings, "client": client_id, "vcpu_tids": vcpu_tids});
     writeln!(out, "{ready}").map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
+    let mut ranges: Vec<(u64, u64)> = bases.iter().map(|&b| (b, size)).collect();
+    ranges.extend(reserve);
+    let mut reg = Registered { ctl: ctl.filter(|_| client_id.is_some()), uffd: Some(uffd), ranges };
     if !a.no_wait {
-        let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+        reg.wait_line(&mut out)?;
     }
     let client = Client { bases, page_size: a.page_size, reserve, vcpus };
     let steps: Vec<&str> = a.script.split(';').filter(|s| !s.is_empty()).collect();
     let mut i = 0;
     while i < steps.len() {
+        reg.check(&mut out)?;
         if steps[i] == "fork" {
             if !client.vcpus.is_empty() {
                 return Err("the fork step needs a single-threaded client: leave out --vcpus".into());
@@ -500,12 +598,18 @@ fn run(mut a: Args) -> Result<(), String> {
             i += 1;
             continue;
         }
-        client.step(steps[i], "parent", &mut out)?;
+        if steps[i] == "wait" {
+            reg.wait_line(&mut out)?;
+            writeln!(out, "{}", json!({"who": "parent", "step": "wait"})).map_err(|e| e.to_string())?;
+            out.flush().map_err(|e| e.to_string())?;
+        } else {
+            client.step(steps[i], "parent", &mut out)?;
+        }
         i += 1;
     }
     writeln!(out, "{}", json!({"who": "parent", "done": true})).map_err(|e| e.to_string())?;
     out.flush().map_err(|e| e.to_string())?;
-    drop(uffd);
+    drop(reg);
     Ok(())
 }
 

@@ -265,7 +265,7 @@ fn serve(o: ServeOptions) -> Result<()> {
     crate::systemd::tell("STOPPING=1");
     progress.finish();
     let done = lazy && inc.blocks().all_received();
-    let report = h.stop()?;
+    let report = if done { h.finish_complete()? } else { h.stop()? };
     inc.cleanup()?;
     if let (true, Some(path)) = (done, &o.checksums) {
         let sums = block_checksums(inc.blocks())?;

@@ -122,12 +122,24 @@ pub fn spawn_serve(
     listen: &str,
     extra: &[&str],
 ) -> (std::process::Child, String, std::io::BufReader<std::process::ChildStdout>) {
+    spawn_serve_env(control, creds, listen, extra, &[])
+}
+
+/// [`spawn_serve`] with more environment variables (a failpoint, say).
+pub fn spawn_serve_env(
+    control: &Path,
+    creds: &Creds,
+    listen: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, std::io::BufReader<std::process::ChildStdout>) {
     use std::io::BufRead;
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_postcopy-broker"))
         .args(["serve", "--incoming", listen, "--control"])
         .arg(control)
         .args(creds.args())
         .args(extra)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -158,6 +158,18 @@ impl Serve {
         }
     }
 
+    /// Wait (up to a safety bound) for the broker to exit by itself; its exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < end, "the broker did not exit:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The image path as a string.
     pub fn image_path(&self) -> &Path {
         &self.image

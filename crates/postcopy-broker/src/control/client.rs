@@ -1,4 +1,6 @@
 //! The blocking client of the control socket, for test peers, the guest-side driver and the CLI.
+//! It keeps the broker's `postcopy_end` notification aside when it comes between responses
+//! ([`ControlClient::postcopy_ended`], [`ControlClient::wait_postcopy_end`]).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -32,6 +34,15 @@ pub struct ControlClient {
     stream: UnixStream,
     decoder: FrameDecoder,
     buf: Vec<u8>,
+    /// The clients of a `postcopy_end` notification, once one came.
+    ended: Option<Vec<u64>>,
+}
+
+impl AsFd for ControlClient {
+    /// The connection, to poll for the broker's notification.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
 }
 
 impl ControlClient {
@@ -47,14 +58,14 @@ impl ControlClient {
                 e,
             )
         })?;
-        let mut c = ControlClient { stream, decoder: FrameDecoder::new(false), buf: vec![0u8; 64 * 1024] };
+        let mut c = ControlClient::from_stream(stream);
         c.set_timeout(Some(DEFAULT_TIMEOUT))?;
         Ok(c)
     }
 
     /// Wrap an already connected stream.
     pub fn from_stream(stream: UnixStream) -> ControlClient {
-        ControlClient { stream, decoder: FrameDecoder::new(false), buf: vec![0u8; 64 * 1024] }
+        ControlClient { stream, decoder: FrameDecoder::new(false), buf: vec![0u8; 64 * 1024], ended: None }
     }
 
     /// Set how long to wait for a reply (`None`: forever).
@@ -101,8 +112,40 @@ impl ControlClient {
         self.send_raw(&frame, fds)
     }
 
-    /// Wait for the next response and the fds that came with it.
+    /// Wait for the next response and the fds that came with it (a `postcopy_end` notification
+    /// on the way is kept: [`Self::postcopy_ended`]).
     pub fn recv_response(&mut self) -> Result<(Response, Vec<OwnedFd>), ControlError> {
+        loop {
+            match self.recv_message()? {
+                (Response::PostcopyEnd { clients }, _) => self.ended = Some(clients),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The clients of the broker's `postcopy_end` notification, if one came with a response.
+    pub fn postcopy_ended(&self) -> Option<&[u64]> {
+        self.ended.as_deref()
+    }
+
+    /// Wait (within the reply timeout) for the broker's `postcopy_end` notification, with no
+    /// request outstanding; returns the clients it names. Then the peer must unregister those
+    /// clients' ranges from their userfaultfds, close them, and send `unregister` for each.
+    pub fn wait_postcopy_end(&mut self) -> Result<Vec<u64>, ControlError> {
+        if let Some(c) = &self.ended {
+            return Ok(c.clone());
+        }
+        match self.recv_message()? {
+            (Response::PostcopyEnd { clients }, _) => {
+                self.ended = Some(clients.clone());
+                Ok(clients)
+            }
+            (other, _) => Err(unexpected("postcopy_end", &other)),
+        }
+    }
+
+    /// The next message of the broker, a response or the notification.
+    fn recv_message(&mut self) -> Result<(Response, Vec<OwnedFd>), ControlError> {
         loop {
             match self.decoder.next_unit()? {
                 Some(Decoded::Frame { payload, fds }) => return Ok((decode_response(&payload)?, fds)),

@@ -176,7 +176,8 @@ impl Request {
     }
 }
 
-/// A response from the broker. Every request gets exactly one, in order.
+/// A message from the broker. Every request gets exactly one response, in order; the one
+/// notification, [`Response::PostcopyEnd`], comes unasked, between responses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Response {
@@ -203,6 +204,13 @@ pub enum Response {
     Status {
         /// The broker's report (content defined by the broker).
         report: serde_json::Value,
+    },
+    /// Notification, not a response: the migration is complete (every page is present); the
+    /// peer must unregister these clients' ranges from their userfaultfds (UFFDIO_UNREGISTER),
+    /// close them and send `unregister` (docs/control-protocol.md).
+    PostcopyEnd {
+        /// The peer's clients that the broker stops serving.
+        clients: Vec<u64>,
     },
     /// Any request can fail with an error.
     Error {

@@ -199,7 +199,7 @@ impl Loop {
         }
     }
 
-    fn reply<T: serde::Serialize>(&mut self, id: u64, r: &T, fds: &[BorrowedFd<'_>]) {
+    pub(crate) fn reply<T: serde::Serialize>(&mut self, id: u64, r: &T, fds: &[BorrowedFd<'_>]) {
         let Some(c) = self.conns.get_mut(&id) else { return };
         if let Err(e) = c.send_message(r, fds) {
             log::warn!("control peer #{id}: reply failed: {e}; closing the connection");

@@ -115,6 +115,8 @@ enum Command {
     Unregister(ClientId, Sender<Result<()>>),
     Status(Sender<StatusReport>),
     Stop,
+    /// The migration is complete: tell control clients, then stop (see `ending`).
+    End,
 }
 
 /// The running fault loop.
@@ -170,7 +172,9 @@ pub(crate) struct Loop {
     pub(crate) held_children: HashMap<ClientId, Vec<Client>>,
     /// Final statistics of clients that are gone.
     departed: std::collections::VecDeque<crate::stats::ClientStatus>,
-    stop: bool,
+    pub(crate) stop: bool,
+    /// After [`BrokerHandle::finish_complete`]: the clients told `postcopy_end` not gone yet.
+    pub(crate) ending: Option<super::ending::Ending>,
 }
 
 impl Loop {
@@ -355,6 +359,7 @@ impl Loop {
                 let _ = reply.send(self.status());
             }
             Command::Stop => self.stop = true,
+            Command::End => self.begin_end(),
         }
     }
 
@@ -456,6 +461,14 @@ impl Loop {
             let busy =
                 bg_now || !self.core.deferred.is_empty() || self.config.busy_poll || !self.resume.is_empty();
             let timeout = if busy { 0 } else { self.accept.timeout_ms(Instant::now()).unwrap_or(-1) };
+            let timeout = match self.end_step() {
+                Some(t) if timeout < 0 => t,
+                Some(t) => timeout.min(t),
+                None => timeout,
+            };
+            if self.stop {
+                break;
+            }
             let n = match epoll::wait(self.epfd.as_raw_fd(), timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -570,6 +583,7 @@ impl Broker {
             held_children: HashMap::new(),
             departed: Default::default(),
             stop: false,
+            ending: None,
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
@@ -613,6 +627,18 @@ impl BrokerHandle {
         let (tx, rx) = mpsc::channel();
         self.send(Command::Status(tx))?;
         rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))
+    }
+
+    /// End a complete migration: send every control connection with live clients a
+    /// `postcopy_end` notification, keep serving their faults and events until each has
+    /// unregistered or gone (at most [`END_GRACE`](super::ending::END_GRACE)), then stop. Only
+    /// when every page is present: a client that unregisters reads holes as zeros.
+    pub fn finish_complete(mut self) -> Result<StatusReport> {
+        let _ = self.send(Command::End);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| Error::Invalid("the fault loop thread panicked".into()))?,
+            None => Err(Error::Invalid("already stopped".into())),
+        }
     }
 
     /// Whether every page of every block has been received.

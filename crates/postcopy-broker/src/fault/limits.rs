@@ -82,6 +82,11 @@ impl Owners {
         self.by_client.iter().filter(|(_, o)| o.parent == Some(parent)).map(|(id, _)| *id).collect()
     }
 
+    /// Every client with the control connection it registered on.
+    pub fn all(&self) -> impl Iterator<Item = (ClientId, u64)> + '_ {
+        self.by_client.iter().map(|(id, o)| (*id, o.conn))
+    }
+
     /// Clients registered on `conn` that end with it.
     pub fn exiting_with(&self, conn: u64) -> Vec<ClientId> {
         self.by_client

@@ -8,6 +8,7 @@
 mod backoff;
 mod control;
 mod core;
+mod ending;
 mod event_loop;
 mod fork;
 mod grants;

@@ -94,6 +94,7 @@ fn draw_mode(r: &mut Rng, blocks: &[BlockPlan]) -> Mode {
         dirty: draw_dirty(r, blocks, source),
         bandwidth_mib,
         cuts_ms,
+        end_cut: None,
     }
 }
 
@@ -343,6 +344,17 @@ pub fn draw(seed: u64, zero_pages: impl Fn(u64, &[BlockPlan]) -> ZeroPages) -> S
         }
     }
     let mut kr = r.fork();
+    // Drawn from a fork of its own after every other dimension, so the seeds keep drawing what
+    // they drew before this dimension existed.
+    let mut er = r.fork();
+    if let Mode::Migration { end_cut, .. } = &mut s.mode {
+        *end_cut = [
+            None,
+            Some(EndCut::BeforeComplete),
+            Some(EndCut::SourceMissesComplete),
+            Some(EndCut::CompleteUnwritable),
+        ][er.weighted(&[82, 6, 6, 6])];
+    }
     let killable: Vec<usize> = (0..s.clients.len())
         .filter(|&i| !matches!(&s.clients[i], ClientPlan::Pcb(p) if p.finisher))
         .collect();

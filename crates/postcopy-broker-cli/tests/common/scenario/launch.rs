@@ -71,7 +71,7 @@ pub fn start(
             let broker = procs.spawn("serve", &mut c, false, false);
             Ok(BrokerSide { broker, source: None, proxy: None, vmm: None })
         }
-        Mode::Migration { precopy, source, dirty, bandwidth_mib, .. } => {
+        Mode::Migration { precopy, source, dirty, bandwidth_mib, end_cut, .. } => {
             let key = dir.join("key");
             crate::common::mig::write_key(&key);
             let mut d = Command::new(BIN);
@@ -81,6 +81,10 @@ pub fn start(
             d.arg("--key").arg(&key);
             d.arg("--control").arg(ctl).arg("--verify-file").arg(dir.join("dst-verify.json"));
             d.arg("--summary-json").arg(dir.join("dst-summary.json"));
+            let end_failpoint = end_cut.map(|e| e.failpoint());
+            if let Some((fp, false)) = end_failpoint {
+                d.env(postcopy_broker::failpoint::VAR, fp);
+            }
             let broker = procs.spawn("destination", &mut d, false, false);
             let addr = listening_addr(procs, broker)?;
             // Postcopy waits at the proxy, right after Listen, until the clients registered.
@@ -90,6 +94,9 @@ pub fn start(
             let mut c = Command::new(BIN);
             c.args(["source", "--connect", &connect, "--resume-timeout", "30", "--insecure-plaintext"]);
             c.arg("--key").arg(&key);
+            if let Some((fp, true)) = end_failpoint {
+                c.env(postcopy_broker::failpoint::VAR, fp);
+            }
             c.arg("--verify-file").arg(dir.join("src-verify.json"));
             c.arg("--summary-json").arg(dir.join("src-summary.json"));
             if *precopy {

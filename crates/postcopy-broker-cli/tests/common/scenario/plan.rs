@@ -79,12 +79,37 @@ pub enum Mode {
         /// Connection cuts, in ms after postcopy got going (the clients registered); only those
         /// that fall before the end happen.
         cuts_ms: Vec<u64>,
+        /// A cut at the very end, at a moment only a failpoint can hit (the failpoint's name,
+        /// `POSTCOPY_BROKER_FAILPOINT` of the process that has it: docs/wire-protocol.md, "The end").
+        end_cut: Option<EndCut>,
     },
     /// `serve --image --block ...`.
     Restore {
         /// The fault loop's background fill (without it a finisher client touches every page).
         background: bool,
     },
+}
+
+/// A connection cut at the end of a migration, by a failpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndCut {
+    /// The source cuts right before its Complete.
+    BeforeComplete,
+    /// The source never reads the destination's Complete.
+    SourceMissesComplete,
+    /// The destination's Complete cannot be written.
+    CompleteUnwritable,
+}
+
+impl EndCut {
+    /// The failpoint, and whether the source (else the destination) has it.
+    pub fn failpoint(self) -> (&'static str, bool) {
+        match self {
+            EndCut::BeforeComplete => ("source-cut-before-complete", true),
+            EndCut::SourceMissesComplete => ("source-miss-complete", true),
+            EndCut::CompleteUnwritable => ("destination-complete-unwritable", false),
+        }
+    }
 }
 
 /// One step of a pcb-client script (pages in the block's page size).
@@ -300,7 +325,7 @@ impl fmt::Display for ClientPlan {
 impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.mode {
-            Mode::Migration { precopy, source, dirty, bandwidth_mib, cuts_ms } => {
+            Mode::Migration { precopy, source, dirty, bandwidth_mib, cuts_ms, end_cut } => {
                 write!(f, "migration precopy={} source={source:?}", if *precopy { "on" } else { "off" })?;
                 if !dirty.is_empty() {
                     let d: Vec<String> = dirty
@@ -315,6 +340,9 @@ impl fmt::Display for Scenario {
                 }
                 if !cuts_ms.is_empty() {
                     write!(f, " cuts_ms={cuts_ms:?}")?;
+                }
+                if let Some(e) = end_cut {
+                    write!(f, " end_cut={e:?}")?;
                 }
             }
             Mode::Restore { background } => {

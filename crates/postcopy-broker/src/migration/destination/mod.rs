@@ -7,8 +7,10 @@
 //!   (pauses when they drop, resumes with new ones);
 //! - `stream`: the stream thread that reads and places the background stream;
 //! - `resume`: the destination's half of the resume handshake;
+//! - [`end`]: delivering the final Complete, lingering for a source that missed it;
 //! - [`summary`]: progress display and the end [`Summary`];
 
+pub mod end;
 pub mod gate;
 pub mod network;
 mod resume;
@@ -16,8 +18,12 @@ pub mod session;
 mod stream;
 pub mod summary;
 
+pub use end::Ending;
 pub use network::{Connections, NetState, NetworkSource, Resumer};
-pub use session::{create_blocks, Destination, DestinationOptions, DEFAULT_RESUME_TIMEOUT, DESTINATION_CAPS};
+pub use session::{
+    create_blocks, Destination, DestinationOptions, DEFAULT_END_LINGER, DEFAULT_RESUME_TIMEOUT,
+    DESTINATION_CAPS,
+};
 pub use summary::{ClientLatency, Progress, Summary};
 
 use crate::conv::usize_of;

@@ -104,23 +104,36 @@ impl Link {
         ids: &[BlockId],
         accept_timeout: Duration,
     ) -> Result<Connections> {
-        if let Err(why) = self.check(&main, Channel::Main, true) {
-            let e = Error::Invalid(why.clone());
-            main.refuse(&why);
-            return Err(e);
-        }
-        self.ack(&main)?;
-        let deadline = Instant::now() + accept_timeout;
-        let urgent = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Some(a) = self.gate.next(Some(left)).filter(|_| !left.is_zero()) else {
-                return Err(Error::Invalid(format!(
-                    "the resume's urgent connection did not arrive within {accept_timeout:?}"
-                )));
-            };
-            match self.check(&a, Channel::Urgent, true) {
-                Ok(()) => break a,
-                Err(why) => a.refuse(&why),
+        let mut main = main;
+        let urgent = 'attempt: loop {
+            if let Err(why) = self.check(&main, Channel::Main, true) {
+                let e = Error::Invalid(why.clone());
+                main.refuse(&why);
+                return Err(e);
+            }
+            self.ack(&main)?;
+            let deadline = Instant::now() + accept_timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Some(a) = self.gate.next(Some(left)).filter(|_| !left.is_zero()) else {
+                    return Err(Error::Invalid(format!(
+                        "the resume's urgent connection did not arrive within {accept_timeout:?}"
+                    )));
+                };
+                match self.check(&a, Channel::Urgent, true) {
+                    Ok(()) => break 'attempt a,
+                    // The source gave up this attempt (its connection was cut after our HelloAck)
+                    // and started another: the newer main connection replaces this one.
+                    Err(_) if self.check(&a, Channel::Main, true).is_ok() => {
+                        log::info!(
+                            "a new resume attempt from {} replaces the one waiting for its urgent connection",
+                            a.peer()
+                        );
+                        main = a;
+                        continue 'attempt;
+                    }
+                    Err(why) => a.refuse(&why),
+                }
             }
         };
         self.ack(&urgent)?;

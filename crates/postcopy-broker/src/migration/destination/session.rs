@@ -19,12 +19,12 @@
 //! At the end the source's page digests must equal the destination's ([`crate::migration::digest`]);
 //! otherwise the migration fails and the source is told so.
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::end::{End, Ending};
 use super::gate::{Arrival, Gate, GateLimits};
 use super::network::{Connections, NetState, NetworkSource, Resumer};
 use super::resume::Link;
@@ -34,17 +34,22 @@ use crate::fault::{Broker, BrokerConfig, BrokerHandle};
 use crate::incoming::Incoming;
 use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{
-    negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, WireError, CAP_DIGEST,
-    CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
+    negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, WireError, CAP_COMPLETE_ACK,
+    CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
 };
 use crate::ram::{BlockId, RamBlock, RamBlocks, HUGE_1G, HUGE_2M, SMALL_PAGE};
 use crate::state::PostcopyState;
 
 /// Capabilities this destination accepts.
-pub const DESTINATION_CAPS: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME | CAP_DIGEST;
+pub const DESTINATION_CAPS: u64 =
+    CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME | CAP_DIGEST | CAP_COMPLETE_ACK;
 
 /// Default of [`DestinationOptions::resume_timeout`].
 pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default of [`DestinationOptions::end_linger`]: longer than the source's longest reconnect
+/// backoff (1 s) several times over.
+pub const DEFAULT_END_LINGER: Duration = Duration::from_secs(10);
 
 /// Settings of a destination session.
 #[derive(Debug, Clone)]
@@ -64,6 +69,10 @@ pub struct DestinationOptions {
     /// Nice value of the stream thread that places the background stream (0: the caller's),
     /// so client faults and demand answers preempt it (see [`crate::sched`]).
     pub stream_nice: i32,
+    /// After the final Complete: how long to wait for the source's confirmation and, without
+    /// it, to keep answering a resume of the completed session (the source may have missed
+    /// Complete). The migration succeeds here either way.
+    pub end_linger: Duration,
 }
 
 impl Default for DestinationOptions {
@@ -75,6 +84,7 @@ impl Default for DestinationOptions {
             progress: Progress::Auto,
             resume_timeout: DEFAULT_RESUME_TIMEOUT,
             stream_nice: crate::migration::source::DEFAULT_BACKGROUND_NICE,
+            end_linger: DEFAULT_END_LINGER,
         }
     }
 }
@@ -389,8 +399,8 @@ impl Destination {
     }
 
     /// Wait until every page is received and the source said Complete (showing progress), then
-    /// stop the fault loop, clean up (state End, InboundEnd notifiers), confirm Complete to the
-    /// source, and return the summary and the Incoming (whose RAM now holds the guest's memory).
+    /// stop the fault loop, clean up (state End, InboundEnd notifiers), deliver Complete to the
+    /// source (see `end`: a source that missed it may resume the completed session), and return the summary and the Incoming (whose RAM now holds the guest's memory).
     pub fn finish(mut self) -> Result<(Summary, Incoming)> {
         if self.broker.is_none() {
             self.run_until_listening()?;
@@ -442,13 +452,19 @@ impl Destination {
             return Err(self.fail_digests(e));
         }
         let h = self.broker.take().ok_or_else(|| Error::Invalid("no fault loop".into()))?;
-        let status = h.stop()?;
+        let status = h.finish_complete()?;
         self.incoming.cleanup()?;
-        self.main.set_nonblocking(false).ctx(|| "set the main connection blocking".into())?;
-        write_frame(&mut &self.main, &Frame::Complete)?;
-        let _ = (&self.main).flush();
-        let _ = self.main.shutdown(std::net::Shutdown::Write);
-        let summary = Summary::new(
+        let end = End {
+            link: &self.link,
+            blocks: &blocks,
+            ids: &self.ids,
+            digests: &self.net.digests,
+            caps: self.caps,
+            linger: self.opts.end_linger,
+            accept_timeout: self.opts.accept_timeout,
+        };
+        let ending = end.deliver(&self.main)?;
+        let mut summary = Summary::new(
             self.started.elapsed(),
             self.listen_at.map(|t| t.elapsed()).unwrap_or_default(),
             self.precopy_pages,
@@ -456,6 +472,12 @@ impl Destination {
             &self.net,
             status,
         );
+        if ending == Ending::ConfirmedAfterResume {
+            // The loss at the end (a pause if the fault loop still saw it) and its resume.
+            summary.pauses = summary.pauses.max(summary.resumes + 1);
+            summary.resumes = summary.pauses;
+        }
+        summary.end = Some(ending);
         Ok((summary, self.incoming))
     }
 

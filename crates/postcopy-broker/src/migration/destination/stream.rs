@@ -10,6 +10,9 @@
 //! received bits (the placer does) and then tests the wanted bits. A SeqCst fence between the
 //! two steps on both sides means at least one of them sees the other, so no waiter is left
 //! asleep (when both see it, the second wake finds no waiter).
+//!
+//! The source's Complete is the last frame of a main connection: the thread ends after it, and
+//! leaves the connection open for the source's CompleteAck, which the session reads.
 
 use crate::conv::usize_of;
 use std::net::Shutdown;
@@ -19,7 +22,7 @@ use std::thread::JoinHandle;
 
 use crate::error::{Error, IoContext, Result};
 use crate::migration::transport::Transport;
-use crate::migration::wire::Decoder;
+use crate::migration::wire::{Decoder, Frame};
 use crate::place::{Placed, Placer};
 use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
 use crate::source::{PageSink, PlacedElsewhere, Urgency};
@@ -80,6 +83,10 @@ struct Shared {
     error: Mutex<Option<Error>>,
     /// The fault loop asked the thread to stop: errors from then on are not reported.
     stopping: AtomicBool,
+    /// The thread read the source's Complete, the last frame the source sends before it waits
+    /// for the destination's, and ended: the connection is left readable for the
+    /// confirmation (CompleteAck) that follows the destination's Complete.
+    finished: AtomicBool,
 }
 
 /// A running stream thread over one main connection.
@@ -137,10 +144,14 @@ impl Stream {
     }
 
     /// Stop the thread and wait for it. `how` shuts the connection down: `Read` leaves the
-    /// destination able to write its final frame; `Both` drops the connection.
+    /// destination able to write its final frame (and, once the thread has ended on the
+    /// source's Complete, is skipped: the source's confirmation is still to be read); `Both`
+    /// drops the connection.
     pub(crate) fn stop(&mut self, how: Shutdown) {
         self.shared.stopping.store(true, Ordering::Release);
-        let _ = self.sock.shutdown(how);
+        if how == Shutdown::Both || !self.shared.finished.load(Ordering::Acquire) {
+            let _ = self.sock.shutdown(how);
+        }
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 log::error!("the stream thread panicked");
@@ -164,7 +175,14 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
     let r = (|| -> Result<()> {
         loop {
             while let Some(f) = dec.next_frame()? {
+                let last = matches!(f, Frame::Complete);
+                if last {
+                    shared.finished.store(true, Ordering::Release);
+                }
                 ctx.handle(f, false, &mut sink)?;
+                if last {
+                    return Ok(());
+                }
             }
             match dec.read_from(&mut main) {
                 Ok(0) => return Err(super::network::eof("main", dec.at_eof())),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::end::Ending;
 use super::network::NetState;
 use crate::stats::StatusReport;
 
@@ -171,6 +172,9 @@ pub struct Summary {
     pub resumes: u64,
     /// Requests sent again on a new urgent connection after resumes.
     pub reissued_requests: u64,
+    /// How the source learnt of the end (a network migration only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<Ending>,
 }
 
 impl Summary {
@@ -211,6 +215,7 @@ impl Summary {
             pauses: 0,
             resumes: 0,
             reissued_requests: 0,
+            end: None,
             demand_flagged_pages: 0,
             duplicate_pages: 0,
             requests: g.requests,
@@ -269,6 +274,15 @@ impl Summary {
                 "connection lost {} times during postcopy, resumed {} times ({} requests sent again)",
                 self.pauses, self.resumes, self.reissued_requests
             );
+        }
+        match self.end {
+            Some(Ending::ConfirmedAfterResume) => {
+                let _ = writeln!(s, "the source missed the first Complete; it resumed the completed session and confirmed the end");
+            }
+            Some(Ending::Unconfirmed) => {
+                let _ = writeln!(s, "the final Complete was not confirmed by the source (the connection was lost at the end); every page is here and the digests match");
+            }
+            _ => {}
         }
         for c in &self.clients {
             let _ = writeln!(

@@ -127,6 +127,10 @@ impl Peer {
         if caps & CAP_RESUME == 0 {
             return Err(Error::Invalid("the destination did not accept CAP_RESUME on reconnect".into()));
         }
+        if crate::failpoint::once("source-resume-abandoned") {
+            let _ = main.shutdown(std::net::Shutdown::Both);
+            return Err(Error::Invalid("failpoint: this resume attempt is cut after its HelloAck".into()));
+        }
         let (urgent, _, _) = self.open(ram, Channel::Urgent, true, Duration::ZERO)?;
         let mut maps: Vec<ReceivedMap> =
             ram.blocks().iter().map(|b| ReceivedMap::new(b.info().pages())).collect();

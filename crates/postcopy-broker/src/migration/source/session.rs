@@ -2,7 +2,7 @@
 //! their transport handshakes (TLS or the pre-shared-key mode), Hello; then Advise, an optional precopy pass, dirty ranges as batched Discards,
 //! Listen, Run, and the postcopy phase: a background stream on the main connection and demand
 //! requests answered on the urgent connection by their own thread, then the digests of every
-//! page sent and Complete, until the destination says Complete.
+//! page sent and Complete, until the destination says Complete (confirmed with CompleteAck).
 //!
 //! If a connection fails during postcopy (and the destination accepted `CAP_RESUME`), the source
 //! stops both threads and reconnects by itself, retrying with a bounded exponential backoff for
@@ -28,8 +28,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::migration::discard::DiscardBatcher;
 use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{
-    write_frame, Channel, Decoder, Frame, WireError, CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL,
-    CAP_ZERO_RUN, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN,
+    write_frame, Channel, Decoder, Frame, WireError, CAP_COMPLETE_ACK, CAP_DIGEST, CAP_DISCARD, CAP_RESUME,
+    CAP_URGENT_CHANNEL, CAP_ZERO_RUN, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN,
 };
 
 /// First delay between reconnect attempts; it doubles up to [`MAX_BACKOFF`].
@@ -129,7 +129,7 @@ impl SourceSession {
         let mut sid = [0u8; 8];
         getrandom::fill(&mut sid).map_err(|e| Error::Invalid(format!("no random session id: {e}")))?;
         let session_id = u64::from_le_bytes(sid);
-        let mut caps = CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_DIGEST;
+        let mut caps = CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_DIGEST | CAP_COMPLETE_ACK;
         if opts.zero_runs {
             caps |= CAP_ZERO_RUN;
         }
@@ -378,6 +378,22 @@ impl SourceSession {
         })
     }
 
+    /// Tell the destination that its Complete arrived, so it need not wait for a resume of
+    /// the session (`CAP_COMPLETE_ACK`). Best effort: the migration is complete on both sides
+    /// whether or not the confirmation gets through (a destination without it lingers, then
+    /// ends successfully too).
+    fn confirm_complete(&mut self) {
+        if self.caps & CAP_COMPLETE_ACK == 0 {
+            return;
+        }
+        let r = write_frame(&mut self.main, &Frame::CompleteAck)
+            .map_err(Error::from)
+            .and_then(|()| self.main.flush().ctx(|| "flush the main connection".into()));
+        if let Err(e) = r {
+            log::warn!("the destination's Complete arrived but confirming it failed ({e}); the destination ends on its own after its linger period");
+        }
+    }
+
     fn background_stream(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
         let zero = self.caps & CAP_ZERO_RUN != 0;
         let mut limit = RateLimit::new(self.opts.bandwidth);
@@ -422,6 +438,10 @@ impl SourceSession {
             )?;
             limit.pace(w);
         }
+        if crate::failpoint::once("source-cut-before-complete") {
+            let _ = self.main.shutdown(std::net::Shutdown::Both);
+            return Err(Error::Invalid("failpoint: the connection is cut before Complete".into()));
+        }
         if self.caps & CAP_DIGEST != 0 {
             write_frame(&mut self.main, &Frame::Digests { digests: self.ram.digests() })?;
         }
@@ -429,7 +449,14 @@ impl SourceSession {
         self.main.flush().ctx(|| "flush the main connection".into())?;
         log::info!("every page sent; waiting for the destination to place them");
         match self.main_dec.read_frame(&mut self.main) {
-            Ok(Frame::Complete) => Ok(()),
+            Ok(Frame::Complete) if crate::failpoint::once("source-miss-complete") => {
+                let _ = self.main.shutdown(std::net::Shutdown::Both);
+                Err(Error::Invalid("failpoint: the destination's Complete is lost".into()))
+            }
+            Ok(Frame::Complete) => {
+                self.confirm_complete();
+                Ok(())
+            }
             Ok(f) => Err(unexpected("Complete", &f)),
             Err(WireError::Closed) => Err(Error::Invalid(
                 "the destination closed the connection before it confirmed every page (see its log)".into(),

@@ -266,7 +266,8 @@ pub fn decode_payload<'a>(
         | FrameType::Complete
         | FrameType::Pause
         | FrameType::ResumeEnd
-        | FrameType::ResumeAck => {
+        | FrameType::ResumeAck
+        | FrameType::CompleteAck => {
             f.finish()?;
             match frame {
                 FrameType::Advise => Frame::Advise,
@@ -275,7 +276,8 @@ pub fn decode_payload<'a>(
                 FrameType::Complete => Frame::Complete,
                 FrameType::Pause => Frame::Pause,
                 FrameType::ResumeEnd => Frame::ResumeEnd,
-                _ => Frame::ResumeAck,
+                FrameType::ResumeAck => Frame::ResumeAck,
+                _ => Frame::CompleteAck,
             }
         }
         FrameType::Error => {

@@ -147,7 +147,8 @@ fn encode_payload(frame: &Frame<'_>, out: &mut Vec<u8>, flags: &mut u8) -> Resul
         | Frame::Complete
         | Frame::Pause
         | Frame::ResumeEnd
-        | Frame::ResumeAck => {}
+        | Frame::ResumeAck
+        | Frame::CompleteAck => {}
     }
     Ok(())
 }

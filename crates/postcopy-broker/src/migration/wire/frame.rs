@@ -9,7 +9,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"PCB1");
 /// Size of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Protocol version this code speaks (sent in Hello, chosen in HelloAck).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of an authentication nonce and of an HMAC-SHA256 proof.
 pub const AUTH_LEN: usize = 32;
 
@@ -26,8 +26,12 @@ pub const CAP_DISCARD: u64 = 1 << 2;
 pub const CAP_RESUME: u64 = 1 << 3;
 /// Capability: the source sends the digests of the pages it sent (`Digests`) before Complete.
 pub const CAP_DIGEST: u64 = 1 << 4;
+/// Capability (version 2): the source confirms the destination's Complete with `CompleteAck`,
+/// and a destination that got no confirmation answers a resume of the completed session.
+pub const CAP_COMPLETE_ACK: u64 = 1 << 5;
 /// Every capability this version knows.
-pub const CAP_ALL: u64 = CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME | CAP_DIGEST;
+pub const CAP_ALL: u64 =
+    CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME | CAP_DIGEST | CAP_COMPLETE_ACK;
 
 /// The type byte of a frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,6 +69,9 @@ pub enum FrameType {
     Error = 0x0f,
     /// Source → destination, before Complete: the digest of the pages sent, per block.
     Digests = 0x10,
+    /// Source → destination, after the destination's Complete: it was read, the source is done
+    /// (only with `CAP_COMPLETE_ACK`).
+    CompleteAck = 0x11,
     /// Authentication step 1 (both sides): role and a fresh random nonce.
     AuthNonce = 0x20,
     /// Authentication step 2 (both sides): HMAC proof of the pre-shared key.
@@ -96,6 +103,7 @@ impl FrameType {
             0x0e => ResumeAck,
             0x0f => Error,
             0x10 => Digests,
+            0x11 => CompleteAck,
             0x20 => AuthNonce,
             0x21 => AuthProof,
             0x22 => AuthResult,
@@ -291,6 +299,8 @@ pub enum Frame<'a> {
     ResumeEnd,
     /// Resume bitmaps applied by the source.
     ResumeAck,
+    /// The source read the destination's Complete.
+    CompleteAck,
     /// Fatal error text (UTF-8, at most [`MAX_ERROR_TEXT`](super::MAX_ERROR_TEXT) bytes).
     Error {
         /// What went wrong.
@@ -343,6 +353,7 @@ impl Frame<'_> {
             Frame::Resume { .. } => FrameType::Resume,
             Frame::ResumeEnd => FrameType::ResumeEnd,
             Frame::ResumeAck => FrameType::ResumeAck,
+            Frame::CompleteAck => FrameType::CompleteAck,
             Frame::Error { .. } => FrameType::Error,
             Frame::AuthNonce { .. } => FrameType::AuthNonce,
             Frame::AuthProof { .. } => FrameType::AuthProof,

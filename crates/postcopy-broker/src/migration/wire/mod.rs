@@ -25,8 +25,9 @@ pub use decode::{
 pub use encode::{encode, page_header, write_all_vectored, write_frame, write_page, PAGE_HEADER_LEN};
 pub use error::WireError;
 pub use frame::{
-    ByteRange, Channel, Frame, FrameType, Header, Hello, Side, AUTH_LEN, CAP_ALL, CAP_DIGEST, CAP_DISCARD,
-    CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN, FLAG_DEMAND, HEADER_LEN, MAGIC, PROTOCOL_VERSION,
+    ByteRange, Channel, Frame, FrameType, Header, Hello, Side, AUTH_LEN, CAP_ALL, CAP_COMPLETE_ACK,
+    CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN, FLAG_DEMAND, HEADER_LEN, MAGIC,
+    PROTOCOL_VERSION,
 };
 
 /// The destination's answer to a Hello: the version to speak (the lower of the two sides') and

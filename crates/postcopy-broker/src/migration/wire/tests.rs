@@ -46,6 +46,7 @@ fn all_frames(page: &[u8], bitmap: &[u8]) -> Vec<Frame<'static>> {
         Frame::Resume { block: 0, first_page: 10, page_count: 13, bitmap },
         Frame::ResumeEnd,
         Frame::ResumeAck,
+        Frame::CompleteAck,
         Frame::Error { text: "source: block 'pc.ram' vanished ✗" },
         Frame::AuthNonce { side: Side::Destination, nonce: [7; AUTH_LEN] },
         Frame::AuthProof { mac: [0xa5; AUTH_LEN] },
@@ -296,7 +297,7 @@ fn negotiation() {
     assert_eq!((v, caps), (PROTOCOL_VERSION, CAP_ZERO_RUN));
     assert!(check_ack(7, h.capabilities, v, caps).is_ok());
     assert!(check_ack(7, CAP_RESUME, v, caps).is_err());
-    assert!(check_ack(7, caps, 2, caps).is_err());
+    assert!(check_ack(7, caps, PROTOCOL_VERSION + 1, caps).is_err());
     assert!(negotiate(&Hello { version: 0, ..hello() }, CAP_ALL).is_err());
 }
 

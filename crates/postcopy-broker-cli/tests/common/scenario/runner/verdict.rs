@@ -99,16 +99,17 @@ impl Run<'_> {
                     rest.split_whitespace().next()?.parse::<u64>().ok()
                 });
                 let registered = self.s.kill.is_none().then(|| {
-                    (0..self.clients.len())
-                        .filter(|&i| !refused[i])
-                        .map(|i| counters::registrations(&self.s.clients[i]))
-                        .sum()
+                    let live = || (0..self.clients.len()).filter(|&i| !refused[i]);
+                    let most: usize = live().map(|i| counters::registrations(&self.s.clients[i])).sum();
+                    let forks: usize = live().map(|i| counters::forks(&self.s.clients[i])).sum();
+                    (most - forks, most)
                 });
+                let end_cut = matches!(self.s.mode, Mode::Migration { end_cut: Some(_), .. });
                 counters::check_migration_end(
                     self.s,
                     &summary,
                     at_listen,
-                    self.cuts_done,
+                    self.cuts_done + u64::from(end_cut),
                     registered,
                     &mut errs,
                 );
