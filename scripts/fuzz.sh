@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Bounded fuzzing of every target in fuzz/ (cargo-fuzz / libFuzzer, AddressSanitizer, debug
-# assertions): scripts/fuzz.sh [seconds per target] [target...]. Default 40 s each, 4 targets:
+# Bounded fuzzing of every target in crates/postcopy-broker/fuzz/ (the library's; cargo-fuzz /
+# libFuzzer, AddressSanitizer, debug assertions): scripts/fuzz.sh [seconds per target]
+# [target...]. Default 40 s each, 4 targets:
 # under 3 minutes of fuzzing (plus the first build). Fails if any target finds a crash, a timeout
-# or an out-of-memory input; the input is left in fuzz/artifacts/<target>/. See docs/fuzzing.md.
+# or an out-of-memory input; the input is left in
+# crates/postcopy-broker/fuzz/artifacts/<target>/. See docs/fuzzing.md.
 #
 # Idempotent setup from crates.io and Debian: cargo-fuzz (pinned) and a C++ compiler for libFuzzer.
 # Only the stable toolchain is needed: RUSTC_BOOTSTRAP=1 lets it take cargo-fuzz's -Z flags.
@@ -11,6 +13,7 @@ set -euo pipefail
 secs=${1:-40}
 shift || true
 root=$(cd "$(dirname "$0")/.." && pwd)
+fuzz=$root/crates/postcopy-broker/fuzz
 CARGO_FUZZ_VERSION=0.13.2
 
 if ! command -v c++ >/dev/null 2>&1; then
@@ -29,11 +32,11 @@ fi
 
 export RUSTC_BOOTSTRAP=1
 # Its own target dir: sanitizer flags would otherwise force rebuilds of the main build's artifacts.
-export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$root/fuzz/target}
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$fuzz/target}
 # The same flags for build and run, so `run` does not rebuild: release, debug assertions, ASan.
 flags=(-O -a --sanitizer address)
 
-cd "$root/fuzz"
+cd "$fuzz"
 cargo fuzz build "${flags[@]}"
 if [ $# -gt 0 ]; then targets=("$@"); else mapfile -t targets < <(cargo fuzz list); fi
 
@@ -41,10 +44,10 @@ failed=()
 summary=()
 for t in "${targets[@]}"; do
   # New inputs go to a scratch corpus (kept between runs on this machine); the seeds under
-  # version control in fuzz/corpus/<target> are only read.
+  # version control in crates/postcopy-broker/fuzz/corpus/<target> are only read.
   work="$CARGO_TARGET_DIR/corpus/$t"
   log="$CARGO_TARGET_DIR/fuzz-$t.log"
-  mkdir -p "$work" "$root/fuzz/artifacts/$t"
+  mkdir -p "$work" "$fuzz/artifacts/$t"
   echo "fuzz: $t for ${secs}s"
   rc=0
   seeds=(); [ -d "corpus/$t" ] && seeds=("corpus/$t")
@@ -56,8 +59,8 @@ for t in "${targets[@]}"; do
   if [ $rc -ne 0 ]; then
     failed+=("$t")
     grep -E -A25 "panicked at|ERROR: (libFuzzer|AddressSanitizer)|SUMMARY:" "$log" | head -n 60 >&2 || tail -n 40 "$log" >&2
-    echo "fuzz: $t FAILED (exit $rc); full log $log; inputs in fuzz/artifacts/$t/" >&2
-    echo "fuzz: reproduce: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run ${flags[*]} $t artifacts/$t/<crash file>)" >&2
+    echo "fuzz: $t FAILED (exit $rc); full log $log; inputs in $fuzz/artifacts/$t/" >&2
+    echo "fuzz: reproduce: (cd $fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run ${flags[*]} $t artifacts/$t/<crash file>)" >&2
   fi
 done
 
