@@ -2,7 +2,8 @@
 //! the cross product of live migration or lazy restore, precopy, dirty ranges (the source's data
 //! really changes between precopy and postcopy), zero-page density, 4 KiB and 2 MiB blocks, one
 //! or two blocks, client kinds (pcb-client over the control socket, the guest driver with our
-//! vhost-user-blk backend or qemu-storage-daemon, a private Firecracker-style client), reads and
+//! vhost-user-blk backend or qemu-storage-daemon, DPDK's dpdk-testpmd writing packets into guest
+//! pages through its vhost-user PMD, a private Firecracker-style client), reads and
 //! writes during postcopy and after completion, connection cuts and a client kill, and runs it
 //! with real processes. The oracle: every byte of RAM equals the model, every client finishes and
 //! read what the model allows, the broker's counters add up; a watchdog fails a run whose fault
@@ -99,8 +100,8 @@ fn randomized_scenarios_hold_the_oracle() {
 }
 
 /// Every value of every dimension is drawn (over 400 seeds, none started), the CI seeds include
-/// precopy scenarios whose clients read zero pages (issue #11's class 1), and a seed always
-/// draws the same scenario.
+/// precopy scenarios whose clients read zero pages (issue #11's class 1) and a DPDK client, no
+/// scenario runs two testpmds, and a seed always draws the same scenario.
 #[test]
 fn the_generator_draws_every_dimension() {
     let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
@@ -145,6 +146,9 @@ fn the_generator_draws_every_dimension() {
         mark("vhost ours", c.iter().any(|c| matches!(c, ClientPlan::Vhost(v) if v.backend == Backend::Ours)));
         mark("vhost qsd", c.iter().any(|c| matches!(c, ClientPlan::Vhost(v) if v.backend == Backend::Qsd)));
         mark("private client", c.iter().any(|c| matches!(c, ClientPlan::Private(_))));
+        let dpdks = c.iter().filter(|c| matches!(c, ClientPlan::Dpdk(_))).count();
+        assert!(dpdks <= 1, "seed {seed} runs {dpdks} testpmds at once");
+        mark("dpdk", dpdks == 1);
         mark("writes", s.has_op(|o| matches!(o, Op::Write { .. })));
         mark("removes", s.has_op(|o| matches!(o, Op::Remove { .. })));
         mark("fork", s.has_op(|o| *o == Op::Fork));
@@ -171,4 +175,7 @@ fn the_generator_draws_every_dimension() {
             })
     });
     assert!(class1.count() >= 2, "the CI seeds must include precopy scenarios that read zero pages");
+    let dpdk = (1..=DEFAULT_RUNS)
+        .filter(|&seed| scenario::scenario(seed).clients.iter().any(|c| matches!(c, ClientPlan::Dpdk(_))));
+    assert!(dpdk.count() >= 1, "the CI seeds must include a DPDK client");
 }

@@ -112,7 +112,7 @@ pub fn check_monotonic(prev: &Value, st: &Value, errs: &mut Vec<String>) {
 fn registrations_of(c: &ClientPlan) -> usize {
     match c {
         ClientPlan::Pcb(_) | ClientPlan::Private(_) => 1,
-        ClientPlan::Vhost(_) => 2,
+        ClientPlan::Vhost(_) | ClientPlan::Dpdk(_) => 2,
     }
 }
 

@@ -1,10 +1,11 @@
 //! The randomized end-to-end scenario test's parts (issue #11 item 5). A seed fixes a scenario
 //! (`generate`, described by `plan`); `content` and `model` say what guest RAM must hold;
-//! `launch`, `pcb` and `vhost` start the real processes; `runner` drives one run under the
+//! `launch`, `pcb`, `vhost` and `dpdk` start the real processes; `runner` drives one run under the
 //! `watch`dog; `oracle` and `counters` judge it. docs/testing.md describes the whole.
 
 pub mod content;
 pub mod counters;
+pub mod dpdk;
 pub mod generate;
 pub mod launch;
 pub mod model;

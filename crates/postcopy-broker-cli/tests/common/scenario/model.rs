@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::content::{dirty_page, fnv, initial};
-use super::plan::{ClientPlan, Op, Scenario};
+use super::plan::{ClientPlan, Op, RxBuf, Scenario};
 
 /// A client's change to a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +14,10 @@ pub enum Mutation {
     Write(u8),
     /// MADV_REMOVE: the page reads as zero.
     Remove,
+    /// A device (DPDK) writes packets into bytes `lo..hi` of the page (the receive buffers in
+    /// it): the model does not know those bytes (the device's client checks them), every other
+    /// byte stays the source's.
+    Rx { lo: usize, hi: usize },
 }
 
 impl Mutation {
@@ -23,6 +27,17 @@ impl Mutation {
         match self {
             Mutation::Write(b) => v[..8].fill(b),
             Mutation::Remove => v.fill(0),
+            Mutation::Rx { .. } => {}
+        }
+        v
+    }
+
+    /// `got` with the bytes nobody can predict (a device's packets) replaced by `base`'s: what
+    /// the byte check compares.
+    pub fn predictable(self, got: &[u8], base: &[u8]) -> Vec<u8> {
+        let mut v = got.to_vec();
+        if let Mutation::Rx { lo, hi } = self {
+            v[lo..hi].copy_from_slice(&base[lo..hi]);
         }
         v
     }
@@ -77,6 +92,27 @@ pub fn script_mutations(ops: &[Op]) -> Vec<(u64, Mutation)> {
     v
 }
 
+/// The (block, page, first byte, end byte) pieces of receive buffers (guest addresses, blocks
+/// back to back from 0).
+fn rx_ranges(s: &Scenario, bufs: &[RxBuf]) -> Vec<(usize, u64, usize, usize)> {
+    let mut v = Vec::new();
+    for r in bufs {
+        let mut base = 0;
+        for (i, b) in s.blocks.iter().enumerate() {
+            let (mut lo, hi) = (r.gpa.max(base), (r.gpa + r.len).min(base + b.size));
+            while lo < hi {
+                let page = (lo - base) / b.page_size;
+                let start = base + page * b.page_size;
+                let end = hi.min(start + b.page_size);
+                v.push((i, page, (lo - start) as usize, (end - start) as usize));
+                lo = end;
+            }
+            base += b.size;
+        }
+    }
+    v
+}
+
 impl Model {
     pub fn build(s: &Scenario) -> Model {
         let mut blocks: Vec<BlockModel> = s
@@ -103,6 +139,18 @@ impl Model {
                     assert!(prev.is_none(), "generator bug: page {page} of block {} mutated twice", p.block);
                 }
             }
+            if let ClientPlan::Dpdk(d) = c {
+                for (b, page, lo, hi) in rx_ranges(s, &d.bufs) {
+                    let m = match mutations.get(&(b, page)) {
+                        None => Mutation::Rx { lo, hi },
+                        Some(&(c, Mutation::Rx { lo: l, hi: h })) if c == i => {
+                            Mutation::Rx { lo: lo.min(l), hi: hi.max(h) }
+                        }
+                        Some(_) => panic!("generator bug: page {page} of block {b} mutated twice"),
+                    };
+                    mutations.insert((b, page), (i, m));
+                }
+            }
         }
         Model { blocks, mutations }
     }
@@ -126,7 +174,8 @@ impl Model {
     /// `reader` is the reading client and `own_done` whether its own mutation of the page (if it
     /// has one) already happened. Another client's mutation may happen during the read: a write
     /// (8 bytes, read one by one) may be seen in part; a remove turns the rest of the page into
-    /// zeros at any byte, so such a page is not determined.
+    /// zeros at any byte, and a device's packets are not the model's: such a page is not
+    /// determined.
     pub fn readable(&self, b: usize, p: u64, reader: usize, own_done: bool) -> Option<Vec<String>> {
         let base = self.blocks[b].page(p);
         match self.mutation(b, p) {
@@ -134,7 +183,7 @@ impl Model {
             Some((c, m)) if c == reader => {
                 Some(vec![fnv(&if own_done { m.apply(base) } else { base.to_vec() })])
             }
-            Some((_, Mutation::Remove)) => None,
+            Some((_, Mutation::Remove | Mutation::Rx { .. })) => None,
             Some((_, m)) => {
                 let new = m.apply(base);
                 Some(

@@ -191,10 +191,28 @@ pub struct VhostPlan {
     pub ops: u64,
 }
 
+/// A receive buffer of the net driver: guest address and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RxBuf {
+    pub gpa: u64,
+    pub len: u64,
+}
+
+/// dpdk-testpmd (its vhost-user PMD, `postcopy-support=1`, `--no-mlockall`, txonly forwarding)
+/// with examples/net_driver.rs playing the VMM: the driver posts receive buffers in guest pages
+/// and testpmd writes packets into them during postcopy.
+#[derive(Debug, Clone)]
+pub struct DpdkPlan {
+    /// net_driver's `--seed`: it decides where the buffers lie (see `dpdk::buffers`).
+    pub seed: u64,
+    /// The buffers the driver posts with that seed, taken from the generator's pool.
+    pub bufs: Vec<RxBuf>,
+}
+
 /// One client of the scenario.
 ///
-/// Adding a client kind (the DPDK virtio-net harness of branch `dpdk`, say: a vhost-user-net
-/// backend plus a driver playing the VMM, like `Vhost`): a variant here with its plan; a module
+/// Adding a client kind (like `Dpdk`: a vhost-user-net backend plus a driver playing the VMM,
+/// or `Vhost`): a variant here with its plan; a module
 /// beside `pcb.rs` and `vhost.rs` with its commands and the check of its output; then the
 /// compiler lists every match that must learn it: `generate::draw` (its weight, and
 /// `Pages::take_gpa` for guest pages it writes or must keep stable), `counters::registrations_of`
@@ -207,6 +225,7 @@ pub enum ClientPlan {
     Pcb(PcbPlan),
     Private(PrivatePlan),
     Vhost(VhostPlan),
+    Dpdk(DpdkPlan),
 }
 
 /// SIGKILL client `client` this long after the clients registered; `mid_fault`: first freeze
@@ -254,7 +273,7 @@ impl Scenario {
         self.clients.iter().any(|c| match c {
             ClientPlan::Pcb(p) => p.postcopy.iter().chain(&p.after).any(&f),
             ClientPlan::Private(p) => p.postcopy.iter().any(&f),
-            ClientPlan::Vhost(_) => false,
+            ClientPlan::Vhost(_) | ClientPlan::Dpdk(_) => false,
         })
     }
 
@@ -318,6 +337,16 @@ impl fmt::Display for ClientPlan {
                 mib(v.io_len),
                 v.ops
             ),
+            ClientPlan::Dpdk(d) => {
+                let bufs: Vec<String> = d.bufs.iter().map(|b| format!("{:#x}", b.gpa)).collect();
+                write!(
+                    f,
+                    "dpdk(net_driver seed {}, {} rx buffers at [{}])",
+                    d.seed,
+                    d.bufs.len(),
+                    bufs.join(" ")
+                )
+            }
         }
     }
 }

@@ -135,6 +135,14 @@ impl Procs {
         }
     }
 
+    /// Send `line` to a process's stdin (ignored if it is gone).
+    pub fn send(&mut self, i: usize, line: &str) {
+        if let Some(s) = &mut self.list[i].stdin {
+            let _ = writeln!(s, "{line}");
+            let _ = s.flush();
+        }
+    }
+
     /// SIGKILL process `i` and its process group, and reap it.
     pub fn kill(&mut self, i: usize) {
         let p = &mut self.list[i];

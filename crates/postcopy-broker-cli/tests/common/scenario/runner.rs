@@ -16,8 +16,8 @@ use super::model::Model;
 use super::pcb;
 use super::plan::{ClientPlan, Mode, Scenario, HUGE};
 use super::procs::{userfault_threads, Procs};
-use super::vhost;
 use super::watch::{fetch_status, overdue, Watchdog};
+use super::{dpdk, vhost};
 
 mod dump;
 mod verdict;
@@ -53,10 +53,12 @@ const MAX_RUN: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Default)]
 struct ClientRun {
-    /// Its processes: the client itself first (pcb-client, guest driver), then a backend.
+    /// Its processes: the client itself first (pcb-client, guest or net driver), then a backend.
     procs: Vec<usize>,
     /// A vhost-user backend started before Listen.
     backend: Option<usize>,
+    /// DPDK: testpmd was told to start forwarding, and to stop.
+    traffic: (bool, bool),
     started: Option<Instant>,
     /// It was told to start its work (every client registers first, then all start together).
     go: bool,
@@ -188,6 +190,16 @@ impl Run<'_> {
                 );
                 vec![drv, self.clients[i].backend.ok_or("no backend")?]
             }
+            ClientPlan::Dpdk(d) => {
+                let sock = self.dir.join(format!("c{i}-backend.sock"));
+                let drv = self.procs.spawn(
+                    &format!("c{i}-driver"),
+                    &mut dpdk::driver_command(d, &sock, &ctl),
+                    true,
+                    true,
+                );
+                vec![drv, self.clients[i].backend.ok_or("no backend")?]
+            }
         };
         self.clients[i].procs = procs;
         self.clients[i].started = Some(Instant::now());
@@ -198,20 +210,24 @@ impl Run<'_> {
     /// the broker).
     fn start_backends(&mut self) -> Result<(), String> {
         for i in 0..self.s.clients.len() {
-            let ClientPlan::Vhost(v) = &self.s.clients[i] else { continue };
-            let (disk, sock) =
-                (self.dir.join(format!("c{i}-disk")), self.dir.join(format!("c{i}-backend.sock")));
-            vhost::write_disk(&disk, self.s, self.model, v);
-            let be = self.procs.spawn(
-                &format!("c{i}-backend"),
-                &mut vhost::backend_command(v, &sock, &disk),
-                false,
-                false,
-            );
+            let sock = self.dir.join(format!("c{i}-backend.sock"));
+            let be = match &self.s.clients[i] {
+                ClientPlan::Vhost(v) => {
+                    let disk = self.dir.join(format!("c{i}-disk"));
+                    vhost::write_disk(&disk, self.s, self.model, v);
+                    let mut c = vhost::backend_command(v, &sock, &disk);
+                    self.procs.spawn(&format!("c{i}-backend"), &mut c, false, false)
+                }
+                ClientPlan::Dpdk(_) => {
+                    let mut c = dpdk::testpmd_command(&sock);
+                    self.procs.spawn(&format!("c{i}-backend"), &mut c, false, true)
+                }
+                _ => continue,
+            };
             let t = Instant::now();
             while !sock.exists() {
                 self.procs.poll();
-                if !self.procs.running(be) || t.elapsed() > Duration::from_secs(30) {
+                if !self.procs.running(be) || t.elapsed() > Duration::from_secs(60) {
                     return Err(format!("client #{i}: the backend never opened {}", sock.display()));
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -219,6 +235,30 @@ impl Run<'_> {
             self.clients[i].backend = Some(be);
         }
         Ok(())
+    }
+
+    /// DPDK's traffic: testpmd forwards (txonly) once the driver posted its receive buffers and
+    /// stops once they were used, so it busy-polls a core only meanwhile.
+    fn traffic(&mut self) {
+        for i in 0..self.clients.len() {
+            let (ClientPlan::Dpdk(_), Some(drv), Some(be)) =
+                (&self.s.clients[i], self.main_proc(i), self.clients[i].backend)
+            else {
+                continue;
+            };
+            let (started, stopped) = self.clients[i].traffic;
+            if stopped || !self.procs.running(be) {
+                continue;
+            }
+            let lines = self.procs.list[drv].lines.all();
+            if !started && dpdk::phase(&lines, "rx-posted") {
+                self.procs.send(be, "start");
+                self.clients[i].traffic.0 = true;
+            } else if started && (dpdk::phase(&lines, "rx-done") || !self.procs.running(drv)) {
+                self.procs.send(be, "stop");
+                self.clients[i].traffic.1 = true;
+            }
+        }
     }
 
     /// Tell client `i` to start its work (a line on its stdin).
@@ -301,6 +341,7 @@ impl Run<'_> {
             self.release_when_registered(broker_up);
             self.cut();
             self.kill();
+            self.traffic();
             // Finishers complete the restore: only once the private clients are done (serve ends
             // when its blocks are complete, and a private client left then would hang).
             let privates_done = (0..self.clients.len())

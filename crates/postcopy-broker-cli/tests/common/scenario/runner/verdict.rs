@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::Run;
 use crate::scenario::model::Fate;
 use crate::scenario::plan::{ClientPlan, Mode};
-use crate::scenario::{counters, oracle, pcb, vhost};
+use crate::scenario::{counters, dpdk, oracle, pcb, vhost};
 
 impl Run<'_> {
     /// The oracle: exit statuses, every byte of RAM, the checksum files, the counters, every
@@ -134,6 +134,12 @@ impl Run<'_> {
                     vhost::check(i, self.s, v, &lines, &disk, self.model, &mut errs)
                 }
                 ClientPlan::Vhost(_) => 0,
+                ClientPlan::Dpdk(d) if ok => {
+                    let testpmd =
+                        self.clients[i].backend.map(|b| self.procs.stdout_file(b)).unwrap_or_default();
+                    dpdk::check(i, d, &lines, &testpmd, &mut errs)
+                }
+                ClientPlan::Dpdk(_) => 0,
             };
         }
         self.errs.extend(errs);
