@@ -81,23 +81,12 @@ fn read_u64(path: &str) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// Huge page sizes listed under /sys/kernel/mm/hugepages.
+/// Huge page sizes listed under /sys/kernel/mm/hugepages (the pools of [`crate::ram::huge_pools`]).
 pub fn huge_page_sizes() -> Vec<HugePageSize> {
-    let mut out = Vec::new();
-    let Ok(dir) = fs::read_dir("/sys/kernel/mm/hugepages") else { return out };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(kb) = name.strip_prefix("hugepages-").and_then(|s| s.strip_suffix("kB")) else { continue };
-        let Ok(kb) = kb.parse::<u64>() else { continue };
-        let base = format!("/sys/kernel/mm/hugepages/{name}");
-        out.push(HugePageSize {
-            size: kb * 1024,
-            total: read_u64(&format!("{base}/nr_hugepages")).unwrap_or(0),
-            free: read_u64(&format!("{base}/free_hugepages")).unwrap_or(0),
-        });
-    }
-    out.sort_by_key(|h| h.size);
-    out
+    crate::ram::huge_pools()
+        .into_iter()
+        .map(|p| HugePageSize { size: p.size, total: p.total, free: p.free })
+        .collect()
 }
 
 /// Exercise COPY, ZEROPAGE and WAKE on a registered block and check the result through the
