@@ -184,7 +184,7 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
                     return Ok(());
                 }
             }
-            match dec.read_from(&mut main) {
+            match fill(&mut dec, &mut main) {
                 Ok(0) => return Err(super::network::eof("main", dec.at_eof())),
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -207,6 +207,22 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
             }
             let _ = kick.write(1);
         }
+    }
+}
+
+/// Read the next bytes of the main connection into `dec`: a chunk of records opened ahead is
+/// adopted whole (no copy, see `transport::readahead`), a plaintext connection is read straight
+/// into the decoder's buffer. `Ok(0)`: end of file.
+fn fill(dec: &mut Decoder, main: &mut Transport) -> std::io::Result<usize> {
+    match main.take_opened() {
+        None => dec.read_from(main),
+        Some(Ok(None)) => Ok(0),
+        Some(Ok(Some(o))) => {
+            let n = o.end - o.start;
+            main.recycle(dec.adopt(o.buf, o.start, o.end));
+            Ok(n)
+        }
+        Some(Err(e)) => Err(e),
     }
 }
 

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use super::auth::{authenticate, load_key, AuthError};
 use super::wire::{write_frame, Frame, Side, MAGIC};
 use deadline::Deadline;
+pub use readahead::{Opened, HEADROOM};
 use readahead::{ReadAhead, Wait};
 use sealed::{Rx, Tx};
 
@@ -474,6 +475,31 @@ impl Transport {
         Ok(())
     }
 
+    /// The opened bytes of a connection whose records are opened ahead, handed over as a whole
+    /// chunk instead of copied out ([`Opened`]; `Ok(None)` at end of file), waiting as a read
+    /// would. `None`: the connection has no read-ahead, read it with `read`.
+    pub fn take_opened(&self) -> Option<io::Result<Option<Opened>>> {
+        let wait = self.read_wait();
+        lock(&self.inner.ahead).as_mut().map(|ahead| ahead.take(wait))
+    }
+
+    /// Give a buffer back to the read-ahead, for chunks to come (see [`take_opened`](Self::take_opened)).
+    pub fn recycle(&self, buf: Vec<u8>) {
+        if let Some(ahead) = lock(&self.inner.ahead).as_ref() {
+            ahead.recycle(buf);
+        }
+    }
+
+    /// How a read of a read-ahead connection waits: not in non-blocking mode, else up to the
+    /// read timeout.
+    fn read_wait(&self) -> Wait {
+        if self.nonblocking() {
+            Wait::No
+        } else {
+            lock(&self.inner.read_timeout).map_or(Wait::Forever, Wait::For)
+        }
+    }
+
     /// Write timeout of blocking writes.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.inner.sock.set_write_timeout(t)
@@ -490,12 +516,8 @@ impl Transport {
     }
 
     fn read_sealed(&self, sealer: &Sealer, out: &mut [u8]) -> io::Result<usize> {
+        let wait = self.read_wait();
         if let Some(ahead) = lock(&self.inner.ahead).as_mut() {
-            let wait = if self.nonblocking() {
-                Wait::No
-            } else {
-                lock(&self.inner.read_timeout).map_or(Wait::Forever, Wait::For)
-            };
             return ahead.read(out, wait);
         }
         let mut rx = lock(&self.inner.rx);

@@ -11,6 +11,12 @@
 //! connection's reading side, as the last handle's drop does, makes it so) or when the consumer
 //! is gone. The consumer keeps the transport's semantics: blocking reads wait (up to the read
 //! timeout, then `WouldBlock`), non-blocking reads return `WouldBlock` when no chunk is there.
+//!
+//! A consumer that decodes frames can also take the chunks themselves ([`ReadAhead::take`])
+//! instead of copying out of them: each chunk has [`HEADROOM`] free bytes in front of its opened
+//! bytes, where the consumer puts the unfinished frame it still holds, so the chunk becomes its
+//! buffer without copying the chunk (BENCHMARKS.md: that copy was a sixth of what TLS added to
+//! the receiving side). Emptied buffers come back through [`ReadAhead::recycle`].
 
 use std::io;
 use std::net::TcpStream;
@@ -24,12 +30,28 @@ use super::Sealer;
 
 /// Opened bytes handed over at a time (at most).
 const CHUNK: usize = 1 << 20;
-/// Chunks opened ahead of the consumer: bounds the memory of one connection to about 4 MiB.
+/// Chunks opened ahead of the consumer: with the spare buffers, bounds the memory of one
+/// connection to about 15 MiB.
 const AHEAD: usize = 4;
+/// Free bytes in front of every chunk's opened bytes: room for a consumer's unfinished frame
+/// (a run of 128 pages of 4 KiB and its header; the chunk is copied behind a longer one).
+pub const HEADROOM: usize = (512 << 10) + 64;
+
+/// Opened bytes handed over whole: `buf[start..end]`; `buf[..start]` is free (at least
+/// [`HEADROOM`] bytes when the chunk is new).
+#[derive(Debug)]
+pub struct Opened {
+    /// The buffer.
+    pub buf: Vec<u8>,
+    /// First opened byte.
+    pub start: usize,
+    /// End of the opened bytes.
+    pub end: usize,
+}
 
 /// What the opener thread hands over.
 enum Piece {
-    /// `buf[..len]` are opened bytes.
+    /// `buf[HEADROOM..HEADROOM + len]` are opened bytes.
     Bytes(Vec<u8>, usize),
     /// End of file.
     End,
@@ -42,7 +64,8 @@ pub(super) struct ReadAhead {
     pieces: Receiver<Piece>,
     /// Emptied buffers go back to the opener.
     spare: SyncSender<Vec<u8>>,
-    /// The chunk being consumed: `cur[pos..len]` are not read yet.
+    /// The chunk being consumed: `cur[pos..len]` are not read yet (`len` is an index into
+    /// `cur`, past its headroom).
     cur: Vec<u8>,
     pos: usize,
     len: usize,
@@ -72,7 +95,7 @@ impl ReadAhead {
     /// receive state `rx`.
     pub(super) fn start(sock: TcpStream, sealer: Arc<Sealer>, rx: Rx) -> io::Result<ReadAhead> {
         let (tx, pieces) = sync_channel(AHEAD);
-        let (spare, spares) = sync_channel(AHEAD + 2);
+        let (spare, spares) = sync_channel(AHEAD);
         std::thread::Builder::new()
             .name("postcopy-open".into())
             .spawn(move || open_ahead(&sock, &sealer, rx, &tx, &spares))?;
@@ -81,47 +104,74 @@ impl ReadAhead {
 
     /// Read opened bytes into `out` (see the module doc).
     pub(super) fn read(&mut self, out: &mut [u8], wait: Wait) -> io::Result<usize> {
-        if out.is_empty() {
+        if out.is_empty() || !self.ready(wait)? {
             return Ok(0);
         }
+        let n = (self.len - self.pos).min(out.len());
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        if self.pos == self.len {
+            let done = std::mem::take(&mut self.cur);
+            self.recycle(done);
+        }
+        Ok(n)
+    }
+
+    /// Take the opened bytes not read yet as a whole chunk: the rest of the current one, or the
+    /// next. `Ok(None)` at end of file; errors as [`read`](ReadAhead::read)'s.
+    pub(super) fn take(&mut self, wait: Wait) -> io::Result<Option<Opened>> {
+        if !self.ready(wait)? {
+            return Ok(None);
+        }
+        let (start, end) = (self.pos, self.len);
+        self.pos = 0;
+        self.len = 0;
+        Ok(Some(Opened { buf: std::mem::take(&mut self.cur), start, end }))
+    }
+
+    /// Make the current chunk hold unread bytes: `Ok(false)` at end of file.
+    fn ready(&mut self, wait: Wait) -> io::Result<bool> {
         loop {
             if self.pos < self.len {
-                let n = (self.len - self.pos).min(out.len());
-                out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-                self.pos += n;
-                if self.pos == self.len {
-                    let _ = self.spare.try_send(std::mem::take(&mut self.cur));
-                }
-                return Ok(n);
+                return Ok(true);
             }
             if let Some(end) = &self.end {
                 return match end {
                     Piece::Failed(kind, why) => Err(io::Error::new(*kind, why.clone())),
-                    _ => Ok(0),
+                    _ => Ok(false),
                 };
             }
-            let next = match wait {
-                Wait::No => match self.pieces.try_recv() {
-                    Ok(p) => p,
-                    Err(TryRecvError::Empty) => return Err(io::ErrorKind::WouldBlock.into()),
-                    Err(TryRecvError::Disconnected) => gone(),
-                },
-                Wait::For(t) => match self.pieces.recv_timeout(t) {
-                    Ok(p) => p,
-                    Err(RecvTimeoutError::Timeout) => return Err(io::ErrorKind::WouldBlock.into()),
-                    Err(RecvTimeoutError::Disconnected) => gone(),
-                },
-                Wait::Forever => self.pieces.recv().unwrap_or_else(|_| gone()),
-            };
-            match next {
+            match self.next_piece(wait)? {
                 Piece::Bytes(buf, len) => {
                     self.cur = buf;
-                    self.pos = 0;
-                    self.len = len;
+                    self.pos = HEADROOM;
+                    self.len = HEADROOM + len;
                 }
                 end => self.end = Some(end),
             }
         }
+    }
+
+    /// Give an emptied buffer back to the opener (it allocates a new one otherwise).
+    pub(super) fn recycle(&self, buf: Vec<u8>) {
+        let _ = self.spare.try_send(buf);
+    }
+
+    /// The next piece from the opener.
+    fn next_piece(&mut self, wait: Wait) -> io::Result<Piece> {
+        Ok(match wait {
+            Wait::No => match self.pieces.try_recv() {
+                Ok(p) => p,
+                Err(TryRecvError::Empty) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(TryRecvError::Disconnected) => gone(),
+            },
+            Wait::For(t) => match self.pieces.recv_timeout(t) {
+                Ok(p) => p,
+                Err(RecvTimeoutError::Timeout) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(RecvTimeoutError::Disconnected) => gone(),
+            },
+            Wait::Forever => self.pieces.recv().unwrap_or_else(|_| gone()),
+        })
     }
 }
 
@@ -142,10 +192,10 @@ fn open_ahead(
 ) {
     loop {
         let mut buf = spares.try_recv().unwrap_or_default();
-        buf.resize(CHUNK, 0);
+        buf.resize(HEADROOM + CHUNK, 0);
         let got = match sealer {
-            Sealer::Tls(rec) => super::tls::read(sock, rec, &mut rx, &mut buf),
-            Sealer::Noise(state) => super::noise::read(sock, state, &mut rx, &mut buf),
+            Sealer::Tls(rec) => super::tls::read(sock, rec, &mut rx, &mut buf[HEADROOM..]),
+            Sealer::Noise(state) => super::noise::read(sock, state, &mut rx, &mut buf[HEADROOM..]),
         };
         let piece = match got {
             Ok(0) => Piece::End,

@@ -123,6 +123,36 @@ fn records_opened_ahead_carry_every_byte_both_ways() {
     }
 }
 
+/// Chunks taken whole from a read-ahead (as the stream thread takes them) carry every byte in
+/// order, each with the headroom in front of it, mixed with ordinary reads; a connection
+/// without read-ahead has none to take.
+#[test]
+fn records_opened_ahead_can_be_taken_whole() {
+    let (_d, src, dst) = tls_pair("tls-take");
+    let k = Security::psk(KEY).unwrap();
+    for (s, d) in [pair(&src, &dst), pair(&k, &k)] {
+        let (s, d) = (s.unwrap(), d.unwrap());
+        assert!(d.take_opened().is_none(), "no read-ahead yet");
+        let a = pattern(12 << 20, 5);
+        let a2 = a.clone();
+        let writer = thread::spawn(move || {
+            (&s).write_all(&a2).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut got = read_n(&d, 1000);
+        d.read_ahead().unwrap();
+        got.extend(read_n(&d, 3));
+        while let Some(o) = d.take_opened().unwrap().unwrap() {
+            assert!(o.start <= o.end && o.end <= o.buf.len());
+            got.extend_from_slice(&o.buf[o.start..o.end]);
+            d.recycle(o.buf);
+        }
+        writer.join().unwrap();
+        assert_eq!(got.len(), a.len());
+        assert!(got == a, "every byte in order");
+    }
+}
+
 /// A read timeout set on a connection whose records are opened ahead still ends a read that
 /// waits too long, and the bytes that come later are all there.
 #[test]

@@ -523,6 +523,26 @@ impl Decoder {
         self.end = end;
     }
 
+    /// Take `buf[start..end]` as the next bytes, adopting `buf` as the buffer when the bytes
+    /// still buffered fit in front of `start` (they are moved there), so that the new bytes are
+    /// not copied; otherwise they are copied in as [`feed`](Decoder::feed) does. Returns the
+    /// buffer that is no longer used (the old one, or `buf`), for the next chunk.
+    pub fn adopt(&mut self, mut buf: Vec<u8>, start: usize, end: usize) -> Vec<u8> {
+        let (start, end) = (start.min(buf.len()), end.min(buf.len()));
+        let start = start.min(end);
+        let have = self.buffered();
+        if have > start {
+            self.feed(&buf[start..end]);
+            return buf;
+        }
+        let at = start - have;
+        buf[at..start].copy_from_slice(&self.buf[self.start..self.end]);
+        let old = std::mem::replace(&mut self.buf, buf);
+        self.start = at;
+        self.end = end;
+        old
+    }
+
     /// Free space to read socket bytes into (never empty); follow with
     /// [`commit`](Decoder::commit) of the number of bytes read.
     pub fn read_buf(&mut self) -> &mut [u8] {

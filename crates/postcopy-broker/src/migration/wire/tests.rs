@@ -88,6 +88,57 @@ fn every_frame_round_trips_whole_and_byte_by_byte() {
     }
 }
 
+/// Chunks adopted with a headroom in front of their bytes (as a read-ahead hands them over),
+/// in pieces of every size: the frames come out the same, whether the unfinished frame fits in
+/// the headroom (the chunk becomes the buffer) or not (the chunk is copied in).
+#[test]
+fn adopted_chunks_decode_like_fed_bytes() {
+    let frames = sample_frames();
+    let mut bytes = Vec::new();
+    for f in &frames {
+        encode(f, &mut bytes).unwrap();
+    }
+    let want: Vec<String> = frames.iter().map(|f| format!("{f:?}")).collect();
+    // (piece, headroom, whether some unfinished frame is longer than the headroom: the longest
+    // frame is three pages)
+    for (piece, headroom, some_copied) in [
+        (1, 0, true),
+        (7, 16, true),
+        (100, 5000, true),
+        (4096, 64, true),
+        (5000, 20000, false),
+        (1 << 20, 0, false),
+    ] {
+        let mut dec = Decoder::with_blocks(Limits::default(), table());
+        let mut out = Vec::new();
+        let (mut adopted, mut copied) = (0, 0);
+        for c in bytes.chunks(piece) {
+            let mut buf = vec![0xee; headroom];
+            buf.extend_from_slice(c);
+            buf.extend_from_slice(&[0xdd; 3]);
+            let fits = dec.buffered() <= headroom;
+            let back = dec.adopt(buf, headroom, headroom + c.len());
+            if fits {
+                adopted += 1;
+            } else {
+                copied += 1;
+                assert_eq!(
+                    &back[headroom..headroom + c.len()],
+                    c,
+                    "a chunk that was copied comes back as it was"
+                );
+            }
+            while let Some(f) = dec.next_frame().unwrap() {
+                out.push(format!("{f:?}"));
+            }
+        }
+        assert_eq!(out, want, "piece {piece}, headroom {headroom}");
+        assert_eq!(dec.buffered(), 0);
+        assert!(adopted > 0, "piece {piece}, headroom {headroom}: no chunk was adopted");
+        assert_eq!(copied > 0, some_copied, "piece {piece}, headroom {headroom}: chunks copied");
+    }
+}
+
 #[test]
 fn header_layout_is_little_endian() {
     let mut b = Vec::new();
