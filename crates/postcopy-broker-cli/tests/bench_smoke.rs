@@ -34,6 +34,10 @@ fn quick_bench_prints_a_number_for_every_case() {
         "private fault, 4 KiB pages, us/fault (ref: private_fault.c)",
         "private fault, 2 MiB pages, us/fault (ref: private_fault.c)",
         "private fault, 2 MiB pages, us/fault (ref: private_fault.c populate",
+        "memtouch 32 MiB, 24 MiB touched, postcopy at once: blocked us per demand request",
+        "memtouch 32 MiB, 24 MiB touched, postcopy at once: client's total blocked time",
+        "memtouch 32 MiB, 24 MiB touched, dirtied after precopy: total time",
+        "memtouch 32 MiB, 24 MiB touched, dirtied after precopy: destination CPU",
     ] {
         let row =
             rows.iter().find(|r| r.contains(case)).unwrap_or_else(|| panic!("no {case} row in\n{text}"));

@@ -118,13 +118,26 @@ pub struct MigrationFigures {
 
 /// A running migration of one block of `data` over loopback: the source in a thread, the
 /// destination listening, the fault loop serving.
-struct Running {
-    dest: Destination,
+pub(crate) struct Running {
+    pub(crate) dest: Destination,
     source: std::thread::JoinHandle<Result<()>>,
     t0: Instant,
 }
 
 fn start(data: &[u8], bandwidth: u64, busy_poll: bool, protection: Protection) -> Result<Running> {
+    start_with(data, bandwidth, busy_poll, protection, None)
+}
+
+/// [`start`], with a precopy pass first when `dirty_after_precopy` is given: the pass sends every
+/// page, then `[0, len)` is marked dirty (the guest wrote it meanwhile), so postcopy discards and
+/// sends it again.
+pub(crate) fn start_with(
+    data: &[u8],
+    bandwidth: u64,
+    busy_poll: bool,
+    protection: Protection,
+    dirty_after_precopy: Option<u64>,
+) -> Result<Running> {
     let (src_sec, dst_sec) = securities(protection)?;
     let ram = SourceRam::new(vec![SourceBlock::from_bytes("ram", 4096, data)?])?;
     let l = TcpListener::bind("127.0.0.1:0").ctx(|| "bind a loopback listener".into())?;
@@ -134,7 +147,12 @@ fn start(data: &[u8], bandwidth: u64, busy_poll: bool, protection: Protection) -
         .name("bench-source".into())
         .spawn(move || -> Result<()> {
             let opts = SourceOptions { bandwidth, ..Default::default() };
-            SourceSession::connect(&addr, &src_sec, ram, opts)?.postcopy().map(|_| ())
+            let mut session = SourceSession::connect(&addr, &src_sec, ram, opts)?;
+            if let Some(len) = dirty_after_precopy {
+                session.precopy()?;
+                session.mark_dirty("ram", 0, len)?;
+            }
+            session.postcopy().map(|_| ())
         })
         .ctx(|| "spawn the source thread".into())?;
     let mut opts = DestinationOptions { progress: Progress::Off, ..Default::default() };
@@ -147,7 +165,7 @@ fn start(data: &[u8], bandwidth: u64, busy_poll: bool, protection: Protection) -
 impl Running {
     /// Wait for every page; returns seconds since the source started connecting, and the
     /// destination's summary.
-    fn finish(self) -> Result<(f64, postcopy_broker::migration::destination::Summary)> {
+    pub(crate) fn finish(self) -> Result<(f64, postcopy_broker::migration::destination::Summary)> {
         let blocks = std::sync::Arc::clone(self.dest.incoming().blocks());
         while !blocks.all_received() {
             if let Some(why) = self.dest.net().failure() {

@@ -13,6 +13,7 @@
 pub mod background;
 pub mod demand;
 pub mod flood;
+pub mod memtouch;
 pub mod migrate;
 pub mod peer;
 pub mod private;
@@ -21,6 +22,7 @@ pub mod report;
 pub mod scale;
 pub mod series;
 pub mod sys;
+pub mod threads;
 
 use std::path::PathBuf;
 
@@ -58,7 +60,7 @@ pub struct BenchConfig {
     pub private_pages: usize,
     /// 2 MiB (hugetlb) pages of the private case.
     pub private_huge_pages: usize,
-    /// Cases to run: any of demand, background, scale, migration, control, private.
+    /// Cases to run: any of demand, background, scale, migration, control, private, memtouch.
     pub cases: Vec<String>,
     /// Placements to use; empty: every placement the machine offers.
     pub placements: Vec<Placement>,
@@ -94,7 +96,7 @@ impl BenchConfig {
             migrate_faults: 1000,
             private_pages: 20_000,
             private_huge_pages: 64,
-            cases: ["demand", "background", "scale", "migration", "control", "private"]
+            cases: ["demand", "background", "scale", "migration", "control", "private", "memtouch"]
                 .map(String::from)
                 .to_vec(),
             placements: Vec::new(),
@@ -407,6 +409,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     let mut m_tls_p99 =
         Row::new(&tls_sat.replace("{}", "p99 us"), "unpinned", "blocking", Target::None, 1).with_reference();
     let mut flooded = flood::FloodRows::new();
+    let mut memtouched = memtouch::MemtouchRows::new(cfg.migrate_mib);
     let demand = cfg.wants("demand");
     let background = cfg.wants("background");
     for run in 0..cfg.runs {
@@ -584,6 +587,18 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             ));
             flooded.measure(&cfg.client, &cfg.hostile, cfg.pages)?;
         }
+        if cfg.wants("memtouch") {
+            progress(&format!(
+                "run {}/{}: memtouch, {} MiB guest touching {} MiB, postcopy at once then after precopy",
+                run + 1,
+                cfg.runs,
+                cfg.migrate_mib,
+                cfg.migrate_mib * 3 / 4
+            ));
+            // Made per run and dropped after it, as the migration case's RAM.
+            let ram = memtouch::guest_ram(cfg.migrate_mib);
+            memtouched.measure(&cfg.client, &ram, (cfg.migrate_mib as u64 * 3 / 4) << 20, run as u64 + 1)?;
+        }
     }
     let mut rows = Vec::new();
     for pr in per {
@@ -599,6 +614,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
         ]
         .into_iter()
         .chain(flooded.rows())
+        .chain(memtouched.rows())
         .filter(|r| !r.ours.is_empty()),
     );
     Ok(Report { machine: sys::machine(), rows })

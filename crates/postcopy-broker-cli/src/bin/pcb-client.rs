@@ -88,7 +88,11 @@ struct Args {
     /// as a balloon's free page reporting does: one REMOVE event each), dontneed-reserve
     /// (MADV_DONTNEED over the whole --reserve-anon region). LIST is like 0,5,7-20,30-90/3 (the
     /// last: every third page from 30 to 90), vcpus:LIST (read one byte of each page through mapping
-    /// 0, the pages dealt round-robin to the --vcpus threads, all at once).
+    /// 0, the pages dealt round-robin to the --vcpus threads, all at once), memtouch:FIRST-LAST:SEED
+    /// (a guest's working set: until a line arrives on stdin, read one word of a random page
+    /// between FIRST and LAST, timing every access, and count it; prints accesses, the accesses
+    /// that blocked (10 us or more) and their total and mean time, the worst access and the
+    /// elapsed time).
     #[arg(long, default_value = "")]
     script: String,
 }
@@ -123,6 +127,8 @@ fn fnv(data: &[u8]) -> u64 {
 
 struct Client {
     bases: Vec<u64>,
+    /// Bytes of each mapping.
+    size: u64,
     page_size: u64,
     /// The --reserve-anon region: (start, len).
     reserve: Option<(u64, u64)>,
@@ -211,6 +217,55 @@ impl Client {
             "max": at(n.saturating_sub(1)),
             "checksum": sum,
         })
+    }
+
+    /// The `memtouch` step (see `--script`): random pages of `first..=last` through mapping 0
+    /// until a line arrives on stdin (checked every 256 accesses, without blocking).
+    fn memtouch(&self, first: u64, last: u64, seed: u64) -> Result<serde_json::Value, String> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let span = last - first + 1;
+        let words = self.page_size / 8;
+        let mut x = seed | 1;
+        let (mut accesses, mut blocked, mut blocked_us, mut worst_us, mut sum) =
+            (0u64, 0u64, 0f64, 0f64, 0u64);
+        let t0 = std::time::Instant::now();
+        loop {
+            for _ in 0..256 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let page = first + x % span;
+                let word = (x >> 32) % words;
+                let addr = self.bases[0] + page * self.page_size + word * 8;
+                let s = std::time::Instant::now();
+                // SAFETY: addr is an aligned word inside page `page` of mapping 0, a live mapping
+                // of this process (checked against its size by the caller); the read may block
+                // in the kernel until the broker places the page.
+                sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(addr as *const u64) });
+                let us = s.elapsed().as_secs_f64() * 1e6;
+                accesses += 1;
+                if us >= 10.0 {
+                    blocked += 1;
+                    blocked_us += us;
+                }
+                worst_us = worst_us.max(us);
+            }
+            let stdin = std::io::stdin();
+            let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::ZERO).map_err(|e| format!("poll stdin: {e}"))? > 0 {
+                read_stdin_line()?;
+                break;
+            }
+        }
+        Ok(json!({
+            "accesses": accesses,
+            "blocked": blocked,
+            "blocked_us": blocked_us,
+            "mean_blocked_us": if blocked == 0 { 0.0 } else { blocked_us / blocked as f64 },
+            "worst_us": worst_us,
+            "elapsed_us": t0.elapsed().as_secs_f64() * 1e6,
+            "checksum": sum,
+        }))
     }
 
     fn range(&self, spec: &str) -> Result<(std::ptr::NonNull<std::ffi::c_void>, usize), String> {
@@ -315,6 +370,17 @@ impl Client {
                 unsafe { madvise(p, usize_of(len), MmapAdvise::MADV_DONTNEED) }
                     .map_err(|e| format!("madvise: {e}"))?;
                 json!({"who": who, "step": step})
+            }
+            "memtouch" => {
+                let (range, seed) = arg.rsplit_once(':').ok_or("memtouch:FIRST-LAST:SEED")?;
+                let seed: u64 = seed.parse().map_err(|_| "memtouch: bad seed")?;
+                let (first, last) = range.split_once('-').ok_or("memtouch:FIRST-LAST:SEED")?;
+                let first: u64 = first.parse().map_err(|_| "memtouch: bad FIRST")?;
+                let last: u64 = last.parse().map_err(|_| "memtouch: bad LAST")?;
+                if last < first || (last + 1) * self.page_size > self.size {
+                    return Err(format!("memtouch: pages {first}-{last} are not inside the mapping"));
+                }
+                json!({"who": who, "step": step, "memtouch": self.memtouch(first, last, seed)?})
             }
             "wait" => {
                 read_stdin_line()?;
@@ -565,7 +631,7 @@ fn run(mut a: Args) -> Result<(), String> {
     if !a.no_wait {
         reg.wait_line(&mut out)?;
     }
-    let client = Client { bases, page_size: a.page_size, reserve, vcpus };
+    let client = Client { bases, size, page_size: a.page_size, reserve, vcpus };
     let steps: Vec<&str> = a.script.split(';').filter(|s| !s.is_empty()).collect();
     let mut i = 0;
     while i < steps.len() {

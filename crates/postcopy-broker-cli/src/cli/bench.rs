@@ -38,8 +38,13 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub private_huge_pages: usize,
     /// Cases, comma separated: demand, background, scale, migration, control (demand faults
-    /// while another peer floods the control socket), private (Firecracker-style faults).
-    #[arg(long, value_delimiter = ',', default_value = "demand,background,scale,migration,control,private")]
+    /// while another peer floods the control socket), private (Firecracker-style faults),
+    /// memtouch (a guest touching random pages of 3/4 of its RAM during postcopy, issue #15).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "demand,background,scale,migration,control,private,memtouch"
+    )]
     pub cases: Vec<String>,
     /// Placements, comma separated: same (client and broker on cpu 0), cross (client on cpu 0,
     /// broker on cpu 1).

@@ -1,0 +1,197 @@
+//! The memtouch case (issue #15): the workload QEMU's postcopy was measured on here. A 1 GiB
+//! guest migrates over loopback while its vCPU stand-in, a `pcb-client` process, touches random
+//! pages over the first 768 MiB (read one word, count the access, time it) until every page has
+//! arrived; once with postcopy at once, once after a precopy pass that sent everything and then
+//! found the touched range dirty (so postcopy sends it again). Figures: the client's mean
+//! blocked time per demand request (an access of 10 us or more), its total blocked time and its
+//! share of the postcopy phase, its worst access, the migration's total time and the CPU seconds
+//! of each end's threads. QEMU's own figures for the same workload, measured on this machine
+//! (issue #15), are the reference column where one exists.
+
+use std::path::Path;
+
+use crate::bench::migrate::{start_with, Protection};
+use crate::bench::peer::Peer;
+use crate::bench::report::{Row, Target};
+use crate::bench::sys;
+use crate::bench::threads::ThreadCpu;
+use postcopy_broker::error::{Error, Result};
+
+/// QEMU 7.2 with postcopy-preempt on the same workload (issue #15): total seconds of the
+/// migration, and the share of the postcopy phase its vCPU was blocked.
+const QEMU_PREEMPT_TOTAL_S: f64 = 2.78;
+const QEMU_PREEMPT_BLOCKED_SHARE: f64 = 0.68;
+/// QEMU's blocked time per demand request: 10.7 ms without preempt, 1.29 ms with it.
+const QEMU_PREEMPT_PER_REQUEST_US: f64 = 1290.0;
+
+/// One run's figures.
+#[derive(Debug, Clone, Copy)]
+pub struct Figures {
+    /// Mean blocked time per blocked access, µs.
+    pub per_request_us: f64,
+    /// Total blocked time of the client, s.
+    pub blocked_s: f64,
+    /// Blocked share of the client's postcopy time.
+    pub blocked_share: f64,
+    /// Slowest access, ms.
+    pub worst_ms: f64,
+    /// Migration time (connect to the last page), s.
+    pub total_s: f64,
+    /// CPU seconds of the destination's and the source's threads.
+    pub cpu: (f64, f64),
+    /// Accesses that blocked.
+    pub blocked: u64,
+}
+
+/// Guest RAM of `mib` MiB, every page data (a guest whose memory is in use).
+pub fn guest_ram(mib: usize) -> Vec<u8> {
+    let mut v = vec![0u8; mib << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for w in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+    v
+}
+
+/// One run over `data`, the client touching its first `touched` bytes; after a precopy pass
+/// with the touched range dirtied when `precopy`.
+pub fn run(client: &Path, data: &[u8], touched: u64, precopy: bool, seed: u64) -> Result<Figures> {
+    sys::warm_memory(2 * data.len())?;
+    let cpu = ThreadCpu::start();
+    let run = start_with(data, 0, false, Protection::Plaintext, precopy.then_some(touched))?;
+    let h = run.dest.broker().ok_or_else(|| Error::Invalid("no fault loop".into()))?;
+    let b = run.dest.incoming().blocks().get(0).ok_or_else(|| Error::Invalid("no block".into()))?;
+    let last = touched / 4096 - 1;
+    let mut p = Peer::spawn(client, b, &format!("memtouch:0-{last}:{seed}"), &[])?;
+    p.register(h, "bench-memtouch")?;
+    p.go()?;
+    let blocks = std::sync::Arc::clone(run.dest.incoming().blocks());
+    while !blocks.all_received() {
+        if let Some(why) = run.dest.net().failure() {
+            return Err(Error::Invalid(format!("benchmark migration failed: {why}")));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    p.go()?;
+    let lines = p.finish()?;
+    let (total_s, _) = run.finish()?;
+    let sides = cpu.stop(&[&["postcopy-", "migration-"], &["source-", "bench-source"]]);
+    let m = lines
+        .iter()
+        .find_map(|l| l.get("memtouch"))
+        .ok_or_else(|| Error::Invalid("the client printed no memtouch figures".into()))?;
+    let f = |k: &str| m[k].as_f64().ok_or_else(|| Error::Invalid(format!("no {k} in {m}")));
+    let elapsed_us = f("elapsed_us")?;
+    Ok(Figures {
+        per_request_us: f("mean_blocked_us")?,
+        blocked_s: f("blocked_us")? / 1e6,
+        blocked_share: if elapsed_us > 0.0 { f("blocked_us")? / elapsed_us } else { 0.0 },
+        worst_ms: f("worst_us")? / 1e3,
+        total_s,
+        cpu: (sides.first().copied().unwrap_or(0.0), sides.get(1).copied().unwrap_or(0.0)),
+        blocked: m["blocked"].as_u64().unwrap_or(0),
+    })
+}
+
+/// The rows of one variant.
+#[derive(Debug)]
+struct Variant {
+    per_request: Row,
+    blocked: Row,
+    share: Row,
+    worst: Row,
+    total: Row,
+    cpu_dest: Row,
+    cpu_source: Row,
+    requests: Row,
+}
+
+impl Variant {
+    fn new(what: &str, targets: bool) -> Variant {
+        let t = |x: f64| if targets { Target::AtMost(x) } else { Target::None };
+        let r = |case: &str, target, prec| {
+            Row::new(&format!("memtouch {what}: {case}"), "unpinned", "blocking", target, prec)
+        };
+        Variant {
+            per_request: r("blocked us per demand request (ref: QEMU + preempt)", t(100.0), 1)
+                .with_reference(),
+            blocked: r("client's total blocked time, s (ref: QEMU + preempt)", t(0.95), 3).with_reference(),
+            share: r("blocked share of postcopy, % (ref: QEMU + preempt)", Target::None, 1).with_reference(),
+            worst: r("worst access, ms", t(5.0), 2),
+            total: r("total time, s (ref: QEMU + preempt)", t(1.2), 3).with_reference(),
+            cpu_dest: r("destination CPU, s", Target::None, 3),
+            cpu_source: r("source CPU, s", Target::None, 3),
+            requests: r("accesses that blocked (demand requests)", Target::None, 0),
+        }
+    }
+
+    fn push(&mut self, f: &Figures) {
+        let qemu_blocked = QEMU_PREEMPT_TOTAL_S * QEMU_PREEMPT_BLOCKED_SHARE;
+        for (row, ours, reference) in [
+            (&mut self.per_request, f.per_request_us, Some(QEMU_PREEMPT_PER_REQUEST_US)),
+            (&mut self.blocked, f.blocked_s, Some(qemu_blocked)),
+            (&mut self.share, 100.0 * f.blocked_share, Some(100.0 * QEMU_PREEMPT_BLOCKED_SHARE)),
+            (&mut self.worst, f.worst_ms, None),
+            (&mut self.total, f.total_s, Some(QEMU_PREEMPT_TOTAL_S)),
+            (&mut self.cpu_dest, f.cpu.0, None),
+            (&mut self.cpu_source, f.cpu.1, None),
+            (&mut self.requests, f.blocked as f64, None),
+        ] {
+            row.ours.push(ours);
+            if let (Some(r), Some(v)) = (row.reference.as_mut(), reference) {
+                r.push(v);
+            }
+        }
+    }
+
+    fn rows(self) -> Vec<Row> {
+        vec![
+            self.per_request,
+            self.blocked,
+            self.share,
+            self.worst,
+            self.total,
+            self.cpu_dest,
+            self.cpu_source,
+            self.requests,
+        ]
+    }
+}
+
+/// The case's rows over the runs: postcopy at once (with the issue's targets) and after a
+/// precopy pass with the touched range dirtied.
+#[derive(Debug)]
+pub struct MemtouchRows {
+    at_once: Variant,
+    after_precopy: Variant,
+}
+
+impl MemtouchRows {
+    /// Empty rows for a guest of `mib` MiB (the issue's targets hold for 1024).
+    pub fn new(mib: usize) -> MemtouchRows {
+        let what = format!("{mib} MiB, {} MiB touched", mib * 3 / 4);
+        MemtouchRows {
+            at_once: Variant::new(&format!("{what}, postcopy at once"), mib == 1024),
+            after_precopy: Variant::new(&format!("{what}, dirtied after precopy"), false),
+        }
+    }
+
+    /// One run of both variants over `data`, the client touching `touched` bytes.
+    pub fn measure(&mut self, client: &Path, data: &[u8], touched: u64, seed: u64) -> Result<()> {
+        let f = run(client, data, touched, false, seed)?;
+        self.at_once.push(&f);
+        let f = run(client, data, touched, true, seed)?;
+        self.after_precopy.push(&f);
+        Ok(())
+    }
+
+    /// Every row.
+    pub fn rows(self) -> Vec<Row> {
+        let mut v = self.at_once.rows();
+        v.extend(self.after_precopy.rows());
+        v
+    }
+}
