@@ -13,7 +13,7 @@
 //! feature.
 
 pub mod dialect;
-pub(crate) mod fuzz;
+pub mod fuzz;
 pub mod handshake;
 pub mod peer;
 pub mod regions;
