@@ -1,7 +1,7 @@
 //! The fault loop's side of the control socket: accept peers, read their requests, register
 //! and unregister clients, hand out RAM block fds, and answer status (Firecracker's UFFD
-//! handshake, feature `firecracker`, is taken in fault/firecracker.rs). A peer that misbehaves gets an error reply and is dropped
-//! alone; the loop serves on.
+//! handshake, feature `firecracker`, is taken in fault/firecracker.rs). A peer that misbehaves
+//! gets an error reply and is dropped alone; the loop serves on.
 //!
 //! One peer cannot starve the others: each connection gets a turn of [`MESSAGES_PER_TURN`]
 //! message after the faults of a round were answered, and what it pipelined beyond that waits in
@@ -163,16 +163,16 @@ impl Loop {
         }
     }
 
-    /// The peer misbehaved: tell it why (unless it reads no replies, as Firecracker) and close
-    /// its connection.
+    /// The peer misbehaved: tell it why (unless it reads no replies: only Firecracker's handshake
+    /// does not) and close its connection.
     fn fail_conn(&mut self, id: u64, e: &ControlError) {
         self.core.stats.control_errors += 1;
         let Some(c) = self.conns.get_mut(&id) else { return };
         let creds = c.creds();
         if !c.reads_replies() {
             log::error!(
-                "handshake from pid {} uid {} refused: {e}; its connection is closed without a \
-                 reply (the peer reads none)",
+                "Firecracker handshake from pid {} uid {} refused: {e}; its connection is closed \
+                 without a reply (Firecracker reads none)",
                 creds.pid,
                 creds.uid
             );
