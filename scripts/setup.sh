@@ -7,6 +7,7 @@ need_pkgs=()
 dpkg -s libclang-dev >/dev/null 2>&1 || need_pkgs+=(libclang-dev)      # userfaultfd-sys runs bindgen
 command -v qemu-storage-daemon >/dev/null 2>&1 || need_pkgs+=(qemu-utils) # real vhost-user-blk backend
 command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)                          # builds the bench floor programs
+command -v nm >/dev/null 2>&1 || need_pkgs+=(binutils)                     # tests/workspace.rs: the library's symbols per feature
 command -v systemd-socket-activate >/dev/null 2>&1 || need_pkgs+=(systemd)  # tests/systemd.rs: socket activation as systemd does it
 # DPDK as a real vhost-user-net backend (tests/dpdk.rs): dpdk-dev ships dpdk-testpmd; the vhost
 # PMD and the ring mempool driver it loads are their own packages. Its dependencies' recommends

@@ -6,9 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use postcopy_broker::control::frame::{encode, encode_message, Decoded, FrameDecoder};
-use postcopy_broker::control::message::{decode_incoming, decode_request, decode_response, Incoming};
-use postcopy_broker::control::protocol::{BlockInfo as CtlBlock, BlockSpec, FcRegionWire};
+use postcopy_broker::control::firecracker::FcRegionWire;
+use postcopy_broker::control::frame::{encode, encode_message, FrameDecoder};
+use postcopy_broker::control::message::{decode_request, decode_response, Incoming, ServerDecoder};
+use postcopy_broker::control::protocol::{BlockInfo as CtlBlock, BlockSpec};
 use postcopy_broker::control::{
     fuzz_control_stream, fuzz_firecracker, fuzz_request, fuzz_response, ClientKind, MappingSpec, Request,
     Response,
@@ -458,23 +459,27 @@ fn wire_seeds_decode_as_intended() {
 fn server_outcome(bytes: &[u8]) -> Result<usize, String> {
     let fds = |n: u8| (0..n).map(|_| std::fs::File::open("/dev/null").unwrap().into()).collect::<Vec<_>>();
     let server = bytes[0] == 1;
-    let mut dec = FrameDecoder::new(server);
+    let mut requests = ServerDecoder::new();
+    let mut replies = FrameDecoder::new();
     let mut rest = &bytes[1..];
     let mut units = 0;
     while let [n, len, tail @ ..] = rest {
         let (b, next) = tail.split_at(usize::from(*len));
         rest = next;
-        dec.push(b, fds(*n));
-        while let Some(u) = dec.next_unit().map_err(|e| e.to_string())? {
-            units += 1;
-            if server {
-                decode_incoming(u).map_err(|e| e.to_string())?;
-            } else if let Decoded::Frame { payload, .. } = u {
-                decode_response(&payload).map_err(|e| e.to_string())?;
+        if server {
+            requests.push(b, fds(*n));
+            while requests.next_incoming().map_err(|e| e.to_string())?.is_some() {
+                units += 1;
+            }
+        } else {
+            replies.push(b, fds(*n));
+            while let Some(f) = replies.next_frame().map_err(|e| e.to_string())? {
+                units += 1;
+                decode_response(&f.payload).map_err(|e| e.to_string())?;
             }
         }
     }
-    dec.finish().map_err(|e| e.to_string())?;
+    if server { requests.finish() } else { replies.finish() }.map_err(|e| e.to_string())?;
     Ok(units)
 }
 
@@ -508,24 +513,15 @@ fn control_seeds_decode_as_intended() {
 #[test]
 fn firecracker_seeds_decode_as_intended() {
     for (name, bytes) in firecracker_seeds() {
-        let mut dec = FrameDecoder::new(true);
+        let mut dec = ServerDecoder::new();
         dec.push(&bytes, vec![std::fs::File::open("/dev/null").unwrap().into()]);
         let outcome = dec
-            .next_unit()
-            .and_then(|u| u.map(decode_incoming).transpose())
-            .and_then(|m| dec.next_unit().map(|_| m))
+            .next_incoming()
+            .and_then(|m| dec.next_incoming().map(|_| m))
             .and_then(|m| dec.finish().map(|_| m));
         let valid = match outcome {
             Ok(Some(Incoming::Firecracker(regions, _))) => {
-                let private = regions
-                    .iter()
-                    .map(|r| postcopy_broker::client::PrivateRegion {
-                        client_addr: r.base_host_virt_addr,
-                        len: r.size,
-                        file_offset: r.offset,
-                        page_size: r.page_size,
-                    })
-                    .collect();
+                let private = regions.iter().map(|r| r.private()).collect();
                 postcopy_broker::client::PrivateTable::new(private, postcopy_broker::control::FUZZ_IMAGE_LEN)
                     .is_ok()
             }

@@ -1,6 +1,7 @@
 //! The shape of the workspace: the library's dependency tree is lean without its default
-//! features (no CLI crate reaches it), and its modules import each other without cycles (the
-//! layers ARCHITECTURE.md lists).
+//! features (no CLI crate reaches it), a feature left out leaves its code out (the Firecracker
+//! handshake's symbols), and its modules import each other without cycles (the layers
+//! ARCHITECTURE.md lists).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -44,7 +45,10 @@ fn each_feature_brings_its_own_dependencies_and_no_cli_one() {
     let full = tree(&[]);
     let vhost = tree(&["--no-default-features", "--features", "vhost-user"]);
     let migration = tree(&["--no-default-features", "--features", "migration"]);
-    for (name, t) in [("default", &full), ("vhost-user", &vhost), ("migration", &migration)] {
+    let firecracker = tree(&["--no-default-features", "--features", "firecracker"]);
+    for (name, t) in
+        [("default", &full), ("vhost-user", &vhost), ("migration", &migration), ("firecracker", &firecracker)]
+    {
         for cli in CLI_ONLY {
             assert!(!t.contains(*cli), "{cli} in the {name} tree");
         }
@@ -52,6 +56,53 @@ fn each_feature_brings_its_own_dependencies_and_no_cli_one() {
     assert!(vhost.contains("vhost") && !vhost.contains("rustls"), "{vhost:?}");
     assert!(migration.contains("rustls") && migration.contains("snow") && !migration.contains("vhost"));
     assert!(full.contains("vhost") && full.contains("rustls"));
+    // The handshake is JSON over the control socket: no dependency of its own.
+    assert_eq!(firecracker, tree(&["--no-default-features"]));
+}
+
+/// The library's rlib built (release) with `features`, found through cargo's JSON messages.
+fn library_rlib(features: &[&str]) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(library_dir())
+        .args(["build", "--release", "-p", "postcopy-broker", "--lib", "--message-format", "json"])
+        .args(features)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cargo build {features:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let rlib = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "postcopy_broker")
+        .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .find(|f| f.extension().is_some_and(|e| e == "rlib"));
+    rlib.unwrap_or_else(|| panic!("no rlib of postcopy_broker in cargo's messages for {features:?}"))
+}
+
+/// The demangled names of the symbols an rlib defines.
+fn defined_symbols(rlib: &Path) -> String {
+    let out = Command::new("nm").args(["--defined-only", "--demangle"]).arg(rlib).output().unwrap();
+    // nm also reports the archive's metadata member, which is no object file: its exit code is
+    // not the answer, the symbols are.
+    let syms = String::from_utf8(out.stdout).unwrap();
+    assert!(syms.contains("postcopy_broker::"), "nm found no symbol of the library in {}", rlib.display());
+    syms
+}
+
+#[test]
+fn without_the_firecracker_feature_the_handshake_is_not_in_the_library() {
+    let with = defined_symbols(&library_rlib(&["--no-default-features", "--features", "firecracker"]));
+    let without = defined_symbols(&library_rlib(&["--no-default-features"]));
+    for name in
+        ["control::firecracker::handshake::HandshakeDecoder", "control::firecracker::fuzz::fuzz_firecracker"]
+    {
+        assert!(with.contains(name), "{name} missing with the feature");
+    }
+    assert!(without.contains("control::frame::FrameDecoder"), "the core decoder is in both");
+    let leaked: Vec<&str> = without.lines().filter(|l| l.to_lowercase().contains("firecracker")).collect();
+    assert!(leaked.is_empty(), "Firecracker symbols without the feature: {leaked:#?}");
 }
 
 /// The top-level modules of the library each file's `crate::` paths name (comments left out).

@@ -10,11 +10,9 @@ use std::time::Duration;
 
 use super::error::ControlError;
 use super::fdpass::{recv_with_fds, send_all};
-use super::frame::{encode, encode_message, Decoded, FrameDecoder, MAX_FDS};
+use super::frame::{encode, encode_message, Frame, FrameDecoder, MAX_FDS};
 use super::message::decode_response;
-use super::protocol::{
-    BlockInfo, ClientKind, FcRegion, FcRegionWire, MappingSpec, Request, Response, PROTOCOL_VERSION,
-};
+use super::protocol::{BlockInfo, ClientKind, MappingSpec, Request, Response, PROTOCOL_VERSION};
 
 /// How long the client waits for a reply by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,7 +63,7 @@ impl ControlClient {
 
     /// Wrap an already connected stream.
     pub fn from_stream(stream: UnixStream) -> ControlClient {
-        ControlClient { stream, decoder: FrameDecoder::new(false), buf: vec![0u8; 64 * 1024], ended: None }
+        ControlClient { stream, decoder: FrameDecoder::new(), buf: vec![0u8; 64 * 1024], ended: None }
     }
 
     /// Set how long to wait for a reply (`None`: forever).
@@ -147,12 +145,8 @@ impl ControlClient {
     /// The next message of the broker, a response or the notification.
     fn recv_message(&mut self) -> Result<(Response, Vec<OwnedFd>), ControlError> {
         loop {
-            match self.decoder.next_unit()? {
-                Some(Decoded::Frame { payload, fds }) => return Ok((decode_response(&payload)?, fds)),
-                Some(Decoded::Firecracker { .. }) => {
-                    return Err(ControlError::BadFrame("the broker sent a Firecracker handshake".into()))
-                }
-                None => {}
+            if let Some(Frame { payload, fds }) = self.decoder.next_frame()? {
+                return Ok((decode_response(&payload)?, fds));
             }
             let r = match recv_with_fds(self.stream.as_fd(), &mut self.buf, false) {
                 Ok(r) => r,
@@ -310,22 +304,4 @@ fn unexpected(expected: &'static str, got: &Response) -> ControlError {
         .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
         .unwrap_or_else(|| "an unreadable reply".into());
     ControlError::UnexpectedReply { expected, got }
-}
-
-/// Do what Firecracker does on snapshot restore: connect to `path` and send, in one sendmsg, the
-/// JSON array of `regions` with `uffd` attached. Returns the connected stream (Firecracker keeps
-/// nothing else to say; drop it or keep it open).
-pub fn send_firecracker_handshake(
-    path: impl AsRef<Path>,
-    regions: &[FcRegion],
-    uffd: BorrowedFd<'_>,
-) -> Result<UnixStream, ControlError> {
-    let path = path.as_ref();
-    let stream = UnixStream::connect(path)
-        .map_err(|e| ControlError::io(format!("connecting to {}", path.display()), e))?;
-    let wire: Vec<FcRegionWire> = regions.iter().copied().map(FcRegionWire::from).collect();
-    let json = serde_json::to_vec(&wire).map_err(|e| ControlError::Invalid(format!("cannot encode: {e}")))?;
-    send_all(stream.as_fd(), &json, &[uffd], false)
-        .map_err(|e| ControlError::io("sending the Firecracker handshake", e))?;
-    Ok(stream)
 }

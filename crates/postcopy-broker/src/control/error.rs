@@ -11,8 +11,9 @@ pub enum ControlError {
     /// The peer closed the connection at a message boundary (a normal end, not a failure).
     #[error("the peer closed the control connection")]
     PeerClosed,
-    /// The stream does not start with our magic `PCB1` (nor `[` for a Firecracker handshake).
-    #[error("bad frame: expected magic \"PCB1\" or a Firecracker JSON array, got {got}; the peer does not speak the control protocol")]
+    /// The stream does not start with our magic `PCB1` (nor, on the server with the `firecracker`
+    /// feature, `[` for a Firecracker handshake).
+    #[error("bad frame: expected magic \"PCB1\", got {got}; the peer does not speak the control protocol")]
     Garbage {
         /// The first bytes seen, escaped.
         got: String,

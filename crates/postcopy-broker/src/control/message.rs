@@ -1,11 +1,12 @@
 //! Turning decoded frames into typed messages: JSON parsing, unknown-op detection, and the check
 //! that each message came with exactly the fds it may carry (extra fds are closed by dropping).
+//! [`RequestDecoder`] is the server side of a connection: frames in, requests out.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use super::error::ControlError;
-use super::frame::Decoded;
-use super::protocol::{FcRegion, Request, Response, REQUEST_OPS};
+use super::frame::{Frame, FrameDecoder};
+use super::protocol::{Request, Response, REQUEST_OPS};
 
 /// A message received by the server on a control connection.
 #[derive(Debug)]
@@ -14,8 +15,17 @@ pub enum Incoming {
     Request(Request, Vec<OwnedFd>),
     /// Firecracker's UFFD handshake: its regions and its userfaultfd. Nothing else follows on that
     /// connection; its end of file is normal and does not end the client.
-    Firecracker(Vec<FcRegion>, OwnedFd),
+    #[cfg(feature = "firecracker")]
+    Firecracker(Vec<super::firecracker::FcRegion>, OwnedFd),
 }
+
+/// The decoder of a server connection: our requests, and with the `firecracker` feature also
+/// Firecracker's handshake in their place.
+#[cfg(feature = "firecracker")]
+pub type ServerDecoder = super::firecracker::ServerDecoder;
+/// The decoder of a server connection: our requests.
+#[cfg(not(feature = "firecracker"))]
+pub type ServerDecoder = RequestDecoder;
 
 /// Parse a request payload and check its fds.
 pub fn decode_request(payload: &[u8], fds: Vec<OwnedFd>) -> Result<Incoming, ControlError> {
@@ -36,27 +46,37 @@ pub fn decode_request(payload: &[u8], fds: Vec<OwnedFd>) -> Result<Incoming, Con
     Ok(Incoming::Request(req, fds))
 }
 
-/// Turn a decoded unit into an [`Incoming`] (server side).
-pub fn decode_incoming(d: Decoded) -> Result<Incoming, ControlError> {
-    match d {
-        Decoded::Frame { payload, fds } => decode_request(&payload, fds),
-        Decoded::Firecracker { regions, fds } => {
-            check_fds("Firecracker handshake", 1, fds.len())?;
-            let mut resolved = Vec::with_capacity(regions.len());
-            for (i, r) in regions.iter().enumerate() {
-                resolved.push(r.resolve().ok_or_else(|| {
-                    ControlError::BadJson(format!(
-                        "Firecracker handshake region {i}: neither 'page_size' nor 'page_size_kib' is given"
-                    ))
-                })?);
-            }
-            let uffd = fds.into_iter().next().ok_or_else(|| ControlError::MissingFd {
-                op: "Firecracker handshake".into(),
-                expected: 1,
-                got: 0,
-            })?;
-            Ok(Incoming::Firecracker(resolved, uffd))
-        }
+/// A server connection's stream of frames, decoded into requests.
+#[derive(Debug, Default)]
+pub struct RequestDecoder {
+    frames: FrameDecoder,
+}
+
+impl RequestDecoder {
+    /// A decoder of a fresh connection.
+    pub fn new() -> RequestDecoder {
+        RequestDecoder::default()
+    }
+
+    /// Feed the bytes of one read and the fds that arrived with them.
+    pub fn push(&mut self, bytes: &[u8], fds: Vec<OwnedFd>) {
+        self.frames.push(bytes, fds);
+    }
+
+    /// The next complete request, `Ok(None)` if more bytes are needed. After an error all
+    /// further input is ignored ([`FrameDecoder::next_frame`]).
+    pub fn next_incoming(&mut self) -> Result<Option<Incoming>, ControlError> {
+        self.frames.next_frame()?.map(|Frame { payload, fds }| decode_request(&payload, fds)).transpose()
+    }
+
+    /// Call at end of stream ([`FrameDecoder::finish`]).
+    pub fn finish(&mut self) -> Result<(), ControlError> {
+        self.frames.finish()
+    }
+
+    /// Whether the peer reads the broker's replies: a peer of our protocol always does.
+    pub fn reads_replies(&self, _sock: BorrowedFd<'_>) -> bool {
+        true
     }
 }
 
@@ -66,7 +86,7 @@ pub fn decode_response(payload: &[u8]) -> Result<Response, ControlError> {
     serde_json::from_slice(payload).map_err(|e| ControlError::BadJson(format!("reply: {e}")))
 }
 
-fn check_fds(op: &str, expected: usize, got: usize) -> Result<(), ControlError> {
+pub(crate) fn check_fds(op: &str, expected: usize, got: usize) -> Result<(), ControlError> {
     if got < expected {
         Err(ControlError::MissingFd { op: op.into(), expected, got })
     } else if got > expected {
@@ -79,7 +99,6 @@ fn check_fds(op: &str, expected: usize, got: usize) -> Result<(), ControlError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::FcRegionWire;
 
     fn fd() -> OwnedFd {
         std::fs::File::open("/dev/null").unwrap().into()
@@ -128,24 +147,5 @@ mod tests {
             decode_request(br#"{"op":"status"}"#, vec![fd()]),
             Err(ControlError::TooManyFds { max: 0, got: 1, .. })
         ));
-    }
-
-    #[test]
-    fn firecracker_needs_one_fd_and_a_page_size() {
-        let region = FcRegionWire {
-            base_host_virt_addr: 0x1000,
-            size: 4096,
-            offset: 0,
-            page_size: None,
-            page_size_kib: Some(4096),
-        };
-        let ok = decode_incoming(Decoded::Firecracker { regions: vec![region.clone()], fds: vec![fd()] });
-        assert!(matches!(ok, Ok(Incoming::Firecracker(r, _)) if r[0].page_size == 4096));
-        let none = decode_incoming(Decoded::Firecracker { regions: vec![region.clone()], fds: vec![] });
-        assert!(matches!(none, Err(ControlError::MissingFd { .. })));
-        let mut nopage = region;
-        nopage.page_size_kib = None;
-        let bad = decode_incoming(Decoded::Firecracker { regions: vec![nopage], fds: vec![fd()] });
-        assert!(matches!(bad, Err(ControlError::BadJson(_))));
     }
 }

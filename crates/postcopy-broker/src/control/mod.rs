@@ -1,29 +1,30 @@
 //! The broker's Unix control socket: a versioned, framed JSON protocol with fds passed by
-//! SCM_RIGHTS, plus Firecracker's UFFD handshake on the same socket. Documented for implementers
-//! in other languages in docs/control-protocol.md.
+//! SCM_RIGHTS, plus (feature `firecracker`) Firecracker's UFFD handshake on the same socket.
+//! Documented for implementers in other languages in docs/control-protocol.md.
 //!
-//! Layers, bottom up: [`fdpass`] (sendmsg/recvmsg with fds) → [`frame`] (`PCB1` frames and
-//! Firecracker's bare JSON array) → [`message`] (typed [`Incoming`] messages, fd counts) →
-//! [`server`] ([`ControlListener`], [`ControlConn`] for the fault loop's epoll) and [`client`]
-//! ([`ControlClient`], blocking). Message types live in [`protocol`]. The `fuzz_*` functions are
-//! the decoders' fuzzing entry points (fuzz/, docs/fuzzing.md).
+//! Layers, bottom up: [`fdpass`] (sendmsg/recvmsg with fds) → [`frame`] (`PCB1` frames) →
+//! [`message`] (typed [`Incoming`] messages, fd counts, the server's decoder) → [`server`]
+//! ([`ControlListener`], [`ControlConn`] for the fault loop's epoll) and [`client`]
+//! ([`ControlClient`], blocking). Message types live in [`protocol`]; Firecracker's handshake
+//! (its regions, its bare JSON array in place of our frames) in `firecracker`. The `fuzz_*`
+//! functions are the decoders' fuzzing entry points (fuzz/, docs/fuzzing.md).
 
 pub mod client;
 pub mod error;
 pub mod fdpass;
+#[cfg(feature = "firecracker")]
+pub mod firecracker;
 pub mod frame;
 mod fuzz;
 pub mod message;
 pub mod protocol;
 pub mod server;
 
-pub use client::{send_firecracker_handshake, BrokerHello, ControlClient};
+pub use client::{BrokerHello, ControlClient};
 pub use error::ControlError;
-pub use fuzz::{
-    fuzz_control_stream, fuzz_firecracker, fuzz_request, fuzz_response, stream_input, FUZZ_IMAGE_LEN,
-};
+#[cfg(feature = "firecracker")]
+pub use firecracker::{fuzz::FUZZ_IMAGE_LEN, fuzz_firecracker, send_firecracker_handshake, FcRegion};
+pub use fuzz::{fuzz_control_stream, fuzz_request, fuzz_response, stream_input};
 pub use message::Incoming;
-pub use protocol::{
-    BlockInfo, ClientKind, FcRegion, MappingSpec, Request, Response, BROKER_VERSION, PROTOCOL_VERSION,
-};
+pub use protocol::{BlockInfo, ClientKind, MappingSpec, Request, Response, BROKER_VERSION, PROTOCOL_VERSION};
 pub use server::{peer_pidfd, pidfd_open, ControlConn, ControlListener, PeerCreds};

@@ -1,5 +1,6 @@
-//! The control protocol's messages: requests, responses, error codes and Firecracker's handshake
-//! regions. Plain serde types with no broker internals, so other tools can reuse them.
+//! The control protocol's messages: requests, responses and error codes. Plain serde types with
+//! no broker internals, so other tools can reuse them (Firecracker's handshake regions are in
+//! `control::firecracker`).
 //!
 //! Every message is a JSON object tagged by `"op"` (snake_case). See docs/control-protocol.md.
 
@@ -253,63 +254,6 @@ pub struct StatusReply<'a, T: Serialize> {
     pub report: &'a T,
 }
 
-/// One guest memory region of Firecracker's UFFD handshake, page size resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FcRegion {
-    /// Start of the region in Firecracker's address space.
-    pub base_host_virt_addr: u64,
-    /// Length in bytes.
-    pub size: u64,
-    /// Offset of the region in the snapshot memory file.
-    pub offset: u64,
-    /// Page size in bytes.
-    pub page_size: u64,
-}
-
-/// Firecracker's region as it appears on the wire. `page_size_kib` is deprecated and, despite its
-/// name, holds bytes; either field may be present.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FcRegionWire {
-    /// Start of the region in Firecracker's address space.
-    pub base_host_virt_addr: u64,
-    /// Length in bytes.
-    pub size: u64,
-    /// Offset in the memory file.
-    pub offset: u64,
-    /// Page size in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub page_size: Option<u64>,
-    /// Deprecated: page size in bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub page_size_kib: Option<u64>,
-}
-
-impl FcRegionWire {
-    /// Resolve the page size (`page_size` first, then `page_size_kib`); `None` if neither is given.
-    pub fn resolve(&self) -> Option<FcRegion> {
-        let page_size = self.page_size.or(self.page_size_kib)?;
-        Some(FcRegion {
-            base_host_virt_addr: self.base_host_virt_addr,
-            size: self.size,
-            offset: self.offset,
-            page_size,
-        })
-    }
-}
-
-impl From<FcRegion> for FcRegionWire {
-    /// Both page size fields, as Firecracker sends them.
-    fn from(r: FcRegion) -> FcRegionWire {
-        FcRegionWire {
-            base_host_virt_addr: r.base_host_virt_addr,
-            size: r.size,
-            offset: r.offset,
-            page_size: Some(r.page_size),
-            page_size_kib: Some(r.page_size),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,18 +316,5 @@ mod tests {
         let s = serde_json::to_string(&StatusReply { report: &report }).unwrap();
         assert_eq!(s, serde_json::to_string(&Response::Status { report: report.clone() }).unwrap());
         assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), Response::Status { report });
-    }
-
-    #[test]
-    fn firecracker_regions_resolve_either_page_size_field() {
-        let v: Vec<FcRegionWire> = serde_json::from_str(
-            r#"[{"base_host_virt_addr":4096,"size":8192,"offset":0,"page_size_kib":4096},
-                {"base_host_virt_addr":65536,"size":4096,"offset":8192,"page_size":2097152,"extra":1},
-                {"base_host_virt_addr":0,"size":1,"offset":0}]"#,
-        )
-        .unwrap();
-        assert_eq!(v[0].resolve().unwrap().page_size, 4096);
-        assert_eq!(v[1].resolve().unwrap().page_size, 2 << 20);
-        assert_eq!(v[2].resolve(), None);
     }
 }

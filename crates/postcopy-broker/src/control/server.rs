@@ -15,8 +15,8 @@ use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType
 
 use super::error::ControlError;
 use super::fdpass::{recv_with_fds, send_all};
-use super::frame::{encode_message, FrameDecoder, MAX_FDS};
-use super::message::{decode_incoming, Incoming};
+use super::frame::{encode_message, MAX_FDS};
+use super::message::{Incoming, ServerDecoder};
 use super::protocol::Response;
 
 /// Pending connections the kernel queues before `accept`.
@@ -280,7 +280,7 @@ impl Drop for ControlListener {
 pub struct ControlConn {
     stream: UnixStream,
     creds: PeerCreds,
-    decoder: FrameDecoder,
+    decoder: ServerDecoder,
     /// An error or end of file found after messages that were returned first.
     pending: Option<ControlError>,
     /// The last [`Self::read_up_to`] stopped at its message budget: more may be decoded
@@ -290,7 +290,7 @@ pub struct ControlConn {
 
 impl ControlConn {
     fn new(stream: UnixStream, creds: PeerCreds) -> ControlConn {
-        ControlConn { stream, creds, decoder: FrameDecoder::new(true), pending: None, budget_spent: false }
+        ControlConn { stream, creds, decoder: ServerDecoder::new(), pending: None, budget_spent: false }
     }
 
     /// The peer's credentials (SO_PEERCRED at accept).
@@ -308,23 +308,10 @@ impl ControlConn {
         peer_pidfd(self.stream.as_fd())
     }
 
-    /// Whether this connection carried a Firecracker handshake (or began one).
-    pub fn is_firecracker(&self) -> bool {
-        self.decoder.is_firecracker()
-    }
-
-    /// Whether the peer speaks Firecracker's handshake: it began one, or, before anything was
-    /// read, the first byte waiting in the socket is `[`.
-    pub fn speaks_firecracker(&self) -> bool {
-        if !self.decoder.is_fresh() {
-            return self.decoder.is_firecracker();
-        }
-        let mut b = [0u8; 1];
-        // SAFETY: recv writes at most 1 byte into `b`; MSG_PEEK leaves it in the socket.
-        let n = unsafe {
-            libc::recv(self.stream.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        };
-        n == 1 && b[0] == b'['
+    /// Whether the peer reads the broker's replies: every peer of our protocol does; one that
+    /// began Firecracker's handshake (or whose first waiting byte is `[`) reads none.
+    pub fn reads_replies(&self) -> bool {
+        self.decoder.reads_replies(self.stream.as_fd())
     }
 
     /// Read what the socket holds and decode it. Call when epoll says readable, and keep calling
@@ -353,7 +340,7 @@ impl ControlConn {
         let mut reads = 0;
         let mut buf = [0u8; READ_CHUNK];
         while out.len() < max {
-            match self.decoder.next_unit().and_then(|d| d.map(decode_incoming).transpose()) {
+            match self.decoder.next_incoming() {
                 Ok(Some(m)) => {
                     out.push(m);
                     continue;
@@ -442,10 +429,10 @@ impl ControlConn {
     }
 
     /// Reply with the `error` response for `err`, if it has one ([`ControlError::to_response`]).
-    /// Nothing is sent on a connection that started as a Firecracker handshake: Firecracker
-    /// reads nothing back, and a `PCB1` frame would be garbage to it. Log the error instead.
+    /// Nothing is sent to a peer that reads no replies ([`Self::reads_replies`]: a `PCB1` frame
+    /// would be garbage to Firecracker). Log the error instead.
     pub fn send_error(&mut self, err: &ControlError) -> Result<(), ControlError> {
-        if self.speaks_firecracker() {
+        if !self.reads_replies() {
             return Ok(());
         }
         match err.to_response() {

@@ -1,7 +1,7 @@
 //! The fault loop's side of the control socket: accept peers, read their requests, register
-//! and unregister clients, hand out RAM block fds, answer status, and take Firecracker's UFFD
-//! handshake as a private client. A peer that misbehaves gets an error reply and is dropped
-//! alone; the loop serves on.
+//! and unregister clients, hand out RAM block fds, and answer status (Firecracker's UFFD
+//! handshake, feature `firecracker`, is taken in fault/firecracker.rs). A peer that misbehaves
+//! gets an error reply and is dropped alone; the loop serves on.
 //!
 //! One peer cannot starve the others: each connection gets a turn of [`MESSAGES_PER_TURN`]
 //! message after the faults of a round were answered, and what it pipelined beyond that waits in
@@ -15,9 +15,7 @@ use std::time::Instant;
 use crate::client::{ClientId, MappingEntry, PrivateRegion};
 use crate::control::frame::MAX_PAYLOAD;
 use crate::control::protocol::{code, StatusReply};
-use crate::control::{
-    ClientKind, ControlError, FcRegion, Incoming, MappingSpec, PeerCreds, Request, Response,
-};
+use crate::control::{ClientKind, ControlError, Incoming, MappingSpec, PeerCreds, Request, Response};
 use crate::error::Error;
 use crate::fault::event_loop::{
     token, Departure, Loop, Registration, RegistrationMap, K_CONN, K_PIDFD, T_LISTEN,
@@ -36,12 +34,12 @@ const STATUS_ENVELOPE: usize = 256;
 
 /// What a registration over the socket asks for, before the peer's grants and limits are
 /// checked.
-struct Ask {
-    name: String,
+pub(super) struct Ask {
+    pub(super) name: String,
     /// The `pid` member of `register` (never set by a Firecracker handshake).
-    pid: Option<u32>,
-    map: RegistrationMap,
-    uffd: OwnedFd,
+    pub(super) pid: Option<u32>,
+    pub(super) map: RegistrationMap,
+    pub(super) uffd: OwnedFd,
 }
 
 impl Loop {
@@ -100,7 +98,7 @@ impl Loop {
         ));
         log::warn!("control peer pid {} uid {} refused: {e}", creds.pid, creds.uid);
         self.core.stats.control_errors += 1;
-        if !conn.speaks_firecracker() {
+        if conn.reads_replies() {
             let _ = conn.send(&Response::error(code::REFUSED, e.to_string()), &[]);
         }
     }
@@ -165,13 +163,13 @@ impl Loop {
         }
     }
 
-    /// The peer misbehaved: tell it why (unless it is Firecracker, which reads nothing back) and
-    /// close its connection.
+    /// The peer misbehaved: tell it why (unless it reads no replies: only Firecracker's handshake
+    /// does not) and close its connection.
     fn fail_conn(&mut self, id: u64, e: &ControlError) {
         self.core.stats.control_errors += 1;
         let Some(c) = self.conns.get_mut(&id) else { return };
         let creds = c.creds();
-        if c.speaks_firecracker() {
+        if !c.reads_replies() {
             log::error!(
                 "Firecracker handshake from pid {} uid {} refused: {e}; its connection is closed \
                  without a reply (Firecracker reads none)",
@@ -189,7 +187,7 @@ impl Loop {
         self.drop_conn(id);
     }
 
-    fn drop_conn(&mut self, id: u64) {
+    pub(super) fn drop_conn(&mut self, id: u64) {
         if let Some(c) = self.conns.remove(&id) {
             self.del(c.as_raw_fd());
         }
@@ -262,33 +260,8 @@ impl Loop {
                     Error::Invalid(format!("'{}' is for a source page server, not the broker", other.op()));
                 self.refuse(id, &e);
             }
-            Incoming::Firecracker(regions, uffd) => {
-                let ask = Ask {
-                    name: format!("firecracker-{}", creds.pid),
-                    pid: None,
-                    map: RegistrationMap::Private(regions.iter().map(fc_region).collect()),
-                    uffd,
-                };
-                match self.register_peer(id, creds, ask) {
-                    Ok(cid) => log::info!(
-                        "Firecracker pid {} uid {} served as private client {}",
-                        creds.pid,
-                        creds.uid,
-                        cid.0
-                    ),
-                    Err(e) => {
-                        // Firecracker reads nothing back: log loudly and drop the connection.
-                        log::error!(
-                            "Firecracker handshake from pid {} uid {} refused: {e}; its connection \
-                             is closed without a reply (Firecracker reads none)",
-                            creds.pid,
-                            creds.uid
-                        );
-                        self.core.stats.control_errors += 1;
-                        self.drop_conn(id);
-                    }
-                }
-            }
+            #[cfg(feature = "firecracker")]
+            Incoming::Firecracker(regions, uffd) => self.take_firecracker(id, creds, &regions, uffd),
         }
     }
 
@@ -347,7 +320,12 @@ impl Loop {
     /// Register a client for the peer on connection `conn`: check what the peer may reach and
     /// hold, register, and watch the peer's exit (by pid when the broker can see it, else by a
     /// pidfd taken from the socket, else by the connection's end).
-    fn register_peer(&mut self, conn: u64, creds: PeerCreds, ask: Ask) -> Result<ClientId, PeerRefusal> {
+    pub(super) fn register_peer(
+        &mut self,
+        conn: u64,
+        creds: PeerCreds,
+        ask: Ask,
+    ) -> Result<ClientId, PeerRefusal> {
         if let RegistrationMap::Private(regions) = &ask.map {
             let layout: Vec<(String, u64)> =
                 self.core.blocks.iter().map(|(_, b)| (b.name().to_string(), b.size())).collect();
@@ -452,7 +430,7 @@ impl Loop {
 
 /// Why a registration over the socket was refused.
 #[derive(Debug)]
-enum PeerRefusal {
+pub(super) enum PeerRefusal {
     /// The peer may not reach what it asked for (reply code `not-allowed`).
     NotAllowed(String),
     /// Anything else (reply code `refused`).
@@ -465,14 +443,5 @@ impl std::fmt::Display for PeerRefusal {
             PeerRefusal::NotAllowed(m) => f.write_str(m),
             PeerRefusal::Refused(e) => write!(f, "{e}"),
         }
-    }
-}
-
-fn fc_region(r: &FcRegion) -> PrivateRegion {
-    PrivateRegion {
-        client_addr: r.base_host_virt_addr,
-        len: r.size,
-        file_offset: r.offset,
-        page_size: r.page_size,
     }
 }

@@ -10,6 +10,8 @@ mod control;
 mod core;
 mod ending;
 mod event_loop;
+#[cfg(feature = "firecracker")]
+mod firecracker;
 mod fork;
 mod grants;
 mod limits;

@@ -160,6 +160,7 @@ impl SourceControl {
                 "'{}' is a broker request; this is a source page server",
                 other.op()
             ))),
+            #[cfg(feature = "firecracker")]
             Incoming::Firecracker(..) => {
                 refuse(Error::Invalid("Firecracker handshakes go to the broker".into()))
             }
