@@ -328,7 +328,7 @@ impl Loop {
                         waiters: ws
                             .iter()
                             .map(|w| PendingWaiter {
-                                client: w.client.0,
+                                client: w.client,
                                 addr: w.addr,
                                 waiting_ms: u64::try_from(w.since.elapsed().as_millis()).unwrap_or(u64::MAX),
                             })

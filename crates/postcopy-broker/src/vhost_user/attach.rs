@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use log::info;
 
+use crate::client_id::ClientId;
 use crate::control::{ClientKind, ControlClient, MappingSpec};
 use crate::error::{Error, Result};
 use crate::ram::RamBlock;
@@ -26,7 +27,7 @@ pub struct BrokerSession {
     /// Kept open while postcopy runs: closing it would let the kernel fill missing pages of the
     /// VMM's mapping with zeros.
     _uffd: Uffd,
-    client: u64,
+    client: ClientId,
     blocks: Vec<String>,
     done: bool,
 }
@@ -78,7 +79,7 @@ impl BrokerSession {
     }
 
     /// This process's client id.
-    pub fn client(&self) -> u64 {
+    pub fn client(&self) -> ClientId {
         self.client
     }
 
