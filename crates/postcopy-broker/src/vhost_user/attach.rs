@@ -5,7 +5,6 @@
 
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::info;
@@ -13,7 +12,6 @@ use log::info;
 use crate::client_id::ClientId;
 use crate::control::{ClientKind, ControlClient, MappingSpec};
 use crate::error::{Error, Result};
-use crate::ram::RamBlock;
 use crate::uffd::{feature, Uffd};
 use crate::vhost_user::guest::GuestRam;
 
@@ -54,16 +52,15 @@ impl BrokerSession {
             let fd = fd.ok_or_else(|| {
                 Error::Invalid(format!("the broker sent block '{}' without its fd", info.name))
             })?;
-            let block = Arc::new(RamBlock::from_fd(&info.name, fd, info.size, info.page_size)?);
-            uffd.register_missing(block.host_addr(), block.size())
+            let addr = ram.add_fd(gpa, &info.name, fd.as_fd(), info.size, info.page_size)?;
+            uffd.register_missing(addr, info.size)
                 .map_err(|e| Error::io(format!("register block '{}' with {name}'s uffd", info.name), e))?;
             specs.push(MappingSpec {
-                client_addr: block.host_addr(),
+                client_addr: addr,
                 block: info.name.clone(),
                 offset: 0,
                 len: info.size,
             });
-            ram.add(gpa, block)?;
             gpa += info.size;
             names.push(info.name);
         }
