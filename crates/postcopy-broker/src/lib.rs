@@ -19,6 +19,7 @@ pub mod client;
 pub mod client_id;
 pub mod control;
 pub mod conv;
+pub mod embed;
 pub mod error;
 pub mod failpoint;
 pub mod fault;
