@@ -270,6 +270,34 @@ fn a_backend_joins_with_its_socket_alone_and_is_told_the_end() {
 }
 
 #[test]
+fn a_snapshot_image_is_restored_lazily() {
+    let s = Setup::new("embed-image");
+    let data = &s.image; // one 16 MiB block "ram"
+    let mut broker = BrokerBuilder::new()
+        .block(RamBlock::memfd("ram", data.len() as u64).unwrap())
+        .image(s.path("image"))
+        .background(true)
+        .start()
+        .unwrap();
+    broker.wait_complete(WAIT).unwrap();
+    let done = broker.finish().unwrap();
+    assert_eq!(
+        done.report.broker.pages_background + done.report.broker.pages_demand,
+        data.len() as u64 / PAGE
+    );
+    let mut got = vec![0u8; data.len()];
+    broker.guest_ram().read(0, &mut got).unwrap();
+    assert!(&got == data, "restored RAM differs from the image");
+    let e = BrokerBuilder::new()
+        .block(RamBlock::memfd("ram", 2 * data.len() as u64).unwrap())
+        .image(s.path("image"))
+        .start()
+        .unwrap_err();
+    assert!(matches!(e, EmbedError::Start { step: "open the image", .. }), "{e}");
+    assert!(e.to_string().contains("right image"), "{e}");
+}
+
+#[test]
 fn errors_say_what_to_do() {
     let block = || RamBlock::memfd("ram", 16 * PAGE).unwrap();
     let src = || MemorySource::new(vec![(vec![1u8; (16 * PAGE) as usize], PAGE)]);

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::fault::{Broker, BrokerConfig};
 use crate::incoming::Incoming;
 use crate::ram::{RamBlock, RamBlocks};
-use crate::source::PageSource;
+use crate::source::{FileSource, PageSource};
 #[cfg(feature = "vhost-user")]
 use crate::vhost_user::BackendConn;
 
@@ -28,12 +28,21 @@ pub(crate) enum BackendSpec {
     Conn(BackendConn),
 }
 
+/// Where missing pages come from.
+#[derive(Debug)]
+enum Source {
+    /// A page source of the embedder's.
+    Given(Box<dyn PageSource>),
+    /// A snapshot image of the blocks back to back, in block order.
+    Image(PathBuf),
+}
+
 /// Builds an [`EmbeddedBroker`]: give it the guest RAM, a page source and, if wanted, settings;
 /// [`BrokerBuilder::start`] does the rest.
 #[derive(Debug, Default)]
 pub struct BrokerBuilder {
     blocks: Vec<RamBlock>,
-    source: Option<Box<dyn PageSource>>,
+    source: Option<Source>,
     config: BrokerConfig,
     #[cfg(feature = "vhost-user")]
     client_name: Option<String>,
@@ -60,13 +69,20 @@ impl BrokerBuilder {
 
     /// Where missing pages come from.
     pub fn source(mut self, source: impl PageSource + 'static) -> BrokerBuilder {
-        self.source = Some(Box::new(source));
+        self.source = Some(Source::Given(Box::new(source)));
         self
     }
 
     /// Where missing pages come from, boxed.
     pub fn boxed_source(mut self, source: Box<dyn PageSource>) -> BrokerBuilder {
-        self.source = Some(source);
+        self.source = Some(Source::Given(source));
+        self
+    }
+
+    /// Take missing pages from a snapshot image: the blocks back to back in block order (a
+    /// [`FileSource`] over them; lazy restore).
+    pub fn image(mut self, path: impl Into<PathBuf>) -> BrokerBuilder {
+        self.source = Some(Source::Image(path.into()));
         self
     }
 
@@ -154,6 +170,12 @@ impl BrokerBuilder {
         if blocks.is_empty() {
             return Err(EmbedError::NoBlocks);
         }
+        let source = match source {
+            Source::Given(s) => s,
+            Source::Image(path) => {
+                Box::new(FileSource::open(&path, &blocks).map_err(at_start("open the image"))?)
+            }
+        };
         let mut incoming = Incoming::new(blocks);
         #[cfg(feature = "vhost-user")]
         let backends = super::backends::connect(self.backends, incoming.notifiers_mut())?;

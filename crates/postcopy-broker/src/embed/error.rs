@@ -17,8 +17,8 @@ pub enum EmbedError {
     NoBlocks,
     /// The builder was given no page source.
     #[error(
-        "no page source: give one with BrokerBuilder::source (a MemorySource, a FileSource over a \
-         snapshot image, or your own PageSource)"
+        "no page source: give one with BrokerBuilder::source (a MemorySource, or your own PageSource) \
+         or BrokerBuilder::image (a snapshot image of the blocks)"
     )]
     NoSource,
     /// The builder was given contradicting settings.
