@@ -333,5 +333,6 @@ fn errors_say_what_to_do() {
     let done = broker.stop().unwrap();
     assert!(!done.complete);
     assert_eq!(done.report.broker.pages_demand, 1);
-    assert!(matches!(broker.status().unwrap_err(), EmbedError::LoopDied(_)));
+    assert!(matches!(broker.status().unwrap_err(), EmbedError::Ended));
+    assert!(matches!(broker.finish().unwrap_err(), EmbedError::Ended));
 }

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::embed::error::{at_end, at_start, EmbedError, EmbedResult};
-use crate::error::Error;
 use crate::fault::BrokerHandle;
 use crate::incoming::Incoming;
 use crate::ram::RamBlocks;
@@ -66,9 +65,7 @@ impl EmbeddedBroker {
 
     /// The running fault loop (register more clients, read status); an error once ended.
     pub fn handle(&self) -> EmbedResult<&BrokerHandle> {
-        self.handle
-            .as_ref()
-            .ok_or_else(|| EmbedError::LoopDied(Error::LoopDied("the broker has ended".into())))
+        self.handle.as_ref().ok_or(EmbedError::Ended)
     }
 
     /// The RAM blocks the broker serves (ids, names, received bitmaps).
@@ -109,7 +106,7 @@ impl EmbeddedBroker {
     pub fn check_alive(&mut self) -> EmbedResult<()> {
         match self.handle.as_mut() {
             Some(h) => h.check_alive().map_err(EmbedError::LoopDied),
-            None => Err(EmbedError::LoopDied(Error::LoopDied("the broker has ended".into()))),
+            None => Err(EmbedError::Ended),
         }
     }
 
@@ -133,14 +130,14 @@ impl EmbeddedBroker {
     /// first), send POSTCOPY_END to the vhost-user backends, unregister the blocks, and release
     /// the VMM's userfaultfd. Refused while pages are missing: the broker keeps running then.
     pub fn finish(&mut self) -> EmbedResult<Finished> {
+        if self.handle.is_none() {
+            return Err(EmbedError::Ended);
+        }
         let (received, total) = self.progress();
         if received != total {
             return Err(EmbedError::Incomplete { received, total });
         }
-        let handle = self.handle.take().ok_or_else(|| EmbedError::End {
-            step: "finish",
-            source: Error::Invalid("the broker has already ended".into()),
-        })?;
+        let handle = self.handle.take().ok_or(EmbedError::Ended)?;
         let report = handle.finish_complete().map_err(at_end("stop the fault loop"));
         self.end(report, true)
     }
@@ -149,10 +146,7 @@ impl EmbeddedBroker {
     /// VMM's userfaultfd (its missing pages then read as zeros instead of blocking forever). The
     /// backends are not told POSTCOPY_END: their missing pages stay missing.
     pub fn stop(&mut self) -> EmbedResult<Finished> {
-        let handle = self.handle.take().ok_or_else(|| EmbedError::End {
-            step: "stop",
-            source: Error::Invalid("the broker has already ended".into()),
-        })?;
+        let handle = self.handle.take().ok_or(EmbedError::Ended)?;
         let complete = self.is_complete();
         let report = handle.stop().map_err(at_end("stop the fault loop"));
         self.end(report, complete)

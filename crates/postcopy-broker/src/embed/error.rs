@@ -49,6 +49,10 @@ pub enum EmbedError {
     /// No vhost-user backend with this client id was registered through this broker.
     #[error("no vhost-user backend is client {0} of this broker (use the id register_vhost_user returned)")]
     UnknownBackend(ClientId),
+    /// [`crate::embed::EmbeddedBroker::finish`] or [`crate::embed::EmbeddedBroker::stop`] was
+    /// called already: the broker serves nothing any more.
+    #[error("the broker has ended (finish or stop was called); start a new one to serve again")]
+    Ended,
     /// The fault loop is gone: nothing serves faults any more.
     #[error("the fault loop is gone: {0}; the migration cannot finish: stop() the broker and fail it")]
     LoopDied(#[source] Error),
