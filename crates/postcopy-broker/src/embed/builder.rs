@@ -86,7 +86,10 @@ impl BrokerBuilder {
         self
     }
 
-    /// The fault loop's whole configuration (control socket, grants, limits, background fill).
+    /// The fault loop's whole configuration (control socket, grants, limits, background fill);
+    /// it replaces what [`BrokerBuilder::background`] and [`BrokerBuilder::control_socket`] set
+    /// before it. With `vhost-user`, the VMM's guest memory mapping is a registered client and
+    /// counts towards `background_after_clients`.
     pub fn config(mut self, config: BrokerConfig) -> BrokerBuilder {
         self.config = config;
         self
