@@ -482,14 +482,14 @@ fn run(args: &Args) -> Result<serde_json::Value> {
             (None, vec!["guest-ram".to_string()])
         }
     };
-    let ram_size: u64 = ram.blocks().map(|(_, b)| b.size()).sum();
+    let ram_size: u64 = ram.blocks().map(|b| b.size).sum();
     let driver_block = Arc::new(RamBlock::memfd("driver", DRIVER_SIZE)?);
     ram.add(DRIVER_GPA, driver_block)?;
     // The driver block is never migrated: make every page present before a backend listens.
     ram.fill(DRIVER_GPA, DRIVER_SIZE, 0)?;
     let regions = ram.mem_regions();
     let names: Vec<Option<String>> =
-        ram.blocks().map(|(gpa, b)| (gpa < DRIVER_GPA).then(|| b.name().to_string())).collect();
+        ram.blocks().map(|b| (b.gpa < DRIVER_GPA).then(|| b.name.to_string())).collect();
 
     let mut pc_summary = serde_json::Value::Null;
     let mut backend_client = None;

@@ -194,13 +194,13 @@ fn run(args: &Args) -> Result<serde_json::Value> {
 
     let mut ram = GuestRam::new();
     let mut broker = BrokerSession::attach(&args.control, "net-driver", &mut ram)?;
-    let ram_size: u64 = ram.blocks().map(|(_, b)| b.size()).sum();
+    let ram_size: u64 = ram.blocks().map(|b| b.size).sum();
     ram.add(DRIVER_GPA, Arc::new(RamBlock::memfd("net-driver", DRIVER_SIZE)?))?;
     // The driver block is never migrated: make every page present before the backend listens.
     ram.fill(DRIVER_GPA, DRIVER_SIZE, 0)?;
     let regions = ram.mem_regions();
     let names: Vec<Option<String>> =
-        ram.blocks().map(|(gpa, b)| (gpa < DRIVER_GPA).then(|| b.name().to_string())).collect();
+        ram.blocks().map(|b| (b.gpa < DRIVER_GPA).then(|| b.name.to_string())).collect();
 
     let hs = Handshake::begin(&mut conn, &regions)?;
     let backend_client =

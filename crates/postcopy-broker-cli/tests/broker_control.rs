@@ -177,7 +177,7 @@ fn removed_pages_fault_in_as_zero_and_unmapped_ranges_leave_the_table() {
     }
     check_pages(std::slice::from_ref(&step("touch:10-11")), &data, 4096);
     let st = h.status().unwrap();
-    let c = st.all_clients().find(|c| c.id == id).unwrap();
+    let c = st.all_clients().find(|c| c.id.0 == id).unwrap();
     assert_eq!(c.stats.events, 3, "two removes and one unmap: {c:?}");
     h.stop().unwrap();
 }

@@ -10,6 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use common::control_server::{self as cs, read_reply, start, temp_path, Event};
+use postcopy_broker::client_id::ClientId;
 use postcopy_broker::control::frame::{encode, MAGIC, MAX_PAYLOAD};
 use postcopy_broker::control::protocol::code;
 use postcopy_broker::control::{
@@ -102,7 +103,7 @@ fn register_passes_a_real_userfaultfd() {
         MappingSpec { client_addr: 0x7f00_1000_0000, block: "ram0".into(), offset: 0, len: 4096 },
     ];
     let id = c.register("vhost-blk", ClientKind::Shared, Some(42), &mappings, uffd.as_fd()).unwrap();
-    assert_eq!(id, 1);
+    assert_eq!(id, ClientId(1));
     match srv.wait_for(|e| matches!(e, Event::Register { .. })) {
         Event::Register { name, mappings: got, fd_link, fd_num } => {
             assert_eq!(name, "vhost-blk");
@@ -114,7 +115,7 @@ fn register_passes_a_real_userfaultfd() {
         _ => unreachable!(),
     }
     let id2 = c.register("vmm", ClientKind::Private, None, &[], uffd.as_fd()).unwrap();
-    assert_eq!(id2, 2);
+    assert_eq!(id2, ClientId(2));
     c.unregister(id).unwrap();
     assert_eq!(c.status().unwrap(), serde_json::json!({"clients": 2}));
     drop(c);
@@ -297,7 +298,7 @@ fn bad_messages_get_typed_errors_and_the_broker_serves_on() {
     // Through all that the broker kept serving.
     let mut c = ControlClient::connect(&srv.path).unwrap();
     c.hello("after").unwrap();
-    assert_eq!(c.register("ok", ClientKind::Private, None, &[], uffd.as_fd()).unwrap(), 1);
+    assert_eq!(c.register("ok", ClientKind::Private, None, &[], uffd.as_fd()).unwrap(), ClientId(1));
     // And a version mismatch is refused with `version`.
     let (r, _) = c.request(&Request::Hello { version: 99, name: "future".into() }, &[]).unwrap();
     assert!(matches!(r, Response::Error { code: ref c, .. } if c == code::VERSION), "{r:?}");

@@ -95,7 +95,7 @@ fn a_fault_read_after_its_page_landed_is_woken() {
     let id = p.register_fd(&h, "late", uffd);
     check_pages(&p.finish(), &data, 4096);
     let st = h.status().unwrap();
-    let c = st.all_clients().find(|c| c.id == id.0).unwrap();
+    let c = st.all_clients().find(|c| c.id == id).unwrap();
     assert_eq!(c.stats.already_there, 1, "{c:?}");
     assert_eq!(c.stats.pages_requested, 0);
     h.stop().unwrap();

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::clients::*;
 use common::serve::Serve;
+use postcopy_broker::client_id::ClientId;
 use postcopy_broker::control::frame::{MAGIC, MAX_FDS};
 use postcopy_broker::control::protocol::code;
 use postcopy_broker::control::{ClientKind, ControlClient, ControlError, MappingSpec, Response};
@@ -37,7 +38,7 @@ fn mapping(i: u64) -> MappingSpec {
     MappingSpec { client_addr: 0x6000_0000_0000 + i * 0x10_0000, block: "ram".into(), offset: 0, len: 4096 }
 }
 
-fn register(c: &mut ControlClient, i: u64) -> Result<u64, ControlError> {
+fn register(c: &mut ControlClient, i: u64) -> Result<ClientId, ControlError> {
     let u = Uffd::open(0).unwrap();
     c.register("hostile", ClientKind::Shared, None, &[mapping(i)], u.as_fd())
 }
@@ -112,7 +113,7 @@ fn registrations_past_the_limits_are_refused_and_unregistering_frees_them() {
         ],
     );
     let mut a = srv.client();
-    let ids: Vec<u64> = (0..4).map(|i| register(&mut a, i).unwrap()).collect();
+    let ids: Vec<ClientId> = (0..4).map(|i| register(&mut a, i).unwrap()).collect();
     let (code, message) = remote(register(&mut a, 4).unwrap_err());
     assert_eq!(code, code::REFUSED);
     assert!(message.contains("4 registrations, the limit per connection"), "{message}");
@@ -133,7 +134,7 @@ fn unregister_releases_the_uffd_and_pidfd_at_once() {
     let srv = Serve::start("unreg", &data, &["--block", &block_arg()]);
     let base = srv.fds();
     let mut c = srv.client();
-    let ids: Vec<u64> = (0..10).map(|i| register(&mut c, i).unwrap()).collect();
+    let ids: Vec<ClientId> = (0..10).map(|i| register(&mut c, i).unwrap()).collect();
     // The connection, and a uffd and a pidfd per client (ours are closed already).
     assert_eq!(srv.fds(), base + 1 + 2 * ids.len());
     for id in &ids {
@@ -210,7 +211,7 @@ fn status_answers_after_a_thousand_clients_came_and_went() {
     assert_eq!(st.broker.clients_gone, 1000);
     assert_eq!(st.departed.len() as u64 + st.departed_omitted, 256, "the loop keeps the last 256");
     assert!(st.departed_omitted > 0 && !st.departed.is_empty());
-    assert_eq!(st.departed.last().unwrap().id, 1000, "the newest are listed");
+    assert_eq!(st.departed.last().unwrap().id.0, 1000, "the newest are listed");
     // As many live clients as would never fit a frame: the live ones come first.
     for i in 0..250 {
         register(&mut c, i).unwrap();

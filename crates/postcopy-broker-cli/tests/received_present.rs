@@ -184,8 +184,8 @@ fn a_client_faulting_on_present_pages_from_two_threads_is_dropped_and_the_others
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         let st = status(&h);
-        if st.departed.iter().any(|c| c.id == id) {
-            let c = st.departed.iter().find(|c| c.id == id).unwrap();
+        if st.departed.iter().any(|c| c.id.0 == id) {
+            let c = st.departed.iter().find(|c| c.id.0 == id).unwrap();
             assert!(c.stats.already_there > 10_000, "{:?}", c.stats);
             break;
         }

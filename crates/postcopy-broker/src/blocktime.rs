@@ -231,7 +231,7 @@ impl Blocktime {
             .vcpus
             .iter()
             .map(|v| VcpuBlocktime {
-                client: v.client.0,
+                client: v.client,
                 tid: v.tid,
                 faults: v.faults,
                 latency_ns: v.latency_ns,
@@ -252,7 +252,7 @@ impl Blocktime {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VcpuBlocktime {
     /// The client that declared it.
-    pub client: u64,
+    pub client: ClientId,
     /// Its thread id (in the client's pid namespace).
     pub tid: u32,
     /// Its remote faults that were resolved.

@@ -199,7 +199,7 @@ mod tests {
         dist[3] = 2;
         r.blocktime = BlocktimeReport {
             vcpus: vec![VcpuBlocktime {
-                client: 1,
+                client: crate::client_id::ClientId(1),
                 tid: 42,
                 faults: 2,
                 latency_ns: 20_000,

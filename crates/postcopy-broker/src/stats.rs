@@ -109,7 +109,7 @@ pub struct ClientStats {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClientStatus {
     /// Client id.
-    pub id: u64,
+    pub id: crate::client_id::ClientId,
     /// Name (idstr).
     pub name: String,
     /// "shared" or "private".
@@ -219,7 +219,7 @@ pub struct PendingRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PendingWaiter {
     /// Client id.
-    pub client: u64,
+    pub client: crate::client_id::ClientId,
     /// Page address in the client.
     pub addr: u64,
     /// How long it has waited, in milliseconds.
@@ -393,7 +393,7 @@ mod tests {
         let mut stats = ClientStats::default();
         stats.latency.record(id * 1000);
         ClientStatus {
-            id,
+            id: crate::client_id::ClientId(id),
             name: format!("c{id}"),
             kind: "shared".into(),
             pid: Some(1),
@@ -422,14 +422,14 @@ mod tests {
         assert_eq!(r.clients_omitted, 0);
         assert!(!r.departed.is_empty() && r.departed.len() < 20, "{}", r.departed.len());
         assert_eq!(r.departed.len() as u64 + r.departed_omitted, 256);
-        assert_eq!(r.departed.last().unwrap().id, 355, "the newest departed are kept, in order");
+        assert_eq!(r.departed.last().unwrap().id.0, 355, "the newest departed are kept, in order");
         assert!(r.departed.windows(2).all(|w| w[0].id < w[1].id));
         let mut tiny = full.clone();
         tiny.fit(20 * one);
         assert!(json_len(&tiny) <= 20 * one);
         assert!(tiny.clients.len() < 20 && tiny.departed.is_empty());
         assert_eq!(tiny.clients_omitted, 50 - tiny.clients.len() as u64);
-        assert_eq!(tiny.clients.first().unwrap().id, 1);
+        assert_eq!(tiny.clients.first().unwrap().id.0, 1);
         assert!(render(&tiny).contains("not listed"));
     }
 }

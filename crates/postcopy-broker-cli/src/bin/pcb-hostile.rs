@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use postcopy_broker::client_id::ClientId;
 use postcopy_broker::control::frame::encode_message;
 use postcopy_broker::control::{
     send_firecracker_handshake, ClientKind, ControlClient, ControlError, FcRegion, MappingSpec, Request,
@@ -118,7 +119,7 @@ fn register(
 
 fn unregister(path: &str, client: u64) -> Result<serde_json::Value, String> {
     let mut c = ControlClient::connect(path).map_err(|e| e.to_string())?;
-    Ok(match c.unregister(client) {
+    Ok(match c.unregister(ClientId(client)) {
         Ok(()) => json!({"unregistered": client}),
         Err(ControlError::Remote { code, message }) => json!({"code": code, "message": message}),
         Err(e) => return Err(e.to_string()),

@@ -85,7 +85,7 @@ impl Client {
     /// The status line of this client.
     pub fn status(&self) -> ClientStatus {
         ClientStatus {
-            id: self.id.0,
+            id: self.id,
             name: self.name.clone(),
             kind: match self.kind() {
                 ClientKind::Shared => "shared".into(),

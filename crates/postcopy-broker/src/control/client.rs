@@ -13,6 +13,7 @@ use super::fdpass::{recv_with_fds, send_all};
 use super::frame::{encode, encode_message, Frame, FrameDecoder, MAX_FDS};
 use super::message::decode_response;
 use super::protocol::{BlockInfo, ClientKind, MappingSpec, Request, Response, PROTOCOL_VERSION};
+use crate::client_id::ClientId;
 
 /// How long the client waits for a reply by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,7 +34,7 @@ pub struct ControlClient {
     decoder: FrameDecoder,
     buf: Vec<u8>,
     /// The clients of a `postcopy_end` notification, once one came.
-    ended: Option<Vec<u64>>,
+    ended: Option<Vec<ClientId>>,
 }
 
 impl AsFd for ControlClient {
@@ -115,26 +116,27 @@ impl ControlClient {
     pub fn recv_response(&mut self) -> Result<(Response, Vec<OwnedFd>), ControlError> {
         loop {
             match self.recv_message()? {
-                (Response::PostcopyEnd { clients }, _) => self.ended = Some(clients),
+                (Response::PostcopyEnd { clients }, _) => self.ended = Some(ids(clients)),
                 other => return Ok(other),
             }
         }
     }
 
     /// The clients of the broker's `postcopy_end` notification, if one came with a response.
-    pub fn postcopy_ended(&self) -> Option<&[u64]> {
+    pub fn postcopy_ended(&self) -> Option<&[ClientId]> {
         self.ended.as_deref()
     }
 
     /// Wait (within the reply timeout) for the broker's `postcopy_end` notification, with no
     /// request outstanding; returns the clients it names. Then the peer must unregister those
     /// clients' ranges from their userfaultfds, close them, and send `unregister` for each.
-    pub fn wait_postcopy_end(&mut self) -> Result<Vec<u64>, ControlError> {
+    pub fn wait_postcopy_end(&mut self) -> Result<Vec<ClientId>, ControlError> {
         if let Some(c) = &self.ended {
             return Ok(c.clone());
         }
         match self.recv_message()? {
             (Response::PostcopyEnd { clients }, _) => {
+                let clients = ids(clients);
                 self.ended = Some(clients.clone());
                 Ok(clients)
             }
@@ -203,7 +205,7 @@ impl ControlClient {
         pid: Option<u32>,
         mappings: &[MappingSpec],
         uffd: BorrowedFd<'_>,
-    ) -> Result<u64, ControlError> {
+    ) -> Result<ClientId, ControlError> {
         self.register_with_vcpus(name, kind, pid, mappings, &[], uffd)
     }
 
@@ -217,7 +219,7 @@ impl ControlClient {
         mappings: &[MappingSpec],
         vcpu_tids: &[u32],
         uffd: BorrowedFd<'_>,
-    ) -> Result<u64, ControlError> {
+    ) -> Result<ClientId, ControlError> {
         let req = Request::Register {
             name: name.to_string(),
             kind,
@@ -226,14 +228,14 @@ impl ControlClient {
             vcpu_tids: vcpu_tids.to_vec(),
         };
         match self.call(&req, &[uffd])?.0 {
-            Response::Registered { client } => Ok(client),
+            Response::Registered { client } => Ok(ClientId(client)),
             other => Err(unexpected("registered", &other)),
         }
     }
 
     /// Unregister a client.
-    pub fn unregister(&mut self, client: u64) -> Result<(), ControlError> {
-        match self.call(&Request::Unregister { client }, &[])?.0 {
+    pub fn unregister(&mut self, client: ClientId) -> Result<(), ControlError> {
+        match self.call(&Request::Unregister { client: client.0 }, &[])?.0 {
             Response::Ok => Ok(()),
             other => Err(unexpected("ok", &other)),
         }
@@ -304,4 +306,8 @@ fn unexpected(expected: &'static str, got: &Response) -> ControlError {
         .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
         .unwrap_or_else(|| "an unreadable reply".into());
     ControlError::UnexpectedReply { expected, got }
+}
+/// Client ids as the wire carries them (plain numbers), typed.
+fn ids(wire: Vec<u64>) -> Vec<ClientId> {
+    wire.into_iter().map(ClientId).collect()
 }

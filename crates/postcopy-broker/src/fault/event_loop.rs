@@ -115,6 +115,8 @@ enum Command {
     Unregister(ClientId, Sender<Result<()>>),
     Status(Sender<StatusReport>),
     Stop,
+    /// Start (true) or stop (false) the background fill now.
+    Background(bool),
     /// The migration is complete: tell control clients, then stop (see `ending`).
     End,
 }
@@ -173,6 +175,8 @@ pub(crate) struct Loop {
     /// Final statistics of clients that are gone.
     departed: std::collections::VecDeque<crate::stats::ClientStatus>,
     pub(crate) stop: bool,
+    /// Whether the background fill runs (it also waits for `background_after_clients`).
+    background: bool,
     /// After [`BrokerHandle::finish_complete`]: the clients told `postcopy_end` not gone yet.
     pub(crate) ending: Option<super::ending::Ending>,
 }
@@ -328,7 +332,7 @@ impl Loop {
                         waiters: ws
                             .iter()
                             .map(|w| PendingWaiter {
-                                client: w.client.0,
+                                client: w.client,
                                 addr: w.addr,
                                 waiting_ms: u64::try_from(w.since.elapsed().as_millis()).unwrap_or(u64::MAX),
                             })
@@ -362,8 +366,24 @@ impl Loop {
                 let _ = reply.send(self.status());
             }
             Command::Stop => self.stop = true,
+            Command::Background(on) => self.set_background(on),
             Command::End => self.begin_end(),
         }
+    }
+
+    /// Start or stop the background fill. Started by the embedder it runs at once, whatever
+    /// `background_after_clients` said; a source that has nothing to pull (a network source
+    /// whose sender pushes) is left alone.
+    fn set_background(&mut self, on: bool) {
+        if on && !self.source.wants_background_pull() {
+            log::info!("background fill asked for, but the page source pushes its pages itself");
+            return;
+        }
+        if on {
+            self.config.background_after_clients = 0;
+        }
+        log::info!("background fill {}", if on { "started" } else { "stopped" });
+        self.background = on;
     }
 
     /// Read every queued message of a uffd and handle them in order.
@@ -455,11 +475,11 @@ impl Loop {
         failpoint()?;
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
         let chunk = if self.config.background_chunk == 0 { 256 << 10 } else { self.config.background_chunk };
-        let mut background = self.config.background && self.source.wants_background_pull();
+        self.background = self.config.background && self.source.wants_background_pull();
         let mut conns = Vec::new();
         while !self.stop {
             let bg_now =
-                background && self.core.stats.clients_registered >= self.config.background_after_clients;
+                self.background && self.core.stats.clients_registered >= self.config.background_after_clients;
             // Control connections with work left in their buffers are invisible to epoll: poll.
             let busy =
                 bg_now || !self.core.deferred.is_empty() || self.config.busy_poll || !self.resume.is_empty();
@@ -490,7 +510,7 @@ impl Loop {
             self.serve_conns(&conns);
             self.resume_accepting();
             if n == 0 && bg_now {
-                background = self.core.background_step(self.source.as_mut(), chunk);
+                self.background = self.core.background_step(self.source.as_mut(), chunk);
                 self.core.flush_wakes();
             }
             if !self.core.deferred.is_empty() && n == 0 {
@@ -586,6 +606,7 @@ impl Broker {
             held_children: HashMap::new(),
             departed: Default::default(),
             stop: false,
+            background: false,
             ending: None,
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
@@ -642,6 +663,16 @@ impl BrokerHandle {
             Some(t) => t.join().map_err(|_| Error::Invalid("the fault loop thread panicked".into()))?,
             None => Err(Error::Invalid("already stopped".into())),
         }
+    }
+
+    /// Start (`true`) or stop (`false`) the background fill, at any time while the loop runs:
+    /// stopped, only pages somebody faults on (demand) are fetched; started, the loop pulls the
+    /// missing pages in the background whenever it is idle, until every page is there (it stops
+    /// by itself then, and can be started again after a discard). Overrides
+    /// [`BrokerConfig::background`] and `background_after_clients`. Returns once the loop has
+    /// been told; it takes effect at its next round.
+    pub fn set_background(&self, on: bool) -> Result<()> {
+        self.send(Command::Background(on))
     }
 
     /// Whether every page of every block has been received.

@@ -524,6 +524,18 @@ impl RamBlock {
 
 /// The page size of shared memory behind `fd`: 4 KiB on tmpfs (memfds included), the huge page
 /// size on hugetlbfs; None on file systems where userfaultfd MISSING faults do not work.
+/// The page size of the shared memory `fd` (a memfd, or a file on tmpfs or hugetlbfs), to make
+/// a block of it with [`RamBlock::from_fd`]; an error for any other kind of file.
+pub fn shared_memory_page_size(fd: BorrowedFd<'_>) -> Result<u64> {
+    shared_page_size(fd).ctx(|| "statfs of a guest memory fd".into())?.ok_or_else(|| {
+        Error::Invalid(
+            "guest memory fd is not shared memory on tmpfs or hugetlbfs; use a memfd (memfd_create) \
+             or a file under /dev/shm or a hugetlbfs mount"
+                .into(),
+        )
+    })
+}
+
 fn shared_page_size(fd: BorrowedFd<'_>) -> nix::Result<Option<u64>> {
     let st = nix::sys::statfs::fstatfs(fd)?;
     #[allow(clippy::unnecessary_cast)]

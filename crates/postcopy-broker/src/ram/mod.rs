@@ -8,7 +8,7 @@ mod hugepool;
 mod mapping;
 
 pub use bitmap::AtomicBitmap;
-pub use block::{Backing, RamBlock, HUGE_1G, HUGE_2M, SMALL_PAGE};
+pub use block::{shared_memory_page_size, Backing, RamBlock, HUGE_1G, HUGE_2M, SMALL_PAGE};
 pub use hugepool::{pool as huge_pool, pools as huge_pools, HugePool};
 pub use mapping::Mapping;
 

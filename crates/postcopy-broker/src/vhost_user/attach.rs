@@ -5,14 +5,13 @@
 
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::info;
 
+use crate::client_id::ClientId;
 use crate::control::{ClientKind, ControlClient, MappingSpec};
 use crate::error::{Error, Result};
-use crate::ram::RamBlock;
 use crate::uffd::{feature, Uffd};
 use crate::vhost_user::guest::GuestRam;
 
@@ -26,7 +25,7 @@ pub struct BrokerSession {
     /// Kept open while postcopy runs: closing it would let the kernel fill missing pages of the
     /// VMM's mapping with zeros.
     _uffd: Uffd,
-    client: u64,
+    client: ClientId,
     blocks: Vec<String>,
     done: bool,
 }
@@ -53,16 +52,15 @@ impl BrokerSession {
             let fd = fd.ok_or_else(|| {
                 Error::Invalid(format!("the broker sent block '{}' without its fd", info.name))
             })?;
-            let block = Arc::new(RamBlock::from_fd(&info.name, fd, info.size, info.page_size)?);
-            uffd.register_missing(block.host_addr(), block.size())
+            let addr = ram.add_fd(gpa, &info.name, fd.as_fd(), info.size, info.page_size)?;
+            uffd.register_missing(addr, info.size)
                 .map_err(|e| Error::io(format!("register block '{}' with {name}'s uffd", info.name), e))?;
             specs.push(MappingSpec {
-                client_addr: block.host_addr(),
+                client_addr: addr,
                 block: info.name.clone(),
                 offset: 0,
                 len: info.size,
             });
-            ram.add(gpa, block)?;
             gpa += info.size;
             names.push(info.name);
         }
@@ -78,7 +76,7 @@ impl BrokerSession {
     }
 
     /// This process's client id.
-    pub fn client(&self) -> u64 {
+    pub fn client(&self) -> ClientId {
         self.client
     }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use log::info;
 
+use crate::client_id::ClientId;
 use crate::error::{Error, Result};
 use crate::fault::BrokerHandle;
 use crate::notify::Notifiers;
@@ -23,7 +24,7 @@ use crate::vhost_user::virtq::VIRTIO_F_VERSION_1;
 struct Attached {
     socket: PathBuf,
     conn: Arc<Mutex<BackendConn>>,
-    client: Option<u64>,
+    client: Option<ClientId>,
 }
 
 /// The backends the daemon is the frontend of.
@@ -85,7 +86,7 @@ impl DaemonBackends {
 
     /// Run the postcopy handshake with each backend over the memfds of `blocks`, registering it
     /// with the running fault loop before the ack. Returns the client ids.
-    pub fn register_all(&mut self, handle: &BrokerHandle, blocks: &RamBlocks) -> Result<Vec<u64>> {
+    pub fn register_all(&mut self, handle: &BrokerHandle, blocks: &RamBlocks) -> Result<Vec<ClientId>> {
         let regions = regions_of(blocks)?;
         let names = block_names_by_fd(&regions, blocks)?;
         let mut ids = Vec::new();

@@ -26,7 +26,7 @@ pub mod virtq;
 pub use attach::BrokerSession;
 pub use blk::{BlkConfig, BlkDriver, BlkRequest, BlkRequestKind};
 pub use frontend::{BackendConn, MemRegion, Negotiation, VringSetup};
-pub use guest::{BlockSums, GuestRam};
+pub use guest::{BlockSums, GuestBlock, GuestRam};
 pub use net::{NetDriver, RxBuf, RxUsed};
 pub use postcopy::{BackendPostcopy, ClientMapping, Handshake};
 pub use register::{BrokerLink, RegisteredBackend};

@@ -103,7 +103,7 @@ pub fn register_backend(
     name: &str,
     pc: &BackendPostcopy,
     block_names: &[Option<String>],
-) -> Result<u64> {
+) -> Result<ClientId> {
     let pid = pc.pid.and_then(|p| u32::try_from(p).ok());
     match link {
         BrokerLink::InProcess { handle, blocks } => {
@@ -111,7 +111,7 @@ pub fn register_backend(
             let uffd = pc.uffd.try_clone().ctx(|| format!("dup the uffd of backend {name}"))?;
             let reg =
                 Registration { name: name.to_string(), uffd, pid, map: RegistrationMap::Shared(entries) };
-            Ok(handle.register(reg)?.0)
+            handle.register(reg)
         }
         BrokerLink::Control(client) => {
             let specs = mapping_specs(pc, block_names)?;
@@ -127,7 +127,7 @@ pub struct RegisteredBackend {
     /// Its uffd and mapping table.
     pub postcopy: BackendPostcopy,
     /// The broker's client id.
-    pub client: u64,
+    pub client: ClientId,
 }
 
 /// The whole handshake with registration in the right place: steps 1-5, register with the
@@ -147,10 +147,10 @@ pub fn handshake_and_register(
 
 /// Postcopy is over: POSTCOPY_END to the backend (it unregisters and closes its uffd), then the
 /// broker drops the client. Both steps are tried; the first error is returned.
-pub fn end_and_unregister(conn: &mut BackendConn, link: &mut BrokerLink<'_>, client: u64) -> Result<()> {
+pub fn end_and_unregister(conn: &mut BackendConn, link: &mut BrokerLink<'_>, client: ClientId) -> Result<()> {
     let ended = postcopy::end(conn);
     let dropped = match link {
-        BrokerLink::InProcess { handle, .. } => handle.unregister(ClientId(client)),
+        BrokerLink::InProcess { handle, .. } => handle.unregister(client),
         BrokerLink::Control(c) => c.unregister(client).map_err(Error::from),
     };
     ended.and(dropped)
