@@ -23,6 +23,7 @@ features:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --lib
 
 # The benchmark against the reference floor programs (BENCH_ARGS="--runs 3" to vary it).
 bench: setup

@@ -1,5 +1,5 @@
 //! The `postcopy-broker` daemon and command line as a library of its own: one module per
-//! subcommand ([`cli`]), the benchmark ([`bench`]) and systemd's socket activation and readiness
+//! subcommand ([`cli`]), the benchmark ([`bench`](mod@bench)) and systemd's socket activation and readiness
 //! ([`systemd`]). The binaries and the examples of this package use it; the broker itself is the
 //! `postcopy_broker` crate.
 

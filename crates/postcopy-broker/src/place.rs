@@ -218,7 +218,7 @@ impl Placer {
     }
 
     /// Place zero pages over `[offset, offset+len)`: a hole of an fd-backed block is allocated
-    /// with one fallocate (see [`RamBlock::allocate_zero_hole`]); otherwise one UFFDIO_ZEROPAGE
+    /// with one fallocate (see `RamBlock::allocate_zero_hole`); otherwise one UFFDIO_ZEROPAGE
     /// where the block supports it, or UFFDIO_COPY from a zeroed staging page (hugetlbfs).
     pub fn place_zero(&self, blocks: &RamBlocks, id: BlockId, offset: u64, len: u64) -> Result<Placed> {
         let b = block(blocks, id)?;

@@ -13,7 +13,7 @@ pub enum Format {
     Text,
     /// The report as the broker sent it (pretty-printed JSON).
     Json,
-    /// The OpenMetrics text exposition ([`postcopy_broker::openmetrics`]).
+    /// The OpenMetrics text exposition (the library's `openmetrics` module).
     Openmetrics,
 }
 

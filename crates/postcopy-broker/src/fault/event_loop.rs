@@ -655,7 +655,7 @@ impl BrokerHandle {
 
     /// End a complete migration: send every control connection with live clients a
     /// `postcopy_end` notification, keep serving their faults and events until each has
-    /// unregistered or gone (at most [`END_GRACE`](super::ending::END_GRACE)), then stop. Only
+    /// unregistered or gone (at most `END_GRACE`), then stop. Only
     /// when every page is present: a client that unregisters reads holes as zeros.
     pub fn finish_complete(mut self) -> Result<StatusReport> {
         let _ = self.send(Command::End);

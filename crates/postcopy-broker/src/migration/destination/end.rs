@@ -3,7 +3,7 @@
 //! Complete and waits for the source's CompleteAck (`CAP_COMPLETE_ACK`). When the connection is
 //! gone, the write fails or no confirmation comes, it lingers: the gate stays open for
 //! [`DestinationOptions::end_linger`](super::DestinationOptions::end_linger) and a resume of the
-//! same session (authenticated and bound like every resume, [`Link`]) is answered with the
+//! same session (authenticated and bound like every resume, `resume::Link`) is answered with the
 //! received bitmaps, all set: the source has nothing to send, sends its digests and Complete
 //! again, the destination checks the digests, answers Complete and reads the confirmation. A
 //! destination that gets no confirmation at all still has the whole RAM: it ends successfully

@@ -462,7 +462,7 @@ impl Transport {
     }
 
     /// Open the records of this connection on a thread of its own from now on, ahead of the
-    /// reads (see [`readahead`]): for a bulk connection whose reader has other work per byte. A
+    /// reads (see the `readahead` module): for a bulk connection whose reader has other work per byte. A
     /// plaintext connection has nothing to open and stays as it is; a second call does nothing.
     pub fn read_ahead(&self) -> io::Result<()> {
         let Some(sealer) = &self.inner.sealer else { return Ok(()) };

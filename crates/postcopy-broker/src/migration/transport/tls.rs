@@ -19,7 +19,7 @@
 //! finds out only at its first read). Then both ends take the traffic keys and sequence numbers
 //! out of rustls (`dangerous_extract_secrets`, the step that hands a connection to kernel TLS;
 //! this kernel has no kernel TLS) and protect the records with the negotiated suite's own rustls
-//! record ciphers ([`Records`]): standard TLS 1.3 application records of at most 16 KiB, opened
+//! record ciphers (`Records`): standard TLS 1.3 application records of at most 16 KiB, opened
 //! in place in the receive buffer and sealed straight into the send buffer, one direction
 //! independent of the other (the sender and receiver of a connection never wait for each
 //! other). Keys are not updated: a connection that reaches the suite's confidentiality limit
