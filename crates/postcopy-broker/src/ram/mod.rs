@@ -6,6 +6,7 @@ mod block;
 mod foreign;
 mod hugepool;
 mod mapping;
+pub mod residency;
 
 pub use bitmap::AtomicBitmap;
 pub use block::{Backing, RamBlock, HUGE_1G, HUGE_2M, SMALL_PAGE};
