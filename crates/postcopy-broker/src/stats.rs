@@ -199,6 +199,9 @@ pub struct StatusReport {
     /// The exact sums behind `postcopy`, per declared vCPU.
     #[serde(default)]
     pub blocktime: crate::blocktime::BlocktimeReport,
+    /// Set in a broker restarted during postcopy: what it rebuilt (docs/recovery.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<crate::fault::park::Restart>,
 }
 
 /// Most outstanding requests listed in [`StatusReport::pending`].

@@ -120,6 +120,11 @@ impl Registry {
         id
     }
 
+    /// Keep `id` (a client taken back after a restart) from being handed out again.
+    pub fn reserve_id(&mut self, id: ClientId) {
+        self.next = self.next.max(id.0 + 1);
+    }
+
     /// Add a client (its id from [`Registry::next_id`]).
     pub fn insert(&mut self, c: Client) {
         self.clients.insert(c.id, c);

@@ -379,6 +379,7 @@ impl Loop {
             exits_with_conn = !self.watch_peer(conn, cid);
         }
         self.owners.insert(cid, Owner { uid: creds.uid, conn, exits_with_conn, parent: None });
+        self.park(cid);
         Ok(cid)
     }
 

@@ -82,6 +82,11 @@ pub struct BrokerConfig {
     pub grants: HashMap<u32, Vec<String>>,
     /// What one control-socket peer may make the broker hold.
     pub limits: ControlLimits,
+    /// Where every client's record and fds are parked for a restart (see [`super::park`]).
+    pub parking: Option<Arc<dyn super::park::ClientParking>>,
+    /// This loop runs in a broker restarted during postcopy: what was rebuilt so far (the
+    /// adoptions add to it); reported in the status.
+    pub restart: Option<super::park::Restart>,
 }
 
 /// Why a client stops being served.
@@ -114,6 +119,7 @@ enum Command {
     Register(Registration, Sender<Result<ClientId>>),
     Unregister(ClientId, Sender<Result<()>>),
     Status(Sender<StatusReport>),
+    Adopt(Box<super::park::Adoption>, Sender<Result<u64>>),
     Stop,
     /// The migration is complete: tell control clients, then stop (see `ending`).
     End,
@@ -175,6 +181,8 @@ pub(crate) struct Loop {
     pub(crate) stop: bool,
     /// After [`BrokerHandle::finish_complete`]: the clients told `postcopy_end` not gone yet.
     pub(crate) ending: Option<super::ending::Ending>,
+    /// What the restart rebuilt (a restarted broker only).
+    pub(crate) restart: Option<super::park::Restart>,
 }
 
 impl Loop {
@@ -277,6 +285,7 @@ impl Loop {
         }
         self.owners.remove(id);
         drop(c); // closes its uffd and pidfd
+        self.unpark(id);
         self.held_children.remove(&id); // closes the held children's uffds
         for child in self.owners.children_of(id) {
             self.retire(child, Departure::WithParent);
@@ -340,6 +349,7 @@ impl Loop {
             departed_omitted: 0,
             postcopy: blocktime.qemu(),
             blocktime,
+            restart: self.restart.clone(),
         }
     }
 
@@ -347,6 +357,16 @@ impl Loop {
         match cmd {
             Command::Register(reg, reply) => {
                 let r = self.register(reg);
+                if let Ok(id) = &r {
+                    self.park(*id);
+                }
+                let _ = reply.send(r);
+            }
+            Command::Adopt(a, reply) => {
+                let r = self.adopt(*a);
+                if r.is_err() {
+                    self.lost_in_restart();
+                }
                 let _ = reply.send(r);
             }
             Command::Unregister(id, reply) => {
@@ -568,6 +588,7 @@ impl Broker {
             (None, Some(path)) => Some(ControlListener::bind(path, uids)?),
             (None, None) => None,
         };
+        let restart = config.restart.clone();
         let lp = Loop {
             epfd,
             event: Arc::clone(&event),
@@ -587,6 +608,7 @@ impl Broker {
             departed: Default::default(),
             stop: false,
             ending: None,
+            restart,
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
@@ -615,6 +637,14 @@ impl BrokerHandle {
     pub fn register(&self, reg: Registration) -> Result<ClientId> {
         let (tx, rx) = mpsc::channel();
         self.send(Command::Register(reg, tx))?;
+        rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))?
+    }
+
+    /// Serve a client parked by a broker that died (same id) and wake every range it
+    /// registered; returns the threads that were blocked in a userfault (see [`super::park`]).
+    pub fn adopt(&self, a: super::park::Adoption) -> Result<u64> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Adopt(Box::new(a), tx))?;
         rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))?
     }
 

@@ -13,6 +13,7 @@ mod event_loop;
 mod fork;
 mod grants;
 mod limits;
+pub mod park;
 mod pending;
 mod private;
 mod unplaced;

@@ -1,0 +1,208 @@
+//! Clients across a restart of the broker. The fault loop tells a [`ClientParking`] about every
+//! client it serves (its record and its fds, to be kept outside the process, e.g. in a service
+//! manager's fd store) and about every client whose fds it released; a broker restarted during
+//! postcopy takes the parked clients back ([`Adoption`], [`BrokerHandle::adopt`]) and wakes
+//! every range they registered, so threads blocked in faults that the dead broker had read fault
+//! again into the new one ([`crate::migration::destination`] rebuilds the rest).
+//!
+//! [`BrokerHandle::adopt`]: crate::fault::BrokerHandle::adopt
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{AddressMap, Client, ClientId, MappingEntry, MappingTable, PrivateRegion, PrivateTable};
+use crate::error::{Error, Result};
+use crate::fault::event_loop::{pidfd_open, set_nonblocking, token, Loop, K_PIDFD, K_UFFD};
+use crate::fault::limits::Owner;
+use crate::uffd::Uffd;
+
+/// What a restarted broker needs to know of a client besides its fds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedClient {
+    /// Its id (kept across the restart).
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// Its pid, when the broker could see it.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The uid of the control peer that registered it (None: registered in-process).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Its shared mappings (block ids are wire order).
+    #[serde(default)]
+    pub shared: Vec<MappingEntry>,
+    /// Its private regions.
+    #[serde(default)]
+    pub private: Vec<PrivateRegion>,
+}
+
+impl ParkedClient {
+    /// Every range of the client's address space the broker serves.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        let shared = self.shared.iter().map(|e| (e.client_addr, e.len));
+        shared.chain(self.private.iter().map(|r| (r.client_addr, r.len))).collect()
+    }
+}
+
+/// Keeps clients' fds outside the broker (see the module doc). Called on the fault loop thread:
+/// implementations must be quick and must not call back into the loop.
+pub trait ClientParking: Send + Sync + std::fmt::Debug {
+    /// The loop serves `client` now, through `uffd`, watching its exit through `pidfd`.
+    fn park(&self, client: &ParkedClient, uffd: BorrowedFd<'_>, pidfd: Option<BorrowedFd<'_>>);
+    /// The loop released the client's fds (it exited or unregistered itself).
+    fn release(&self, id: ClientId);
+}
+
+/// A parked client to serve again.
+#[derive(Debug)]
+pub struct Adoption {
+    /// Its record.
+    pub client: ParkedClient,
+    /// Its userfaultfd.
+    pub uffd: OwnedFd,
+    /// Its pidfd, if one was parked (else one is opened from the pid, if any).
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// What a restart rebuilt, for the status and the summary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Restart {
+    /// Milliseconds from the dead broker's last sign of life to the new one serving its clients.
+    pub downtime_ms: u64,
+    /// Pages found present in the parked blocks (the rebuilt received bitmap).
+    pub pages_rebuilt: u64,
+    /// Clients taken back from the parked fds.
+    pub clients_adopted: u64,
+    /// Parked clients that could not be taken back (their process is gone, or a bad record).
+    pub clients_lost: u64,
+    /// Client ranges woken after the adoption.
+    pub ranges_woken: u64,
+    /// Client threads that were blocked in a userfault when they were woken (faults the dead
+    /// broker had read, or that queued while no broker ran).
+    pub faults_rewoken: u64,
+}
+
+/// Threads of `pid` blocked in a userfault right now (their wchan is `handle_userfault`).
+fn blocked_in_userfault(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    let blocked = tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.trim() == "handle_userfault")
+        })
+        .count();
+    u64::try_from(blocked).unwrap_or(u64::MAX)
+}
+
+impl Loop {
+    /// The record of a client the loop serves.
+    fn parked_record(&self, id: ClientId) -> Option<ParkedClient> {
+        let c = self.core.clients.get(id)?;
+        let (shared, private) = match &c.map {
+            AddressMap::Shared(t) => (t.entries().to_vec(), Vec::new()),
+            AddressMap::Private(t) => (Vec::new(), t.regions().to_vec()),
+        };
+        Some(ParkedClient {
+            id: id.0,
+            name: c.name.clone(),
+            pid: c.pid,
+            uid: self.owners.get(id).map(|o| o.uid),
+            shared,
+            private,
+        })
+    }
+
+    /// Tell the parking about a client the loop now serves.
+    pub(crate) fn park(&self, id: ClientId) {
+        let (Some(p), Some(record)) = (&self.config.parking, self.parked_record(id)) else { return };
+        if let Some(c) = self.core.clients.get(id) {
+            p.park(&record, c.uffd.as_fd(), c.pidfd.as_ref().map(AsFd::as_fd));
+        }
+    }
+
+    /// Tell the parking that a client's fds are released.
+    pub(crate) fn unpark(&self, id: ClientId) {
+        if let Some(p) = &self.config.parking {
+            p.release(id);
+        }
+    }
+
+    /// Serve a parked client again (same id), then wake every range it registered. Returns the
+    /// threads that were blocked in a userfault when woken.
+    pub(crate) fn adopt(&mut self, a: Adoption) -> Result<u64> {
+        let Adoption { client: rec, uffd, pidfd } = a;
+        let id = ClientId(rec.id);
+        if self.core.clients.get(id).is_some() {
+            return Err(Error::Invalid(format!("client {} is served already", rec.id)));
+        }
+        crate::uffd::check_userfaultfd(uffd.as_raw_fd())
+            .map_err(|what| Error::NotAUserfaultfd { client: rec.name.clone(), what })?;
+        let map = if rec.private.is_empty() {
+            AddressMap::Shared(MappingTable::new(&self.core.blocks, rec.shared.clone())?)
+        } else {
+            let len = self.core.image.as_ref().map_or(0, |i| i.len());
+            AddressMap::Private(PrivateTable::new(rec.private.clone(), len)?)
+        };
+        let pidfd = match (pidfd, rec.pid) {
+            (Some(fd), _) => Some(fd),
+            (None, Some(pid)) => Some(pidfd_open(pid).map_err(|e| Error::io(format!("pidfd_open of pid {pid}"), e))?),
+            (None, None) => None,
+        };
+        set_nonblocking(uffd.as_raw_fd())?;
+        self.add(uffd.as_raw_fd(), token(K_UFFD, id.0))?;
+        if let Some(p) = &pidfd {
+            if let Err(e) = self.add(p.as_raw_fd(), token(K_PIDFD, id.0)) {
+                self.del(uffd.as_raw_fd());
+                return Err(e);
+            }
+        }
+        self.core.clients.reserve_id(id);
+        let ranges = rec.ranges();
+        let client = Client {
+            id,
+            name: rec.name.clone(),
+            uffd: Uffd::adopt(uffd),
+            pid: rec.pid,
+            pidfd,
+            map,
+            stats: Default::default(),
+            repeat: Default::default(),
+        };
+        // Counted before the wake: a woken thread leaves handle_userfault at once.
+        let blocked = rec.pid.map_or(0, blocked_in_userfault);
+        for &(start, len) in &ranges {
+            if let Err(e) = client.uffd.wake(start, len) {
+                log::warn!("client {} '{}': waking {start:#x}+{len:#x}: {e}", id.0, rec.name);
+            }
+        }
+        self.core.clients.insert(client);
+        if let Some(uid) = rec.uid {
+            // Connection 0 is none: the peer's connection died with the old broker.
+            self.owners.insert(id, Owner { uid, conn: 0, exits_with_conn: false, parent: None });
+        }
+        self.core.stats.clients_registered += 1;
+        if let Some(r) = self.restart.as_mut() {
+            r.clients_adopted += 1;
+            r.ranges_woken += ranges.len() as u64;
+            r.faults_rewoken += blocked;
+        }
+        log::info!(
+            "client {} '{}' (pid {:?}) taken back after the restart: {} range(s) woken, {blocked} thread(s) were blocked in a fault",
+            id.0,
+            rec.name,
+            rec.pid,
+            ranges.len()
+        );
+        self.park(id);
+        Ok(blocked)
+    }
+
+    /// A parked client that could not be taken back.
+    pub(crate) fn lost_in_restart(&mut self) {
+        if let Some(r) = self.restart.as_mut() {
+            r.clients_lost += 1;
+        }
+    }
+}
