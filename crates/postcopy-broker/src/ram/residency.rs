@@ -3,14 +3,19 @@
 //! is atomic (a page appears whole through UFFDIO_COPY / UFFDIO_ZEROPAGE, or a fallocate of a
 //! zero page), so a present page is a complete page, and a hole is a page that never arrived.
 //!
-//! - Small-page memfds (tmpfs): `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)` on a fresh open of the
-//!   fd (`/proc/self/fd/N`, so that the file position of the description shared with the VMM
-//!   and the clients does not move). Swapped-out pages count as data, as they should.
+//! The probe that decides: the block is mapped once more, registered with a userfaultfd of its
+//! own with `UFFD_FEATURE_SIGBUS` (a missing fault fails instead of waiting), and a page is
+//! populated with `MADV_POPULATE_READ`: a present page maps, a hole returns EFAULT without
+//! allocating anything. Exactly what a client's fault would find.
+//!
+//! - Small-page memfds (tmpfs): `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)` (on a fresh open of the
+//!   fd, `/proc/self/fd/N`, so that the file position of the description shared with the VMM
+//!   and the clients does not move) finds the written pages at once (swapped-out pages count
+//!   as data, as they should); only the pages in its holes are probed, because a zero page
+//!   allocated with fallocate is present (a client reads it without a fault) but not yet
+//!   "uptodate", and SEEK_DATA (like mincore) reports it as a hole.
 //! - hugetlbfs: SEEK_DATA reports everything as data there, and mincore reports page table
-//!   entries, not the page cache. So the block is mapped once more, registered with a
-//!   userfaultfd of its own with `UFFD_FEATURE_SIGBUS` (a missing fault fails instead of
-//!   waiting), and each huge page is populated with `MADV_POPULATE_READ`: a present page maps,
-//!   a hole returns EFAULT without allocating anything.
+//!   entries, not the page cache: every huge page is probed.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -27,8 +32,17 @@ pub fn mark_present(b: &RamBlock) -> Result<u64> {
         Error::Invalid(format!("block '{}' has no shared backing: nothing to rebuild from", b.name()))
     })?;
     let ps = b.page_size();
-    let runs = if ps == SMALL_PAGE { data_runs(fd, b.size()) } else { huge_present(fd, b.size(), ps) }
-        .ctx(|| format!("find the pages present in block '{}'", b.name()))?;
+    let runs = if ps == SMALL_PAGE {
+        data_runs(fd, b.size()).and_then(|data| {
+            let holes = gaps(&data, b.size());
+            let mut runs = data;
+            runs.extend(probe_present(fd, b.size(), ps, &holes)?);
+            Ok(runs)
+        })
+    } else {
+        probe_present(fd, b.size(), ps, &[(0, b.size())])
+    }
+    .ctx(|| format!("find the pages present in block '{}'", b.name()))?;
     let mut n = 0;
     for (off, len) in runs {
         let (first, pages) = (usize_of(off / ps), usize_of(len / ps));
@@ -68,13 +82,33 @@ fn data_runs(fd: BorrowedFd<'_>, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(runs)
 }
 
-/// The present huge pages of a hugetlbfs file (see the module doc), as runs.
-fn huge_present(fd: BorrowedFd<'_>, size: u64, ps: u64) -> io::Result<Vec<(u64, u64)>> {
+/// The complement of sorted, disjoint `runs` in `[0, size)`.
+fn gaps(runs: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &(s, l) in runs {
+        if s > at {
+            out.push((at, s - at));
+        }
+        at = at.max(s + l);
+    }
+    if at < size {
+        out.push((at, size - at));
+    }
+    out
+}
+
+/// The present pages of `ranges` of a shared file (see the module doc), as runs.
+fn probe_present(fd: BorrowedFd<'_>, size: u64, ps: u64, ranges: &[(u64, u64)]) -> io::Result<Vec<(u64, u64)>> {
+    if ranges.is_empty() {
+        return Ok(Vec::new());
+    }
     let map = Mapping::shared(fd, usize_of(size)).map_err(io::Error::other)?;
-    let u = Uffd::open(feature::MISSING_HUGETLBFS | feature::SIGBUS)?;
+    let missing = if ps == SMALL_PAGE { feature::MISSING_SHMEM } else { feature::MISSING_HUGETLBFS };
+    let u = Uffd::open(missing | feature::SIGBUS)?;
     u.register_missing(map.addr(), size)?;
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    for off in (0..size).step_by(usize_of(ps)) {
+    for off in ranges.iter().flat_map(|&(s, l)| (s..s + l).step_by(usize_of(ps))) {
         // SAFETY: the range lies inside our own mapping; MADV_POPULATE_READ only maps pages (a
         // missing one fails with EFAULT through the SIGBUS feature instead of allocating).
         let r = unsafe { libc::madvise(map.as_ptr().add(usize_of(off)).cast(), usize_of(ps), libc::MADV_POPULATE_READ) };
@@ -123,7 +157,20 @@ mod tests {
             write(&b, p, 0x5a);
         }
         write(&b, 30, 0); // a zero page that is present is received too
-        assert_eq!(rebuilt(&b), vec![0, 1, 2, 17, 30, 63]);
+        // Zero pages allocated with fallocate (as zero runs are placed), never written: SEEK_DATA
+        // calls them holes, but a client reads them without a fault.
+        let fd = b.fd().unwrap();
+        nix::fcntl::fallocate(fd.as_raw_fd(), nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE, 40 * 4096, 3 * 4096)
+            .unwrap();
+        assert_eq!(rebuilt(&b), vec![0, 1, 2, 17, 30, 40, 41, 42, 63]);
+        assert_eq!(rebuilt(&b), vec![0, 1, 2, 17, 30, 40, 41, 42, 63], "the check itself allocated no page");
+    }
+
+    #[test]
+    fn gaps_complement_the_runs() {
+        assert_eq!(gaps(&[], 10), vec![(0, 10)]);
+        assert_eq!(gaps(&[(0, 2), (5, 1)], 10), vec![(2, 3), (6, 4)]);
+        assert_eq!(gaps(&[(0, 10)], 10), vec![]);
     }
 
     #[test]
