@@ -69,6 +69,8 @@ struct Keeper {
     child: Child,
     events: Receiver<Value>,
     log: Arc<Mutex<String>>,
+    /// The pid of the broker the keeper started last.
+    broker: Arc<Mutex<u32>>,
 }
 
 impl Keeper {
@@ -84,13 +86,16 @@ impl Keeper {
         pids.lock().unwrap().push(child.id());
         let (tx, rx) = std::sync::mpsc::channel();
         let log = Arc::new(Mutex::new(String::new()));
-        let (err, log2, pids2) = (child.stderr.take().unwrap(), Arc::clone(&log), Arc::clone(pids));
+        let broker = Arc::new(Mutex::new(0));
+        let (err, log2, pids2, broker2) =
+            (child.stderr.take().unwrap(), Arc::clone(&log), Arc::clone(pids), Arc::clone(&broker));
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
                 if let Some(ev) = line.strip_prefix("pcb-keeper: ").and_then(|j| serde_json::from_str::<Value>(j).ok()) {
                     if let Some(pid) = ev["started"].as_u64() {
                         pids2.lock().unwrap().push(pid as u32);
+                        *broker2.lock().unwrap() = pid as u32;
                     }
                     let _ = tx.send(ev);
                 }
@@ -106,7 +111,7 @@ impl Keeper {
         // The rest of stdout (a second `listening` line per restart, the summary) is not needed:
         // the summary comes as JSON. Drain it so the broker never blocks on a full pipe.
         std::thread::spawn(move || for _ in out.lines() {});
-        (Keeper { child, events: rx, log }, addr)
+        (Keeper { child, events: rx, log, broker }, addr)
     }
 
     /// The next event `f` accepts, within `limit`.
@@ -200,15 +205,16 @@ struct Totals {
     pages_rebuilt: u64,
     clients_adopted: u64,
     faults_rewoken: u64,
+    postcopy_end_heard: u64,
     downtimes_ms: Vec<u64>,
 }
 
 #[allow(clippy::too_many_arguments)]
 fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram: &[u8], t: &mut Totals) {
     ensure_free_huge_pages(24);
-    let kills = if rng.below(4) == 0 { 2 } else { 1 };
+    let planned = if rng.below(4) == 0 { 2 } else { 1 };
     // Kill points: when this share (per mille) of the pages has arrived, increasing.
-    let mut at: Vec<u64> = (0..kills).map(|_| 30 + rng.below(820)).collect();
+    let mut at: Vec<u64> = (0..planned).map(|_| 30 + rng.below(720)).collect();
     at.sort_unstable();
     let pids = Arc::new(Mutex::new(Vec::new()));
     let _dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(90));
@@ -255,13 +261,11 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     cl0.go();
     cl1.go();
 
-    let mut broker_pid =
-        keeper.wait(Duration::from_secs(1), "started", |_| true)["started"].as_u64().unwrap_or(0);
-    if broker_pid == 0 {
-        broker_pid = pids.lock().unwrap()[1] as u64;
-    }
+    let mut broker_pid = u64::from(*keeper.broker.lock().unwrap());
+    assert_ne!(broker_pid, 0);
     let mut downtimes = Vec::new();
-    for (k, &permille) in at.iter().enumerate() {
+    let mut kills = 0;
+    for &permille in &at {
         let target = TOTAL_PAGES * permille / 1000;
         let late = loop {
             if let Some(s) = status(&sock, &mut ctl) {
@@ -275,15 +279,21 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
             }
             std::thread::sleep(Duration::from_millis(3));
         };
-        assert!(!late, "run {run}: the migration ended before the kill at {permille}‰");
+        if late {
+            // A starved test process (the machine is shared) can miss the point: the run goes
+            // on with the kills done so far, and the totals must still reach 20 kills.
+            eprintln!("run {run}: the migration ended before the kill at {permille}‰");
+            break;
+        }
         // SAFETY: kill(2) of the broker this test's keeper started.
         assert_eq!(unsafe { libc::kill(broker_pid as i32, libc::SIGKILL) }, 0);
         let killed = Instant::now();
         ctl = None;
-        if k == 0 {
+        if kills == 0 {
             cl0.go();
             cl1.go();
         }
+        kills += 1;
         let started = keeper.wait(Duration::from_secs(10), "restarted", |e| e["started"].is_u64());
         broker_pid = started["started"].as_u64().unwrap();
         keeper.wait(Duration::from_secs(20), "ready after the restart", |e| {
@@ -291,8 +301,16 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
         });
         downtimes.push(killed.elapsed().as_millis() as u64);
     }
+    if kills == 0 {
+        cl0.go();
+        cl1.go();
+    }
 
     let st = keeper.child.wait().unwrap();
+    if let Some(d) = std::env::var_os("PCB_RESTART_LOGS") {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::write(Path::new(&d).join(format!("run-{run}.log")), keeper.log.lock().unwrap().as_bytes());
+    }
     let (l0, l1) = (cl0.finish_within(60), cl1.finish_within(60));
     let src_ok = source.wait().unwrap().success();
     let mut src_err = String::new();
@@ -300,6 +318,13 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     assert!(st.success(), "run {run}: the broker failed ({st})\n{}", keeper.log.lock().unwrap());
     assert!(src_ok, "run {run}: the source failed:\n{src_err}");
 
+    // Both clients lost their control connection with the first broker and reattached to the
+    // restarted one (pcb-client through ControlClient::reattach).
+    for (name, lines) in [("pc.ram", &l0), ("huge", &l1)] {
+        let reattached = lines.iter().any(|l| l["reattached"].is_array());
+        assert!(reattached || kills == 0, "run {run}: client {name} did not reattach: {lines:?}");
+        t.postcopy_end_heard += lines.iter().filter(|l| l["postcopy_end"].is_array()).count() as u64;
+    }
     // The clients read the source's bytes (pages they wrote themselves excepted).
     t.client_reads_checked += check_reads(&l0, ram, 4096, &w0) + check_reads(&l1, hram, HPS, &w1);
 
@@ -323,20 +348,27 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     // The counters: one restart per kill, the rebuilt pages plus those placed after the last
     // restart make up the guest, both clients came back each time, and the source resumed.
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
-    let restarts = summary["restarts"].as_array().unwrap();
+    let none = Vec::new();
+    let restarts = summary["restarts"].as_array().unwrap_or(&none);
     assert_eq!(restarts.len() as u64, kills, "run {run}: {summary}");
-    let last = restarts.last().unwrap();
+    let rebuilt = restarts.last().map_or(0, |r| r["pages_rebuilt"].as_u64().unwrap());
     let placed = summary["demand_pages"].as_u64().unwrap() + summary["background_pages"].as_u64().unwrap();
-    assert_eq!(last["pages_rebuilt"].as_u64().unwrap() + placed, TOTAL_PAGES, "run {run}: {summary}");
-    for r in restarts {
-        assert_eq!(r["clients_adopted"], 2, "run {run}: {r}");
+    assert_eq!(rebuilt + placed, TOTAL_PAGES, "run {run}: {summary}");
+    for (i, r) in restarts.iter().enumerate() {
+        // Both clients wait for the test's word before the first kill; by a later one a client
+        // may have finished its script and exited.
+        let adopted = r["clients_adopted"].as_u64().unwrap();
+        assert!(adopted == 2 || (i > 0 && adopted <= 2), "run {run}: restart {i}: {r}");
         assert_eq!(r["clients_lost"], 0, "run {run}: {r}");
-        assert!(r["ranges_woken"].as_u64().unwrap() >= 2, "run {run}: {r}");
+        assert!(r["ranges_woken"].as_u64().unwrap() >= adopted, "run {run}: {r}");
         t.pages_rebuilt += r["pages_rebuilt"].as_u64().unwrap();
         t.clients_adopted += r["clients_adopted"].as_u64().unwrap();
         t.faults_rewoken += r["faults_rewoken"].as_u64().unwrap();
     }
-    assert!(summary["resumes"].as_u64().unwrap() >= 1, "run {run}: {summary}");
+    assert!(summary["resumes"].as_u64().unwrap() >= kills, "run {run}: {summary}");
+    // A page the rebuilt bitmap missed would be found populated when placed again.
+    let log = keeper.log.lock().unwrap().clone();
+    assert!(!log.contains("populated by someone other than the broker"), "run {run}: a present page was taken for missing:\n{log}");
     t.runs += 1;
     t.kills += kills;
     t.pages_checked += TOTAL_PAGES;
@@ -376,5 +408,6 @@ fn sigkill_of_the_destination_broker_at_random_points_of_a_256_mib_postcopy_lose
         d.last().unwrap_or(&0)
     );
     assert_eq!(t.runs, runs);
+    assert!(t.kills >= runs, "only {} kills in {runs} runs", t.kills);
     assert_eq!(t.pages_lost, 0);
 }

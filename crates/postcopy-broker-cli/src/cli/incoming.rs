@@ -224,6 +224,7 @@ fn rebuild(
         }
     }
     a.parked.close_rest("not part of the parked session");
+    h.open_control()?;
     let restart = h.status()?.restart.unwrap_or_default();
     log::warn!(
         "rebuilt after {} ms down: {} of {} pages here, {} client(s) taken back ({} lost), {} range(s) woken, {} fault(s) re-woken; waiting for the source to resume",

@@ -120,6 +120,8 @@ enum Command {
     Unregister(ClientId, Sender<Result<()>>),
     Status(Sender<StatusReport>),
     Adopt(Box<super::park::Adoption>, Sender<Result<u64>>),
+    /// A restarted broker took its parked clients back: serve the control socket now.
+    OpenControl,
     Stop,
     /// The migration is complete: tell control clients, then stop (see `ending`).
     End,
@@ -381,6 +383,14 @@ impl Loop {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Command::OpenControl => {
+                if let Some(l) = &self.listener {
+                    if let Err(e) = self.add(l.as_raw_fd(), T_LISTEN) {
+                        log::error!("control socket: cannot poll the listener: {e}");
+                    }
+                }
+                self.accept_peers();
+            }
             Command::Stop => self.stop = true,
             Command::End => self.begin_end(),
         }
@@ -612,7 +622,9 @@ impl Broker {
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
-        if let Some(l) = &lp.listener {
+        // A restarted broker serves the control socket only once its parked clients are back
+        // ([`BrokerHandle::open_control`]): a client reattaching must find itself.
+        if let (Some(l), None) = (&lp.listener, &lp.restart) {
             lp.add(l.as_raw_fd(), T_LISTEN)?;
         }
         for fd in lp.source.poll_fds() {
@@ -646,6 +658,12 @@ impl BrokerHandle {
         let (tx, rx) = mpsc::channel();
         self.send(Command::Adopt(Box::new(a), tx))?;
         rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))?
+    }
+
+    /// In a restarted broker (`BrokerConfig::restart`), after the parked clients were adopted:
+    /// start serving the control socket (connections wait in its backlog until then).
+    pub fn open_control(&self) -> Result<()> {
+        self.send(Command::OpenControl)
     }
 
     /// Stop serving a client (its uffd stays open while its process lives).

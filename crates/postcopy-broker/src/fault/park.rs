@@ -199,6 +199,34 @@ impl Loop {
         Ok(blocked)
     }
 
+    /// `reattach` over control connection `conn` by a peer of `uid`: it owns these orphaned
+    /// clients now (their connection died with the old broker). All or nothing.
+    pub(crate) fn reattach(&mut self, conn: u64, uid: u32, clients: &[u64]) -> Result<()> {
+        for &c in clients {
+            let id = ClientId(c);
+            match self.owners.get(id) {
+                Some(o) if (uid == 0 || o.uid == uid) && !self.conns.contains_key(&o.conn) => {}
+                Some(o) if self.conns.contains_key(&o.conn) => {
+                    return Err(Error::Invalid(format!("client {c} is attached to a live connection already")))
+                }
+                Some(_) => return Err(Error::Invalid(format!("client {c} belongs to another user"))),
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "no client {c} here (this broker did not take it back after a restart: without an fd store it never had it; register again)"
+                    )))
+                }
+            }
+        }
+        for &c in clients {
+            let id = ClientId(c);
+            if let Some(o) = self.owners.get(id) {
+                self.owners.insert(id, Owner { conn, ..o });
+                log::info!("client {c} reattached to control connection #{conn}");
+            }
+        }
+        Ok(())
+    }
+
     /// A parked client that could not be taken back.
     pub(crate) fn lost_in_restart(&mut self) {
         if let Some(r) = self.restart.as_mut() {
