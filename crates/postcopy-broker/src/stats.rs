@@ -124,6 +124,11 @@ pub struct ClientStatus {
     /// its parent"); none while it is served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub departure: Option<String>,
+    /// Whether the client's process still holds its own copy of its userfaultfd (it must, to
+    /// survive the broker's death without an fd store; docs/control-protocol.md); none when
+    /// that cannot be told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uffd_copy_held: Option<bool>,
 }
 
 /// Broker-wide counters.
@@ -305,6 +310,13 @@ pub fn render(r: &StatusReport) -> String {
             b.name, b.size, b.page_size, b.received
         );
     }
+    if let Some(x) = &r.restart {
+        let _ = writeln!(
+            s,
+            "restarted after its own death: down {} ms, {} pages rebuilt from the page cache, {} clients taken back ({} lost), {} ranges woken, {} faults re-woken",
+            x.downtime_ms, x.pages_rebuilt, x.clients_adopted, x.clients_lost, x.ranges_woken, x.faults_rewoken
+        );
+    }
     let g = &r.broker;
     let _ = writeln!(
         s,
@@ -340,10 +352,11 @@ pub fn render(r: &StatusReport) -> String {
             s,
             "  #{}{} {:<20} {:<7} pid {:<8} faults {:>8} requested {:>8} wakes {:>8}  latency mean {:.1}us p50<{}us p99<{}us max {:.1}us",
             c.id,
-            match &c.departure {
-                Some(how) => format!(" ({how})"),
-                None if r.departed.iter().any(|d| d.id == c.id) => " (gone)".into(),
-                None => String::new(),
+            match (&c.departure, c.uffd_copy_held) {
+                (Some(how), _) => format!(" ({how})"),
+                (None, _) if r.departed.iter().any(|d| d.id == c.id) => " (gone)".into(),
+                (None, Some(false)) => " (closed its own uffd copy!)".into(),
+                (None, _) => String::new(),
             },
             c.name,
             c.kind,
@@ -403,6 +416,7 @@ mod tests {
             mapped_bytes: 1,
             stats,
             departure: None,
+            uffd_copy_held: None,
         }
     }
 

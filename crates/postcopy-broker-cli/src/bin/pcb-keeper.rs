@@ -43,8 +43,11 @@ struct Args {
     command: Vec<String>,
 }
 
+/// One event line, in one write(2): the command writes to the same stderr, and a pipe keeps
+/// writes of up to PIPE_BUF bytes whole.
 fn event(v: serde_json::Value) {
-    eprintln!("pcb-keeper: {v}");
+    let line = format!("pcb-keeper: {v}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
 }
 
 /// Whether two fds of this process are the same open file (kcmp KCMP_FILE).

@@ -95,6 +95,7 @@ impl Client {
             mapped_bytes: self.mapped_bytes(),
             stats: self.stats.clone(),
             departure: None,
+            uffd_copy_held: None,
         }
     }
 }

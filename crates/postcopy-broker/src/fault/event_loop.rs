@@ -296,7 +296,16 @@ impl Loop {
 
     pub(crate) fn status(&self) -> StatusReport {
         let blocks = &self.core.blocks;
-        let mut clients: Vec<_> = self.core.clients.iter().map(|c| c.status()).collect();
+        let mut clients: Vec<_> = self
+            .core
+            .clients
+            .iter()
+            .map(|c| {
+                let mut st = c.status();
+                st.uffd_copy_held = c.pid.and_then(|p| super::park::holds_copy(p, c.uffd.as_raw_fd()));
+                st
+            })
+            .collect();
         clients.sort_by_key(|c| c.id);
         let mut broker = self.core.stats.clone();
         broker.foreign_pages += self.core.placer.stats().counts().foreign_pages;

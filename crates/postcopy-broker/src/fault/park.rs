@@ -96,6 +96,26 @@ fn blocked_in_userfault(pid: u32) -> u64 {
     u64::try_from(blocked).unwrap_or(u64::MAX)
 }
 
+/// Whether process `pid` still holds its own copy of the userfaultfd the broker holds as `fd`
+/// (an fd of the same open file: kcmp(2) `KCMP_FILE` over `/proc/PID/fd`). None when that cannot
+/// be told (the process is gone, or kcmp is not allowed). A client must keep it while registered
+/// (docs/control-protocol.md, "When the broker dies").
+pub fn holds_copy(pid: u32, fd: std::os::fd::RawFd) -> Option<bool> {
+    let ours = i64::from(std::process::id());
+    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let mut told = false;
+    for e in entries.filter_map(|e| e.ok()) {
+        let Some(theirs) = e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()) else { continue };
+        // SAFETY: kcmp only compares the two processes' file table entries; it writes nothing.
+        let r = unsafe { libc::syscall(libc::SYS_kcmp, ours, i64::from(pid), 0 /* KCMP_FILE */, i64::from(fd), theirs) };
+        if r == 0 {
+            return Some(true);
+        }
+        told |= r > 0;
+    }
+    told.then_some(false)
+}
+
 impl Loop {
     /// The record of a client the loop serves.
     fn parked_record(&self, id: ClientId) -> Option<ParkedClient> {
@@ -114,8 +134,20 @@ impl Loop {
         })
     }
 
-    /// Tell the parking about a client the loop now serves.
+    /// Tell the parking about a client the loop now serves (and warn if the client did not
+    /// keep its own copy of its userfaultfd).
     pub(crate) fn park(&self, id: ClientId) {
+        if let Some(c) = self.core.clients.get(id) {
+            if c.pid.and_then(|p| holds_copy(p, c.uffd.as_raw_fd())) == Some(false) {
+                log::warn!(
+                    "client {} '{}' (pid {:?}) closed its own copy of its userfaultfd: if this broker dies {},                      the kernel unregisters its ranges and it reads zeros where pages have not arrived;                      keep the copy open while registered (docs/control-protocol.md)",
+                    id.0,
+                    c.name,
+                    c.pid,
+                    if self.config.parking.is_some() { "and its fd store is lost too" } else { "(it runs without an fd store)" }
+                );
+            }
+        }
         let (Some(p), Some(record)) = (&self.config.parking, self.parked_record(id)) else { return };
         if let Some(c) = self.core.clients.get(id) {
             p.park(&record, c.uffd.as_fd(), c.pidfd.as_ref().map(AsFd::as_fd));
