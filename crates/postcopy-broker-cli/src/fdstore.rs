@@ -12,7 +12,9 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 
-use nix::sys::socket::{sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{
+    sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+};
 
 /// Where to send fd store messages (`$NOTIFY_SOCKET`).
 #[derive(Debug)]
@@ -25,8 +27,10 @@ pub struct FdStore {
 pub fn notify_addr(target: &[u8]) -> io::Result<UnixAddr> {
     match target.first() {
         Some(b'@') => UnixAddr::new_abstract(&target[1..]).map_err(io::Error::from),
-        Some(b'/') => UnixAddr::new(std::ffi::OsStr::new(std::str::from_utf8(target).map_err(io::Error::other)?))
-            .map_err(io::Error::from),
+        Some(b'/') => {
+            UnixAddr::new(std::ffi::OsStr::new(std::str::from_utf8(target).map_err(io::Error::other)?))
+                .map_err(io::Error::from)
+        }
         _ => Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "NOTIFY_SOCKET: only Unix sockets (a path or @name) are supported",

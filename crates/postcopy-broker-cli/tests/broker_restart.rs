@@ -92,7 +92,9 @@ impl Keeper {
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                if let Some(ev) = line.strip_prefix("pcb-keeper: ").and_then(|j| serde_json::from_str::<Value>(j).ok()) {
+                if let Some(ev) =
+                    line.strip_prefix("pcb-keeper: ").and_then(|j| serde_json::from_str::<Value>(j).ok())
+                {
                     if let Some(pid) = ev["started"].as_u64() {
                         pids2.lock().unwrap().push(pid as u32);
                         *broker2.lock().unwrap() = pid as u32;
@@ -107,7 +109,11 @@ impl Keeper {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
         out.read_line(&mut first).unwrap();
-        let addr = first.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("broker said {first:?}")).to_string();
+        let addr = first
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("broker said {first:?}"))
+            .to_string();
         // The rest of stdout (a second `listening` line per restart, the summary) is not needed:
         // the summary comes as JSON. Drain it so the broker never blocks on a full pipe.
         std::thread::spawn(move || for _ in out.lines() {});
@@ -187,7 +193,13 @@ fn map_bytes(fd: &OwnedFd, len: usize) -> Vec<u8> {
 /// Pages of `got` that differ from `want`; the first few are printed (index, and whether the
 /// page is all zeros).
 fn lost_pages(got: &[u8], want: &[u8], ps: usize) -> u64 {
-    let bad: Vec<usize> = got.chunks(ps).zip(want.chunks(ps)).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect();
+    let bad: Vec<usize> = got
+        .chunks(ps)
+        .zip(want.chunks(ps))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
     for &i in bad.iter().take(8) {
         let zero = got[i * ps..(i + 1) * ps].iter().all(|&b| b == 0);
         eprintln!("page {i} of a {ps}-byte block differs (zero: {zero})");
@@ -224,10 +236,20 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     let _dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(90));
     let sock = dir.path(&format!("ctl-{run}.sock"));
     let summary_path = dir.path(&format!("summary-{run}.json"));
-    let mut args: Vec<std::ffi::OsString> =
-        vec!["serve".into(), "--incoming".into(), "127.0.0.1:0".into(), "--control".into(), sock.clone().into()];
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "serve".into(),
+        "--incoming".into(),
+        "127.0.0.1:0".into(),
+        "--control".into(),
+        sock.clone().into(),
+    ];
     args.extend(creds.args());
-    args.extend(["--summary-json".into(), summary_path.clone().into(), "--resume-timeout".into(), "60".into()]);
+    args.extend([
+        "--summary-json".into(),
+        summary_path.clone().into(),
+        "--resume-timeout".into(),
+        "60".into(),
+    ]);
     let notify = format!("@pcb-restart-test-{}-{run}", std::process::id());
     let (mut keeper, addr) = Keeper::spawn(&notify, &args, &pids);
     let mut source = Command::new(BIN)
@@ -243,7 +265,9 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
         .spawn()
         .unwrap();
     pids.lock().unwrap().push(source.id());
-    keeper.wait(Duration::from_secs(30), "parked state", |e| e["stored"].as_str().is_some_and(|n| n.starts_with("state.")));
+    keeper.wait(Duration::from_secs(30), "parked state", |e| {
+        e["stored"].as_str().is_some_and(|n| n.starts_with("state."))
+    });
     // The test's own view of the blocks: their memfds, read at the end.
     let mut ctl = ControlClient::connect(&sock).unwrap();
     let memfds: Vec<(String, OwnedFd)> =
@@ -304,7 +328,9 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
         let started = keeper.wait(Duration::from_secs(10), "restarted", |e| e["started"].is_u64());
         broker_pid = started["started"].as_u64().unwrap();
         keeper.wait(Duration::from_secs(20), "ready after the restart", |e| {
-            e["notify"].as_array().is_some_and(|l| l.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("STATUS=restarted"))))
+            e["notify"].as_array().is_some_and(|l| {
+                l.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("STATUS=restarted")))
+            })
         });
         downtimes.push(killed.elapsed().as_millis() as u64);
     }
@@ -317,7 +343,10 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     cl0.go();
     if let Some(d) = std::env::var_os("PCB_RESTART_LOGS") {
         std::thread::sleep(Duration::from_millis(100));
-        let _ = std::fs::write(Path::new(&d).join(format!("run-{run}.log")), keeper.log.lock().unwrap().as_bytes());
+        let _ = std::fs::write(
+            Path::new(&d).join(format!("run-{run}.log")),
+            keeper.log.lock().unwrap().as_bytes(),
+        );
     }
     let (l0, l1) = (cl0.finish_within(60), cl1.finish_within(60));
     let src_ok = source.wait().unwrap().success();
@@ -332,8 +361,14 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     // to read after the kill and always waits for some of them.
     for (name, lines) in [("pc.ram", &l0), ("huge", &l1)] {
         let reattached = lines.iter().filter(|l| l["reattached"].is_array()).count() as u64;
-        assert!(reattached > 0 || kills == 0 || name == "huge", "run {run}: client {name} did not reattach: {lines:?}");
-        assert!(!lines.iter().any(|l| l["reattach_failed"].is_string()), "run {run}: client {name}: {lines:?}");
+        assert!(
+            reattached > 0 || kills == 0 || name == "huge",
+            "run {run}: client {name} did not reattach: {lines:?}"
+        );
+        assert!(
+            !lines.iter().any(|l| l["reattach_failed"].is_string()),
+            "run {run}: client {name}: {lines:?}"
+        );
         t.reattached += reattached;
         t.postcopy_end_heard += lines.iter().filter(|l| l["postcopy_end"].is_array()).count() as u64;
     }
@@ -386,7 +421,10 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     assert!(summary["resumes"].as_u64().unwrap() >= kills.min(1), "run {run}: {summary}");
     // A page the rebuilt bitmap missed would be found populated when placed again.
     let log = keeper.log.lock().unwrap().clone();
-    assert!(!log.contains("populated by someone other than the broker"), "run {run}: a present page was taken for missing:\n{log}");
+    assert!(
+        !log.contains("populated by someone other than the broker"),
+        "run {run}: a present page was taken for missing:\n{log}"
+    );
     t.runs += 1;
     t.kills += kills;
     t.pages_checked += TOTAL_PAGES;
@@ -420,7 +458,12 @@ fn sigkill_of_the_destination_broker_at_random_points_of_a_256_mib_postcopy_lose
     let spread = |v: &[u64]| {
         let mut d = v.to_vec();
         d.sort_unstable();
-        format!("min {} median {} max {}", d.first().unwrap_or(&0), d.get(d.len() / 2).unwrap_or(&0), d.last().unwrap_or(&0))
+        format!(
+            "min {} median {} max {}",
+            d.first().unwrap_or(&0),
+            d.get(d.len() / 2).unwrap_or(&0),
+            d.last().unwrap_or(&0)
+        )
     };
     println!(
         "TOTALS {t:?}\ndowntime ms, kill to READY: {}; last heartbeat to serving: {}",

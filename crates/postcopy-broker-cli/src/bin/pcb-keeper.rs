@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{bind, recvmsg, socket, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType};
+use nix::sys::socket::{
+    bind, recvmsg, socket, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
 use postcopy_broker_cli::fdstore::notify_addr;
 use serde_json::json;
 
@@ -54,7 +56,9 @@ fn event(v: serde_json::Value) {
 fn same_file(a: RawFd, b: RawFd) -> bool {
     let pid = std::process::id();
     // SAFETY: kcmp compares two fds of our own process; it reads nothing of ours.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, a, b) };
+    let r = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, a, b)
+    };
     r == 0
 }
 
@@ -176,7 +180,12 @@ fn run(a: &Args) -> Result<ExitCode, String> {
         loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
             let mut space = nix::cmsg_space!([RawFd; 253]);
-            let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC) {
+            let msg = match recvmsg::<()>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
                 Ok(m) => m,
                 Err(nix::errno::Errno::EAGAIN) => break,
                 Err(nix::errno::Errno::EINTR) => continue,

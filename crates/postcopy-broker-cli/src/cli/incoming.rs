@@ -102,8 +102,11 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
     let (control_fd, _bound) = match (&a.control_fd, &store) {
         (Some(fd), _) => (Some(Arc::clone(fd)), None),
         (None, Some(_)) => {
-            let uids =
-                if a.allowed_uids.is_empty() { ControlListener::default_allowed_uids() } else { a.allowed_uids.clone() };
+            let uids = if a.allowed_uids.is_empty() {
+                ControlListener::default_allowed_uids()
+            } else {
+                a.allowed_uids.clone()
+            };
             let l = ControlListener::bind(&a.control, uids).map_err(|e| Error::Invalid(e.to_string()))?;
             // SAFETY: the listener's fd is open while `l` lives; it is duplicated at once.
             let dup = unsafe { BorrowedFd::borrow_raw(l.as_raw_fd()) }
@@ -177,14 +180,15 @@ fn rebuild(
     let blocks = (0..state.session.blocks.len())
         .map(|i| {
             a.parked.take(&block_fd_name(i)).ok_or_else(|| {
-                Error::Invalid(format!("the parked session lacks the fd of block #{i}; start a new migration"))
+                Error::Invalid(format!(
+                    "the parked session lacks the fd of block #{i}; start a new migration"
+                ))
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let digests = a
-        .parked
-        .take(DIGESTS_FD_NAME)
-        .ok_or_else(|| Error::Invalid("the parked session lacks its digest table; start a new migration".into()))?;
+    let digests = a.parked.take(DIGESTS_FD_NAME).ok_or_else(|| {
+        Error::Invalid("the parked session lacks its digest table; start a new migration".into())
+    })?;
     let alive = a.parked.take(ALIVE_FD_NAME);
     let last = alive.as_ref().and_then(park::last_alive);
     let mut all_names = names.clone();
@@ -192,7 +196,9 @@ fn rebuild(
     let parking = match (store, alive) {
         (Some(s), Some(alive)) => Some(Parking::resume(s, state.clone(), generation, all_names, alive)),
         _ => {
-            log::warn!("restarted without an fd store (or its heartbeat): a further restart could not resume");
+            log::warn!(
+                "restarted without an fd store (or its heartbeat): a further restart could not resume"
+            );
             None
         }
     };

@@ -70,13 +70,16 @@ pub fn take_state(parked: &Parked) -> Result<Option<(u64, State)>> {
     for g in &gens[..gens.len() - 1] {
         drop(parked.take(&format!("{STATE_PREFIX}{g}")));
     }
-    let fd = parked.take(&format!("{STATE_PREFIX}{last}")).ok_or_else(|| Error::Invalid("state fd vanished".into()))?;
+    let fd = parked
+        .take(&format!("{STATE_PREFIX}{last}"))
+        .ok_or_else(|| Error::Invalid("state fd vanished".into()))?;
     let mut f = std::fs::File::from(fd);
     let mut text = String::new();
     io::Seek::seek(&mut f, io::SeekFrom::Start(0)).map_err(|e| Error::io("rewind the parked state", e))?;
     f.read_to_string(&mut text).map_err(|e| Error::io("read the parked state", e))?;
-    let state: State = serde_json::from_str(&text)
-        .map_err(|e| Error::Invalid(format!("the parked state record is unreadable ({e}); start a new migration")))?;
+    let state: State = serde_json::from_str(&text).map_err(|e| {
+        Error::Invalid(format!("the parked state record is unreadable ({e}); start a new migration"))
+    })?;
     Ok(Some((last, state)))
 }
 
@@ -124,7 +127,12 @@ impl Parking {
         alive: OwnedFd,
     ) -> Arc<Parking> {
         let inner = Inner { session, clients, generation, stored };
-        Arc::new(Parking { store, inner: Mutex::new(inner), alive: Arc::new(alive), stop: Arc::new(AtomicBool::new(false)) })
+        Arc::new(Parking {
+            store,
+            inner: Mutex::new(inner),
+            alive: Arc::new(alive),
+            stop: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// The session listens (postcopy starts): park `fds` (blocks, digests, listen, control),
@@ -149,7 +157,13 @@ impl Parking {
 
     /// Go on parking after a restart: `names` are in the store already (passed at start),
     /// `generation` is the record's, `alive` the heartbeat memfd.
-    pub fn resume(store: FdStore, state: State, generation: u64, names: Vec<String>, alive: OwnedFd) -> Arc<Parking> {
+    pub fn resume(
+        store: FdStore,
+        state: State,
+        generation: u64,
+        names: Vec<String>,
+        alive: OwnedFd,
+    ) -> Arc<Parking> {
         let clients = state.clients.iter().map(|c| (c.id, c.clone())).collect();
         let mut stored: BTreeSet<String> = names.into_iter().collect();
         stored.insert(format!("{STATE_PREFIX}{generation}"));
@@ -202,7 +216,9 @@ impl Parking {
                     self.remove(&old);
                 }
             }
-            Err(e) => log::error!("fd store: parking the state record failed: {e}; a restart would not know the latest clients"),
+            Err(e) => log::error!(
+                "fd store: parking the state record failed: {e}; a restart would not know the latest clients"
+            ),
         }
     }
 

@@ -155,8 +155,7 @@ pub struct BlockSpec {
 }
 
 /// The `op` values of [`Request`], for telling an unknown op from a malformed message.
-pub const REQUEST_OPS: &[&str] =
-    &[
+pub const REQUEST_OPS: &[&str] = &[
     "hello",
     "register",
     "unregister",

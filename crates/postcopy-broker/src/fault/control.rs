@@ -248,10 +248,12 @@ impl Loop {
                 }
             }
             Incoming::Request(Request::Unregister { client }, _) => self.unregister(id, creds, client),
-            Incoming::Request(Request::Reattach { clients }, _) => match self.reattach(id, creds.uid, &clients) {
-                Ok(()) => self.reply(id, &Response::Ok, &[]),
-                Err(e) => self.refuse(id, &e),
-            },
+            Incoming::Request(Request::Reattach { clients }, _) => {
+                match self.reattach(id, creds.uid, &clients) {
+                    Ok(()) => self.reply(id, &Response::Ok, &[]),
+                    Err(e) => self.refuse(id, &e),
+                }
+            }
             Incoming::Request(Request::GetBlocks { names }, _) => self.send_blocks(id, creds.uid, names),
             Incoming::Request(Request::Status, _) => {
                 let mut report = self.status();

@@ -107,7 +107,9 @@ pub fn holds_copy(pid: u32, fd: std::os::fd::RawFd) -> Option<bool> {
     for e in entries.filter_map(|e| e.ok()) {
         let Some(theirs) = e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()) else { continue };
         // SAFETY: kcmp only compares the two processes' file table entries; it writes nothing.
-        let r = unsafe { libc::syscall(libc::SYS_kcmp, ours, i64::from(pid), 0 /* KCMP_FILE */, i64::from(fd), theirs) };
+        let r = unsafe {
+            libc::syscall(libc::SYS_kcmp, ours, i64::from(pid), 0 /* KCMP_FILE */, i64::from(fd), theirs)
+        };
         if r == 0 {
             return Some(true);
         }
@@ -179,7 +181,9 @@ impl Loop {
         };
         let pidfd = match (pidfd, rec.pid) {
             (Some(fd), _) => Some(fd),
-            (None, Some(pid)) => Some(pidfd_open(pid).map_err(|e| Error::io(format!("pidfd_open of pid {pid}"), e))?),
+            (None, Some(pid)) => {
+                Some(pidfd_open(pid).map_err(|e| Error::io(format!("pidfd_open of pid {pid}"), e))?)
+            }
             (None, None) => None,
         };
         set_nonblocking(uffd.as_raw_fd())?;

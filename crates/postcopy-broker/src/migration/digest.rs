@@ -163,7 +163,8 @@ fn shared_tables(table: &BlockTable, fd: Option<OwnedFd>) -> crate::Result<(Owne
     let bytes = (total * 8).max(8);
     let fd = match fd {
         Some(fd) => {
-            let len = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd)).map(|st| st.st_size).unwrap_or(0);
+            let len =
+                nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd)).map(|st| st.st_size).unwrap_or(0);
             if u64::try_from(len).unwrap_or(0) < bytes {
                 return Err(crate::Error::Invalid(format!(
                     "the parked digest table holds {len} bytes, the blocks need {bytes}: it belongs to another migration"

@@ -99,7 +99,12 @@ fn gaps(runs: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
 }
 
 /// The present pages of `ranges` of a shared file (see the module doc), as runs.
-fn probe_present(fd: BorrowedFd<'_>, size: u64, ps: u64, ranges: &[(u64, u64)]) -> io::Result<Vec<(u64, u64)>> {
+fn probe_present(
+    fd: BorrowedFd<'_>,
+    size: u64,
+    ps: u64,
+    ranges: &[(u64, u64)],
+) -> io::Result<Vec<(u64, u64)>> {
     if ranges.is_empty() {
         return Ok(Vec::new());
     }
@@ -111,7 +116,9 @@ fn probe_present(fd: BorrowedFd<'_>, size: u64, ps: u64, ranges: &[(u64, u64)]) 
     for off in ranges.iter().flat_map(|&(s, l)| (s..s + l).step_by(usize_of(ps))) {
         // SAFETY: the range lies inside our own mapping; MADV_POPULATE_READ only maps pages (a
         // missing one fails with EFAULT through the SIGBUS feature instead of allocating).
-        let r = unsafe { libc::madvise(map.as_ptr().add(usize_of(off)).cast(), usize_of(ps), libc::MADV_POPULATE_READ) };
+        let r = unsafe {
+            libc::madvise(map.as_ptr().add(usize_of(off)).cast(), usize_of(ps), libc::MADV_POPULATE_READ)
+        };
         if r == 0 {
             match runs.last_mut() {
                 Some((s, l)) if *s + *l == off => *l += ps,
@@ -157,11 +164,16 @@ mod tests {
             write(&b, p, 0x5a);
         }
         write(&b, 30, 0); // a zero page that is present is received too
-        // Zero pages allocated with fallocate (as zero runs are placed), never written: SEEK_DATA
-        // calls them holes, but a client reads them without a fault.
+                          // Zero pages allocated with fallocate (as zero runs are placed), never written: SEEK_DATA
+                          // calls them holes, but a client reads them without a fault.
         let fd = b.fd().unwrap();
-        nix::fcntl::fallocate(fd.as_raw_fd(), nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE, 40 * 4096, 3 * 4096)
-            .unwrap();
+        nix::fcntl::fallocate(
+            fd.as_raw_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            40 * 4096,
+            3 * 4096,
+        )
+        .unwrap();
         assert_eq!(rebuilt(&b), vec![0, 1, 2, 17, 30, 40, 41, 42, 63]);
         assert_eq!(rebuilt(&b), vec![0, 1, 2, 17, 30, 40, 41, 42, 63], "the check itself allocated no page");
     }
@@ -175,7 +187,9 @@ mod tests {
 
     #[test]
     fn huge_pages_present_are_found_without_allocating_the_holes() {
-        crate::ram::huge_pool(HUGE_2M).filter(|p| p.available() >= 8).expect("8 free 2 MiB huge pages (scripts/setup.sh)");
+        crate::ram::huge_pool(HUGE_2M)
+            .filter(|p| p.available() >= 8)
+            .expect("8 free 2 MiB huge pages (scripts/setup.sh)");
         let b = RamBlock::hugetlb("h", 8 * HUGE_2M, HUGE_2M).unwrap();
         write(&b, 1, 7);
         write(&b, 2, 0);

@@ -79,7 +79,10 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
     if s.len() % 2 != 0 {
         return Err(bad());
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).ok_or_else(bad)?, 16).map_err(|_| bad()))
+        .collect()
 }
 
 /// The name under which a block's fd is parked (wire index `i`).
@@ -104,12 +107,7 @@ impl Destination {
     /// postcopy cannot be resumed, the source starts over).
     pub fn record(&self) -> Option<SessionRecord> {
         self.broker.as_ref()?;
-        let blocks = self
-            .link
-            .table
-            .iter()
-            .map(|b| (b.name.clone(), b.size, b.page_size))
-            .collect();
+        let blocks = self.link.table.iter().map(|b| (b.name.clone(), b.size, b.page_size)).collect();
         Some(SessionRecord {
             version: RECORD_VERSION,
             session_id: self.link.session_id,
@@ -171,8 +169,10 @@ impl Destination {
                 record.blocks.len()
             )));
         }
-        let table = BlockTable::new(record.blocks.iter().map(|(n, s, p)| BlockInfo::new(n.clone(), *s, *p)).collect())
-            .map_err(|e| Error::Invalid(format!("the parked block table: {e}")))?;
+        let table = BlockTable::new(
+            record.blocks.iter().map(|(n, s, p)| BlockInfo::new(n.clone(), *s, *p)).collect(),
+        )
+        .map_err(|e| Error::Invalid(format!("the parked block table: {e}")))?;
         let mut ram = RamBlocks::new();
         let mut present = 0;
         for ((name, size, ps), fd) in record.blocks.iter().zip(blocks) {
@@ -187,7 +187,13 @@ impl Destination {
         let limits = GateLimits { handshake_timeout: opts.handshake_timeout, ..GateLimits::default() };
         let gate = Gate::open(listener, security.clone(), limits)?;
         let identity = record.identity.as_deref().map(unhex).transpose()?;
-        let link = Link { gate, session_id: record.session_id, table: table.clone(), caps: DESTINATION_CAPS, identity };
+        let link = Link {
+            gate,
+            session_id: record.session_id,
+            table: table.clone(),
+            caps: DESTINATION_CAPS,
+            identity,
+        };
         let net = Arc::new(NetState::default());
         net.digests.set_blocks_shared(&table, Some(digests))?;
         let ids: Vec<usize> = (0..table.iter().len()).collect();
