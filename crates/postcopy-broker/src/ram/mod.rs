@@ -9,6 +9,7 @@ mod mapping;
 pub mod residency;
 
 pub use bitmap::AtomicBitmap;
+#[cfg(feature = "migration")]
 pub(crate) use block::new_memfd;
 pub use block::{Backing, RamBlock, HUGE_1G, HUGE_2M, SMALL_PAGE};
 pub use hugepool::{pool as huge_pool, pools as huge_pools, HugePool};
