@@ -353,6 +353,7 @@ mod tests {
                 Request::Hello { version: 1, name: String::new() },
                 r.clone(),
                 Request::Unregister { client: 1 },
+                Request::Reattach { clients: vec![] },
                 g.clone(),
                 s.clone(),
                 Request::ProvideBlocks { blocks: vec![] },

@@ -408,6 +408,7 @@ impl Loop {
     /// Read every queued message of a uffd and handle them in order.
     fn drain_uffd(&mut self, id: ClientId) {
         let now = Instant::now();
+        let mut moved = false;
         loop {
             let r = if id == ClientId::BROKER {
                 self.core.own.read_messages(&mut self.msgs)
@@ -428,6 +429,8 @@ impl Loop {
             };
             for i in 0..n {
                 let m = Message::decode(&self.msgs[i]);
+                // The client's mapping table changes: the parked record must follow it.
+                moved |= matches!(m, Message::Remap { .. } | Message::Unmap { .. });
                 self.core.on_message(id, m, now);
             }
             if n < self.msgs.len() {
@@ -436,6 +439,9 @@ impl Loop {
         }
         if !self.core.deferred.is_empty() {
             self.core.retry_deferred(id);
+        }
+        if moved && self.config.parking.is_some() {
+            self.park(id);
         }
     }
 
