@@ -437,6 +437,41 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     t.downtimes_ms.extend(downtimes);
 }
 
+/// Step 4 of issue #16: the broker tells whether a client still holds its own copy of its
+/// userfaultfd (it must, to survive the broker's death without an fd store).
+#[test]
+fn status_says_whether_a_client_kept_its_own_uffd_copy() {
+    use common::clients::{broker, client_args, content};
+    use postcopy_broker::fault::{BrokerConfig, Registration, RegistrationMap};
+    let data = content(16, 4096, 5);
+    let (inc, h) = broker(16, &data, BrokerConfig::default());
+    let b = inc.blocks().get(0).unwrap();
+    // pcb-client keeps its uffd; the broker takes a duplicate with pidfd_getfd.
+    let keeps = Peer::spawn(&client_args(b, 1, "touch:0", &[]));
+    let kept = keeps.register(&h, "keeps");
+    // Another client's registration, with a userfaultfd that process does not hold (it closed
+    // its copy, as far as the broker can tell).
+    let closed = Peer::spawn(&client_args(b, 1, "touch:0", &[]));
+    let other = postcopy_broker::uffd::Uffd::open(postcopy_broker::uffd::feature::MISSING_SHMEM).unwrap();
+    let gone = h
+        .register(Registration {
+            name: "closed".into(),
+            uffd: other.as_fd().try_clone_to_owned().unwrap(),
+            pid: Some(closed.pid()),
+            map: RegistrationMap::Shared(closed.mappings()),
+        })
+        .unwrap();
+    let st = h.status().unwrap();
+    let held = |id: postcopy_broker::client::ClientId| {
+        st.clients.iter().find(|c| c.id == id.0).unwrap().uffd_copy_held
+    };
+    assert_eq!(held(kept), Some(true));
+    assert_eq!(held(gone), Some(false));
+    let text = postcopy_broker::stats::render(&st);
+    assert_eq!(text.matches("closed its own uffd copy").count(), 1, "{text}");
+    drop((keeps, closed));
+}
+
 #[test]
 fn sigkill_of_the_destination_broker_at_random_points_of_a_256_mib_postcopy_loses_no_page() {
     let dir = Dir::new("restart");

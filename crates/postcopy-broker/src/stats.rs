@@ -206,7 +206,25 @@ pub struct StatusReport {
     pub blocktime: crate::blocktime::BlocktimeReport,
     /// Set in a broker restarted during postcopy: what it rebuilt (docs/recovery.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restart: Option<crate::fault::park::Restart>,
+    pub restart: Option<Restart>,
+}
+
+/// What a restart rebuilt, for the status and the summary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Restart {
+    /// Milliseconds from the dead broker's last sign of life to the new one serving its clients.
+    pub downtime_ms: u64,
+    /// Pages found present in the parked blocks (the rebuilt received bitmap).
+    pub pages_rebuilt: u64,
+    /// Clients taken back from the parked fds.
+    pub clients_adopted: u64,
+    /// Parked clients that could not be taken back (their process is gone, or a bad record).
+    pub clients_lost: u64,
+    /// Client ranges woken after the adoption.
+    pub ranges_woken: u64,
+    /// Client threads that were blocked in a userfault when they were woken (faults the dead
+    /// broker had read, or that queued while no broker ran).
+    pub faults_rewoken: u64,
 }
 
 /// Most outstanding requests listed in [`StatusReport::pending`].
