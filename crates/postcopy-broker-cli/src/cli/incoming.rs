@@ -116,9 +116,10 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         }
         (None, None) => (None, None),
     };
-    let parking = match (&store, &resumed) {
-        (Some(_), None) => store.map(Parking::new).transpose()?,
-        _ => None,
+    // A fresh session parks from Listen on; a rebuilt one goes on with the parked state.
+    let (parking, store) = match (store, resumed.is_some()) {
+        (Some(s), false) => (Some(Parking::new(s)?), None),
+        (s, _) => (None, s),
     };
     let broker = BrokerConfig {
         control: Some(a.control.clone()),
@@ -138,7 +139,7 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
     };
     log::info!("migration connections: {}", security.mode());
     if let Some((generation, state)) = resumed {
-        return rebuild(a, &listener, &security, fd_store(), generation, state, opts);
+        return rebuild(a, &listener, &security, store, generation, state, opts);
     }
     a.parked.close_rest("no parked session uses it");
     // Ready for the source; the control socket opens once its Hello says what RAM comes.
