@@ -1,6 +1,7 @@
 //! The `postcopy-broker` daemon and command line as a library of its own: one module per
-//! subcommand ([`cli`]), the benchmark ([`bench`](mod@bench)) and systemd's socket activation and readiness
-//! ([`systemd`]). The binaries and the examples of this package use it; the broker itself is the
+//! subcommand ([`cli`]), the benchmark ([`bench`](mod@bench)), systemd's socket activation and
+//! readiness ([`systemd`]) and its fd store ([`fdstore`]). The binaries and the examples of this
+//! package use it; the broker itself is the
 //! `postcopy_broker` crate.
 
 // Every integer cast that could truncate, wrap or lose a sign is a checked conversion or is
@@ -12,4 +13,5 @@
 
 pub mod bench;
 pub mod cli;
+pub mod fdstore;
 pub mod systemd;

@@ -187,15 +187,15 @@ fn exit_on_panic() {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let command = Cli::parse().command;
-    let inherited = if matches!(command, Command::Serve { .. }) {
+    let (inherited, parked) = if matches!(command, Command::Serve { .. }) {
         // SAFETY: no thread has started yet (neither env_logger nor clap starts one), so
         // unsetting LISTEN_* races with nothing.
-        match unsafe { postcopy_broker_cli::systemd::take_control_socket() } {
-            Ok(fd) => fd.map(std::sync::Arc::new),
+        match unsafe { postcopy_broker_cli::systemd::take_listen_fds() } {
+            Ok((fd, parked)) => (fd.map(std::sync::Arc::new), parked),
             Err(e) => return report(Err(e)),
         }
     } else {
-        None
+        (None, Default::default())
     };
     exit_on_panic();
     match command {
@@ -233,6 +233,7 @@ fn main() -> ExitCode {
                 },
                 control: cli::paths::control_for_serve(control, vm.as_deref()),
                 control_fd: inherited,
+                parked: std::sync::Arc::new(parked),
                 allowed_uids: allow_uid,
                 grants: grant,
                 busy_poll,
@@ -265,6 +266,7 @@ fn main() -> ExitCode {
             max_connections_per_uid,
             ..
         } => cli::serve::run(cli::serve::ServeOptions {
+            parked: std::sync::Arc::new(parked),
             control: cli::paths::control_for_serve(control, vm.as_deref()),
             control_fd: inherited,
             allowed_uids: allow_uid,

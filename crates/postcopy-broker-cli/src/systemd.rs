@@ -1,5 +1,6 @@
-//! The daemon's side of systemd: the control socket handed over by socket activation, and
-//! readiness and status notifications.
+//! The daemon's side of systemd: the control socket handed over by socket activation (and the
+//! fds a dead broker parked in the fd store, passed the same way), and readiness and status
+//! notifications.
 //!
 //! Socket activation (sd_listen_fds(3)) goes through the `sd-notify` crate, which checks
 //! LISTEN_PID against our pid, sets CLOEXEC on fds 3.. and unsets LISTEN_PID, LISTEN_FDS and
@@ -13,40 +14,44 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
+use crate::fdstore::Parked;
 use postcopy_broker::error::{Error, Result};
 
 /// The name (`FileDescriptorName=` in the .socket unit) of the control socket among the
 /// activation fds; with a single fd its name does not matter.
 pub const CONTROL_FD_NAME: &str = "control";
 
-/// Take the control socket the service manager passed (None when not socket-activated). Other
-/// passed fds are closed, with a warning.
+/// Take the fds the service manager passed (sd_listen_fds_with_names(3)): the control socket
+/// (None when not socket-activated), and every other fd by name ([`Parked`]: what a broker
+/// that died parked in the fd store, see [`crate::fdstore`]). A single fd is the control socket
+/// whatever its name.
 ///
 /// # Safety
 ///
 /// Unsets environment variables: call it before the process starts any thread.
-pub unsafe fn take_control_socket() -> Result<Option<OwnedFd>> {
+pub unsafe fn take_listen_fds() -> Result<(Option<OwnedFd>, Parked)> {
     let bad = |e: io::Error| Error::Invalid(format!("socket activation: {e} (check the .socket unit)"));
     // SAFETY: the caller guarantees that no other thread runs (see above).
     let fds: Vec<(i32, String)> =
         unsafe { sd_notify::listen_fds_with_names_and_unset_env() }.map_err(bad)?.collect();
-    let (single, any) = (fds.len() == 1, !fds.is_empty());
+    let single = fds.len() == 1;
     let mut control = None;
+    let mut rest = Vec::new();
     for (fd, name) in fds {
         // SAFETY: sd_listen_fds passes fds 3.. to this process for it to own; each is taken once.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         if (single || name == CONTROL_FD_NAME) && control.is_none() {
             control = Some(owned);
         } else {
-            log::warn!("socket activation: fd {fd} named '{name}' is not the control socket; closing it");
+            rest.push((name, owned));
         }
     }
-    if control.is_none() && any {
+    if control.is_none() && !rest.is_empty() {
         return Err(Error::Invalid(format!(
             "socket activation: none of the passed sockets is named '{CONTROL_FD_NAME}' (FileDescriptorName=)"
         )));
     }
-    Ok(control)
+    Ok((control, Parked::new(rest)))
 }
 
 /// Send one sd_notify(3) message (lines such as `READY=1`) to `$NOTIFY_SOCKET`, a path or an

@@ -192,6 +192,15 @@ impl Incoming {
         Ok(())
     }
 
+    /// A broker restarted during postcopy: the blocks hold what the dead one placed (their
+    /// received bitmaps rebuilt from the page cache), so nothing is discarded: None → Advise →
+    /// Listening (own userfaultfd, every block registered, InboundListen) → Running.
+    pub fn relisten(&mut self) -> Result<()> {
+        self.state.transition(PostcopyState::Advise)?;
+        self.listen()?;
+        self.run()
+    }
+
     /// The guest runs (Listening → Running).
     pub fn run(&mut self) -> Result<()> {
         self.state.transition(PostcopyState::Running)?;

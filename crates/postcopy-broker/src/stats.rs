@@ -124,6 +124,11 @@ pub struct ClientStatus {
     /// its parent"); none while it is served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub departure: Option<String>,
+    /// Whether the client's process still holds its own copy of its userfaultfd (it must, to
+    /// survive the broker's death without an fd store; docs/control-protocol.md); none when
+    /// that cannot be told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uffd_copy_held: Option<bool>,
 }
 
 /// Broker-wide counters.
@@ -199,6 +204,27 @@ pub struct StatusReport {
     /// The exact sums behind `postcopy`, per declared vCPU.
     #[serde(default)]
     pub blocktime: crate::blocktime::BlocktimeReport,
+    /// Set in a broker restarted during postcopy: what it rebuilt (docs/recovery.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<Restart>,
+}
+
+/// What a restart rebuilt, for the status and the summary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Restart {
+    /// Milliseconds from the dead broker's last sign of life to the new one serving its clients.
+    pub downtime_ms: u64,
+    /// Pages found present in the parked blocks (the rebuilt received bitmap).
+    pub pages_rebuilt: u64,
+    /// Clients taken back from the parked fds.
+    pub clients_adopted: u64,
+    /// Parked clients that could not be taken back (their process is gone, or a bad record).
+    pub clients_lost: u64,
+    /// Client ranges woken after the adoption.
+    pub ranges_woken: u64,
+    /// Client threads that were blocked in a userfault when they were woken (faults the dead
+    /// broker had read, or that queued while no broker ran).
+    pub faults_rewoken: u64,
 }
 
 /// Most outstanding requests listed in [`StatusReport::pending`].
@@ -302,6 +328,13 @@ pub fn render(r: &StatusReport) -> String {
             b.name, b.size, b.page_size, b.received
         );
     }
+    if let Some(x) = &r.restart {
+        let _ = writeln!(
+            s,
+            "restarted after its own death: down {} ms, {} pages rebuilt from the page cache, {} clients taken back ({} lost), {} ranges woken, {} faults re-woken",
+            x.downtime_ms, x.pages_rebuilt, x.clients_adopted, x.clients_lost, x.ranges_woken, x.faults_rewoken
+        );
+    }
     let g = &r.broker;
     let _ = writeln!(
         s,
@@ -337,10 +370,11 @@ pub fn render(r: &StatusReport) -> String {
             s,
             "  #{}{} {:<20} {:<7} pid {:<8} faults {:>8} requested {:>8} wakes {:>8}  latency mean {:.1}us p50<{}us p99<{}us max {:.1}us",
             c.id,
-            match &c.departure {
-                Some(how) => format!(" ({how})"),
-                None if r.departed.iter().any(|d| d.id == c.id) => " (gone)".into(),
-                None => String::new(),
+            match (&c.departure, c.uffd_copy_held) {
+                (Some(how), _) => format!(" ({how})"),
+                (None, _) if r.departed.iter().any(|d| d.id == c.id) => " (gone)".into(),
+                (None, Some(false)) => " (closed its own uffd copy!)".into(),
+                (None, _) => String::new(),
             },
             c.name,
             c.kind,
@@ -400,6 +434,7 @@ mod tests {
             mapped_bytes: 1,
             stats,
             departure: None,
+            uffd_copy_held: None,
         }
     }
 

@@ -49,6 +49,8 @@ pub mod feature {
     pub const THREAD_ID: u64 = sys::UFFD_FEATURE_THREAD_ID;
     /// MINOR mode on shmem.
     pub const MINOR_SHMEM: u64 = sys::UFFD_FEATURE_MINOR_SHMEM;
+    /// A missing fault raises SIGBUS (fails) instead of waiting for a reader.
+    pub const SIGBUS: u64 = sys::UFFD_FEATURE_SIGBUS;
     /// Names of the bits, for reports.
     pub const NAMES: &[(u64, &str)] = &[
         (sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP, "PAGEFAULT_FLAG_WP"),

@@ -413,6 +413,9 @@ struct Registered {
     ctl: Option<ControlClient>,
     uffd: Option<Uffd>,
     ranges: Vec<(u64, u64)>,
+    /// The control socket and the client ids, to reattach after a restart of the broker.
+    path: Option<String>,
+    ids: Vec<postcopy_broker::client_id::ClientId>,
 }
 
 impl Registered {
@@ -439,9 +442,13 @@ impl Registered {
         let Some(mut c) = self.ctl.take() else { return Ok(()) };
         let clients = match c.wait_postcopy_end() {
             Ok(clients) => clients,
-            // The broker ended without a word (it failed): keep the registration, the pages
-            // that never arrived must not read as zeros.
-            Err(postcopy_broker::control::ControlError::PeerClosed) => return Ok(()),
+            // The broker ended without a word (it died, or failed): keep the registration, the
+            // pages that never arrived must not read as zeros. A broker restarted from the fd
+            // store serves this client still: reattach, to hear its postcopy_end.
+            Err(postcopy_broker::control::ControlError::PeerClosed) => {
+                self.ctl = self.reattach(out)?;
+                return Ok(());
+            }
             Err(e) => return Err(format!("waiting for postcopy_end: {e}")),
         };
         if let Some(u) = self.uffd.take() {
@@ -459,6 +466,28 @@ impl Registered {
         }
         writeln!(out, "{}", json!({"who": "parent", "postcopy_end": clients})).map_err(|e| e.to_string())?;
         out.flush().map_err(|e| e.to_string())
+    }
+
+    /// After the broker's connection ended: connect again and reattach the client ids (the
+    /// parked control socket queues the connection while a restarted broker starts). None when
+    /// there is no broker that knows them (it died for good, or ran without an fd store).
+    fn reattach(&self, out: &mut impl Write) -> Result<Option<ControlClient>, String> {
+        let Some(path) = &self.path else { return Ok(None) };
+        let attempt = || -> Result<ControlClient, String> {
+            let mut c = ControlClient::connect(path).map_err(|e| e.to_string())?;
+            c.set_timeout(Some(std::time::Duration::from_secs(20))).map_err(|e| e.to_string())?;
+            c.reattach(&self.ids).map_err(|e| e.to_string())?;
+            c.set_timeout(None).map_err(|e| e.to_string())?;
+            Ok(c)
+        };
+        let r = attempt();
+        let line = match &r {
+            Ok(_) => json!({"who": "parent", "reattached": self.ids}),
+            Err(e) => json!({"who": "parent", "reattach_failed": e}),
+        };
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())?;
+        Ok(r.ok())
     }
 
     /// Wait for a line on stdin, doing the client's part of the broker's end meanwhile.
@@ -627,7 +656,13 @@ fn run(mut a: Args) -> Result<(), String> {
     out.flush().map_err(|e| e.to_string())?;
     let mut ranges: Vec<(u64, u64)> = bases.iter().map(|&b| (b, size)).collect();
     ranges.extend(reserve);
-    let mut reg = Registered { ctl: ctl.filter(|_| client_id.is_some()), uffd: Some(uffd), ranges };
+    let mut reg = Registered {
+        ctl: ctl.filter(|_| client_id.is_some()),
+        uffd: Some(uffd),
+        ranges,
+        path: a.control.clone().filter(|_| client_id.is_some()),
+        ids: client_id.into_iter().collect(),
+    };
     if !a.no_wait {
         reg.wait_line(&mut out)?;
     }

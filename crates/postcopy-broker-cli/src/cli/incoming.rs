@@ -1,15 +1,29 @@
 //! `postcopy-broker serve --incoming`: receive a migration, then print the summary and optionally
 //! write checksums and a JSON summary. (The rest of `serve` is in `crate::cli::serve`.)
+//!
+//! Under a service manager with an fd store (`$NOTIFY_SOCKET`; systemd with
+//! `FileDescriptorStoreMax=`, or `pcb-keeper`), everything a restart needs is parked there once
+//! postcopy starts (`crate::cli::park`); a start that finds a parked record rebuilds the
+//! migration from it and resumes the source instead of waiting for a new one.
 
 use std::io::Write;
 use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::cli::park::{self, Parking, State, ALIVE_FD_NAME, LISTEN_FD_NAME};
+use crate::fdstore::{FdStore, Parked};
+use postcopy_broker::control::ControlListener;
+use postcopy_broker::fault::park::Adoption;
 
 use crate::cli::source::warn_if_plaintext;
 use postcopy_broker::error::{Error, IoContext, Result};
 use postcopy_broker::fault::{BrokerConfig, ControlLimits};
 use postcopy_broker::incoming::Incoming;
-use postcopy_broker::migration::destination::{verify_report, Destination, DestinationOptions, Summary};
+use postcopy_broker::migration::destination::{
+    block_fd_name, verify_report, Destination, DestinationOptions, Summary, DIGESTS_FD_NAME,
+};
 use postcopy_broker::migration::transport::TransportOptions;
 use postcopy_broker::migration::wire::Side;
 
@@ -24,6 +38,8 @@ pub struct IncomingOptions {
     pub control: PathBuf,
     /// The control socket inherited by socket activation (then `control` only names it).
     pub control_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// The other fds passed at start: what a broker that died parked (see `crate::cli::park`).
+    pub parked: Arc<Parked>,
     /// Peer uids allowed on the control socket (empty: root and our own uid).
     pub allowed_uids: Vec<u32>,
     /// Blocks each non-root allowed uid may map.
@@ -56,24 +72,63 @@ fn finish_outputs(a: &IncomingOptions, summary: &Summary, incoming: &Incoming) -
     Ok(())
 }
 
+/// The fd store to park in, if the broker runs under one.
+fn fd_store() -> Option<FdStore> {
+    match FdStore::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("NOTIFY_SOCKET: {e}; nothing is parked, a restart could not resume the migration");
+            None
+        }
+    }
+}
+
 /// Run `postcopy-broker serve --incoming`: print `listening ADDR`, accept the source (refusing
-/// and logging connections that fail their handshake), migrate, print the summary.
+/// and logging connections that fail their handshake), migrate, print the summary. A start that
+/// finds a parked session rebuilds it instead (see the module doc).
 pub fn run(a: &IncomingOptions) -> Result<()> {
     let security = a.transport.security(Side::Destination)?;
     warn_if_plaintext(security.mode());
-    let listener = TcpListener::bind(&a.addr).ctx(|| format!("listen on {}", a.addr))?;
+    let resumed = park::take_state(&a.parked)?;
+    let listener = match a.parked.take(LISTEN_FD_NAME) {
+        Some(fd) => TcpListener::from(fd),
+        None => TcpListener::bind(&a.addr).ctx(|| format!("listen on {}", a.addr))?,
+    };
     let local = listener.local_addr().ctx(|| "local address".into())?;
     println!("listening {local}");
     let _ = std::io::stdout().flush();
-    // Ready for the source; the control socket opens once its Hello says what RAM comes.
-    crate::systemd::tell(&format!("READY=1\nSTATUS=waiting for the migration source on {local}"));
+    let store = fd_store();
+    // Parking needs the control socket's fd: bind it here unless the service manager gave it.
+    let (control_fd, _bound) = match (&a.control_fd, &store) {
+        (Some(fd), _) => (Some(Arc::clone(fd)), None),
+        (None, Some(_)) => {
+            let uids = if a.allowed_uids.is_empty() {
+                ControlListener::default_allowed_uids()
+            } else {
+                a.allowed_uids.clone()
+            };
+            let l = ControlListener::bind(&a.control, uids).map_err(|e| Error::Invalid(e.to_string()))?;
+            // SAFETY: the listener's fd is open while `l` lives; it is duplicated at once.
+            let dup = unsafe { BorrowedFd::borrow_raw(l.as_raw_fd()) }
+                .try_clone_to_owned()
+                .ctx(|| "duplicate the control socket".into())?;
+            (Some(Arc::new(dup)), Some(l))
+        }
+        (None, None) => (None, None),
+    };
+    // A fresh session parks from Listen on; a rebuilt one goes on with the parked state.
+    let (parking, store) = match (store, resumed.is_some()) {
+        (Some(s), false) => (Some(Parking::new(s)?), None),
+        (s, _) => (None, s),
+    };
     let broker = BrokerConfig {
         control: Some(a.control.clone()),
-        control_fd: a.control_fd.clone(),
+        control_fd: control_fd.clone(),
         allowed_uids: a.allowed_uids.clone(),
         grants: a.grants.iter().cloned().collect(),
         busy_poll: a.busy_poll,
         limits: a.limits,
+        parking: parking.clone().map(|p| p as Arc<dyn postcopy_broker::fault::park::ClientParking>),
         ..BrokerConfig::default()
     };
     let opts = DestinationOptions {
@@ -83,9 +138,125 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         ..DestinationOptions::default()
     };
     log::info!("migration connections: {}", security.mode());
-    let d = Destination::accept(&listener, &security, None, opts)?;
+    if let Some((generation, state)) = resumed {
+        return rebuild(a, &listener, &security, store, generation, state, opts);
+    }
+    a.parked.close_rest("no parked session uses it");
+    // Ready for the source; the control socket opens once its Hello says what RAM comes.
+    crate::systemd::tell(&format!("READY=1\nSTATUS=waiting for the migration source on {local}"));
+    let mut d = Destination::accept(&listener, &security, None, opts)?;
     crate::systemd::tell("STATUS=receiving the migration (postcopy)");
-    let (summary, incoming) = d.run()?;
+    d.run_until_listening()?;
+    if let (Some(p), Some(record)) = (&parking, d.record()) {
+        let mut fds: Vec<(String, BorrowedFd<'_>)> = d.parkable();
+        fds.push((LISTEN_FD_NAME.into(), listener.as_fd()));
+        if let Some(c) = &control_fd {
+            fds.push((crate::systemd::CONTROL_FD_NAME.into(), c.as_fd()));
+        }
+        match p.begin(record, &fds) {
+            Ok(()) => log::info!("postcopy: {} fds parked in the fd store for a restart", fds.len() + 1),
+            Err(e) => log::error!("{e}; a restart of this broker could not resume the migration"),
+        }
+    }
+    let (summary, incoming) = d.finish()?;
+    if let Some(p) = &parking {
+        p.finish();
+    }
+    crate::systemd::tell("STOPPING=1\nSTATUS=migration done");
+    finish_outputs(a, &summary, &incoming)
+}
+
+/// A start that found a parked session: rebuild it, take the parked clients back, wait for the
+/// source's resume and finish the migration.
+fn rebuild(
+    a: &IncomingOptions,
+    listener: &TcpListener,
+    security: &postcopy_broker::migration::transport::Security,
+    store: Option<FdStore>,
+    generation: u64,
+    state: State,
+    mut opts: DestinationOptions,
+) -> Result<()> {
+    let names = a.parked.names();
+    let blocks = (0..state.session.blocks.len())
+        .map(|i| {
+            a.parked.take(&block_fd_name(i)).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the parked session lacks the fd of block #{i}; start a new migration"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let digests = a.parked.take(DIGESTS_FD_NAME).ok_or_else(|| {
+        Error::Invalid("the parked session lacks its digest table; start a new migration".into())
+    })?;
+    let alive = a.parked.take(ALIVE_FD_NAME);
+    let last = alive.as_ref().and_then(park::last_alive);
+    let mut all_names = names.clone();
+    all_names.extend([LISTEN_FD_NAME.to_string(), crate::systemd::CONTROL_FD_NAME.to_string()]);
+    let parking = match (store, alive) {
+        (Some(s), Some(alive)) => Some(Parking::resume(s, state.clone(), generation, all_names, alive)),
+        _ => {
+            log::warn!(
+                "restarted without an fd store (or its heartbeat): a further restart could not resume"
+            );
+            None
+        }
+    };
+    opts.broker.parking = parking.clone().map(|p| p as Arc<dyn postcopy_broker::fault::park::ClientParking>);
+    let before = state.session.restarts.clone();
+    log::warn!(
+        "restarting the migration of session {:016x} from {} after this broker's death ({} restart(s) before)",
+        state.session.session_id,
+        state.session.peer,
+        before.len()
+    );
+    let (d, rebuilt) = Destination::rebuild(listener, security, &state.session, blocks, digests, last, opts)?;
+    let h = d.broker().ok_or_else(|| Error::Invalid("the rebuilt session has no fault loop".into()))?;
+    for c in state.clients {
+        let id = c.id;
+        match park::take_client_fds(&a.parked, id) {
+            (Some(uffd), pidfd) => {
+                if let Err(e) = h.adopt(Adoption { client: c, uffd, pidfd }) {
+                    log::warn!("client {id} cannot be taken back: {e}");
+                    if let Some(p) = &parking {
+                        p.forget(id);
+                    }
+                }
+            }
+            (None, _) => log::error!(
+                "client {id} '{}' is in the parked record but its userfaultfd is not: it is not served; if it kept its own copy it waits, else its missing pages read as zeros",
+                c.name
+            ),
+        }
+    }
+    a.parked.close_rest("not part of the parked session");
+    h.open_control()?;
+    let restart = h.status()?.restart.unwrap_or_default();
+    log::warn!(
+        "rebuilt after {} ms down: {} of {} pages here, {} client(s) taken back ({} lost), {} range(s) woken, {} fault(s) re-woken; waiting for the source to resume",
+        restart.downtime_ms,
+        rebuilt.pages_rebuilt,
+        rebuilt.total_pages,
+        restart.clients_adopted,
+        restart.clients_lost,
+        restart.ranges_woken,
+        restart.faults_rewoken
+    );
+    if let Some(p) = &parking {
+        p.update_session(|s| s.restarts.push(restart.clone()));
+    }
+    crate::systemd::tell(&format!(
+        "READY=1\nSTATUS=restarted: {} of {} pages here; waiting for the source to resume",
+        rebuilt.pages_rebuilt, rebuilt.total_pages
+    ));
+    let (mut summary, incoming) = d.finish()?;
+    if let Some(p) = &parking {
+        p.finish();
+    }
+    let mut restarts = before;
+    restarts.append(&mut summary.restarts);
+    summary.restarts = restarts;
     crate::systemd::tell("STOPPING=1\nSTATUS=migration done");
     finish_outputs(a, &summary, &incoming)
 }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod demo;
 pub mod demo_check;
 pub mod incoming;
+pub mod park;
 pub mod paths;
 pub mod probe;
 pub mod progress;

@@ -22,6 +22,9 @@ pub struct ServeOptions {
     pub control: PathBuf,
     /// The control socket inherited by socket activation (then `control` only names it).
     pub control_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// Other fds passed at start: a lazy restore does not restart from parked fds, so they are
+    /// closed.
+    pub parked: std::sync::Arc<crate::fdstore::Parked>,
     /// Allowed peer uids (empty: root and our own uid).
     pub allowed_uids: Vec<u32>,
     /// Blocks each non-root allowed uid may map.
@@ -196,6 +199,7 @@ fn service_status(lazy: bool, got: u64, total: u64) -> String {
 }
 
 fn serve(o: ServeOptions) -> Result<()> {
+    o.parked.close_rest("only `serve --incoming` rebuilds from parked fds");
     install_stop_handler();
     raise_fd_limit();
     check_grants(&o.grants, &o.blocks)?;
@@ -233,6 +237,7 @@ fn serve(o: ServeOptions) -> Result<()> {
         allowed_uids: o.allowed_uids.clone(),
         grants: o.grants.iter().cloned().collect(),
         limits: o.limits,
+        ..BrokerConfig::default()
     };
     let mut h = Broker::spawn(&inc, source, config)?;
     backends.register_all(&h, inc.blocks())?;

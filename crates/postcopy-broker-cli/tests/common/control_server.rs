@@ -202,7 +202,10 @@ fn handle(
                 c.send(&Response::Registered { client: *next_client }, &[]).unwrap();
                 *next_client += 1;
             }
-            Request::ProvideBlocks { .. } | Request::Dirty { .. } | Request::StartPostcopy => {
+            Request::ProvideBlocks { .. }
+            | Request::Dirty { .. }
+            | Request::StartPostcopy
+            | Request::Reattach { .. } => {
                 let _ = tx.send(Event::Request { op: req.op() });
                 c.send(&Response::error("refused", "not a source"), &[]).unwrap();
             }

@@ -95,6 +95,7 @@ impl Client {
             mapped_bytes: self.mapped_bytes(),
             stats: self.stats.clone(),
             departure: None,
+            uffd_copy_held: None,
         }
     }
 }
@@ -118,6 +119,11 @@ impl Registry {
         let id = ClientId(self.next);
         self.next += 1;
         id
+    }
+
+    /// Keep `id` (a client taken back after a restart) from being handed out again.
+    pub fn reserve_id(&mut self, id: ClientId) {
+        self.next = self.next.max(id.0 + 1);
     }
 
     /// Add a client (its id from [`Registry::next_id`]).

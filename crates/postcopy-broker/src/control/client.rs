@@ -291,6 +291,18 @@ impl ControlClient {
         Ok(out)
     }
 
+    /// After the broker restarted (this connection's predecessor got EOF): tell the new broker
+    /// that this connection now speaks for `clients` (the ids `register` returned), so that
+    /// `postcopy_end` comes here. Refused when the broker did not take them back (it ran without
+    /// an fd store): then they are not served (docs/control-protocol.md).
+    pub fn reattach(&mut self, clients: &[ClientId]) -> Result<(), ControlError> {
+        let clients = clients.iter().map(|c| c.0).collect();
+        match self.call(&Request::Reattach { clients }, &[])?.0 {
+            Response::Ok => Ok(()),
+            other => Err(unexpected("ok", &other)),
+        }
+    }
+
     /// The broker's status report.
     pub fn status(&mut self) -> Result<serde_json::Value, ControlError> {
         match self.call(&Request::Status, &[])?.0 {

@@ -109,6 +109,13 @@ pub enum Request {
         /// The id returned by `registered`.
         client: u64,
     },
+    /// After the broker restarted: make this connection the owner of clients registered over a
+    /// connection of the broker that died (taken back from the fd store), so that they hear
+    /// `postcopy_end` here.
+    Reattach {
+        /// The ids returned by `registered`.
+        clients: Vec<u64>,
+    },
     /// Ask for RAM blocks and their memfds.
     GetBlocks {
         /// Only these blocks; all blocks if `None`.
@@ -149,8 +156,17 @@ pub struct BlockSpec {
 }
 
 /// The `op` values of [`Request`], for telling an unknown op from a malformed message.
-pub const REQUEST_OPS: &[&str] =
-    &["hello", "register", "unregister", "get_blocks", "status", "provide_blocks", "dirty", "start_postcopy"];
+pub const REQUEST_OPS: &[&str] = &[
+    "hello",
+    "register",
+    "unregister",
+    "reattach",
+    "get_blocks",
+    "status",
+    "provide_blocks",
+    "dirty",
+    "start_postcopy",
+];
 
 impl Request {
     /// The request's `op` string.
@@ -159,6 +175,7 @@ impl Request {
             Request::Hello { .. } => "hello",
             Request::Register { .. } => "register",
             Request::Unregister { .. } => "unregister",
+            Request::Reattach { .. } => "reattach",
             Request::GetBlocks { .. } => "get_blocks",
             Request::Status => "status",
             Request::ProvideBlocks { .. } => "provide_blocks",
@@ -280,6 +297,7 @@ mod tests {
                 Request::Hello { version: 1, name: String::new() },
                 r.clone(),
                 Request::Unregister { client: 1 },
+                Request::Reattach { clients: vec![] },
                 g.clone(),
                 s.clone(),
                 Request::ProvideBlocks { blocks: vec![] },

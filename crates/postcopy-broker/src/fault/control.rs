@@ -246,6 +246,12 @@ impl Loop {
                 }
             }
             Incoming::Request(Request::Unregister { client }, _) => self.unregister(id, creds, client),
+            Incoming::Request(Request::Reattach { clients }, _) => {
+                match self.reattach(id, creds.uid, &clients) {
+                    Ok(()) => self.reply(id, &Response::Ok, &[]),
+                    Err(e) => self.refuse(id, &e),
+                }
+            }
             Incoming::Request(Request::GetBlocks { names }, _) => self.send_blocks(id, creds.uid, names),
             Incoming::Request(Request::Status, _) => {
                 let mut report = self.status();
@@ -357,6 +363,7 @@ impl Loop {
             exits_with_conn = !self.watch_peer(conn, cid);
         }
         self.owners.insert(cid, Owner { uid: creds.uid, conn, exits_with_conn, parent: None });
+        self.park(cid);
         Ok(cid)
     }
 

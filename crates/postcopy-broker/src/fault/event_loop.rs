@@ -82,6 +82,11 @@ pub struct BrokerConfig {
     pub grants: HashMap<u32, Vec<String>>,
     /// What one control-socket peer may make the broker hold.
     pub limits: ControlLimits,
+    /// Where every client's record and fds are parked for a restart (see [`super::park`]).
+    pub parking: Option<Arc<dyn super::park::ClientParking>>,
+    /// This loop runs in a broker restarted during postcopy: what was rebuilt so far (the
+    /// adoptions add to it); reported in the status.
+    pub restart: Option<super::park::Restart>,
 }
 
 /// Why a client stops being served.
@@ -114,6 +119,9 @@ enum Command {
     Register(Registration, Sender<Result<ClientId>>),
     Unregister(ClientId, Sender<Result<()>>),
     Status(Sender<StatusReport>),
+    Adopt(Box<super::park::Adoption>, Sender<Result<u64>>),
+    /// A restarted broker took its parked clients back: serve the control socket now.
+    OpenControl,
     Stop,
     /// Start (true) or stop (false) the background fill now.
     Background(bool),
@@ -179,6 +187,8 @@ pub(crate) struct Loop {
     background: bool,
     /// After [`BrokerHandle::finish_complete`]: the clients told `postcopy_end` not gone yet.
     pub(crate) ending: Option<super::ending::Ending>,
+    /// What the restart rebuilt (a restarted broker only).
+    pub(crate) restart: Option<super::park::Restart>,
 }
 
 impl Loop {
@@ -281,6 +291,7 @@ impl Loop {
         }
         self.owners.remove(id);
         drop(c); // closes its uffd and pidfd
+        self.unpark(id);
         self.held_children.remove(&id); // closes the held children's uffds
         for child in self.owners.children_of(id) {
             self.retire(child, Departure::WithParent);
@@ -289,7 +300,16 @@ impl Loop {
 
     pub(crate) fn status(&self) -> StatusReport {
         let blocks = &self.core.blocks;
-        let mut clients: Vec<_> = self.core.clients.iter().map(|c| c.status()).collect();
+        let mut clients: Vec<_> = self
+            .core
+            .clients
+            .iter()
+            .map(|c| {
+                let mut st = c.status();
+                st.uffd_copy_held = c.pid.and_then(|p| super::park::holds_copy(p, c.uffd.as_raw_fd()));
+                st
+            })
+            .collect();
         clients.sort_by_key(|c| c.id);
         let mut broker = self.core.stats.clone();
         broker.foreign_pages += self.core.placer.stats().counts().foreign_pages;
@@ -344,6 +364,7 @@ impl Loop {
             departed_omitted: 0,
             postcopy: blocktime.qemu(),
             blocktime,
+            restart: self.restart.clone(),
         }
     }
 
@@ -351,6 +372,16 @@ impl Loop {
         match cmd {
             Command::Register(reg, reply) => {
                 let r = self.register(reg);
+                if let Ok(id) = &r {
+                    self.park(*id);
+                }
+                let _ = reply.send(r);
+            }
+            Command::Adopt(a, reply) => {
+                let r = self.adopt(*a);
+                if r.is_err() {
+                    self.lost_in_restart();
+                }
                 let _ = reply.send(r);
             }
             Command::Unregister(id, reply) => {
@@ -364,6 +395,14 @@ impl Loop {
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            Command::OpenControl => {
+                if let Some(l) = &self.listener {
+                    if let Err(e) = self.add(l.as_raw_fd(), T_LISTEN) {
+                        log::error!("control socket: cannot poll the listener: {e}");
+                    }
+                }
+                self.accept_peers();
             }
             Command::Stop => self.stop = true,
             Command::Background(on) => self.set_background(on),
@@ -389,6 +428,7 @@ impl Loop {
     /// Read every queued message of a uffd and handle them in order.
     fn drain_uffd(&mut self, id: ClientId) {
         let now = Instant::now();
+        let mut moved = false;
         loop {
             let r = if id == ClientId::BROKER {
                 self.core.own.read_messages(&mut self.msgs)
@@ -409,6 +449,8 @@ impl Loop {
             };
             for i in 0..n {
                 let m = Message::decode(&self.msgs[i]);
+                // The client's mapping table changes: the parked record must follow it.
+                moved |= matches!(m, Message::Remap { .. } | Message::Unmap { .. });
                 self.core.on_message(id, m, now);
             }
             if n < self.msgs.len() {
@@ -417,6 +459,9 @@ impl Loop {
         }
         if !self.core.deferred.is_empty() {
             self.core.retry_deferred(id);
+        }
+        if moved && self.config.parking.is_some() {
+            self.park(id);
         }
     }
 
@@ -588,6 +633,7 @@ impl Broker {
             (None, Some(path)) => Some(ControlListener::bind(path, uids)?),
             (None, None) => None,
         };
+        let restart = config.restart.clone();
         let lp = Loop {
             epfd,
             event: Arc::clone(&event),
@@ -608,10 +654,13 @@ impl Broker {
             stop: false,
             background: false,
             ending: None,
+            restart,
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
-        if let Some(l) = &lp.listener {
+        // A restarted broker serves the control socket only once its parked clients are back
+        // ([`BrokerHandle::open_control`]): a client reattaching must find itself.
+        if let (Some(l), None) = (&lp.listener, &lp.restart) {
             lp.add(l.as_raw_fd(), T_LISTEN)?;
         }
         for fd in lp.source.poll_fds() {
@@ -637,6 +686,20 @@ impl BrokerHandle {
         let (tx, rx) = mpsc::channel();
         self.send(Command::Register(reg, tx))?;
         rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))?
+    }
+
+    /// Serve a client parked by a broker that died (same id) and wake every range it
+    /// registered; returns the threads that were blocked in a userfault (see [`super::park`]).
+    pub fn adopt(&self, a: super::park::Adoption) -> Result<u64> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Adopt(Box::new(a), tx))?;
+        rx.recv().map_err(|_| Error::Invalid("the fault loop has stopped".into()))?
+    }
+
+    /// In a restarted broker (`BrokerConfig::restart`), after the parked clients were adopted:
+    /// start serving the control socket (connections wait in its backlog until then).
+    pub fn open_control(&self) -> Result<()> {
+        self.send(Command::OpenControl)
     }
 
     /// Stop serving a client (its uffd stays open while its process lives).

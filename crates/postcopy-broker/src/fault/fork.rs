@@ -81,6 +81,8 @@ impl Loop {
             self.owners.insert(child.id, Owner { exits_with_conn: false, parent: Some(parent), ..o });
         }
         self.core.stats.clients_registered += 1;
+        let id = child.id;
         self.core.clients.insert(child);
+        self.park(id);
     }
 }

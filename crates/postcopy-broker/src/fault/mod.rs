@@ -15,6 +15,7 @@ mod firecracker;
 mod fork;
 mod grants;
 mod limits;
+pub mod park;
 mod pending;
 mod private;
 mod unplaced;

@@ -20,8 +20,11 @@
 //! PSK mode a changed record is caught earlier, by its authentication tag.
 
 use crate::conv::usize_of;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::ram::Mapping;
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
@@ -55,19 +58,40 @@ pub fn page_hash(data: &[u8]) -> u64 {
     xxh3_64(data).max(1)
 }
 
+/// Where a table's hashes live: on the heap, or in a shared mapping of a memfd that can outlive
+/// the process (parked in a service manager's fd store, so a restarted broker keeps them).
+#[derive(Debug)]
+enum Slots {
+    Heap(Vec<AtomicU64>),
+    Mapped { map: Arc<Mapping>, first: usize, n: usize },
+}
+
+impl Slots {
+    fn get(&self) -> &[AtomicU64] {
+        match self {
+            Slots::Heap(v) => v,
+            // SAFETY: the mapping is page aligned, holds `first + n` u64s (checked when it was
+            // made), lives as long as `map`, and is only ever accessed atomically.
+            Slots::Mapped { map, first, n } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().cast::<AtomicU64>().add(*first), *n)
+            },
+        }
+    }
+}
+
 /// The per-page hash table of one block.
 #[derive(Debug)]
 pub struct BlockDigest {
     page_size: u64,
     zero: u64,
-    pages: Vec<AtomicU64>,
+    pages: Slots,
 }
 
 impl BlockDigest {
     /// A table of `pages` pages of `page_size` bytes, nothing recorded.
     pub fn new(page_size: u64, pages: u64) -> BlockDigest {
         let zero = page_hash(&vec![0u8; usize_of(page_size)]);
-        BlockDigest { page_size, zero, pages: (0..pages).map(|_| AtomicU64::new(0)).collect() }
+        BlockDigest { page_size, zero, pages: Slots::Heap((0..pages).map(|_| AtomicU64::new(0)).collect()) }
     }
 
     /// Each page's hash of the run at `offset`: of `data`'s pages, or of zero pages for `len`.
@@ -82,7 +106,7 @@ impl BlockDigest {
 
     fn slots(&self, offset: u64) -> impl Iterator<Item = (u64, &AtomicU64)> {
         let first = offset / self.page_size;
-        self.pages.iter().enumerate().skip(usize_of(first)).map(|(i, a)| (i as u64, a))
+        self.pages.get().iter().enumerate().skip(usize_of(first)).map(|(i, a)| (i as u64, a))
     }
 
     /// Record the run at `offset` (page data, or `len` bytes of zero pages), replacing what was
@@ -120,7 +144,7 @@ impl BlockDigest {
     /// The table folded in page order (XXH3 over the little-endian hashes).
     pub fn fold(&self) -> u64 {
         let mut h = Xxh3::new();
-        for p in &self.pages {
+        for p in self.pages.get() {
             h.update(&p.load(Ordering::Acquire).to_le_bytes());
         }
         h.digest()
@@ -132,10 +156,48 @@ pub fn tables(table: &BlockTable) -> Vec<BlockDigest> {
     table.iter().map(|b| BlockDigest::new(b.page_size, b.pages())).collect()
 }
 
+/// The tables of `table` in one shared memfd mapping: `fd` (None: a new zeroed memfd), which
+/// must hold 8 bytes per page of every block, blocks back to back in wire order.
+fn shared_tables(table: &BlockTable, fd: Option<OwnedFd>) -> crate::Result<(OwnedFd, Vec<BlockDigest>)> {
+    let total: u64 = table.iter().map(|b| b.pages()).sum();
+    let bytes = (total * 8).max(8);
+    let fd = match fd {
+        Some(fd) => {
+            let len =
+                nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd)).map(|st| st.st_size).unwrap_or(0);
+            if u64::try_from(len).unwrap_or(0) < bytes {
+                return Err(crate::Error::Invalid(format!(
+                    "the parked digest table holds {len} bytes, the blocks need {bytes}: it belongs to another migration"
+                )));
+            }
+            fd
+        }
+        None => crate::ram::new_memfd("pcb-digests", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC, bytes)?,
+    };
+    let map = Arc::new(Mapping::shared(fd.as_fd(), usize_of(bytes))?);
+    let mut first = 0;
+    let tables = table
+        .iter()
+        .map(|b| {
+            let n = usize_of(b.pages());
+            let d = BlockDigest {
+                page_size: b.page_size,
+                zero: page_hash(&vec![0u8; usize_of(b.page_size)]),
+                pages: Slots::Mapped { map: Arc::clone(&map), first, n },
+            };
+            first += n;
+            d
+        })
+        .collect();
+    Ok((fd, tables))
+}
+
 /// The destination's digests: what arrived, and what the source says it sent.
 #[derive(Debug, Default)]
 pub struct Received {
     blocks: OnceLock<(Vec<String>, Vec<BlockDigest>)>,
+    /// The memfd under the tables, when they are shared ([`Received::set_blocks_shared`]).
+    shared: OnceLock<OwnedFd>,
     source: Mutex<Option<Vec<u64>>>,
     conflict: Mutex<Option<DigestError>>,
 }
@@ -144,6 +206,23 @@ impl Received {
     /// Start recording for the blocks of `table` (once, at Hello; later calls do nothing).
     pub fn set_blocks(&self, table: &BlockTable) {
         let _ = self.blocks.set((table.iter().map(|b| b.name.clone()).collect(), tables(table)));
+    }
+
+    /// Start recording for the blocks of `table` in a shared memfd (`fd`: one parked by a
+    /// broker that died, whose records go on; None: a new one), so that a restarted broker keeps
+    /// what arrived before ([`Received::shared_fd`] is what to park). Once, like `set_blocks`.
+    pub fn set_blocks_shared(&self, table: &BlockTable, fd: Option<OwnedFd>) -> crate::Result<()> {
+        let (fd, tables) = shared_tables(table, fd)?;
+        let names = table.iter().map(|b| b.name.clone()).collect();
+        if self.blocks.set((names, tables)).is_ok() {
+            let _ = self.shared.set(fd);
+        }
+        Ok(())
+    }
+
+    /// The memfd holding the tables, when they are shared.
+    pub fn shared_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.shared.get().map(AsFd::as_fd)
     }
 
     fn block(&self, wire: u32) -> Option<&BlockDigest> {
@@ -277,6 +356,27 @@ mod tests {
         assert_eq!(b.set_first(0, Some(&[page.clone(), bad].concat()), 0), Some(1));
         b.clear(4096, 4096);
         assert_eq!(b.set_first(4096, Some(&page), 0), None, "a cleared page may come again");
+    }
+
+    #[test]
+    fn shared_tables_survive_in_their_memfd() {
+        let t = BlockTable::new(vec![
+            crate::migration::wire::BlockInfo::new("a", 4 * 4096, 4096),
+            crate::migration::wire::BlockInfo::new("b", 2 * 4096, 4096),
+        ])
+        .unwrap();
+        let r = Received::default();
+        r.set_blocks_shared(&t, None).unwrap();
+        let page = vec![9u8; 4096];
+        r.observe(&Frame::Page { block: 1, offset: 4096, demand: false, data: &page });
+        let again = Received::default();
+        again.set_blocks_shared(&t, Some(r.shared_fd().unwrap().try_clone_to_owned().unwrap())).unwrap();
+        let fold = |x: &Received, i: usize| x.blocks.get().unwrap().1[i].fold();
+        assert_eq!(fold(&again, 1), fold(&r, 1), "the second one reads what the first recorded");
+        let heap = BlockDigest::new(4096, 2);
+        heap.set(4096, Some(&page), 0);
+        assert_eq!(fold(&again, 1), heap.fold());
+        assert_eq!(fold(&again, 0), BlockDigest::new(4096, 4).fold());
     }
 
     #[test]

@@ -559,7 +559,8 @@ fn to_off(v: u64) -> Result<i64> {
 /// that shrank it would make every other mapper's access past the new end a SIGBUS, and one that
 /// grew it could make the broker's bitmaps disagree with the file. F_SEAL_SEAL keeps peers from
 /// adding seals of their own (a write seal would stop placement).
-fn new_memfd(name: &str, flags: MemFdCreateFlag, size: u64) -> Result<OwnedFd> {
+/// A new memfd of `size` bytes, sealed against resizing.
+pub(crate) fn new_memfd(name: &str, flags: MemFdCreateFlag, size: u64) -> Result<OwnedFd> {
     let cname =
         CString::new(name).map_err(|_| Error::Invalid(format!("block name '{name}' contains a NUL byte")))?;
     let fd = memfd_create(&cname, flags | MemFdCreateFlag::MFD_ALLOW_SEALING)

@@ -6,8 +6,11 @@ mod block;
 mod foreign;
 mod hugepool;
 mod mapping;
+pub mod residency;
 
 pub use bitmap::AtomicBitmap;
+#[cfg(feature = "migration")]
+pub(crate) use block::new_memfd;
 pub use block::{shared_memory_page_size, Backing, RamBlock, HUGE_1G, HUGE_2M, SMALL_PAGE};
 pub use hugepool::{pool as huge_pool, pools as huge_pools, HugePool};
 pub use mapping::Mapping;

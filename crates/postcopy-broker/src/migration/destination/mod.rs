@@ -7,12 +7,15 @@
 //!   (pauses when they drop, resumes with new ones);
 //! - `stream`: the stream thread that reads and places the background stream;
 //! - `resume`: the destination's half of the resume handshake;
+//! - [`restart`]: rebuilding the session of a broker that died during postcopy from what it
+//!   parked (record, block fds, digest table), resumed by the source;
 //! - [`end`]: delivering the final Complete, lingering for a source that missed it;
 //! - [`summary`]: progress display and the end [`Summary`];
 
 pub mod end;
 pub mod gate;
 pub mod network;
+pub mod restart;
 mod resume;
 pub mod session;
 mod stream;
@@ -20,6 +23,7 @@ pub mod summary;
 
 pub use end::Ending;
 pub use network::{Connections, NetState, NetworkSource, Resumer};
+pub use restart::{block_fd_name, ParkedSession, Rebuilt, SessionRecord, DIGESTS_FD_NAME};
 pub use session::{
     create_blocks, Destination, DestinationOptions, DEFAULT_END_LINGER, DEFAULT_RESUME_TIMEOUT,
     DESTINATION_CAPS,

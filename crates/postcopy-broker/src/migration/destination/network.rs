@@ -92,7 +92,7 @@ impl NetState {
         self.fail(why);
     }
 
-    fn pause(&self, why: String) {
+    pub(super) fn pause(&self, why: String) {
         if let Ok(mut g) = self.paused.lock() {
             log::warn!("migration paused: {why}; waiting for the source to reconnect");
             *g = Some((why, Instant::now()));
@@ -222,6 +222,22 @@ impl NetworkSource {
         net: Arc<NetState>,
         stream_nice: i32,
     ) -> Result<NetworkSource> {
+        let mut s = Self::paused(uffd, blocks, ids, state, net, stream_nice)?;
+        s.install(conns)?;
+        Ok(s)
+    }
+
+    /// A source with no connections yet, for a broker rebuilt after its own death (`restart`):
+    /// with its [`resumer`](NetworkSource::resumer), faults wait and their requests are kept
+    /// until the session hands it the resumed connections.
+    pub fn paused(
+        uffd: Arc<Uffd>,
+        blocks: Arc<RamBlocks>,
+        ids: Vec<BlockId>,
+        state: Arc<StateCell>,
+        net: Arc<NetState>,
+        stream_nice: i32,
+    ) -> Result<NetworkSource> {
         let ep = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
@@ -234,7 +250,7 @@ impl NetworkSource {
             TOK_KICK,
         )?;
         let wanted = Arc::new(Wanted::new(&blocks));
-        let mut s = NetworkSource {
+        Ok(NetworkSource {
             urgent: None,
             stream: None,
             uffd,
@@ -255,9 +271,7 @@ impl NetworkSource {
             received_at_install: 0,
             last_loss: None,
             stalled_resumes: 0,
-        };
-        s.install(conns)?;
-        Ok(s)
+        })
     }
 
     /// Pause (instead of failing) when a connection drops, and accept new connections from the

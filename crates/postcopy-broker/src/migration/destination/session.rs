@@ -92,27 +92,27 @@ impl Default for DestinationOptions {
 /// A destination session (see the module doc for the order of calls).
 #[derive(Debug)]
 pub struct Destination {
-    incoming: Incoming,
-    main: Transport,
-    main_dec: Option<Decoder>,
-    urgent: Option<(Transport, Decoder)>,
+    pub(super) incoming: Incoming,
+    pub(super) main: Option<Transport>,
+    pub(super) main_dec: Option<Decoder>,
+    pub(super) urgent: Option<(Transport, Decoder)>,
     /// Wire block index → RamBlocks id.
-    ids: Vec<BlockId>,
-    net: Arc<NetState>,
-    broker: Option<BrokerHandle>,
-    opts: DestinationOptions,
-    started: Instant,
-    listen_at: Option<Instant>,
-    precopy_pages: u64,
-    precopy_bytes: u64,
-    peer: SocketAddr,
+    pub(super) ids: Vec<BlockId>,
+    pub(super) net: Arc<NetState>,
+    pub(super) broker: Option<BrokerHandle>,
+    pub(super) opts: DestinationOptions,
+    pub(super) started: Instant,
+    pub(super) listen_at: Option<Instant>,
+    pub(super) precopy_pages: u64,
+    pub(super) precopy_bytes: u64,
+    pub(super) peer: SocketAddr,
     /// What a resume must match and repeat.
-    link: Link,
-    resumer: Option<Resumer>,
+    pub(super) link: Link,
+    pub(super) resumer: Option<Resumer>,
     /// Capabilities both sides accepted.
-    caps: u64,
+    pub(super) caps: u64,
     /// Pauses already answered by a resume handshake.
-    handled_pauses: u64,
+    pub(super) handled_pauses: u64,
 }
 
 /// Send an Error frame (best effort) and return `e`.
@@ -255,10 +255,14 @@ impl Destination {
         urgent_dec.set_blocks(hello.blocks.clone());
         write_frame(&mut &urgent, &Frame::HelloAck { version, capabilities: caps })?;
         let net = Arc::new(NetState::default());
-        net.digests.set_blocks(&hello.blocks);
+        // Shared, so that a restarted broker keeps what arrived (see `restart`).
+        if let Err(e) = net.digests.set_blocks_shared(&hello.blocks, None) {
+            log::warn!("digest table in memory only ({e}): a restarted broker could not check the pages");
+            net.digests.set_blocks(&hello.blocks);
+        }
         Ok(Destination {
             incoming: Incoming::new(blocks),
-            main,
+            main: Some(main),
             main_dec: Some(main_dec),
             urgent: Some((urgent, urgent_dec)),
             ids,
@@ -275,6 +279,19 @@ impl Destination {
             caps,
             handled_pauses: 0,
         })
+    }
+
+    /// The main connection (None only in a rebuilt session before the source resumed).
+    fn main(&self) -> Result<&Transport> {
+        self.main.as_ref().ok_or_else(|| Error::Invalid("the source has not reconnected yet".into()))
+    }
+
+    /// Send `e` to the source as an Error frame when connected; return it.
+    fn refuse_main(&self, e: Error) -> Error {
+        match &self.main {
+            Some(m) => refuse(m, e),
+            None => e,
+        }
     }
 
     /// The Incoming (add notifiers before [`run_until_listening`](Destination::run_until_listening)).
@@ -306,12 +323,12 @@ impl Destination {
             match r {
                 Ok(true) => break,
                 Ok(false) => {}
-                Err(e) => return Err(refuse(&self.main, e)),
+                Err(e) => return Err(self.refuse_main(e)),
             }
         }
         let (urgent, urgent_dec) =
             self.urgent.take().ok_or_else(|| Error::Invalid("no urgent connection".into()))?;
-        let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
+        let main = self.main()?.try_clone().ctx(|| "clone the main connection".into())?;
         let uffd = self
             .incoming
             .uffd()
@@ -344,7 +361,8 @@ impl Destination {
     /// Handle one frame before Listen; true when it was Listen (and listen() succeeded).
     fn pre_listen_frame(&mut self, dec: &mut Decoder) -> Result<bool> {
         let state = self.incoming.state().get();
-        let f = match dec.read_frame(&mut &self.main) {
+        let main = self.main()?;
+        let f = match dec.read_frame(&mut &*main) {
             Ok(f) => f,
             Err(e) => {
                 let why = match e {
@@ -463,7 +481,7 @@ impl Destination {
             linger: self.opts.end_linger,
             accept_timeout: self.opts.accept_timeout,
         };
-        let ending = end.deliver(&self.main)?;
+        let ending = end.deliver(self.main()?)?;
         let mut summary = Summary::new(
             self.started.elapsed(),
             self.listen_at.map(|t| t.elapsed()).unwrap_or_default(),
@@ -487,8 +505,10 @@ impl Destination {
             let _ = h.stop();
         }
         let e = Error::from(e);
-        let _ = self.main.set_nonblocking(false);
-        refuse(&self.main, e)
+        if let Some(m) = &self.main {
+            let _ = m.set_nonblocking(false);
+        }
+        self.refuse_main(e)
     }
 
     /// The connections dropped during postcopy: wait for the source to reconnect (until
@@ -523,7 +543,7 @@ impl Destination {
             log::info!("reconnect from {peer}: resume handshake");
             match self.link.handshake(arrival, &blocks, &self.ids, self.opts.accept_timeout) {
                 Ok(conns) => {
-                    self.main = conns.main.clone();
+                    self.main = Some(conns.main.clone());
                     self.peer = peer;
                     self.handled_pauses = pauses;
                     resumer.resume(conns);

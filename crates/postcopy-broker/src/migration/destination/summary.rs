@@ -175,6 +175,10 @@ pub struct Summary {
     /// How the source learnt of the end (a network migration only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end: Option<Ending>,
+    /// Restarts of the destination broker during this migration (docs/recovery.md), oldest
+    /// first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<crate::fault::park::Restart>,
 }
 
 impl Summary {
@@ -216,6 +220,7 @@ impl Summary {
             resumes: 0,
             reissued_requests: 0,
             end: None,
+            restarts: status.restart.clone().into_iter().collect(),
             demand_flagged_pages: 0,
             duplicate_pages: 0,
             requests: g.requests,
@@ -273,6 +278,19 @@ impl Summary {
                 s,
                 "connection lost {} times during postcopy, resumed {} times ({} requests sent again)",
                 self.pauses, self.resumes, self.reissued_requests
+            );
+        }
+        for (i, r) in self.restarts.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "restart {}: broker down {} ms; {} pages rebuilt from the page cache; {} clients taken back ({} lost), {} ranges woken, {} faults re-woken",
+                i + 1,
+                r.downtime_ms,
+                r.pages_rebuilt,
+                r.clients_adopted,
+                r.clients_lost,
+                r.ranges_woken,
+                r.faults_rewoken
             );
         }
         match self.end {

@@ -1,0 +1,511 @@
+//! The destination broker's own death during postcopy (issue #16): `postcopy-broker serve
+//! --incoming` runs under `pcb-keeper` (the service manager's part of the fd store protocol:
+//! it receives the FDSTORE messages and restarts the broker with LISTEN_FDS / LISTEN_FDNAMES),
+//! a `postcopy-broker source` process sends a 256 MiB guest (224 MiB of 4 KiB pages, 32 MiB of
+//! 2 MiB pages), two pcb-client processes registered over the control socket read and write
+//! pages, and the test SIGKILLs the broker at random points of the postcopy phase (when a random
+//! share of the pages has arrived). The restarted broker rebuilds the received bitmaps from the
+//! parked blocks, takes the clients back from their parked userfaultfds, wakes them, and the
+//! source resumes. Every run ends with every byte of the blocks (read through memfds the test
+//! got over the control socket) equal to the source plus the clients' writes, the clients'
+//! reads equal to the source, every client finished (a watchdog fails a hung run), and the
+//! counters consistent. docs/recovery.md has the table these runs produce.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::clients::{control_args, fnv, Peer};
+use common::ensure_free_huge_pages;
+use common::mig::{contents, Creds, Dir, Rng};
+use postcopy_broker::control::ControlClient;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_postcopy-broker");
+const KEEPER: &str = env!("CARGO_BIN_EXE_pcb-keeper");
+const SMALL: usize = 224 << 20;
+const HUGE: usize = 32 << 20;
+const HPS: usize = 2 << 20;
+const TOTAL_PAGES: u64 = (SMALL / 4096 + HUGE / HPS) as u64;
+
+fn list(v: &[u64]) -> String {
+    v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn pick(r: &mut Rng, n: usize, pages: u64) -> Vec<u64> {
+    let mut v: Vec<u64> = (0..n).map(|_| r.below(pages)).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Pages a client read, checked against `data` unless `skip` holds them; returns the count.
+fn check_reads(lines: &[Value], data: &[u8], ps: usize, skip: &[u64]) -> u64 {
+    let mut n = 0;
+    for l in lines {
+        let Some(pages) = l["pages"].as_array() else { continue };
+        for p in pages {
+            let i = p["page"].as_u64().unwrap();
+            if skip.binary_search(&i).is_ok() {
+                continue;
+            }
+            let i = i as usize;
+            assert_eq!(p["fnv"].as_str().unwrap(), fnv(&data[i * ps..(i + 1) * ps]), "page {i} in {l}");
+            n += 1;
+        }
+    }
+    n
+}
+
+/// What the keeper and the broker say on stderr: the keeper's events (JSON) arrive on the
+/// channel, everything is kept for the failure message.
+struct Keeper {
+    child: Child,
+    events: Receiver<Value>,
+    log: Arc<Mutex<String>>,
+    /// The pid of the broker the keeper started last.
+    broker: Arc<Mutex<u32>>,
+}
+
+impl Keeper {
+    fn spawn(notify: &str, args: &[std::ffi::OsString], pids: &Arc<Mutex<Vec<u32>>>) -> (Keeper, String) {
+        let mut child = Command::new(KEEPER)
+            .args(["--notify-socket", notify, "--restart-delay-ms", "50", "--", BIN])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        pids.lock().unwrap().push(child.id());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        let broker = Arc::new(Mutex::new(0));
+        let (err, log2, pids2, broker2) =
+            (child.stderr.take().unwrap(), Arc::clone(&log), Arc::clone(pids), Arc::clone(&broker));
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if let Some(ev) =
+                    line.strip_prefix("pcb-keeper: ").and_then(|j| serde_json::from_str::<Value>(j).ok())
+                {
+                    if let Some(pid) = ev["started"].as_u64() {
+                        pids2.lock().unwrap().push(pid as u32);
+                        *broker2.lock().unwrap() = pid as u32;
+                    }
+                    let _ = tx.send(ev);
+                }
+                let mut g = log2.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        let addr = first
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("broker said {first:?}"))
+            .to_string();
+        // The rest of stdout (a second `listening` line per restart, the summary) is not needed:
+        // the summary comes as JSON. Drain it so the broker never blocks on a full pipe.
+        std::thread::spawn(move || for _ in out.lines() {});
+        (Keeper { child, events: rx, log, broker }, addr)
+    }
+
+    /// The next event `f` accepts, within `limit`.
+    fn wait(&self, limit: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + limit;
+        loop {
+            match self.events.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok(ev) if f(&ev) => return ev,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    panic!("no keeper event '{what}' within {limit:?}\n{}", self.log.lock().unwrap())
+                }
+            }
+        }
+    }
+}
+
+/// Kills the run's processes and ends the test binary if a run hangs.
+struct Watchdog {
+    _tx: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    fn arm(pids: Arc<Mutex<Vec<u32>>>, limit: Duration) -> Watchdog {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                for &p in pids.lock().unwrap().iter() {
+                    // SAFETY: kill(2) with a pid this test spawned.
+                    unsafe { libc::kill(p as i32, libc::SIGKILL) };
+                }
+                eprintln!("broker restart run hung for {limit:?}: killed its processes");
+                std::process::exit(101);
+            }
+        });
+        Watchdog { _tx: tx }
+    }
+}
+
+/// A control connection to whichever broker runs now (reconnecting after a restart).
+fn status(sock: &Path, ctl: &mut Option<ControlClient>) -> Option<Value> {
+    if ctl.is_none() {
+        *ctl = ControlClient::connect(sock).ok();
+    }
+    match ctl.as_mut()?.status() {
+        Ok(v) => Some(v),
+        Err(_) => {
+            *ctl = None;
+            None
+        }
+    }
+}
+
+fn map_bytes(fd: &OwnedFd, len: usize) -> Vec<u8> {
+    // SAFETY: a fresh shared read-only mapping of the block's memfd; every page is present now
+    // (the migration completed), so reading it allocates nothing; it is unmapped below.
+    unsafe {
+        let p = nix::sys::mman::mmap(
+            None,
+            std::num::NonZeroUsize::new(len).unwrap(),
+            nix::sys::mman::ProtFlags::PROT_READ,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            fd.as_fd(),
+            0,
+        )
+        .unwrap();
+        let v = std::slice::from_raw_parts(p.as_ptr().cast::<u8>(), len).to_vec();
+        nix::sys::mman::munmap(p, len).unwrap();
+        v
+    }
+}
+
+/// Pages of `got` that differ from `want`; the first few are printed (index, and whether the
+/// page is all zeros).
+fn lost_pages(got: &[u8], want: &[u8], ps: usize) -> u64 {
+    let bad: Vec<usize> = got
+        .chunks(ps)
+        .zip(want.chunks(ps))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
+    for &i in bad.iter().take(8) {
+        let zero = got[i * ps..(i + 1) * ps].iter().all(|&b| b == 0);
+        eprintln!("page {i} of a {ps}-byte block differs (zero: {zero})");
+    }
+    bad.len() as u64
+}
+
+#[derive(Default, Debug)]
+struct Totals {
+    runs: u64,
+    kills: u64,
+    pages_checked: u64,
+    pages_lost: u64,
+    client_reads_checked: u64,
+    pages_rebuilt: u64,
+    clients_adopted: u64,
+    faults_rewoken: u64,
+    reattached: u64,
+    postcopy_end_heard: u64,
+    /// Kill to the restarted broker's READY=1, as the test sees it.
+    downtimes_ms: Vec<u64>,
+    /// The dead broker's last heartbeat to the new one serving its clients, as the broker says.
+    heartbeat_downtimes_ms: Vec<u64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram: &[u8], t: &mut Totals) {
+    ensure_free_huge_pages(24);
+    let planned = if rng.below(4) == 0 { 2 } else { 1 };
+    // Kill points: when this share (per mille) of the pages has arrived, increasing.
+    let mut at: Vec<u64> = (0..planned).map(|_| 30 + rng.below(720)).collect();
+    at.sort_unstable();
+    let pids = Arc::new(Mutex::new(Vec::new()));
+    let _dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(90));
+    let sock = dir.path(&format!("ctl-{run}.sock"));
+    let summary_path = dir.path(&format!("summary-{run}.json"));
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "serve".into(),
+        "--incoming".into(),
+        "127.0.0.1:0".into(),
+        "--control".into(),
+        sock.clone().into(),
+    ];
+    args.extend(creds.args());
+    args.extend([
+        "--summary-json".into(),
+        summary_path.clone().into(),
+        "--resume-timeout".into(),
+        "60".into(),
+    ]);
+    let notify = format!("@pcb-restart-test-{}-{run}", std::process::id());
+    let (mut keeper, addr) = Keeper::spawn(&notify, &args, &pids);
+    let mut source = Command::new(BIN)
+        .args(["source", "--connect", &addr])
+        .args(creds.args())
+        .arg("--image")
+        .arg(dir.path("img"))
+        .args(["--block", "pc.ram:224M", "--block", "huge:32M:2m"])
+        .args(["--bandwidth", "320M", "--prefetch", "2", "--resume-timeout", "60"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    pids.lock().unwrap().push(source.id());
+    keeper.wait(Duration::from_secs(30), "parked state", |e| {
+        e["stored"].as_str().is_some_and(|n| n.starts_with("state."))
+    });
+    // The test's own view of the blocks: their memfds, read at the end.
+    let mut ctl = ControlClient::connect(&sock).unwrap();
+    let memfds: Vec<(String, OwnedFd)> =
+        ctl.get_blocks(None).unwrap().into_iter().map(|(b, fd)| (b.name, fd.unwrap())).collect();
+    let mut ctl = Some(ctl);
+
+    // Two clients: read, wait (the test says go right after the first kill, so they fault
+    // while no broker runs), read, write, read.
+    let (sp, hp) = ((SMALL / 4096) as u64, (HUGE / HPS) as u64);
+    let (a0, b0, w0, c0) = (pick(rng, 300, sp), pick(rng, 300, sp), pick(rng, 100, sp), pick(rng, 200, sp));
+    let (a1, b1, w1, c1) = (pick(rng, 4, hp), pick(rng, 4, hp), pick(rng, 3, hp), pick(rng, 4, hp));
+    let (v0, v1) = (1 + (run % 200) as u8, 201 + (run % 50) as u8);
+    let script = |a: &[u64], b: &[u64], w: &[u64], c: &[u64], v: u8| {
+        format!("touch:{};wait;touch:{};write:{}:{v};touch:{}", list(a), list(b), list(w), list(c))
+    };
+    // The pc.ram client waits at its end too, for the test's word after the migration: by then it
+    // has heard postcopy_end over its reattached connection and unregistered.
+    let script0 = format!("{};wait", script(&a0, &b0, &w0, &c0, v0));
+    let mut cl0 = Peer::spawn(&control_args(&sock, &script0, &["--block", "pc.ram"]));
+    let mut cl1 = Peer::spawn(&control_args(&sock, &script(&a1, &b1, &w1, &c1, v1), &["--block", "huge"]));
+    pids.lock().unwrap().extend([cl0.child.id(), cl1.child.id()]);
+    cl0.go();
+    cl1.go();
+
+    let mut broker_pid = u64::from(*keeper.broker.lock().unwrap());
+    assert_ne!(broker_pid, 0);
+    let mut downtimes = Vec::new();
+    let mut kills = 0;
+    for &permille in &at {
+        let target = TOTAL_PAGES * permille / 1000;
+        let late = loop {
+            if let Some(s) = status(&sock, &mut ctl) {
+                let got = s["received_pages"].as_u64().unwrap_or(0);
+                if got >= TOTAL_PAGES {
+                    break true;
+                }
+                if got >= target {
+                    break false;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(3));
+        };
+        if late {
+            // A starved test process (the machine is shared) can miss the point: the run goes
+            // on with the kills done so far, and the totals must still reach 20 kills.
+            eprintln!("run {run}: the migration ended before the kill at {permille}‰");
+            break;
+        }
+        // SAFETY: kill(2) of the broker this test's keeper started.
+        assert_eq!(unsafe { libc::kill(broker_pid as i32, libc::SIGKILL) }, 0);
+        let killed = Instant::now();
+        ctl = None;
+        if kills == 0 {
+            cl0.go();
+            cl1.go();
+        }
+        kills += 1;
+        let started = keeper.wait(Duration::from_secs(10), "restarted", |e| e["started"].is_u64());
+        broker_pid = started["started"].as_u64().unwrap();
+        keeper.wait(Duration::from_secs(20), "ready after the restart", |e| {
+            e["notify"].as_array().is_some_and(|l| {
+                l.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("STATUS=restarted")))
+            })
+        });
+        downtimes.push(killed.elapsed().as_millis() as u64);
+    }
+    if kills == 0 {
+        cl0.go();
+        cl1.go();
+    }
+
+    let st = keeper.child.wait().unwrap();
+    cl0.go();
+    if let Some(d) = std::env::var_os("PCB_RESTART_LOGS") {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = std::fs::write(
+            Path::new(&d).join(format!("run-{run}.log")),
+            keeper.log.lock().unwrap().as_bytes(),
+        );
+    }
+    let (l0, l1) = (cl0.finish_within(60), cl1.finish_within(60));
+    let src_ok = source.wait().unwrap().success();
+    let mut src_err = String::new();
+    std::io::Read::read_to_string(&mut source.stderr.take().unwrap(), &mut src_err).unwrap();
+    assert!(st.success(), "run {run}: the broker failed ({st})\n{}", keeper.log.lock().unwrap());
+    assert!(src_ok, "run {run}: the source failed:\n{src_err}");
+
+    // The clients lost their control connection with the first broker and reattached to the
+    // restarted one (pcb-client through ControlClient::reattach). One that finished its script
+    // before the dead broker's sockets closed never saw the end; the pc.ram client has 300 pages
+    // to read after the kill and always waits for some of them.
+    for (name, lines) in [("pc.ram", &l0), ("huge", &l1)] {
+        let reattached = lines.iter().filter(|l| l["reattached"].is_array()).count() as u64;
+        assert!(
+            reattached > 0 || kills == 0 || name == "huge",
+            "run {run}: client {name} did not reattach: {lines:?}"
+        );
+        assert!(
+            !lines.iter().any(|l| l["reattach_failed"].is_string()),
+            "run {run}: client {name}: {lines:?}"
+        );
+        t.reattached += reattached;
+        t.postcopy_end_heard += lines.iter().filter(|l| l["postcopy_end"].is_array()).count() as u64;
+    }
+    assert!(
+        kills == 0 || l0.iter().any(|l| l["postcopy_end"].is_array()),
+        "run {run}: the reattached pc.ram client did not hear postcopy_end: {l0:?}"
+    );
+    // The clients read the source's bytes (pages they wrote themselves excepted).
+    t.client_reads_checked += check_reads(&l0, ram, 4096, &w0) + check_reads(&l1, hram, HPS, &w1);
+
+    // Every byte of the blocks equals the source plus the clients' writes.
+    let mut want0 = ram.to_vec();
+    for &p in &w0 {
+        want0[p as usize * 4096..p as usize * 4096 + 8].fill(v0);
+    }
+    let mut want1 = hram.to_vec();
+    for &p in &w1 {
+        want1[p as usize * HPS..p as usize * HPS + 8].fill(v1);
+    }
+    let lost = lost_pages(&map_bytes(&memfds[0].1, SMALL), &want0, 4096)
+        + lost_pages(&map_bytes(&memfds[1].1, HUGE), &want1, HPS);
+    assert_eq!(memfds[0].0, "pc.ram");
+    if lost > 0 {
+        let _ = std::fs::write("/tmp/pcb-broker-restart-failed.log", keeper.log.lock().unwrap().as_bytes());
+    }
+    assert_eq!(lost, 0, "run {run}: {lost} pages differ from the source (kills at {at:?}‰); log in /tmp/pcb-broker-restart-failed.log");
+
+    // The counters: one restart per kill, the rebuilt pages plus those placed after the last
+    // restart make up the guest, both clients came back each time, and the source resumed.
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    let none = Vec::new();
+    let restarts = summary["restarts"].as_array().unwrap_or(&none);
+    assert_eq!(restarts.len() as u64, kills, "run {run}: {summary}");
+    let rebuilt = restarts.last().map_or(0, |r| r["pages_rebuilt"].as_u64().unwrap());
+    let placed = summary["demand_pages"].as_u64().unwrap() + summary["background_pages"].as_u64().unwrap();
+    assert_eq!(rebuilt + placed, TOTAL_PAGES, "run {run}: {summary}");
+    for (i, r) in restarts.iter().enumerate() {
+        // Both clients wait for the test's word before the first kill; by a later one a client
+        // may have finished its script and exited.
+        let adopted = r["clients_adopted"].as_u64().unwrap();
+        assert!(adopted == 2 || (i > 0 && adopted <= 2), "run {run}: restart {i}: {r}");
+        assert_eq!(r["clients_lost"], 0, "run {run}: {r}");
+        assert!(r["ranges_woken"].as_u64().unwrap() >= adopted, "run {run}: {r}");
+        t.pages_rebuilt += r["pages_rebuilt"].as_u64().unwrap();
+        t.clients_adopted += r["clients_adopted"].as_u64().unwrap();
+        t.faults_rewoken += r["faults_rewoken"].as_u64().unwrap();
+        t.heartbeat_downtimes_ms.push(r["downtime_ms"].as_u64().unwrap());
+    }
+    // The summary's counters are the last broker's: the source resumed into it.
+    assert!(summary["resumes"].as_u64().unwrap() >= kills.min(1), "run {run}: {summary}");
+    // A page the rebuilt bitmap missed would be found populated when placed again.
+    let log = keeper.log.lock().unwrap().clone();
+    assert!(
+        !log.contains("populated by someone other than the broker"),
+        "run {run}: a present page was taken for missing:\n{log}"
+    );
+    t.runs += 1;
+    t.kills += kills;
+    t.pages_checked += TOTAL_PAGES;
+    t.pages_lost += lost;
+    println!(
+        "run {run:2}: kills at {at:?}‰, down {downtimes:?} ms, rebuilt {:?} pages, re-woken {:?}",
+        restarts.iter().map(|r| r["pages_rebuilt"].as_u64().unwrap()).collect::<Vec<_>>(),
+        restarts.iter().map(|r| r["faults_rewoken"].as_u64().unwrap()).collect::<Vec<_>>()
+    );
+    t.downtimes_ms.extend(downtimes);
+}
+
+/// Step 4 of issue #16: the broker tells whether a client still holds its own copy of its
+/// userfaultfd (it must, to survive the broker's death without an fd store).
+#[test]
+fn status_says_whether_a_client_kept_its_own_uffd_copy() {
+    use common::clients::{broker, client_args, content};
+    use postcopy_broker::fault::{BrokerConfig, Registration, RegistrationMap};
+    let data = content(16, 4096, 5);
+    let (inc, h) = broker(16, &data, BrokerConfig::default());
+    let b = inc.blocks().get(0).unwrap();
+    // pcb-client keeps its uffd; the broker takes a duplicate with pidfd_getfd.
+    let keeps = Peer::spawn(&client_args(b, 1, "touch:0", &[]));
+    let kept = keeps.register(&h, "keeps");
+    // Another client's registration, with a userfaultfd that process does not hold (it closed
+    // its copy, as far as the broker can tell).
+    let closed = Peer::spawn(&client_args(b, 1, "touch:0", &[]));
+    let other = postcopy_broker::uffd::Uffd::open(postcopy_broker::uffd::feature::MISSING_SHMEM).unwrap();
+    let gone = h
+        .register(Registration {
+            name: "closed".into(),
+            uffd: other.as_fd().try_clone_to_owned().unwrap(),
+            pid: Some(closed.pid()),
+            map: RegistrationMap::Shared(closed.mappings()),
+        })
+        .unwrap();
+    let st = h.status().unwrap();
+    let held = |id: postcopy_broker::client::ClientId| {
+        st.clients.iter().find(|c| c.id == id).unwrap().uffd_copy_held
+    };
+    assert_eq!(held(kept), Some(true));
+    assert_eq!(held(gone), Some(false));
+    let text = postcopy_broker::stats::render(&st);
+    assert_eq!(text.matches("closed its own uffd copy").count(), 1, "{text}");
+    drop((keeps, closed));
+}
+
+#[test]
+fn sigkill_of_the_destination_broker_at_random_points_of_a_256_mib_postcopy_loses_no_page() {
+    let dir = Dir::new("restart");
+    let ram = contents(SMALL, 4096, 0x1234_5678, 3);
+    let hram = contents(HUGE, HPS, 0x4321_8765, 4);
+    let mut img = ram.clone();
+    img.extend_from_slice(&hram);
+    std::fs::write(dir.path("img"), &img).unwrap();
+    drop(img);
+    // Even runs over TLS (the source's certificate must match across the restart), odd ones
+    // with the pre-shared key.
+    let (tls, psk) = (Creds::tls(&dir.0), Creds::psk(&dir.path("key")));
+    let mut rng = Rng(0x0dea_d0b0_c0de);
+    let mut t = Totals::default();
+    let runs: u64 = std::env::var("PCB_RESTART_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    for run in 0..runs {
+        kill_run(run, &mut rng, &dir, if run % 2 == 0 { &tls } else { &psk }, &ram, &hram, &mut t);
+    }
+    let spread = |v: &[u64]| {
+        let mut d = v.to_vec();
+        d.sort_unstable();
+        format!(
+            "min {} median {} max {}",
+            d.first().unwrap_or(&0),
+            d.get(d.len() / 2).unwrap_or(&0),
+            d.last().unwrap_or(&0)
+        )
+    };
+    println!(
+        "TOTALS {t:?}\ndowntime ms, kill to READY: {}; last heartbeat to serving: {}",
+        spread(&t.downtimes_ms),
+        spread(&t.heartbeat_downtimes_ms)
+    );
+    assert_eq!(t.runs, runs);
+    assert!(t.kills >= runs, "only {} kills in {runs} runs", t.kills);
+    assert_eq!(t.pages_lost, 0);
+}
