@@ -592,11 +592,9 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     if args.pause_after_io {
         pause("io-done")?;
     }
-    // Reading all of guest RAM fetches what is still missing (a broker without a background
-    // fill completes only so); when every page is already here, it waits until the broker is
-    // let go, so that the broker's end does not wait for it.
-    let touch_first = args.touch_all && broker.as_mut().is_some_and(|b| !b.complete());
-    let mut ram_sums = if touch_first { Some(touch_all(&ram)?) } else { None };
+    // Read all of guest RAM while still registered: every page received is not every page
+    // present (a client may have removed some since), and a missing one needs the broker.
+    let ram_sums = if args.touch_all { Some(touch_all(&ram)?) } else { None };
     let mut end = serde_json::json!("not in postcopy");
     if let Some(b) = &mut broker {
         // POSTCOPY_END only once every page has arrived: the backend then closes its uffd.
@@ -619,9 +617,6 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     } else if pc.is_some() {
         postcopy::end(&mut conn)?;
         end = serde_json::json!("ok");
-    }
-    if args.touch_all && ram_sums.is_none() {
-        ram_sums = Some(touch_all(&ram)?);
     }
     let mut summary = bounce;
     let extra = serde_json::json!({
