@@ -68,13 +68,7 @@ pub fn run(client: &Path, data: &[u8], touched: u64, precopy: bool, seed: u64) -
     let mut p = Peer::spawn(client, b, &format!("memtouch:0-{last}:{seed}"), &[])?;
     p.register(h, "bench-memtouch")?;
     p.go()?;
-    let blocks = std::sync::Arc::clone(run.dest.incoming().blocks());
-    while !blocks.all_received() {
-        if let Some(why) = run.dest.net().failure() {
-            return Err(Error::Invalid(format!("benchmark migration failed: {why}")));
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
+    run.wait_all_received()?;
     p.go()?;
     let lines = p.finish()?;
     let (total_s, _) = run.finish()?;

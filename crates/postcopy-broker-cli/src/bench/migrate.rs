@@ -163,16 +163,22 @@ pub(crate) fn start_with(
 }
 
 impl Running {
-    /// Wait for every page; returns seconds since the source started connecting, and the
-    /// destination's summary.
-    pub(crate) fn finish(self) -> Result<(f64, postcopy_broker::migration::destination::Summary)> {
-        let blocks = std::sync::Arc::clone(self.dest.incoming().blocks());
+    /// Wait until every page has arrived (or the migration failed).
+    pub(crate) fn wait_all_received(&self) -> Result<()> {
+        let blocks = self.dest.incoming().blocks();
         while !blocks.all_received() {
             if let Some(why) = self.dest.net().failure() {
                 return Err(Error::Invalid(format!("benchmark migration failed: {why}")));
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        Ok(())
+    }
+
+    /// Wait for every page; returns seconds since the source started connecting, and the
+    /// destination's summary.
+    pub(crate) fn finish(self) -> Result<(f64, postcopy_broker::migration::destination::Summary)> {
+        self.wait_all_received()?;
         let secs = self.t0.elapsed().as_secs_f64();
         let (summary, _) = self.dest.finish()?;
         self.source.join().map_err(|_| Error::Invalid("the source thread panicked".into()))??;
