@@ -3,9 +3,10 @@
 //! it receives the FDSTORE messages and restarts the broker with LISTEN_FDS / LISTEN_FDNAMES),
 //! a `postcopy-broker source` process sends a 256 MiB guest (224 MiB of 4 KiB pages, 32 MiB of
 //! 2 MiB pages), two pcb-client processes registered over the control socket read and write
-//! pages, and the test SIGKILLs the broker at random points of the postcopy phase (when a random
-//! share of the pages has arrived). The restarted broker rebuilds the received bitmaps from the
-//! parked blocks, takes the clients back from their parked userfaultfds, wakes them, and the
+//! pages (one of them also removes 64 pages with MADV_REMOVE before the first kill, 16 of them
+//! received, and reads them again at the end: zeros), and the test SIGKILLs the broker at
+//! random points of the postcopy phase (when a random share of the pages has arrived). The
+//! restarted broker rebuilds the received bitmaps from the parked blocks and their ledgers, takes the clients back from their parked userfaultfds, wakes them, and the
 //! source resumes. Every run ends with every byte of the blocks (read through memfds the test
 //! got over the control socket) equal to the source plus the clients' writes, the clients'
 //! reads equal to the source, every client finished (a watchdog fails a hung run), and the
@@ -277,7 +278,18 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     // Two clients: read, wait (the test says go right after the first kill, so they fault
     // while no broker runs), read, write, read.
     let (sp, hp) = ((SMALL / 4096) as u64, (HUGE / HPS) as u64);
-    let (a0, b0, w0, c0) = (pick(rng, 300, sp), pick(rng, 300, sp), pick(rng, 100, sp), pick(rng, 200, sp));
+    // The pc.ram client also removes (MADV_REMOVE) 64 pages before the first kill, the first 16
+    // of them read just before (so received), and reads them again at the end: zeros, across
+    // every restart (the ledger keeps both kinds of removal).
+    let r0 = rng.below(sp - 64);
+    let removed = r0..r0 + 64;
+    let outside = |v: Vec<u64>| v.into_iter().filter(|p| !removed.contains(p)).collect::<Vec<_>>();
+    let (a0, b0, w0, c0) = (
+        outside(pick(rng, 300, sp)),
+        outside(pick(rng, 300, sp)),
+        outside(pick(rng, 100, sp)),
+        outside(pick(rng, 200, sp)),
+    );
     let (a1, b1, w1, c1) = (pick(rng, 4, hp), pick(rng, 4, hp), pick(rng, 3, hp), pick(rng, 4, hp));
     let (v0, v1) = (1 + (run % 200) as u8, 201 + (run % 50) as u8);
     let script = |a: &[u64], b: &[u64], w: &[u64], c: &[u64], v: u8| {
@@ -285,12 +297,26 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     };
     // The pc.ram client waits at its end too, for the test's word after the migration: by then it
     // has heard postcopy_end over its reattached connection and unregistered.
-    let script0 = format!("{};wait", script(&a0, &b0, &w0, &c0, v0));
-    let mut cl0 = Peer::spawn(&control_args(&sock, &script0, &["--block", "pc.ram"]));
+    let (head, reread) = (format!("touch:{r0}-{}", r0 + 15), format!("touch:{r0}-{}", r0 + 63));
+    let script0 = format!(
+        "touch:{};{head};remove:{r0}-{};wait;touch:{};write:{}:{v0};touch:{};{reread};wait",
+        list(&a0),
+        r0 + 63,
+        list(&b0),
+        list(&w0),
+        list(&c0)
+    );
+    let mut cl0 = Peer::spawn(&control_args(&sock, &script0, &["--block", "pc.ram", "--features", "remove"]));
     let mut cl1 = Peer::spawn(&control_args(&sock, &script(&a1, &b1, &w1, &c1, v1), &["--block", "huge"]));
     pids.lock().unwrap().extend([cl0.child.id(), cl1.child.id()]);
     cl0.go();
     cl1.go();
+    // The removal is done before any kill.
+    let mut early0 = Vec::new();
+    while !early0.last().is_some_and(|l: &Value| l["step"].as_str().is_some_and(|s| s.starts_with("remove:")))
+    {
+        early0.push(cl0.line());
+    }
 
     let mut broker_pid = u64::from(*keeper.broker.lock().unwrap());
     assert_ne!(broker_pid, 0);
@@ -348,7 +374,9 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
             keeper.log.lock().unwrap().as_bytes(),
         );
     }
-    let (l0, l1) = (cl0.finish_within(60), cl1.finish_within(60));
+    let (mut l0, l1) = (cl0.finish_within(60), cl1.finish_within(60));
+    early0.append(&mut l0);
+    let l0 = early0;
     let src_ok = source.wait().unwrap().success();
     let mut src_err = String::new();
     std::io::Read::read_to_string(&mut source.stderr.take().unwrap(), &mut src_err).unwrap();
@@ -377,10 +405,29 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
         "run {run}: the reattached pc.ram client did not hear postcopy_end: {l0:?}"
     );
     // The clients read the source's bytes (pages they wrote themselves excepted).
-    t.client_reads_checked += check_reads(&l0, ram, 4096, &w0) + check_reads(&l1, hram, HPS, &w1);
+    // The removed pages read again: zeros. (Every other read, those of the removed range before
+    // its removal included, is the source's.)
+    let (again, before): (Vec<Value>, Vec<Value>) =
+        l0.iter().cloned().partition(|l| l["step"] == reread.as_str());
+    let zero = fnv(&[0u8; 4096]);
+    let pages = again
+        .first()
+        .and_then(|l| l["pages"].as_array())
+        .unwrap_or_else(|| panic!("run {run}: no {reread} in {l0:?}"));
+    assert_eq!(pages.len(), 64, "run {run}: {pages:?}");
+    for p in pages {
+        assert_eq!(
+            p["fnv"].as_str().unwrap(),
+            zero,
+            "run {run}: removed page {p} (range from {r0}, kills {kills}) did not read as zeros"
+        );
+    }
+    t.client_reads_checked += 64;
+    t.client_reads_checked += check_reads(&before, ram, 4096, &w0) + check_reads(&l1, hram, HPS, &w1);
 
     // Every byte of the blocks equals the source plus the clients' writes.
     let mut want0 = ram.to_vec();
+    want0[r0 as usize * 4096..(r0 as usize + 64) * 4096].fill(0);
     for &p in &w0 {
         want0[p as usize * 4096..p as usize * 4096 + 8].fill(v0);
     }

@@ -208,10 +208,12 @@ impl Placer {
             }
             // A removal that raced with the copy (marked after the check above, the range
             // punched before the copy landed) leaves the source's data where zeros belong:
-            // punch it out again; the page is received, so its next fault places zeros.
+            // punch it out again. The page is received and keeps its mark, so its next fault
+            // places zeros. The fault loop marks, fences and punches in the opposite order
+            // (`Core::removed`): either it sees this copy or this check sees its mark.
+            std::sync::atomic::fence(Ordering::SeqCst);
             for (p, k) in b.removed().runs(first, end, true) {
                 b.punch(p as u64 * ps, k as u64 * ps)?;
-                b.removed().clear_range(p, k);
             }
             Ok(outcome)
         })

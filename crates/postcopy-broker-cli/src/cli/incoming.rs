@@ -22,7 +22,8 @@ use postcopy_broker::error::{Error, IoContext, Result};
 use postcopy_broker::fault::{BrokerConfig, ControlLimits};
 use postcopy_broker::incoming::Incoming;
 use postcopy_broker::migration::destination::{
-    block_fd_name, verify_report, Destination, DestinationOptions, Summary, DIGESTS_FD_NAME,
+    block_fd_name, ledger_fd_name, verify_report, Destination, DestinationOptions, ParkedBlockFds, Summary,
+    DIGESTS_FD_NAME,
 };
 use postcopy_broker::migration::transport::TransportOptions;
 use postcopy_broker::migration::wire::Side;
@@ -180,11 +181,12 @@ fn rebuild(
     let names = a.parked.names();
     let blocks = (0..state.session.blocks.len())
         .map(|i| {
-            a.parked.take(&block_fd_name(i)).ok_or_else(|| {
+            let block = a.parked.take(&block_fd_name(i)).ok_or_else(|| {
                 Error::Invalid(format!(
                     "the parked session lacks the fd of block #{i}; start a new migration"
                 ))
-            })
+            })?;
+            Ok(ParkedBlockFds { block, ledger: a.parked.take(&ledger_fd_name(i)) })
         })
         .collect::<Result<Vec<_>>>()?;
     let digests = a.parked.take(DIGESTS_FD_NAME).ok_or_else(|| {

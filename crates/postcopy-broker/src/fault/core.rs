@@ -304,10 +304,16 @@ impl Core {
         Ok(())
     }
 
-    /// A client madvise'd a range away. Pages there must fault in as zero from now on, not as
-    /// source data. The event arrives before the kernel drops the pages, so whether a received
-    /// page was really removed (MADV_REMOVE) or only unmapped from that client (MADV_DONTNEED
-    /// on shared memory) is decided when it faults: a MISSING fault on it means it is gone.
+    /// A client madvise'd a range away: during postcopy a REMOVE event over shared guest RAM is
+    /// a discard (MADV_REMOVE; an MADV_DONTNEED there is taken as one too, docs/control-protocol.md),
+    /// so its pages read as zeros from now on, for every process, whether they had arrived or
+    /// not. Every page is marked removed (in the block's ledger, so a restarted broker knows it
+    /// too), then the range is punched by the broker itself. The kernel punches it as well, but
+    /// only after this event was read, and a page that a stream thread copied in between would
+    /// otherwise keep the source's data: the placer checks the mark after each copy and punches
+    /// what it placed over a marked page (`place.rs`), and the fence between the marks and this
+    /// punch makes one of the two always see the other. A marked page faults in as zeros (a
+    /// received one through `refill_hole`, a missing one through `place_zero_marked`).
     fn removed(&mut self, client: ClientId, start: u64, end: u64) {
         let Some(c) = self.clients.get_mut(client) else { return };
         match &mut c.map {
@@ -320,10 +326,18 @@ impl Core {
                     let off = e.block_offset + (s - e.client_addr);
                     let first = usize_of(off / ps);
                     let n = usize_of((off + (en - s)).div_ceil(ps)).saturating_sub(first);
-                    // Received pages need no mark: a removed one is a hole that faults in as
-                    // zeros (see `refill_hole`), a DONTNEED'd one stays present.
-                    for (i, k) in b.received().runs(first, first + n, false) {
-                        b.removed().set_range(i, k);
+                    b.removed().set_range(first, n);
+                    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                    // Whole pages only: a partly removed huge page keeps its other bytes.
+                    let (lo, hi) = (off.div_ceil(ps) * ps, (off + (en - s)) / ps * ps);
+                    if hi > lo {
+                        if let Err(err) = b.punch(lo, hi - lo) {
+                            log::error!(
+                                "client {}: discarding block '{}' [{lo:#x}, {hi:#x}) after its REMOVE event failed: {err}; pages placed there meanwhile may keep the source's data",
+                                client.0,
+                                b.name()
+                            );
+                        }
                     }
                 }
             }

@@ -24,7 +24,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::ram::Mapping;
+use crate::ram::{AtomicWords, Mapping};
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
@@ -58,40 +58,19 @@ pub fn page_hash(data: &[u8]) -> u64 {
     xxh3_64(data).max(1)
 }
 
-/// Where a table's hashes live: on the heap, or in a shared mapping of a memfd that can outlive
-/// the process (parked in a service manager's fd store, so a restarted broker keeps them).
-#[derive(Debug)]
-enum Slots {
-    Heap(Vec<AtomicU64>),
-    Mapped { map: Arc<Mapping>, first: usize, n: usize },
-}
-
-impl Slots {
-    fn get(&self) -> &[AtomicU64] {
-        match self {
-            Slots::Heap(v) => v,
-            // SAFETY: the mapping is page aligned, holds `first + n` u64s (checked when it was
-            // made), lives as long as `map`, and is only ever accessed atomically.
-            Slots::Mapped { map, first, n } => unsafe {
-                std::slice::from_raw_parts(map.as_ptr().cast::<AtomicU64>().add(*first), *n)
-            },
-        }
-    }
-}
-
 /// The per-page hash table of one block.
 #[derive(Debug)]
 pub struct BlockDigest {
     page_size: u64,
     zero: u64,
-    pages: Slots,
+    pages: AtomicWords,
 }
 
 impl BlockDigest {
     /// A table of `pages` pages of `page_size` bytes, nothing recorded.
     pub fn new(page_size: u64, pages: u64) -> BlockDigest {
         let zero = page_hash(&vec![0u8; usize_of(page_size)]);
-        BlockDigest { page_size, zero, pages: Slots::Heap((0..pages).map(|_| AtomicU64::new(0)).collect()) }
+        BlockDigest { page_size, zero, pages: AtomicWords::heap(usize_of(pages)) }
     }
 
     /// Each page's hash of the run at `offset`: of `data`'s pages, or of zero pages for `len`.
@@ -106,7 +85,7 @@ impl BlockDigest {
 
     fn slots(&self, offset: u64) -> impl Iterator<Item = (u64, &AtomicU64)> {
         let first = offset / self.page_size;
-        self.pages.get().iter().enumerate().skip(usize_of(first)).map(|(i, a)| (i as u64, a))
+        self.pages.as_slice().iter().enumerate().skip(usize_of(first)).map(|(i, a)| (i as u64, a))
     }
 
     /// Record the run at `offset` (page data, or `len` bytes of zero pages), replacing what was
@@ -144,7 +123,7 @@ impl BlockDigest {
     /// The table folded in page order (XXH3 over the little-endian hashes).
     pub fn fold(&self) -> u64 {
         let mut h = Xxh3::new();
-        for p in self.pages.get() {
+        for p in self.pages.as_slice() {
             h.update(&p.load(Ordering::Acquire).to_le_bytes());
         }
         h.digest()
@@ -183,12 +162,12 @@ fn shared_tables(table: &BlockTable, fd: Option<OwnedFd>) -> crate::Result<(Owne
             let d = BlockDigest {
                 page_size: b.page_size,
                 zero: page_hash(&vec![0u8; usize_of(b.page_size)]),
-                pages: Slots::Mapped { map: Arc::clone(&map), first, n },
+                pages: AtomicWords::mapped(Arc::clone(&map), first, n)?,
             };
             first += n;
-            d
+            Ok(d)
         })
-        .collect();
+        .collect::<crate::Result<Vec<_>>>()?;
     Ok((fd, tables))
 }
 

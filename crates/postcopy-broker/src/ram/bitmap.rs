@@ -1,21 +1,40 @@
 //! An atomic bitmap, one bit per page: the received map of a RAM block. Bits are set with
 //! release ordering after a placement succeeded and tested with acquire ordering after a fault
-//! was read, which is exactly the ordering the shared-wake rule needs.
+//! was read, which is exactly the ordering the shared-wake rule needs. Its words live on the
+//! heap or in a shared memfd mapping ([`AtomicWords`]; see `ram::ledger`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::words::AtomicWords;
+use crate::error::{Error, Result};
 
 /// A fixed-size bitmap whose bits can be set, cleared and tested from any thread.
 #[derive(Debug)]
 pub struct AtomicBitmap {
-    words: Vec<AtomicU64>,
+    words: AtomicWords,
     bits: usize,
 }
 
 impl AtomicBitmap {
     /// A bitmap of `bits` clear bits.
     pub fn new(bits: usize) -> AtomicBitmap {
-        let words = (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        AtomicBitmap { words, bits }
+        AtomicBitmap { words: AtomicWords::heap(bits.div_ceil(64)), bits }
+    }
+
+    /// A bitmap of `bits` bits over `words` (as they are: a shared mapping keeps what was set).
+    pub fn in_words(words: AtomicWords, bits: usize) -> Result<AtomicBitmap> {
+        if words.as_slice().len() < bits.div_ceil(64) {
+            return Err(Error::Invalid(format!(
+                "{} words cannot hold a bitmap of {bits} bits",
+                words.as_slice().len()
+            )));
+        }
+        Ok(AtomicBitmap { words, bits })
+    }
+
+    #[inline]
+    fn w(&self) -> &[AtomicU64] {
+        self.words.as_slice()
     }
 
     /// Number of bits.
@@ -33,7 +52,7 @@ impl AtomicBitmap {
         if i >= self.bits {
             return false;
         }
-        self.words[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+        self.w()[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
     }
 
     /// Set bit `i`; returns its previous value. Out of range is a no-op returning true.
@@ -42,7 +61,7 @@ impl AtomicBitmap {
             return true;
         }
         let m = 1u64 << (i % 64);
-        self.words[i / 64].fetch_or(m, Ordering::AcqRel) & m != 0
+        self.w()[i / 64].fetch_or(m, Ordering::AcqRel) & m != 0
     }
 
     /// Clear bit `i`; returns its previous value.
@@ -51,7 +70,7 @@ impl AtomicBitmap {
             return false;
         }
         let m = 1u64 << (i % 64);
-        self.words[i / 64].fetch_and(!m, Ordering::AcqRel) & m != 0
+        self.w()[i / 64].fetch_and(!m, Ordering::AcqRel) & m != 0
     }
 
     /// Apply `op` to every word overlapping `[start, start+n)` with the mask of those bits.
@@ -63,7 +82,7 @@ impl AtomicBitmap {
             let lo = i % 64;
             let hi = (end - w * 64).min(64);
             let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            op(&self.words[w], mask);
+            op(&self.w()[w], mask);
             i = (w + 1) * 64;
         }
     }
@@ -91,7 +110,7 @@ impl AtomicBitmap {
         }
         let lo = start % 64;
         let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << lo };
-        let prev = self.words[start / 64].fetch_or(mask, Ordering::AcqRel);
+        let prev = self.w()[start / 64].fetch_or(mask, Ordering::AcqRel);
         (mask & !prev) >> lo
     }
 
@@ -116,7 +135,7 @@ impl AtomicBitmap {
     pub fn next_clear(&self, from: usize) -> Option<usize> {
         let mut i = from;
         while i < self.bits {
-            let w = self.words[i / 64].load(Ordering::Acquire) | ((1u64 << (i % 64)) - 1);
+            let w = self.w()[i / 64].load(Ordering::Acquire) | ((1u64 << (i % 64)) - 1);
             if w != u64::MAX {
                 let bit = (i / 64) * 64 + (!w).trailing_zeros() as usize;
                 return (bit < self.bits).then_some(bit);
@@ -141,7 +160,7 @@ impl AtomicBitmap {
         let end = end.min(self.bits);
         let mut i = from;
         while i < end {
-            let w = self.words[i / 64].load(Ordering::Acquire);
+            let w = self.w()[i / 64].load(Ordering::Acquire);
             let w = if value { w } else { !w } & !((1u64 << (i % 64)) - 1);
             if w != 0 {
                 return ((i / 64) * 64 + w.trailing_zeros() as usize).min(end);
@@ -168,7 +187,7 @@ impl AtomicBitmap {
 
     /// The bits as little-endian words (for the resume message).
     pub fn to_words(&self) -> Vec<u64> {
-        self.words.iter().map(|w| w.load(Ordering::Acquire)).collect()
+        self.w().iter().map(|w| w.load(Ordering::Acquire)).collect()
     }
 }
 

@@ -1,5 +1,6 @@
 //! One RAM block: its backing (memfd, hugetlbfs memfd, shared file or private anonymous memory),
-//! the broker's placement mapping of it, and its received bitmap.
+//! the broker's placement mapping of it, and its received and removed bitmaps (in a ledger
+//! memfd for shared blocks, see `ram::ledger`, so that they can outlive the broker).
 
 use std::ffi::CString;
 use std::fs::OpenOptions;
@@ -13,6 +14,7 @@ use nix::sys::mman::{madvise, MmapAdvise};
 use serde::Serialize;
 
 use super::bitmap::AtomicBitmap;
+use super::ledger::Ledger;
 use super::mapping::Mapping;
 use crate::error::{Error, IoContext, Result};
 
@@ -61,6 +63,8 @@ pub struct RamBlock {
     /// Pages a client removed (MADV_REMOVE / DONTNEED, a REMOVE event) before they were
     /// received: they must appear as zeros, not as the source's data, whichever placer fills them.
     removed: AtomicBitmap,
+    /// The memfd under `received` and `removed` (shared blocks only).
+    ledger: Option<OwnedFd>,
     zeropage: AtomicBool,
     /// Whether zero runs over holes may be allocated with fallocate (fd-backed small pages,
     /// until the filesystem refuses).
@@ -101,6 +105,18 @@ impl RamBlock {
         size: u64,
         page_size: u64,
     ) -> Result<RamBlock> {
+        Self::build_with(name, backing, fd, None, size, page_size)
+    }
+
+    /// `build`, with the ledger a broker before this one parked (shared blocks only).
+    fn build_with(
+        name: &str,
+        backing: Backing,
+        fd: Option<OwnedFd>,
+        parked_ledger: Option<OwnedFd>,
+        size: u64,
+        page_size: u64,
+    ) -> Result<RamBlock> {
         check_size(name, size, page_size)?;
         if name.is_empty() || name.len() > 255 {
             return Err(Error::Invalid(format!("RAM block name '{name}' must be 1 to 255 bytes")));
@@ -118,6 +134,14 @@ impl RamBlock {
         let pages = usize::try_from(size / page_size).map_err(|_| Error::Invalid("too many pages".into()))?;
         // hugetlbfs reports every offset as data to SEEK_DATA, so holes cannot be told apart.
         let falloc_zero = fd.is_some() && page_size == SMALL_PAGE;
+        // Shared blocks keep their bitmaps in a memfd that can be parked with theirs.
+        let (received, removed, ledger) = match fd {
+            Some(_) => {
+                let l = Ledger::open(name, pages, parked_ledger)?;
+                (l.received, l.removed, Some(l.fd))
+            }
+            None => (AtomicBitmap::new(pages), AtomicBitmap::new(pages), None),
+        };
         Ok(RamBlock {
             name: name.to_string(),
             backing,
@@ -125,9 +149,10 @@ impl RamBlock {
             size,
             page_size,
             map,
-            received: AtomicBitmap::new(pages),
+            received,
             placing: AtomicBitmap::new(pages),
-            removed: AtomicBitmap::new(pages),
+            removed,
+            ledger,
             zeropage: AtomicBool::new(false),
             falloc_zero: AtomicBool::new(falloc_zero),
         })
@@ -182,6 +207,19 @@ impl RamBlock {
     /// shared memory (tmpfs or hugetlbfs) of that page size holding at least `size` bytes, so that
     /// no access to the block can run past its end (SIGBUS).
     pub fn from_fd(name: &str, fd: OwnedFd, size: u64, page_size: u64) -> Result<RamBlock> {
+        Self::from_parked(name, fd, None, size, page_size)
+    }
+
+    /// [`RamBlock::from_fd`] for a block a broker before this one served: `ledger` is the memfd
+    /// it parked beside the block's ([`RamBlock::ledger_fd`]), whose received and removed bits
+    /// this block starts from (None: all clear).
+    pub fn from_parked(
+        name: &str,
+        fd: OwnedFd,
+        ledger: Option<OwnedFd>,
+        size: u64,
+        page_size: u64,
+    ) -> Result<RamBlock> {
         if page_size != SMALL_PAGE {
             huge_flag(page_size)?;
         }
@@ -209,7 +247,7 @@ impl RamBlock {
                 "the fd of RAM block '{name}' cannot be sealed against resizing (create it with MFD_ALLOW_SEALING): a process that truncates it makes the others' accesses fail with SIGBUS"
             );
         }
-        Self::build(name, Backing::Fd, Some(fd), size, page_size)
+        Self::build_with(name, Backing::Fd, Some(fd), ledger, size, page_size)
     }
 
     /// A block of private anonymous memory (4 KiB pages).
@@ -228,6 +266,12 @@ impl RamBlock {
     /// The backing fd, for sharing with clients (None for private memory).
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
+    }
+    /// The memfd holding the received and removed bitmaps, to park beside [`RamBlock::fd`] so
+    /// that a restarted broker starts from them ([`RamBlock::from_parked`]; None for private
+    /// memory).
+    pub fn ledger_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.ledger.as_ref().map(|f| f.as_fd())
     }
     /// Size in bytes.
     pub fn size(&self) -> u64 {

@@ -5,8 +5,10 @@ mod bitmap;
 mod block;
 mod foreign;
 mod hugepool;
+mod ledger;
 mod mapping;
 pub mod residency;
+mod words;
 
 pub use bitmap::AtomicBitmap;
 #[cfg(feature = "migration")]
@@ -14,6 +16,7 @@ pub(crate) use block::new_memfd;
 pub use block::{shared_memory_page_size, Backing, RamBlock, HUGE_1G, HUGE_2M, SMALL_PAGE};
 pub use hugepool::{pool as huge_pool, pools as huge_pools, HugePool};
 pub use mapping::Mapping;
+pub use words::AtomicWords;
 
 use crate::error::{Error, Result};
 

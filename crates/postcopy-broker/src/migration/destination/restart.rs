@@ -4,9 +4,11 @@
 //! fd store) keeps these outside the process while the migration is in postcopy
 //! ([`Destination::parkable`], [`Destination::record`]) and hands them back at the next start.
 //!
-//! [`Destination::rebuild`] maps the parked blocks again, rebuilds their received bitmaps from
-//! page-cache residency ([`crate::ram::residency`]: placement is atomic, so a present page is a
-//! complete one), registers them with a new userfaultfd, and starts the fault loop with a
+//! [`Destination::rebuild`] maps the parked blocks again, takes their parked ledgers (the
+//! received and removed bitmaps as the dead broker left them, `ram::ledger`: a page removed
+//! before or after it arrived stays removed), adds what page-cache residency says
+//! ([`crate::ram::residency`]: placement is atomic, so a present page is a complete one, and a
+//! death between a placement and its received bit is covered), registers them with a new userfaultfd, and starts the fault loop with a
 //! network source that is paused from the start. The session then waits at its gate for the
 //! source, which saw a dropped connection and resumes the same session through the ordinary
 //! recovery protocol (authenticated, bound to the session id, blocks and certificate as
@@ -90,6 +92,22 @@ pub fn block_fd_name(i: usize) -> String {
     format!("block.{i}")
 }
 
+/// The name under which a block's ledger (its received and removed bitmaps) is parked (wire
+/// index `i`).
+pub fn ledger_fd_name(i: usize) -> String {
+    format!("ledger.{i}")
+}
+
+/// The fds a dead broker parked for one block.
+#[derive(Debug)]
+pub struct ParkedBlockFds {
+    /// The block's memfd or hugetlbfs fd ([`block_fd_name`]).
+    pub block: OwnedFd,
+    /// Its ledger ([`ledger_fd_name`]; None from a broker that parked none: the bitmaps are
+    /// rebuilt from residency alone, and removals before the death are forgotten).
+    pub ledger: Option<OwnedFd>,
+}
+
 /// The name under which the digest table's memfd is parked.
 pub const DIGESTS_FD_NAME: &str = "digests";
 
@@ -121,16 +139,17 @@ impl Destination {
         })
     }
 
-    /// The fds to park with the record, by name: every block's fd in wire order
-    /// ([`block_fd_name`]) and the digest table's memfd ([`DIGESTS_FD_NAME`]).
+    /// The fds to park with the record, by name: every block's fd and ledger in wire order
+    /// ([`block_fd_name`], [`ledger_fd_name`]) and the digest table's memfd
+    /// ([`DIGESTS_FD_NAME`]).
     pub fn parkable(&self) -> Vec<(String, BorrowedFd<'_>)> {
         let blocks = self.incoming.blocks();
-        let mut out: Vec<(String, BorrowedFd<'_>)> = self
-            .ids
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &id)| Some((block_fd_name(i), blocks.get(id)?.fd()?)))
-            .collect();
+        let mut out: Vec<(String, BorrowedFd<'_>)> = Vec::new();
+        for (i, &id) in self.ids.iter().enumerate() {
+            let Some(b) = blocks.get(id) else { continue };
+            out.extend(b.fd().map(|fd| (block_fd_name(i), fd)));
+            out.extend(b.ledger_fd().map(|fd| (ledger_fd_name(i), fd)));
+        }
         if let Some(fd) = self.net.digests.shared_fd() {
             out.push((DIGESTS_FD_NAME.into(), fd));
         }
@@ -138,7 +157,7 @@ impl Destination {
     }
 
     /// Rebuild the session of a broker that died during postcopy (see the module doc) from its
-    /// `record`, its parked `blocks` fds (wire order) and `digests` memfd; start the fault loop
+    /// `record`, its parked `blocks` fds and ledgers (wire order) and `digests` memfd; start the fault loop
     /// (its config from `opts.broker`, with `restart` set) with the source paused. Call
     /// [`Destination::finish`] next: it waits for the source's resume. `last_alive` is when the
     /// dead broker was last seen alive (for the downtime in the status).
@@ -146,7 +165,7 @@ impl Destination {
         listener: &TcpListener,
         security: &Security,
         record: &SessionRecord,
-        blocks: Vec<OwnedFd>,
+        blocks: Vec<ParkedBlockFds>,
         digests: OwnedFd,
         last_alive: Option<std::time::SystemTime>,
         opts: DestinationOptions,
@@ -175,9 +194,10 @@ impl Destination {
         .map_err(|e| Error::Invalid(format!("the parked block table: {e}")))?;
         let mut ram = RamBlocks::new();
         let mut present = 0;
-        for ((name, size, ps), fd) in record.blocks.iter().zip(blocks) {
-            let b = RamBlock::from_fd(name, fd, *size, *ps)?;
-            present += residency::mark_present(&b)?;
+        for ((name, size, ps), fds) in record.blocks.iter().zip(blocks) {
+            let b = RamBlock::from_parked(name, fds.block, fds.ledger, *size, *ps)?;
+            residency::mark_present(&b)?;
+            present += b.received().count_ones() as u64;
             ram.add(b)?;
         }
         let total = ram.total_pages();
