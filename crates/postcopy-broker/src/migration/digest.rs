@@ -120,6 +120,20 @@ impl BlockDigest {
         }
     }
 
+    /// Clear the bits of `words` (a received bitmap of this block, 64 pages a word) of the pages
+    /// no copy was recorded for; returns how many.
+    fn mask_unrecorded(&self, words: &mut [u64]) -> u64 {
+        let mut n = 0;
+        for (i, slot) in self.pages.as_slice().iter().enumerate() {
+            let (w, m) = (i / 64, 1u64 << (i % 64));
+            if slot.load(Ordering::Acquire) == 0 && words.get(w).is_some_and(|x| x & m != 0) {
+                words[w] &= !m;
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The table folded in page order (XXH3 over the little-endian hashes).
     pub fn fold(&self) -> u64 {
         let mut h = Xxh3::new();
@@ -259,6 +273,16 @@ impl Received {
         false
     }
 
+    /// Before a resume: clear, in `words` (the received bitmap of wire block `wire` as the
+    /// Resume frames carry it), the pages received without a copy of the source's: a page a
+    /// client removed before it arrived is placed here as zeros when it faults, and if the
+    /// source's copy was lost in the cut, the digests would lack it. The source sends such pages
+    /// again; their digests are recorded and their placement skipped (they are received).
+    /// Returns how many were cleared (0 when digests are not kept).
+    pub fn mask_unrecorded(&self, wire: usize, words: &mut [u64]) -> u64 {
+        self.blocks.get().and_then(|(_, b)| b.get(wire)).map_or(0, |b| b.mask_unrecorded(words))
+    }
+
     /// A conflict seen so far, if any.
     pub fn conflict(&self) -> Option<DigestError> {
         self.conflict.lock().ok().and_then(|g| g.clone())
@@ -356,6 +380,21 @@ mod tests {
         heap.set(4096, Some(&page), 0);
         assert_eq!(fold(&again, 1), heap.fold());
         assert_eq!(fold(&again, 0), BlockDigest::new(4096, 4).fold());
+    }
+
+    #[test]
+    fn a_resume_asks_again_for_received_pages_without_a_recorded_copy() {
+        let t = BlockTable::new(vec![crate::migration::wire::BlockInfo::new("a", 70 * 4096, 4096)]).unwrap();
+        let r = Received::default();
+        let mut words = vec![u64::MAX, 0b11_1111];
+        assert_eq!(r.mask_unrecorded(0, &mut words), 0, "no digests kept: nothing to ask for");
+        r.set_blocks(&t);
+        r.observe(&Frame::ZeroRun { block: 0, offset: 0, len: 64 * 4096, demand: false });
+        r.observe(&Frame::Page { block: 0, offset: 65 * 4096, demand: false, data: &[1u8; 4096] });
+        // Pages 64 and 66-69 were received without a copy of the source's.
+        assert_eq!(r.mask_unrecorded(0, &mut words), 5);
+        assert_eq!(words, vec![u64::MAX, 0b10]);
+        assert_eq!(r.mask_unrecorded(1, &mut words), 0, "an unknown block is left alone");
     }
 
     #[test]

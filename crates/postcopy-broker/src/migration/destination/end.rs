@@ -107,7 +107,7 @@ impl End<'_> {
             ));
             return Ok(false);
         }
-        let conns = self.link.handshake(a, self.blocks, self.ids, self.accept_timeout)?;
+        let conns = self.link.handshake(a, self.blocks, self.ids, None, self.accept_timeout)?;
         let (main, mut dec) = (conns.main, conns.main_dec);
         loop {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use super::gate::{Arrival, Gate};
 use super::network::Connections;
 use super::session::refuse;
+use crate::conv::usize_of;
 use crate::error::{Error, IoContext, Result};
 use crate::migration::bitmap::resume_chunks;
+use crate::migration::digest::Received;
 use crate::migration::wire::{
     negotiate, write_frame, BlockTable, Channel, Frame, Limits, CAP_RESUME, CAP_URGENT_CHANNEL,
 };
@@ -95,13 +97,15 @@ impl Link {
     }
 
     /// The whole handshake on a resume's main connection: its urgent connection (from the gate,
-    /// within `accept_timeout`), then the bitmaps of `blocks` (wire block `i` is `ids[i]`), then
+    /// within `accept_timeout`), then the bitmaps of `blocks` (wire block `i` is `ids[i]`;
+    /// without the pages `digests` holds no copy of, see [`Received::mask_unrecorded`]), then
     /// ResumeAck.
     pub(super) fn handshake(
         &self,
         main: Arrival,
         blocks: &RamBlocks,
         ids: &[BlockId],
+        digests: Option<&Received>,
         accept_timeout: Duration,
     ) -> Result<Connections> {
         let mut main = main;
@@ -145,8 +149,18 @@ impl Link {
         let mut have = 0;
         for (wire, &id) in ids.iter().enumerate() {
             let b = blocks.get(id).ok_or_else(|| Error::UnknownBlock(format!("#{id}")))?;
-            let words = b.received().to_words();
+            let mut words = b.received().to_words();
             have += b.received().count_ones();
+            if let Some(d) = digests {
+                let again = d.mask_unrecorded(wire, &mut words);
+                if again > 0 {
+                    log::info!(
+                        "block '{}': {again} page(s) placed here as zeros (removed by a client) before the source's copy arrived: asking for them again, for their digests",
+                        b.name()
+                    );
+                    have -= usize_of(again);
+                }
+            }
             for c in resume_chunks(wire_index(wire), &words, b.pages(), max_bitmap) {
                 write_frame(&mut &main, &c.frame())?;
             }

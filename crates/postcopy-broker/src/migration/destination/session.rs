@@ -541,7 +541,13 @@ impl Destination {
             };
             let peer = arrival.peer();
             log::info!("reconnect from {peer}: resume handshake");
-            match self.link.handshake(arrival, &blocks, &self.ids, self.opts.accept_timeout) {
+            match self.link.handshake(
+                arrival,
+                &blocks,
+                &self.ids,
+                Some(&self.net.digests),
+                self.opts.accept_timeout,
+            ) {
                 Ok(conns) => {
                     self.main = Some(conns.main.clone());
                     self.peer = peer;
