@@ -407,3 +407,39 @@ pub fn adopt_clients(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::restore_restart::RESTORE_RECORD_VERSION;
+
+    #[test]
+    fn a_restore_record_round_trips_and_says_its_kind() {
+        let state = State {
+            job: Job::Restore {
+                restore: RestoreRecord {
+                    version: RESTORE_RECORD_VERSION,
+                    blocks: vec![("ram".into(), 8192, 4096)],
+                    image: None,
+                    backends: Vec::new(),
+                    restarts: vec![Restart { downtime_ms: 7, ..Restart::default() }],
+                },
+            },
+            clients: vec![ParkedClient {
+                id: 3,
+                name: "fc".into(),
+                pid: Some(42),
+                uid: None,
+                shared: Vec::new(),
+                private: Vec::new(),
+                removed: vec![(0x1000, 0x3000)],
+            }],
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(text.contains(r#""kind":"restore""#), "{text}");
+        let back: State = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.job.restarts().len(), 1);
+        assert_eq!(back.job.command(), "serve --image");
+    }
+}
