@@ -15,7 +15,8 @@
 //! kind of client at once: control-socket pcb-clients reading and writing pages (two of them
 //! read every page: with no background fill their faults are the fill), a Firecracker-style
 //! private client (Firecracker's UFFD handshake) reading random pages and removing a range, and
-//! the `vhost_user_blk` example as a daemon-mode backend (the broker is its frontend). The
+//! the `vhost_user_blk` example or qemu-storage-daemon (alternate runs) as a daemon-mode backend
+//! (the broker is its frontend). The
 //! restarted broker rebuilds the blocks from their parked fds, takes every client and the
 //! backend's connection back, and sends POSTCOPY_END at the end; the private client's removed
 //! range still reads zeros. docs/recovery.md has the table these runs produce.
@@ -608,17 +609,27 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
     let sock = dir.path(&format!("rctl-{run}.sock"));
     let summary_path = dir.path(&format!("rsummary-{run}.json"));
     let vub = dir.path(&format!("vub-{run}.sock"));
-    let mut backend = Command::new(examples_dir().join("vhost_user_blk"))
-        .arg("--socket")
-        .arg(&vub)
-        .arg("--disk")
-        .arg(dir.path(&format!("disk-{run}")))
-        .args(["--size", "16M", "--once"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Even runs: the vhost_user_blk example; odd ones: qemu-storage-daemon (libvhost-user).
+    let disk = dir.path(&format!("disk-{run}"));
+    let qsd = run % 2 == 1;
+    let mut cmd = if qsd {
+        std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+        let mut c = Command::new("qemu-storage-daemon");
+        c.arg("--blockdev")
+            .arg(format!("driver=file,node-name=disk,filename={}", disk.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                vub.display()
+            ));
+        c
+    } else {
+        let mut c = Command::new(examples_dir().join("vhost_user_blk"));
+        c.arg("--socket").arg(&vub).arg("--disk").arg(&disk).args(["--size", "16M", "--once"]);
+        c
+    };
+    let mut backend =
+        cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     pids.lock().unwrap().push(backend.id());
     let t0 = Instant::now();
     while !vub.exists() {
@@ -707,12 +718,20 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
         let _ = std::fs::write(Path::new(&d).join(format!("restore-run-{run}.log")), log.as_bytes());
     }
     assert!(st.success(), "run {run}: the broker failed ({st})\n{log}");
-    // The backend heard POSTCOPY_END from the last broker and ended with its connection.
+    // The backend heard POSTCOPY_END from the last broker (a failure would be logged) and
+    // ours ended with its connection; qemu-storage-daemon serves on until it is stopped.
+    if qsd {
+        backend.kill().unwrap();
+    }
     let be = backend.wait().unwrap();
     let mut be_log = String::new();
     std::io::Read::read_to_string(&mut backend.stderr.take().unwrap(), &mut be_log).unwrap();
-    assert!(be.success(), "run {run}: the backend failed ({be}):\n{be_log}");
+    assert!(qsd || be.success(), "run {run}: the backend failed ({be}):\n{be_log}");
     assert!(!log.contains("POSTCOPY_END"), "run {run}: POSTCOPY_END failed:\n{log}");
+    assert!(
+        log.contains("taken back after a restart") || kills == 0,
+        "run {run}: the backend's connection was not taken back:\n{log}"
+    );
 
     // The control clients lost their connection with the first broker and reattach to the
     // restarted one; one still blocked in faults when the restore completes may find no broker
