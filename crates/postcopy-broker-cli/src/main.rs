@@ -63,8 +63,9 @@ enum Command {
         /// With --incoming: write the RAM's checksums (JSON, as `source --verify-file`) here.
         #[arg(long, value_name = "FILE", requires = "incoming", env = "POSTCOPY_BROKER_VERIFY_FILE")]
         verify_file: Option<PathBuf>,
-        /// With --incoming: write the migration summary as JSON here.
-        #[arg(long, value_name = "FILE", requires = "incoming", env = "POSTCOPY_BROKER_SUMMARY_JSON")]
+        /// Write the summary as JSON here at the end: with --incoming the migration summary;
+        /// for a lazy restore the final report, whether it completed, and its restarts.
+        #[arg(long, value_name = "FILE", env = "POSTCOPY_BROKER_SUMMARY_JSON")]
         summary_json: Option<PathBuf>,
         /// With --incoming: if the connection to the source drops during postcopy, wait this many
         /// seconds for it to reconnect and resume before giving up (docs/recovery.md).
@@ -259,6 +260,7 @@ fn main() -> ExitCode {
             no_background,
             busy_poll,
             checksums,
+            summary_json,
             wait_clients,
             vhost_user_backends,
             max_registrations_per_connection,
@@ -276,6 +278,7 @@ fn main() -> ExitCode {
             background: !no_background,
             busy_poll,
             checksums,
+            summary_json,
             wait_clients,
             vhost_user_backends,
             limits: postcopy_broker::fault::ControlLimits {

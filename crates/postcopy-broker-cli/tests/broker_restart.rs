@@ -10,7 +10,17 @@
 //! source resumes. Every run ends with every byte of the blocks (read through memfds the test
 //! got over the control socket) equal to the source plus the clients' writes, the clients'
 //! reads equal to the source, every client finished (a watchdog fails a hung run), and the
-//! counters consistent. docs/recovery.md has the table these runs produce.
+//! counters consistent.
+//!
+//! The lazy-restore variant runs `postcopy-broker serve --image` under `pcb-keeper` with every
+//! kind of client at once: control-socket pcb-clients reading and writing pages (two of them
+//! read every page: with no background fill their faults are the fill), a Firecracker-style
+//! private client (Firecracker's UFFD handshake) reading random pages and removing a range, and
+//! the `vhost_user_blk` example or qemu-storage-daemon (alternate runs) as a daemon-mode backend
+//! (the broker is its frontend). The
+//! restarted broker rebuilds the blocks from their parked fds, takes every client and the
+//! backend's connection back, and sends POSTCOPY_END at the end; the private client's removed
+//! range still reads zeros. docs/recovery.md has the table these runs produce.
 
 mod common;
 
@@ -75,7 +85,14 @@ struct Keeper {
 }
 
 impl Keeper {
-    fn spawn(notify: &str, args: &[std::ffi::OsString], pids: &Arc<Mutex<Vec<u32>>>) -> (Keeper, String) {
+    /// Run the broker with `args` under a keeper; with `listening`, read the broker's first
+    /// stdout line (`listening ADDR`) and return the address.
+    fn spawn(
+        notify: &str,
+        args: &[std::ffi::OsString],
+        pids: &Arc<Mutex<Vec<u32>>>,
+        listening: bool,
+    ) -> (Keeper, Option<String>) {
         let mut child = Command::new(KEEPER)
             .args(["--notify-socket", notify, "--restart-delay-ms", "50", "--", BIN])
             .args(args)
@@ -108,13 +125,15 @@ impl Keeper {
             }
         });
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        out.read_line(&mut first).unwrap();
-        let addr = first
-            .trim()
-            .strip_prefix("listening ")
-            .unwrap_or_else(|| panic!("broker said {first:?}"))
-            .to_string();
+        let addr = listening.then(|| {
+            let mut first = String::new();
+            out.read_line(&mut first).unwrap();
+            first
+                .trim()
+                .strip_prefix("listening ")
+                .unwrap_or_else(|| panic!("broker said {first:?}"))
+                .to_string()
+        });
         // The rest of stdout (a second `listening` line per restart, the summary) is not needed:
         // the summary comes as JSON. Drain it so the broker never blocks on a full pipe.
         std::thread::spawn(move || for _ in out.lines() {});
@@ -220,10 +239,71 @@ struct Totals {
     faults_rewoken: u64,
     reattached: u64,
     postcopy_end_heard: u64,
+    /// Reads of the private (Firecracker-style) client checked (restore variant).
+    private_reads_checked: u64,
     /// Kill to the restarted broker's READY=1, as the test sees it.
     downtimes_ms: Vec<u64>,
     /// The dead broker's last heartbeat to the new one serving its clients, as the broker says.
     heartbeat_downtimes_ms: Vec<u64>,
+}
+
+/// SIGKILL the broker the keeper runs when each share (per mille, increasing) of `total` pages
+/// in `at` has arrived, and wait for each restarted broker to say READY (`STATUS=restarted`).
+/// `release` runs once, right after the first kill (or at the end if there was none), so that
+/// the clients it lets go fault while no broker runs. Returns the downtimes (kill to READY, ms),
+/// one per kill.
+fn kill_at_points(
+    run: u64,
+    at: &[u64],
+    sock: &Path,
+    ctl: &mut Option<ControlClient>,
+    keeper: &Keeper,
+    total: u64,
+    mut release: impl FnMut(),
+) -> Vec<u64> {
+    let mut broker_pid = u64::from(*keeper.broker.lock().unwrap());
+    assert_ne!(broker_pid, 0);
+    let mut downtimes = Vec::new();
+    for &permille in at {
+        let target = total * permille / 1000;
+        let late = loop {
+            if let Some(s) = status(sock, ctl) {
+                let got = s["received_pages"].as_u64().unwrap_or(0);
+                if got >= total {
+                    break true;
+                }
+                if got >= target {
+                    break false;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(3));
+        };
+        if late {
+            // A starved test process (the machine is shared) can miss the point: the run goes
+            // on with the kills done so far, and the totals must still reach 20 kills.
+            eprintln!("run {run}: the job ended before the kill at {permille}‰");
+            break;
+        }
+        // SAFETY: kill(2) of the broker this test's keeper started.
+        assert_eq!(unsafe { libc::kill(broker_pid as i32, libc::SIGKILL) }, 0);
+        let killed = Instant::now();
+        *ctl = None;
+        if downtimes.is_empty() {
+            release();
+        }
+        let started = keeper.wait(Duration::from_secs(10), "restarted", |e| e["started"].is_u64());
+        broker_pid = started["started"].as_u64().unwrap();
+        keeper.wait(Duration::from_secs(20), "ready after the restart", |e| {
+            e["notify"].as_array().is_some_and(|l| {
+                l.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("STATUS=restarted")))
+            })
+        });
+        downtimes.push(killed.elapsed().as_millis() as u64);
+    }
+    if downtimes.is_empty() {
+        release();
+    }
+    downtimes
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -252,7 +332,8 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
         "60".into(),
     ]);
     let notify = format!("@pcb-restart-test-{}-{run}", std::process::id());
-    let (mut keeper, addr) = Keeper::spawn(&notify, &args, &pids);
+    let (mut keeper, addr) = Keeper::spawn(&notify, &args, &pids, true);
+    let addr = addr.unwrap();
     let mut source = Command::new(BIN)
         .args(["source", "--connect", &addr])
         .args(creds.args())
@@ -318,52 +399,11 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
         early0.push(cl0.line());
     }
 
-    let mut broker_pid = u64::from(*keeper.broker.lock().unwrap());
-    assert_ne!(broker_pid, 0);
-    let mut downtimes = Vec::new();
-    let mut kills = 0;
-    for &permille in &at {
-        let target = TOTAL_PAGES * permille / 1000;
-        let late = loop {
-            if let Some(s) = status(&sock, &mut ctl) {
-                let got = s["received_pages"].as_u64().unwrap_or(0);
-                if got >= TOTAL_PAGES {
-                    break true;
-                }
-                if got >= target {
-                    break false;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(3));
-        };
-        if late {
-            // A starved test process (the machine is shared) can miss the point: the run goes
-            // on with the kills done so far, and the totals must still reach 20 kills.
-            eprintln!("run {run}: the migration ended before the kill at {permille}‰");
-            break;
-        }
-        // SAFETY: kill(2) of the broker this test's keeper started.
-        assert_eq!(unsafe { libc::kill(broker_pid as i32, libc::SIGKILL) }, 0);
-        let killed = Instant::now();
-        ctl = None;
-        if kills == 0 {
-            cl0.go();
-            cl1.go();
-        }
-        kills += 1;
-        let started = keeper.wait(Duration::from_secs(10), "restarted", |e| e["started"].is_u64());
-        broker_pid = started["started"].as_u64().unwrap();
-        keeper.wait(Duration::from_secs(20), "ready after the restart", |e| {
-            e["notify"].as_array().is_some_and(|l| {
-                l.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("STATUS=restarted")))
-            })
-        });
-        downtimes.push(killed.elapsed().as_millis() as u64);
-    }
-    if kills == 0 {
+    let downtimes = kill_at_points(run, &at, &sock, &mut ctl, &keeper, TOTAL_PAGES, || {
         cl0.go();
         cl1.go();
-    }
+    });
+    let kills = downtimes.len() as u64;
 
     let st = keeper.child.wait().unwrap();
     cl0.go();
@@ -519,6 +559,25 @@ fn status_says_whether_a_client_kept_its_own_uffd_copy() {
     drop((keeps, closed));
 }
 
+/// The totals and the downtimes' spread, as docs/recovery.md's table has them.
+fn totals_line(t: &Totals) -> String {
+    let spread = |v: &[u64]| {
+        let mut d = v.to_vec();
+        d.sort_unstable();
+        format!(
+            "min {} median {} max {}",
+            d.first().unwrap_or(&0),
+            d.get(d.len() / 2).unwrap_or(&0),
+            d.last().unwrap_or(&0)
+        )
+    };
+    format!(
+        "TOTALS {t:?}\ndowntime ms, kill to READY: {}; last heartbeat to serving: {}",
+        spread(&t.downtimes_ms),
+        spread(&t.heartbeat_downtimes_ms)
+    )
+}
+
 #[test]
 fn sigkill_of_the_destination_broker_at_random_points_of_a_256_mib_postcopy_loses_no_page() {
     let dir = Dir::new("restart");
@@ -537,21 +596,288 @@ fn sigkill_of_the_destination_broker_at_random_points_of_a_256_mib_postcopy_lose
     for run in 0..runs {
         kill_run(run, &mut rng, &dir, if run % 2 == 0 { &tls } else { &psk }, &ram, &hram, &mut t);
     }
-    let spread = |v: &[u64]| {
-        let mut d = v.to_vec();
-        d.sort_unstable();
-        format!(
-            "min {} median {} max {}",
-            d.first().unwrap_or(&0),
-            d.get(d.len() / 2).unwrap_or(&0),
-            d.last().unwrap_or(&0)
-        )
+    println!("{}", totals_line(&t));
+    assert_eq!(t.runs, runs);
+    assert!(t.kills >= runs, "only {} kills in {runs} runs", t.kills);
+    assert_eq!(t.pages_lost, 0);
+}
+
+/// Pages of the Firecracker-style private client (4 KiB each, the image's first 16 MiB).
+const FC_PAGES: u64 = 4096;
+
+/// The status of the private client, if the broker serves one.
+fn private_events(st: &Value) -> u64 {
+    st["clients"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["kind"] == "private"))
+        .and_then(|c| c["stats"]["events"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Reads of a private client: pages of `removed` (once its `dontneed` step ran) read zeros,
+/// every other page the image (`data`). Returns how many were checked.
+fn check_private_reads(lines: &[Value], data: &[u8], removed: (u64, u64)) -> u64 {
+    let zeros = fnv(&[0u8; 4096]);
+    let (mut n, mut gone) = (0, false);
+    for l in lines {
+        gone |= l["step"].as_str().is_some_and(|s| s.starts_with("dontneed"));
+        let Some(pages) = l["pages"].as_array() else { continue };
+        for p in pages {
+            let i = p["page"].as_u64().unwrap();
+            let zero = gone && (removed.0..=removed.1).contains(&i);
+            let i = i as usize;
+            let want = if zero { zeros.clone() } else { fnv(&data[i * 4096..(i + 1) * 4096]) };
+            assert_eq!(
+                p["fnv"].as_str().unwrap(),
+                want,
+                "private page {i} (removed: {zero}) in {}",
+                l["step"]
+            );
+            n += 1;
+        }
+    }
+    n
+}
+
+/// One run of the lazy-restore variant: `serve --image` (the image holds `ram` then `hram`)
+/// under pcb-keeper without a background fill, so that the clients' faults are the fill: two
+/// "filler" pcb-clients read every page of each block, two more read and write random pages, a
+/// Firecracker-style private client reads random pages and removes a range, and the broker is
+/// the frontend of a vhost-user-blk backend in daemon mode. The test SIGKILLs the broker at
+/// random points; the restarted one rebuilds from the parked fds.
+fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8], t: &mut Totals) {
+    use common::vhost::examples_dir;
+    ensure_free_huge_pages(24);
+    let planned = if rng.below(4) == 0 { 2 } else { 1 };
+    let mut at: Vec<u64> = (0..planned).map(|_| 30 + rng.below(720)).collect();
+    at.sort_unstable();
+    let pids = Arc::new(Mutex::new(Vec::new()));
+    let _dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(90));
+    let sock = dir.path(&format!("rctl-{run}.sock"));
+    let summary_path = dir.path(&format!("rsummary-{run}.json"));
+    let vub = dir.path(&format!("vub-{run}.sock"));
+    // Even runs: the vhost_user_blk example; odd ones: qemu-storage-daemon (libvhost-user).
+    let disk = dir.path(&format!("disk-{run}"));
+    let qsd = run % 2 == 1;
+    let mut cmd = if qsd {
+        std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
+        let mut c = Command::new("qemu-storage-daemon");
+        c.arg("--blockdev")
+            .arg(format!("driver=file,node-name=disk,filename={}", disk.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                vub.display()
+            ));
+        c
+    } else {
+        let mut c = Command::new(examples_dir().join("vhost_user_blk"));
+        c.arg("--socket").arg(&vub).arg("--disk").arg(&disk).args(["--size", "16M", "--once"]);
+        c
     };
-    println!(
-        "TOTALS {t:?}\ndowntime ms, kill to READY: {}; last heartbeat to serving: {}",
-        spread(&t.downtimes_ms),
-        spread(&t.heartbeat_downtimes_ms)
+    let mut backend =
+        cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    pids.lock().unwrap().push(backend.id());
+    let t0 = Instant::now();
+    while !vub.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the backend never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut args: Vec<std::ffi::OsString> = vec!["serve".into(), "--image".into(), dir.path("img").into()];
+    args.extend(["--block", "pc.ram:224M", "--block", "huge:32M:2m", "--no-background"].map(Into::into));
+    args.extend([
+        "--control".into(),
+        sock.clone().into(),
+        "--summary-json".into(),
+        summary_path.clone().into(),
+    ]);
+    args.extend(["--vhost-user-backend".into(), vub.clone().into()]);
+    let notify = format!("@pcb-restore-test-{}-{run}", std::process::id());
+    let (mut keeper, _) = Keeper::spawn(&notify, &args, &pids, false);
+    keeper.wait(Duration::from_secs(30), "parked state", |e| {
+        e["stored"].as_str().is_some_and(|n| n.starts_with("state."))
+    });
+    let mut ctl = ControlClient::connect(&sock).unwrap();
+    let memfds: Vec<(String, OwnedFd)> =
+        ctl.get_blocks(None).unwrap().into_iter().map(|(b, fd)| (b.name, fd.unwrap())).collect();
+    let mut ctl = Some(ctl);
+
+    let (sp, hp) = ((SMALL / 4096) as u64, (HUGE / HPS) as u64);
+    let (a0, b0, w0, c0) = (pick(rng, 300, sp), pick(rng, 300, sp), pick(rng, 100, sp), pick(rng, 200, sp));
+    let (a1, b1, w1, c1) = (pick(rng, 4, hp), pick(rng, 4, hp), pick(rng, 3, hp), pick(rng, 4, hp));
+    let (v0, v1) = (1 + (run % 200) as u8, 201 + (run % 50) as u8);
+    let script = |a: &[u64], b: &[u64], w: &[u64], c: &[u64], v: u8| {
+        format!("touch:{};wait;touch:{};write:{}:{v};touch:{};wait", list(a), list(b), list(w), list(c))
+    };
+    let (fa, fb) = (pick(rng, 200, FC_PAGES), pick(rng, 200, FC_PAGES));
+    let r0 = rng.below(FC_PAGES - 64);
+    let removed = (r0, r0 + 63);
+    let fc_script = format!(
+        "touch:{};dontneed:{}-{};wait;touch:{};touch:{}-{};wait",
+        list(&fa),
+        removed.0,
+        removed.1,
+        list(&fb),
+        removed.0,
+        removed.1
     );
+    let fc_size = (FC_PAGES * 4096).to_string();
+    let fc_args = control_args(
+        &sock,
+        &fc_script,
+        &["--firecracker", "--features", "remove", "--size", &fc_size, "--page-size", "4096"],
+    );
+    let mut cl0 = Peer::spawn(&control_args(&sock, &script(&a0, &b0, &w0, &c0, v0), &["--block", "pc.ram"]));
+    let mut cl1 = Peer::spawn(&control_args(&sock, &script(&a1, &b1, &w1, &c1, v1), &["--block", "huge"]));
+    let mut fc = Peer::spawn(&fc_args);
+    let mut fill0 =
+        Peer::spawn(&control_args(&sock, &format!("touch:0-{};wait", sp - 1), &["--block", "pc.ram"]));
+    let mut fill1 =
+        Peer::spawn(&control_args(&sock, &format!("touch:0-{};wait", hp - 1), &["--block", "huge"]));
+    for p in [&cl0, &cl1, &fc, &fill0, &fill1] {
+        pids.lock().unwrap().push(p.child.id());
+    }
+    for p in [&mut cl0, &mut cl1, &mut fc, &mut fill0, &mut fill1] {
+        p.go();
+    }
+    // The private client's REMOVE must be in the parked record before the first kill.
+    let t0 = Instant::now();
+    while status(&sock, &mut ctl).is_none_or(|s| private_events(&s) == 0) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the private client never removed its range");
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let downtimes = kill_at_points(run, &at, &sock, &mut ctl, &keeper, TOTAL_PAGES, || {
+        cl0.go();
+        cl1.go();
+        fc.go();
+    });
+    let kills = downtimes.len() as u64;
+    let st = keeper.child.wait().unwrap();
+    for p in [&mut cl0, &mut cl1, &mut fc, &mut fill0, &mut fill1] {
+        p.go();
+    }
+    let lines: Vec<Vec<Value>> = [&mut cl0, &mut cl1, &mut fc, &mut fill0, &mut fill1]
+        .into_iter()
+        .map(|p| p.finish_within(60))
+        .collect();
+    let log = keeper.log.lock().unwrap().clone();
+    if let Some(d) = std::env::var_os("PCB_RESTART_LOGS") {
+        let _ = std::fs::write(Path::new(&d).join(format!("restore-run-{run}.log")), log.as_bytes());
+    }
+    assert!(st.success(), "run {run}: the broker failed ({st})\n{log}");
+    // The backend heard POSTCOPY_END from the last broker (a failure would be logged) and
+    // ours ended with its connection; qemu-storage-daemon serves on until it is stopped.
+    if qsd {
+        backend.kill().unwrap();
+    }
+    let be = backend.wait().unwrap();
+    let mut be_log = String::new();
+    std::io::Read::read_to_string(&mut backend.stderr.take().unwrap(), &mut be_log).unwrap();
+    assert!(qsd || be.success(), "run {run}: the backend failed ({be}):\n{be_log}");
+    assert!(!log.contains("POSTCOPY_END"), "run {run}: POSTCOPY_END failed:\n{log}");
+    assert!(
+        log.contains("taken back after a restart") || kills == 0,
+        "run {run}: the backend's connection was not taken back:\n{log}"
+    );
+
+    // The control clients lost their connection with the first broker and reattach to the
+    // restarted one; one still blocked in faults when the restore completes may find no broker
+    // left to reattach to (the last one ended), which is not a failure. The pc.ram client has
+    // 300 pages to read after the kill and always reattaches.
+    let steps =
+        |l: &[Value]| -> Vec<Value> { l.iter().filter(|x| !x["pages"].is_array()).cloned().collect() };
+    for l in [&lines[0], &lines[1], &lines[3], &lines[4]] {
+        t.reattached += l.iter().filter(|x| x["reattached"].is_array()).count() as u64;
+        t.postcopy_end_heard += l.iter().filter(|x| x["postcopy_end"].is_array()).count() as u64;
+    }
+    assert!(
+        kills == 0 || lines[0].iter().any(|l| l["reattached"].is_array()),
+        "run {run}: the pc.ram client did not reattach: {:?}",
+        steps(&lines[0])
+    );
+    t.client_reads_checked += check_reads(&lines[0], ram, 4096, &w0)
+        + check_reads(&lines[1], hram, HPS, &w1)
+        + check_reads(&lines[3], ram, 4096, &w0)
+        + check_reads(&lines[4], hram, HPS, &w1);
+    let private = check_private_reads(&lines[2], ram, removed);
+    assert_eq!(private, (fa.len() + fb.len() + 64) as u64, "run {run}: {:?}", steps(&lines[2]));
+    t.private_reads_checked += private;
+
+    let mut want0 = ram.to_vec();
+    for &p in &w0 {
+        want0[p as usize * 4096..p as usize * 4096 + 8].fill(v0);
+    }
+    let mut want1 = hram.to_vec();
+    for &p in &w1 {
+        want1[p as usize * HPS..p as usize * HPS + 8].fill(v1);
+    }
+    let lost = lost_pages(&map_bytes(&memfds[0].1, SMALL), &want0, 4096)
+        + lost_pages(&map_bytes(&memfds[1].1, HUGE), &want1, HPS);
+    if lost > 0 {
+        let _ = std::fs::write("/tmp/pcb-restore-restart-failed.log", log.as_bytes());
+    }
+    assert_eq!(lost, 0, "run {run}: {lost} pages differ from the image (kills at {at:?}‰); log in /tmp/pcb-restore-restart-failed.log");
+
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    assert_eq!(summary["complete"], true, "run {run}: {summary}");
+    let restarts = summary["restarts"].as_array().unwrap();
+    assert_eq!(restarts.len() as u64, kills, "run {run}: {summary}");
+    for (i, r) in restarts.iter().enumerate() {
+        // Every client waits for the test's word at its end: all six are parked at each kill.
+        assert_eq!(r["clients_adopted"], 6, "run {run}: restart {i}: {r}");
+        assert_eq!(r["clients_lost"], 0, "run {run}: {r}");
+        assert!(r["ranges_woken"].as_u64().unwrap() >= 6, "run {run}: {r}");
+        t.pages_rebuilt += r["pages_rebuilt"].as_u64().unwrap();
+        t.clients_adopted += r["clients_adopted"].as_u64().unwrap();
+        t.faults_rewoken += r["faults_rewoken"].as_u64().unwrap();
+        t.heartbeat_downtimes_ms.push(r["downtime_ms"].as_u64().unwrap());
+    }
+    // The last broker placed what was not rebuilt: the shared pages it placed (its demand
+    // pages less the private client's) and the rebuilt ones make up the guest.
+    let report = &summary["report"];
+    let private_placed: u64 = report["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "private")
+        .map(|c| c["stats"]["pages_requested"].as_u64().unwrap())
+        .sum();
+    let rebuilt = restarts.last().map_or(0, |r| r["pages_rebuilt"].as_u64().unwrap());
+    let placed = report["broker"]["pages_demand"].as_u64().unwrap() - private_placed
+        + report["broker"]["pages_background"].as_u64().unwrap();
+    assert_eq!(rebuilt + placed, TOTAL_PAGES, "run {run}: {summary}");
+    assert!(
+        !log.contains("populated by someone other than the broker"),
+        "run {run}: a present page was taken for missing:\n{log}"
+    );
+    t.runs += 1;
+    t.kills += kills;
+    t.pages_checked += TOTAL_PAGES;
+    t.pages_lost += lost;
+    println!(
+        "restore run {run:2}: kills at {at:?}‰, down {downtimes:?} ms, rebuilt {:?} pages, re-woken {:?}",
+        restarts.iter().map(|r| r["pages_rebuilt"].as_u64().unwrap()).collect::<Vec<_>>(),
+        restarts.iter().map(|r| r["faults_rewoken"].as_u64().unwrap()).collect::<Vec<_>>()
+    );
+    t.downtimes_ms.extend(downtimes);
+}
+
+#[test]
+fn sigkill_of_a_lazy_restore_broker_with_every_kind_of_client_loses_no_page() {
+    let dir = Dir::new("restore-restart");
+    let ram = contents(SMALL, 4096, 0x5eed_0001, 3);
+    let hram = contents(HUGE, HPS, 0x5eed_0002, 4);
+    let mut img = ram.clone();
+    img.extend_from_slice(&hram);
+    std::fs::write(dir.path("img"), &img).unwrap();
+    drop(img);
+    let mut rng = Rng(0x00c0_ffee_d00d);
+    let mut t = Totals::default();
+    let runs: u64 = std::env::var("PCB_RESTORE_RESTART_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    for run in 0..runs {
+        restore_kill_run(run, &mut rng, &dir, &ram, &hram, &mut t);
+    }
+    println!("RESTORE {}", totals_line(&t));
     assert_eq!(t.runs, runs);
     assert!(t.kills >= runs, "only {} kills in {runs} runs", t.kills);
     assert_eq!(t.pages_lost, 0);

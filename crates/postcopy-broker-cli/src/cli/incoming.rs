@@ -8,14 +8,12 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::cli::park::{self, Parking, State, ALIVE_FD_NAME, LISTEN_FD_NAME};
+use crate::cli::park::{self, Job, Parking, State, ALIVE_FD_NAME, LISTEN_FD_NAME};
 use crate::fdstore::{FdStore, Parked};
-use postcopy_broker::control::ControlListener;
-use postcopy_broker::fault::park::Adoption;
 
 use crate::cli::source::warn_if_plaintext;
 use postcopy_broker::error::{Error, IoContext, Result};
@@ -73,24 +71,22 @@ fn finish_outputs(a: &IncomingOptions, summary: &Summary, incoming: &Incoming) -
     Ok(())
 }
 
-/// The fd store to park in, if the broker runs under one.
-fn fd_store() -> Option<FdStore> {
-    match FdStore::from_env() {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("NOTIFY_SOCKET: {e}; nothing is parked, a restart could not resume the migration");
-            None
-        }
-    }
-}
-
 /// Run `postcopy-broker serve --incoming`: print `listening ADDR`, accept the source (refusing
 /// and logging connections that fail their handshake), migrate, print the summary. A start that
 /// finds a parked session rebuilds it instead (see the module doc).
 pub fn run(a: &IncomingOptions) -> Result<()> {
     let security = a.transport.security(Side::Destination)?;
     warn_if_plaintext(security.mode());
-    let resumed = park::take_state(&a.parked)?;
+    let resumed = match park::take_state(&a.parked)? {
+        Some((g, State { job: Job::Incoming { session }, clients })) => Some((g, session, clients)),
+        Some((_, State { job, .. })) => {
+            return Err(Error::Invalid(format!(
+                "the fd store holds a parked `{}`, not a migration: start that command again to resume it (or empty the store)",
+                job.command()
+            )))
+        }
+        None => None,
+    };
     let listener = match a.parked.take(LISTEN_FD_NAME) {
         Some(fd) => TcpListener::from(fd),
         None => TcpListener::bind(&a.addr).ctx(|| format!("listen on {}", a.addr))?,
@@ -98,25 +94,9 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
     let local = listener.local_addr().ctx(|| "local address".into())?;
     println!("listening {local}");
     let _ = std::io::stdout().flush();
-    let store = fd_store();
+    let store = park::fd_store();
     // Parking needs the control socket's fd: bind it here unless the service manager gave it.
-    let (control_fd, _bound) = match (&a.control_fd, &store) {
-        (Some(fd), _) => (Some(Arc::clone(fd)), None),
-        (None, Some(_)) => {
-            let uids = if a.allowed_uids.is_empty() {
-                ControlListener::default_allowed_uids()
-            } else {
-                a.allowed_uids.clone()
-            };
-            let l = ControlListener::bind(&a.control, uids).map_err(|e| Error::Invalid(e.to_string()))?;
-            // SAFETY: the listener's fd is open while `l` lives; it is duplicated at once.
-            let dup = unsafe { BorrowedFd::borrow_raw(l.as_raw_fd()) }
-                .try_clone_to_owned()
-                .ctx(|| "duplicate the control socket".into())?;
-            (Some(Arc::new(dup)), Some(l))
-        }
-        (None, None) => (None, None),
-    };
+    let (control_fd, _bound) = park::control_fd(&a.control_fd, store.is_some(), &a.control, &a.allowed_uids)?;
     // A fresh session parks from Listen on; a rebuilt one goes on with the parked state.
     let (parking, store) = match (store, resumed.is_some()) {
         (Some(s), false) => (Some(Parking::new(s)?), None),
@@ -139,8 +119,8 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         ..DestinationOptions::default()
     };
     log::info!("migration connections: {}", security.mode());
-    if let Some((generation, state)) = resumed {
-        return rebuild(a, &listener, &security, store, generation, state, opts);
+    if let Some((generation, session, clients)) = resumed {
+        return rebuild(a, &listener, &security, store, generation, (session, clients), opts);
     }
     a.parked.close_rest("no parked session uses it");
     // Ready for the source; the control socket opens once its Hello says what RAM comes.
@@ -154,7 +134,7 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         if let Some(c) = &control_fd {
             fds.push((crate::systemd::CONTROL_FD_NAME.into(), c.as_fd()));
         }
-        match p.begin(record, &fds) {
+        match p.begin(Job::Incoming { session: record }, &fds) {
             Ok(()) => log::info!("postcopy: {} fds parked in the fd store for a restart", fds.len() + 1),
             Err(e) => log::error!("{e}; a restart of this broker could not resume the migration"),
         }
@@ -175,11 +155,14 @@ fn rebuild(
     security: &postcopy_broker::migration::transport::Security,
     store: Option<FdStore>,
     generation: u64,
-    state: State,
+    (session, clients): (
+        postcopy_broker::migration::destination::SessionRecord,
+        Vec<postcopy_broker::fault::park::ParkedClient>,
+    ),
     mut opts: DestinationOptions,
 ) -> Result<()> {
     let names = a.parked.names();
-    let blocks = (0..state.session.blocks.len())
+    let blocks = (0..session.blocks.len())
         .map(|i| {
             let block = a.parked.take(&block_fd_name(i)).ok_or_else(|| {
                 Error::Invalid(format!(
@@ -197,7 +180,10 @@ fn rebuild(
     let mut all_names = names.clone();
     all_names.extend([LISTEN_FD_NAME.to_string(), crate::systemd::CONTROL_FD_NAME.to_string()]);
     let parking = match (store, alive) {
-        (Some(s), Some(alive)) => Some(Parking::resume(s, state.clone(), generation, all_names, alive)),
+        (Some(s), Some(alive)) => {
+            let state = State { job: Job::Incoming { session: session.clone() }, clients: clients.clone() };
+            Some(Parking::resume(s, state, generation, all_names, alive))
+        }
         _ => {
             log::warn!(
                 "restarted without an fd store (or its heartbeat): a further restart could not resume"
@@ -206,32 +192,16 @@ fn rebuild(
         }
     };
     opts.broker.parking = parking.clone().map(|p| p as Arc<dyn postcopy_broker::fault::park::ClientParking>);
-    let before = state.session.restarts.clone();
+    let before = session.restarts.clone();
     log::warn!(
         "restarting the migration of session {:016x} from {} after this broker's death ({} restart(s) before)",
-        state.session.session_id,
-        state.session.peer,
+        session.session_id,
+        session.peer,
         before.len()
     );
-    let (d, rebuilt) = Destination::rebuild(listener, security, &state.session, blocks, digests, last, opts)?;
+    let (d, rebuilt) = Destination::rebuild(listener, security, &session, blocks, digests, last, opts)?;
     let h = d.broker().ok_or_else(|| Error::Invalid("the rebuilt session has no fault loop".into()))?;
-    for c in state.clients {
-        let id = c.id;
-        match park::take_client_fds(&a.parked, id) {
-            (Some(uffd), pidfd) => {
-                if let Err(e) = h.adopt(Adoption { client: c, uffd, pidfd }) {
-                    log::warn!("client {id} cannot be taken back: {e}");
-                    if let Some(p) = &parking {
-                        p.forget(id);
-                    }
-                }
-            }
-            (None, _) => log::error!(
-                "client {id} '{}' is in the parked record but its userfaultfd is not: it is not served; if it kept its own copy it waits, else its missing pages read as zeros",
-                c.name
-            ),
-        }
-    }
+    park::adopt_clients(h, &a.parked, clients, parking.as_deref());
     a.parked.close_rest("not part of the parked session");
     h.open_control()?;
     let restart = h.status()?.restart.unwrap_or_default();
@@ -246,7 +216,7 @@ fn rebuild(
         restart.faults_rewoken
     );
     if let Some(p) = &parking {
-        p.update_session(|s| s.restarts.push(restart.clone()));
+        p.record_restart(restart.clone());
     }
     crate::systemd::tell(&format!(
         "READY=1\nSTATUS=restarted: {} of {} pages here; waiting for the source to resume",

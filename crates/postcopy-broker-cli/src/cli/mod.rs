@@ -8,6 +8,7 @@ pub mod park;
 pub mod paths;
 pub mod probe;
 pub mod progress;
+pub mod restore_restart;
 pub mod serve;
 pub mod source;
 pub mod status;

@@ -1,16 +1,19 @@
-//! What `serve --incoming` parks in the fd store during postcopy, so that a broker restarted
-//! after its own death (SIGKILL, a crash, an OOM kill) rebuilds the migration instead of losing
-//! the guest (docs/recovery.md, "The destination broker dies"):
+//! What the broker parks in the fd store while it serves postcopy, so that a broker restarted
+//! after its own death (SIGKILL, a crash, an OOM kill) rebuilds it instead of losing the guest
+//! (docs/recovery.md, "The destination broker dies"), for both kinds of job ([`Job`]): a
+//! migration (`serve --incoming`) and a lazy restore (`serve --image`,
+//! `crate::cli::restore_restart`):
 //!
 //! | name | what |
 //! |---|---|
-//! | `listen` | the migration's listening TCP socket (the source reconnects to the same port) |
+//! | `listen` | incoming: the migration's listening TCP socket (the source reconnects to the same port) |
 //! | `control` | the control socket (clients reconnect to it; new ones queue in its backlog) |
-//! | `block.N` | each RAM block's memfd or hugetlbfs fd, wire order |
-//! | `digests` | the digest table's memfd |
+//! | `block.N` | each RAM block's memfd or hugetlbfs fd, wire (or `--block`) order |
+//! | `digests` | incoming: the digest table's memfd |
+//! | `vhost.N` | restore: the connection to each `--vhost-user-backend` the broker is the frontend of |
 //! | `alive` | an 8-byte memfd where the broker writes the time every 100 ms (the downtime) |
-//! | `uffd.ID`, `pidfd.ID` | each client's userfaultfd and pidfd |
-//! | `state.GEN` | the record: session, clients with their mapping tables; a sealed memfd, replaced (next GEN first, then the old one removed) when clients come and go |
+//! | `uffd.ID`, `pidfd.ID` | each client's userfaultfd and pidfd (control, private/Firecracker and daemon-mode backend clients) |
+//! | `state.GEN` | the record: the job, clients with their mapping tables (and a private client's removed ranges); a sealed memfd, replaced (next GEN first, then the old one removed) when clients come and go |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read};
@@ -21,11 +24,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 
+use serde::{Deserialize, Serialize};
+
+use crate::cli::restore_restart::RestoreRecord;
 use crate::fdstore::{FdStore, Parked};
 use postcopy_broker::client::ClientId;
-use postcopy_broker::error::{Error, Result};
-use postcopy_broker::fault::park::{ClientParking, ParkedClient};
-use postcopy_broker::migration::destination::{ParkedSession, SessionRecord};
+use postcopy_broker::control::ControlListener;
+use postcopy_broker::error::{Error, IoContext, Result};
+use postcopy_broker::fault::park::{Adoption, ClientParking, ParkedClient, Restart};
+use postcopy_broker::fault::BrokerHandle;
+use postcopy_broker::migration::destination::SessionRecord;
 
 /// Prefix of the record's fd names.
 pub const STATE_PREFIX: &str = "state.";
@@ -36,8 +44,57 @@ pub const ALIVE_FD_NAME: &str = "alive";
 /// How often the heartbeat is written.
 const HEARTBEAT: Duration = Duration::from_millis(100);
 
-/// The parked record.
-pub type State = ParkedSession;
+/// What the parked broker was doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Job {
+    /// `serve --incoming`: a migration session the source resumes.
+    Incoming {
+        /// The session.
+        session: SessionRecord,
+    },
+    /// `serve --image`: a lazy restore from a snapshot image.
+    Restore {
+        /// The restore.
+        restore: RestoreRecord,
+    },
+}
+
+impl Job {
+    /// The restarts before this one.
+    pub fn restarts(&self) -> &[Restart] {
+        match self {
+            Job::Incoming { session } => &session.restarts,
+            Job::Restore { restore } => &restore.restarts,
+        }
+    }
+
+    fn restarts_mut(&mut self) -> &mut Vec<Restart> {
+        match self {
+            Job::Incoming { session } => &mut session.restarts,
+            Job::Restore { restore } => &mut restore.restarts,
+        }
+    }
+
+    /// What `serve` mode parked it, for the error when the other one finds it.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Job::Incoming { .. } => "serve --incoming",
+            Job::Restore { .. } => "serve --image",
+        }
+    }
+}
+
+/// The parked record: the job and the clients the fault loop served (with their mapping
+/// tables), replaced whenever a client comes or goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// The job.
+    #[serde(flatten)]
+    pub job: Job,
+    /// The clients, by id.
+    pub clients: Vec<ParkedClient>,
+}
 
 fn uffd_name(id: u64) -> String {
     format!("uffd.{id}")
@@ -78,7 +135,7 @@ pub fn take_state(parked: &Parked) -> Result<Option<(u64, State)>> {
     io::Seek::seek(&mut f, io::SeekFrom::Start(0)).map_err(|e| Error::io("rewind the parked state", e))?;
     f.read_to_string(&mut text).map_err(|e| Error::io("read the parked state", e))?;
     let state: State = serde_json::from_str(&text).map_err(|e| {
-        Error::Invalid(format!("the parked state record is unreadable ({e}); start a new migration"))
+        Error::Invalid(format!("the parked state record is unreadable ({e}); empty the fd store and start over (a new migration or restore)"))
     })?;
     Ok(Some((last, state)))
 }
@@ -92,8 +149,9 @@ pub fn last_alive(fd: &OwnedFd) -> Option<SystemTime> {
 
 #[derive(Debug)]
 struct Inner {
-    /// None until the session listens ([`Parking::begin`]): clients parked before wait for it.
-    session: Option<SessionRecord>,
+    /// None until the job serves postcopy ([`Parking::begin`]): clients parked before wait
+    /// for it.
+    job: Option<Job>,
     clients: BTreeMap<u64, ParkedClient>,
     generation: u64,
     /// Names stored now.
@@ -120,13 +178,13 @@ impl Parking {
 
     fn with(
         store: FdStore,
-        session: Option<SessionRecord>,
+        job: Option<Job>,
         clients: BTreeMap<u64, ParkedClient>,
         generation: u64,
         stored: BTreeSet<String>,
         alive: OwnedFd,
     ) -> Arc<Parking> {
-        let inner = Inner { session, clients, generation, stored };
+        let inner = Inner { job, clients, generation, stored };
         Arc::new(Parking {
             store,
             inner: Mutex::new(inner),
@@ -135,9 +193,9 @@ impl Parking {
         })
     }
 
-    /// The session listens (postcopy starts): park `fds` (blocks, digests, listen, control),
-    /// the heartbeat and the first record.
-    pub fn begin(&self, session: SessionRecord, fds: &[(String, BorrowedFd<'_>)]) -> Result<()> {
+    /// Postcopy starts (the session listens, the restore's fault loop runs): park `fds` (see
+    /// the module doc), the heartbeat and the first record.
+    pub fn begin(&self, job: Job, fds: &[(String, BorrowedFd<'_>)]) -> Result<()> {
         let alive = Arc::clone(&self.alive);
         let mut all: Vec<(String, BorrowedFd<'_>)> = fds.to_vec();
         all.push((ALIVE_FD_NAME.into(), alive.as_fd()));
@@ -148,7 +206,7 @@ impl Parking {
             }
         }
         if let Ok(mut g) = self.inner.lock() {
-            g.session = Some(session);
+            g.job = Some(job);
         }
         self.heartbeat();
         self.rewrite();
@@ -167,7 +225,7 @@ impl Parking {
         let clients = state.clients.iter().map(|c| (c.id, c.clone())).collect();
         let mut stored: BTreeSet<String> = names.into_iter().collect();
         stored.insert(format!("{STATE_PREFIX}{generation}"));
-        let p = Self::with(store, Some(state.session), clients, generation, stored, alive);
+        let p = Self::with(store, Some(state.job), clients, generation, stored, alive);
         p.heartbeat();
         p
     }
@@ -187,11 +245,11 @@ impl Parking {
         }
     }
 
-    /// Record restarts and anything else in the session record, then park it again.
-    pub fn update_session(&self, f: impl FnOnce(&mut SessionRecord)) {
+    /// Record a restart in the job's record, then park it again.
+    pub fn record_restart(&self, restart: Restart) {
         if let Ok(mut g) = self.inner.lock() {
-            if let Some(s) = g.session.as_mut() {
-                f(s);
+            if let Some(j) = g.job.as_mut() {
+                j.restarts_mut().push(restart);
             }
         }
         self.rewrite();
@@ -200,8 +258,8 @@ impl Parking {
     /// Park the record as `state.GEN+1`, then remove the older one.
     fn rewrite(&self) {
         let Ok(mut g) = self.inner.lock() else { return };
-        let Some(session) = g.session.clone() else { return };
-        let state = State { session, clients: g.clients.values().cloned().collect() };
+        let Some(job) = g.job.clone() else { return };
+        let state = State { job, clients: g.clients.values().cloned().collect() };
         let bytes = match serde_json::to_vec(&state) {
             Ok(b) => b,
             Err(e) => return log::error!("fd store: cannot encode the state record: {e}"),
@@ -228,7 +286,7 @@ impl Parking {
         }
     }
 
-    /// The migration is over (every page here): empty the store, so that the next start is a
+    /// The job is over (every page here): empty the store, so that the next start is a
     /// fresh one, and stop the heartbeat.
     pub fn finish(&self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -280,6 +338,108 @@ impl ClientParking for Parking {
 }
 
 /// The parked fds of a client, by its id.
-pub fn take_client_fds(parked: &Parked, id: u64) -> (Option<OwnedFd>, Option<OwnedFd>) {
+fn take_client_fds(parked: &Parked, id: u64) -> (Option<OwnedFd>, Option<OwnedFd>) {
     (parked.take(&uffd_name(id)), parked.take(&pidfd_name(id)))
+}
+
+/// The fd store to park in, if the broker runs under one.
+pub fn fd_store() -> Option<FdStore> {
+    match FdStore::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("NOTIFY_SOCKET: {e}; nothing is parked, a restart could not resume");
+            None
+        }
+    }
+}
+
+/// The control socket's fd to park: the one the service manager gave (`given`), else, under an
+/// fd store, one bound here (returned too: keep it alive while the broker runs), else none (the
+/// fault loop binds `path` itself).
+pub fn control_fd(
+    given: &Option<Arc<OwnedFd>>,
+    store: bool,
+    path: &std::path::Path,
+    allowed_uids: &[u32],
+) -> Result<(Option<Arc<OwnedFd>>, Option<ControlListener>)> {
+    match (given, store) {
+        (Some(fd), _) => Ok((Some(Arc::clone(fd)), None)),
+        (None, true) => {
+            let uids = if allowed_uids.is_empty() {
+                ControlListener::default_allowed_uids()
+            } else {
+                allowed_uids.to_vec()
+            };
+            let l = ControlListener::bind(path, uids).map_err(|e| Error::Invalid(e.to_string()))?;
+            // SAFETY: the listener's fd is open while `l` lives; it is duplicated at once.
+            let dup = unsafe { BorrowedFd::borrow_raw(l.as_raw_fd()) }
+                .try_clone_to_owned()
+                .ctx(|| "duplicate the control socket".into())?;
+            Ok((Some(Arc::new(dup)), Some(l)))
+        }
+        (None, false) => Ok((None, None)),
+    }
+}
+
+/// Take the parked `clients` back into the restarted fault loop `h`, each from its parked fds;
+/// one that cannot be taken back is forgotten by `parking` (and counted lost by the loop).
+pub fn adopt_clients(
+    h: &BrokerHandle,
+    parked: &Parked,
+    clients: Vec<ParkedClient>,
+    parking: Option<&Parking>,
+) {
+    for c in clients {
+        let id = c.id;
+        match take_client_fds(parked, id) {
+            (Some(uffd), pidfd) => {
+                if let Err(e) = h.adopt(Adoption { client: c, uffd, pidfd }) {
+                    log::warn!("client {id} cannot be taken back: {e}");
+                    if let Some(p) = parking {
+                        p.forget(id);
+                    }
+                }
+            }
+            (None, _) => log::error!(
+                "client {id} '{}' is in the parked record but its userfaultfd is not: it is not served; if it kept its own copy it waits, else its missing pages read as zeros",
+                c.name
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::restore_restart::RESTORE_RECORD_VERSION;
+
+    #[test]
+    fn a_restore_record_round_trips_and_says_its_kind() {
+        let state = State {
+            job: Job::Restore {
+                restore: RestoreRecord {
+                    version: RESTORE_RECORD_VERSION,
+                    blocks: vec![("ram".into(), 8192, 4096)],
+                    image: None,
+                    backends: Vec::new(),
+                    restarts: vec![Restart { downtime_ms: 7, ..Restart::default() }],
+                },
+            },
+            clients: vec![ParkedClient {
+                id: 3,
+                name: "fc".into(),
+                pid: Some(42),
+                uid: None,
+                shared: Vec::new(),
+                private: Vec::new(),
+                removed: vec![(0x1000, 0x3000)],
+            }],
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        assert!(text.contains(r#""kind":"restore""#), "{text}");
+        let back: State = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.job.restarts().len(), 1);
+        assert_eq!(back.job.command(), "serve --image");
+    }
 }

@@ -1,15 +1,29 @@
 //! `postcopy-broker serve`: the broker daemon. It owns the RAM blocks (or none, when it only
 //! serves Firecracker's private memory), listens on its control socket, serves faults from its
 //! page source, and ends postcopy when every page has arrived.
+//!
+//! Under a service manager with an fd store (`$NOTIFY_SOCKET`; systemd with
+//! `FileDescriptorStoreMax=`, or `pcb-keeper`), a lazy restore parks everything a restart needs
+//! once its fault loop runs (`crate::cli::park`, `crate::cli::restore_restart`); a start that
+//! finds a parked restore rebuilds it and takes its clients and backends back.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cli::park::{self, Job, Parking, State, ALIVE_FD_NAME};
 use crate::cli::progress::Progress;
+use crate::cli::restore_restart::{
+    backend_fd_name, parkable_blocks, rebuild_blocks, take_backends, ImageIdentity, RestoreRecord,
+    RESTORE_RECORD_VERSION,
+};
+use crate::fdstore::FdStore;
 use postcopy_broker::error::{Error, Result};
-use postcopy_broker::fault::{Broker, BrokerConfig, ControlLimits, IMAGE_GRANT};
+use postcopy_broker::fault::park::{ClientParking, Restart};
+use postcopy_broker::fault::{Broker, BrokerConfig, BrokerHandle, ControlLimits, IMAGE_GRANT};
 use postcopy_broker::ram::{RamBlock, RamBlocks, HUGE_2M};
 use postcopy_broker::source::{FileSource, MemorySource, PageSource};
 use postcopy_broker::vhost_user::daemon::DaemonBackends;
@@ -22,8 +36,7 @@ pub struct ServeOptions {
     pub control: PathBuf,
     /// The control socket inherited by socket activation (then `control` only names it).
     pub control_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
-    /// Other fds passed at start: a lazy restore does not restart from parked fds, so they are
-    /// closed.
+    /// The other fds passed at start: what a broker that died parked (see `crate::cli::park`).
     pub parked: std::sync::Arc<crate::fdstore::Parked>,
     /// Allowed peer uids (empty: root and our own uid).
     pub allowed_uids: Vec<u32>,
@@ -41,6 +54,8 @@ pub struct ServeOptions {
     pub wait_clients: u64,
     /// Write per-block checksums (JSON) here when done.
     pub checksums: Option<PathBuf>,
+    /// Write the summary (JSON: the final report, the restarts) here at the end.
+    pub summary_json: Option<PathBuf>,
     /// vhost-user backend sockets the daemon drives itself (postcopy handshake, registration,
     /// POSTCOPY_END).
     pub vhost_user_backends: Vec<PathBuf>,
@@ -199,33 +214,22 @@ fn service_status(lazy: bool, got: u64, total: u64) -> String {
 }
 
 fn serve(o: ServeOptions) -> Result<()> {
-    o.parked.close_rest("only `serve --incoming` rebuilds from parked fds");
     install_stop_handler();
     raise_fd_limit();
     check_grants(&o.grants, &o.blocks)?;
-    let blocks = build_blocks(&o.blocks)?;
-    let lazy = !blocks.is_empty();
-    let source: Box<dyn PageSource> = match (&o.image, lazy) {
-        (Some(img), true) => Box::new(FileSource::open(img, &blocks)?),
-        (None, true) => {
-            return Err(Error::Invalid(
-                "blocks need a page source: give --image FILE (a snapshot of the blocks back to back)".into(),
-            ))
+    let resumed = match park::take_state(&o.parked)? {
+        Some((g, State { job: Job::Restore { restore }, clients })) => Some((g, restore, clients)),
+        Some((_, State { job, .. })) => {
+            return Err(Error::Invalid(format!(
+                "the fd store holds a parked `{}`, not a lazy restore: start that command again to resume it (or empty the store)",
+                job.command()
+            )))
         }
-        (_, false) => Box::new(MemorySource::new(Vec::new())),
+        None => None,
     };
-    if !lazy && o.image.is_none() {
-        return Err(Error::Invalid(
-            "nothing to serve: give --block specs with --image, or --image alone for Firecracker clients"
-                .into(),
-        ));
-    }
-    let mut inc = Incoming::new(blocks);
-    // Backends first: their Probe notifiers veto postcopy before anything is touched.
-    let mut backends = DaemonBackends::connect(&o.vhost_user_backends, inc.notifiers_mut())?;
-    inc.probe()?;
-    inc.advise()?;
-    inc.listen()?;
+    let store = park::fd_store();
+    // Parking needs the control socket's fd: bind it here unless the service manager gave it.
+    let (control_fd, _bound) = park::control_fd(&o.control_fd, store.is_some(), &o.control, &o.allowed_uids)?;
     let config = BrokerConfig {
         background: o.background,
         background_chunk: 0,
@@ -233,19 +237,175 @@ fn serve(o: ServeOptions) -> Result<()> {
         image: o.image.clone(),
         busy_poll: o.busy_poll,
         control: Some(o.control.clone()),
-        control_fd: o.control_fd.clone(),
+        control_fd,
         allowed_uids: o.allowed_uids.clone(),
         grants: o.grants.iter().cloned().collect(),
         limits: o.limits,
         ..BrokerConfig::default()
     };
-    let mut h = Broker::spawn(&inc, source, config)?;
+    let run = match resumed {
+        Some((generation, restore, clients)) => rebuild(&o, store, config, generation, restore, clients)?,
+        None => {
+            o.parked.close_rest("no parked restore uses it");
+            start_fresh(&o, store, config)?
+        }
+    };
+    run_to_end(&o, run)
+}
+
+/// A restore serving postcopy, started fresh or rebuilt.
+struct Running {
+    inc: Incoming,
+    h: BrokerHandle,
+    /// Their connections live in the end notifiers; kept for as long as the restore runs.
+    _backends: DaemonBackends,
+    parking: Option<Arc<Parking>>,
+    /// The restarts before this broker's (a rebuilt restore's record).
+    restarts: Vec<Restart>,
+    /// Whether this broker was rebuilt (it said READY=1 already).
+    rebuilt: bool,
+}
+
+fn page_source(o: &ServeOptions, blocks: &RamBlocks) -> Result<Box<dyn PageSource>> {
+    match (&o.image, blocks.is_empty()) {
+        (Some(img), false) => Ok(Box::new(FileSource::open(img, blocks)?)),
+        (None, false) => Err(Error::Invalid(
+            "blocks need a page source: give --image FILE (a snapshot of the blocks back to back)".into(),
+        )),
+        (Some(_), true) => Ok(Box::new(MemorySource::new(Vec::new()))),
+        (None, true) => Err(Error::Invalid(
+            "nothing to serve: give --block specs with --image, or --image alone for Firecracker clients"
+                .into(),
+        )),
+    }
+}
+
+fn start_fresh(o: &ServeOptions, store: Option<FdStore>, mut config: BrokerConfig) -> Result<Running> {
+    let blocks = build_blocks(&o.blocks)?;
+    let source = page_source(o, &blocks)?;
+    let mut inc = Incoming::new(blocks);
+    // Backends first: their Probe notifiers veto postcopy before anything is touched.
+    let mut backends = DaemonBackends::connect(&o.vhost_user_backends, inc.notifiers_mut())?;
+    inc.probe()?;
+    inc.advise()?;
+    inc.listen()?;
+    let parking = store.map(Parking::new).transpose()?;
+    config.parking = parking.clone().map(|p| p as Arc<dyn ClientParking>);
+    let control_fd = config.control_fd.clone();
+    let h = Broker::spawn(&inc, source, config)?;
     backends.register_all(&h, inc.blocks())?;
     inc.run()?;
+    if let Some(p) = &parking {
+        park_restore(p, o, &inc, &backends, control_fd.as_deref());
+    }
+    Ok(Running { inc, h, _backends: backends, parking, restarts: Vec::new(), rebuilt: false })
+}
+
+/// The restore serves postcopy now: park its record and fds (see `crate::cli::park`).
+fn park_restore(
+    p: &Parking,
+    o: &ServeOptions,
+    inc: &Incoming,
+    backends: &DaemonBackends,
+    control: Option<&std::os::fd::OwnedFd>,
+) {
+    let parked = || -> Result<usize> {
+        let image = o.image.as_deref().map(ImageIdentity::of).transpose()?;
+        let conns = backends.parkable()?;
+        let record = RestoreRecord {
+            version: RESTORE_RECORD_VERSION,
+            blocks: o.blocks.clone(),
+            image,
+            backends: conns.iter().map(|(b, _)| b.clone()).collect(),
+            restarts: Vec::new(),
+        };
+        let mut fds = parkable_blocks(inc.blocks());
+        fds.extend(conns.iter().enumerate().map(|(i, (_, fd))| (backend_fd_name(i), fd.as_fd())));
+        if let Some(c) = control {
+            fds.push((crate::systemd::CONTROL_FD_NAME.into(), c.as_fd()));
+        }
+        p.begin(Job::Restore { restore: record }, &fds)?;
+        Ok(fds.len() + 1)
+    };
+    match parked() {
+        Ok(n) => log::info!("restore: {n} fds parked in the fd store for a restart"),
+        Err(e) => log::error!("{e}; a restart of this broker could not resume the restore"),
+    }
+}
+
+/// A start that found a parked restore: rebuild the blocks from their fds, take the backends'
+/// connections and the clients back, wake them, and go on.
+fn rebuild(
+    o: &ServeOptions,
+    store: Option<FdStore>,
+    mut config: BrokerConfig,
+    generation: u64,
+    restore: RestoreRecord,
+    clients: Vec<postcopy_broker::fault::park::ParkedClient>,
+) -> Result<Running> {
+    restore.check_options(&o.blocks, o.image.as_deref())?;
+    let alive = o.parked.take(ALIVE_FD_NAME);
+    let last = alive.as_ref().and_then(park::last_alive);
+    let mut names = o.parked.names();
+    names.push(crate::systemd::CONTROL_FD_NAME.to_string());
+    log::warn!(
+        "restarting the lazy restore after this broker's death ({} restart(s) before, {} client(s) parked)",
+        restore.restarts.len(),
+        clients.len()
+    );
+    let (blocks, present) = rebuild_blocks(&restore, &o.parked)?;
+    let total = blocks.total_pages();
+    let source = page_source(o, &blocks)?;
+    let mut inc = Incoming::new(blocks);
+    let backends = DaemonBackends::reattach(take_backends(&restore, &o.parked), inc.notifiers_mut())?;
+    inc.relisten()?;
+    let parking = match (store, alive) {
+        (Some(s), Some(alive)) => {
+            let state = State { job: Job::Restore { restore: restore.clone() }, clients: clients.clone() };
+            Some(Parking::resume(s, state, generation, names, alive))
+        }
+        _ => {
+            log::warn!(
+                "restarted without an fd store (or its heartbeat): a further restart could not resume"
+            );
+            None
+        }
+    };
+    config.parking = parking.clone().map(|p| p as Arc<dyn ClientParking>);
+    // The clients the fill waited for came to the dead broker.
+    config.background_after_clients = 0;
+    let downtime_ms =
+        last.and_then(|t| t.elapsed().ok()).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    config.restart = Some(Restart { downtime_ms, pages_rebuilt: present, ..Restart::default() });
+    let h = Broker::spawn(&inc, source, config)?;
+    park::adopt_clients(&h, &o.parked, clients, parking.as_deref());
+    o.parked.close_rest("not part of the parked restore");
+    h.open_control()?;
+    let restart = h.status()?.restart.unwrap_or_default();
+    log::warn!(
+        "rebuilt after {} ms down: {present} of {total} pages here, {} client(s) taken back ({} lost), {} range(s) woken, {} fault(s) re-woken",
+        restart.downtime_ms,
+        restart.clients_adopted,
+        restart.clients_lost,
+        restart.ranges_woken,
+        restart.faults_rewoken
+    );
+    if let Some(p) = &parking {
+        p.record_restart(restart.clone());
+    }
+    crate::systemd::tell(&format!("READY=1\nSTATUS=restarted: {present} of {total} pages here"));
+    Ok(Running { inc, h, _backends: backends, parking, restarts: restore.restarts, rebuilt: true })
+}
+
+fn run_to_end(o: &ServeOptions, run: Running) -> Result<()> {
+    let Running { mut inc, mut h, _backends, parking, mut restarts, rebuilt } = run;
+    let lazy = !inc.blocks().is_empty();
     log::info!("serving on {}", o.control.display());
     let start = Instant::now();
     let total = inc.blocks().total_pages();
-    crate::systemd::tell(&format!("READY=1\nSTATUS={}", service_status(lazy, 0, total)));
+    if !rebuilt {
+        crate::systemd::tell(&format!("READY=1\nSTATUS={}", service_status(lazy, 0, total)));
+    }
     let mut progress = Progress::new("restore", total);
     let mut told = (Instant::now(), 0);
     loop {
@@ -272,12 +432,33 @@ fn serve(o: ServeOptions) -> Result<()> {
     let done = lazy && inc.blocks().all_received();
     let report = if done { h.finish_complete()? } else { h.stop()? };
     inc.cleanup()?;
+    if let Some(p) = &parking {
+        p.finish();
+    }
+    restarts.extend(report.restart.clone());
     if let (true, Some(path)) = (done, &o.checksums) {
         let sums = block_checksums(inc.blocks())?;
         std::fs::write(path, serde_json::to_vec_pretty(&sums).unwrap_or_default())
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     }
+    if let Some(path) = &o.summary_json {
+        let summary =
+            serde_json::json!({ "complete": done, "pages": total, "restarts": restarts, "report": report });
+        std::fs::write(path, serde_json::to_vec_pretty(&summary).unwrap_or_default())
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    }
     println!("{}", postcopy_broker::stats::render(&report).trim_end());
+    for (i, r) in restarts.iter().enumerate() {
+        println!(
+            "restart {}: down {} ms, {} pages rebuilt, {} clients taken back ({} lost), {} faults re-woken",
+            i + 1,
+            r.downtime_ms,
+            r.pages_rebuilt,
+            r.clients_adopted,
+            r.clients_lost,
+            r.faults_rewoken
+        );
+    }
     if lazy {
         println!("restore: {} pages in {:.2}s, complete: {done}", total, start.elapsed().as_secs_f64());
     }

@@ -449,8 +449,9 @@ impl Loop {
             };
             for i in 0..n {
                 let m = Message::decode(&self.msgs[i]);
-                // The client's mapping table changes: the parked record must follow it.
-                moved |= matches!(m, Message::Remap { .. } | Message::Unmap { .. });
+                // The client's mapping table (or a private client's removed ranges) changes:
+                // the parked record must follow it.
+                moved |= matches!(m, Message::Remap { .. } | Message::Unmap { .. } | Message::Remove { .. });
                 self.core.on_message(id, m, now);
             }
             if n < self.msgs.len() {

@@ -36,6 +36,10 @@ pub struct ParkedClient {
     /// Its private regions.
     #[serde(default)]
     pub private: Vec<PrivateRegion>,
+    /// The `[start, end)` ranges a private client removed (REMOVE events): they fault in as
+    /// zero, not as image data, after a restart too.
+    #[serde(default)]
+    pub removed: Vec<(u64, u64)>,
 }
 
 impl ParkedClient {
@@ -106,9 +110,9 @@ impl Loop {
     /// The record of a client the loop serves.
     fn parked_record(&self, id: ClientId) -> Option<ParkedClient> {
         let c = self.core.clients.get(id)?;
-        let (shared, private) = match &c.map {
-            AddressMap::Shared(t) => (t.entries().to_vec(), Vec::new()),
-            AddressMap::Private(t) => (Vec::new(), t.regions().to_vec()),
+        let (shared, private, removed) = match &c.map {
+            AddressMap::Shared(t) => (t.entries().to_vec(), Vec::new(), Vec::new()),
+            AddressMap::Private(t) => (Vec::new(), t.regions().to_vec(), t.removed().iter().collect()),
         };
         Some(ParkedClient {
             id: id.0,
@@ -117,6 +121,7 @@ impl Loop {
             uid: self.owners.get(id).map(|o| o.uid),
             shared,
             private,
+            removed,
         })
     }
 
@@ -161,7 +166,11 @@ impl Loop {
             AddressMap::Shared(MappingTable::new(&self.core.blocks, rec.shared.clone())?)
         } else {
             let len = self.core.image.as_ref().map_or(0, |i| i.len());
-            AddressMap::Private(PrivateTable::new(rec.private.clone(), len)?)
+            let mut t = PrivateTable::new(rec.private.clone(), len)?;
+            for &(start, end) in &rec.removed {
+                t.remove(start, end);
+            }
+            AddressMap::Private(t)
         };
         let pidfd = match (pidfd, rec.pid) {
             (Some(fd), _) => Some(fd),

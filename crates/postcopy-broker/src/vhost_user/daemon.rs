@@ -2,12 +2,17 @@
 //! connects to each backend socket before postcopy starts (a Probe notifier vetoes postcopy for a
 //! backend without PAGEFAULT), runs the postcopy part of the handshake with the memfds of its own
 //! RAM blocks, registers each backend as a shared client in process, and sends POSTCOPY_END from
-//! an InboundEnd notifier.
+//! an InboundEnd notifier. A broker that parks its state for a restart parks each backend's
+//! connection ([`DaemonBackends::parkable`]); the restarted one takes them back without a new
+//! handshake ([`DaemonBackends::reattach`]) and still sends POSTCOPY_END at the end.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use log::info;
+use serde::{Deserialize, Serialize};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 use crate::client_id::ClientId;
 use crate::error::{Error, Result};
@@ -25,6 +30,19 @@ struct Attached {
     socket: PathBuf,
     conn: Arc<Mutex<BackendConn>>,
     client: Option<ClientId>,
+}
+
+/// What a restarted broker needs to know of a backend besides its connection's socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedBackend {
+    /// The backend's socket path (for the logs and the client's name).
+    pub socket: PathBuf,
+    /// Its client id in the fault loop (its userfaultfd is parked with the clients).
+    pub client: u64,
+    /// Device features acknowledged.
+    pub acked_features: u64,
+    /// Protocol features negotiated (bits).
+    pub acked_protocol: u64,
 }
 
 /// The backends the daemon is the frontend of.
@@ -72,6 +90,47 @@ impl DaemonBackends {
             backends.push(Attached { socket: s.clone(), conn, client: None });
         }
         Ok(DaemonBackends { backends })
+    }
+
+    /// Take back backends whose connections a broker that died parked: each connection as it
+    /// was negotiated (no new postcopy handshake: the backend still listens and its userfaultfd
+    /// is adopted with the other clients), with an InboundEnd notifier for POSTCOPY_END.
+    pub fn reattach(
+        parked: Vec<(ParkedBackend, OwnedFd)>,
+        notifiers: &mut Notifiers,
+    ) -> Result<DaemonBackends> {
+        let mut backends = Vec::new();
+        for (p, fd) in parked {
+            let protocol = VhostUserProtocolFeatures::from_bits_truncate(p.acked_protocol);
+            let conn = BackendConn::reattach(fd.into(), &p.socket, p.acked_features, protocol)?;
+            let conn = Arc::new(Mutex::new(conn));
+            add_end_notifier(notifiers, Arc::clone(&conn));
+            backends.push(Attached { socket: p.socket, conn, client: Some(ClientId(p.client)) });
+        }
+        Ok(DaemonBackends { backends })
+    }
+
+    /// What to park of each registered backend: its record and a duplicate of its connection's
+    /// socket (see [`DaemonBackends::reattach`]).
+    pub fn parkable(&self) -> Result<Vec<(ParkedBackend, OwnedFd)>> {
+        let mut out = Vec::new();
+        for b in &self.backends {
+            let Some(client) = b.client else { continue };
+            let conn =
+                b.conn.lock().map_err(|_| Error::Invalid("backend connection lock poisoned".into()))?;
+            let fd = conn
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io(format!("duplicate the connection to {}", b.socket.display()), e))?;
+            let record = ParkedBackend {
+                socket: b.socket.clone(),
+                client: client.0,
+                acked_features: conn.acked_features(),
+                acked_protocol: conn.acked_protocol().bits(),
+            };
+            out.push((record, fd));
+        }
+        Ok(out)
     }
 
     /// Number of backends.

@@ -137,6 +137,51 @@ impl BackendConn {
         Ok(conn)
     }
 
+    /// Take back a connection negotiated earlier (by a broker that died during postcopy and
+    /// parked the socket): no new handshake, only the frontend's own view of the negotiation
+    /// restored. GET_FEATURES and SET_PROTOCOL_FEATURES with the `acked_protocol` set recorded
+    /// then are sent again (both are idempotent for the backend; the vhost crate only allows
+    /// protocol requests once it has seen them); the postcopy state, memory table and
+    /// registration stay as they were.
+    pub fn reattach(
+        stream: std::os::unix::net::UnixStream,
+        socket: &Path,
+        acked_features: u64,
+        acked_protocol: VhostUserProtocolFeatures,
+    ) -> Result<BackendConn> {
+        let mut conn = BackendConn {
+            frontend: Frontend::from_stream(stream, 1),
+            socket: socket.to_path_buf(),
+            offered_features: 0,
+            acked_features,
+            offered_protocol: VhostUserProtocolFeatures::empty(),
+            acked_protocol,
+            queue_num: 1,
+            peer_pid: None,
+        };
+        conn.peer_pid = conn.read_peer_pid();
+        conn.offered_features = conn.frontend.get_features().map_err(|e| conn.err("GET_FEATURES", e))?;
+        conn.frontend
+            .set_protocol_features(acked_protocol)
+            .map_err(|e| conn.err("SET_PROTOCOL_FEATURES", e))?;
+        if acked_protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            conn.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        info!(
+            "vhost-user backend {} (pid {:?}) taken back after a restart: protocol {acked_protocol:?}",
+            socket.display(),
+            conn.peer_pid
+        );
+        Ok(conn)
+    }
+
+    /// The connection's socket (to park it across a restart of the broker).
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the frontend's socket is open for as long as `self.frontend` lives, which the
+        // borrow cannot outlive.
+        unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) }
+    }
+
     fn read_peer_pid(&self) -> Option<i32> {
         let raw = self.frontend.as_raw_fd();
         // SAFETY: `raw` is the frontend's socket, open for as long as `self.frontend` lives, and the

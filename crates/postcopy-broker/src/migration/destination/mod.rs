@@ -23,9 +23,7 @@ pub mod summary;
 
 pub use end::Ending;
 pub use network::{Connections, NetState, NetworkSource, Resumer};
-pub use restart::{
-    block_fd_name, ledger_fd_name, ParkedBlockFds, ParkedSession, Rebuilt, SessionRecord, DIGESTS_FD_NAME,
-};
+pub use restart::{block_fd_name, ledger_fd_name, ParkedBlockFds, Rebuilt, SessionRecord, DIGESTS_FD_NAME};
 pub use session::{
     create_blocks, Destination, DestinationOptions, DEFAULT_END_LINGER, DEFAULT_RESUME_TIMEOUT,
     DESTINATION_CAPS,

@@ -62,16 +62,6 @@ pub struct SessionRecord {
     pub restarts: Vec<Restart>,
 }
 
-/// What is parked beside the fds: the session and the clients the fault loop served (with
-/// their mapping tables), replaced whenever a client comes or goes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ParkedSession {
-    /// The session.
-    pub session: SessionRecord,
-    /// The clients, by id.
-    pub clients: Vec<crate::fault::park::ParkedClient>,
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
