@@ -5,7 +5,7 @@
 //! every new connection at once (a peer that never comes back) until `set_refuse(false)`.
 //! [`Tamper`] makes it an attacker on the path too: flip a bit at given offsets of the client →
 //! target bytes, and watch both directions for a marker. `cut_now` cuts at a moment of the
-//! caller's choosing instead of a byte count. `hold_after_listen` makes it hold the first
+//! caller's choosing instead of a byte count, `cut_connection` only the n-th connection. `hold_after_listen` makes it hold the first
 //! connection (the migration's main one, in the plaintext transport) right after the Listen frame
 //! until `release`: the destination listens and serves demand faults (urgent connection), but no
 //! background page and no Complete arrives, so clients can register before the end. Connections
@@ -36,6 +36,8 @@ struct State {
     cuts: Mutex<Vec<u64>>,
     forwarded: AtomicU64,
     live: Mutex<Vec<TcpStream>>,
+    /// Both sockets of every connection, by accept order (1: the first).
+    numbered: Mutex<Vec<(u64, TcpStream)>>,
     cuts_done: AtomicU64,
     refuse_after_cut: bool,
     refuse: AtomicBool,
@@ -82,6 +84,7 @@ impl Proxy {
             cuts: Mutex::new(cuts),
             forwarded: AtomicU64::new(0),
             live: Mutex::new(Vec::new()),
+            numbered: Mutex::new(Vec::new()),
             cuts_done: AtomicU64::new(0),
             refuse_after_cut,
             refuse: AtomicBool::new(false),
@@ -131,6 +134,13 @@ impl Proxy {
         cut(&self.st);
     }
 
+    /// Cut only the `n`-th connection accepted (1: the first), now.
+    pub fn cut_connection(&self, n: u64) {
+        for (_, s) in self.st.numbered.lock().unwrap().iter().filter(|(i, _)| *i == n) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
     /// Hold the first connection's client → target bytes after the Listen frame (call before
     /// the first connection; the frames must travel in the clear) until
     /// [`release`](Proxy::release).
@@ -176,7 +186,13 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         };
-        let first = st.connections.fetch_add(1, Ordering::SeqCst) == 0;
+        let index = st.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        let first = index == 1;
+        {
+            let mut numbered = st.numbered.lock().unwrap();
+            numbered.push((index, client.try_clone().unwrap()));
+            numbered.push((index, server.try_clone().unwrap()));
+        }
         // The first connection is held right after its Listen; once it has ended (a cut before
         // the release, by the proxy or by a peer), every new one (the resume's) from its first
         // byte, so the migration cannot end around the hold.

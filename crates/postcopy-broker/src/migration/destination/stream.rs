@@ -206,11 +206,12 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
     })();
     let c = sink.counts.snapshot();
     log::info!(
-        "stream thread {index}: pages placed by every stream so far {} ({} zero); this one ran {:.3} s, {:.3} s of CPU",
+        "stream thread {index}: placed {} pages in {:.3} s, {:.3} s of CPU (all streams so far: {} pages, {} zero)",
+        sink.placer.stats().filled(),
+        started.elapsed().as_secs_f64(),
+        crate::sched::thread_cpu_secs(),
         c.demand + c.background,
         c.zero,
-        started.elapsed().as_secs_f64(),
-        crate::sched::thread_cpu_secs()
     );
     if let Err(e) = r {
         if !shared.stopping.load(Ordering::Acquire) {
