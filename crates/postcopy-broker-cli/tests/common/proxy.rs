@@ -8,9 +8,10 @@
 //! caller's choosing instead of a byte count, `cut_connection` only the n-th connection. `hold_after_listen` makes it hold the first
 //! connection (the migration's main one, in the plaintext transport) right after the Listen frame
 //! until `release`: the destination listens and serves demand faults (urgent connection), but no
-//! background page and no Complete arrives, so clients can register before the end. Connections
-//! made after the first one ended and before the release (a resume after an early cut) are held
-//! from their first byte.
+//! background page and no Complete arrives, so clients can register before the end. The extra
+//! background streams (connections after the urgent one, while the first lives) are held at
+//! their first page for the same reason. Connections made after the first one ended and before
+//! the release (a resume after an early cut) are held from their first byte.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -203,6 +204,8 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
             Hold::AfterListen
         } else if st.first_ended.load(Ordering::SeqCst) {
             Hold::FromStart
+        } else if index > 2 {
+            Hold::AtFirstPage
         } else {
             Hold::No
         };
@@ -248,17 +251,22 @@ fn scan(watch: &[u8], tail: &mut Vec<u8>, buf: &[u8]) -> bool {
     found
 }
 
-/// Finds the end of the Listen frame in a stream of wire frames (12-byte header: magic, type,
-/// flags, reserved, payload length; docs/wire-protocol.md).
-#[derive(Default)]
-struct ListenScan {
+/// Finds, in a stream of wire frames (12-byte header: magic, type, flags, reserved, payload
+/// length; docs/wire-protocol.md), the end of the header of the first frame `stop` picks (by
+/// type and payload length): the Listen frame, or the first page.
+struct FrameScan {
     header: [u8; 12],
     have: usize,
     skip: u64,
+    stop: fn(u8, u64) -> bool,
 }
 
-impl ListenScan {
-    /// The index just after the Listen frame if it ends in `data`.
+impl FrameScan {
+    fn new(stop: fn(u8, u64) -> bool) -> FrameScan {
+        FrameScan { header: [0; 12], have: 0, skip: 0, stop }
+    }
+
+    /// The index just after the picked frame's header if it ends in `data`.
     fn feed(&mut self, data: &[u8]) -> Option<usize> {
         let mut i = 0;
         while i < data.len() {
@@ -274,7 +282,7 @@ impl ListenScan {
             if self.have == 12 {
                 self.have = 0;
                 self.skip = u64::from(u32::from_le_bytes(self.header[8..12].try_into().unwrap()));
-                if self.header[4] == 0x08 && self.skip == 0 {
+                if (self.stop)(self.header[4], self.skip) {
                     return Some(i);
                 }
             }
@@ -288,6 +296,8 @@ impl ListenScan {
 enum Hold {
     No,
     AfterListen,
+    /// At the first Page or ZeroRun frame (after its header).
+    AtFirstPage,
     FromStart,
 }
 
@@ -298,7 +308,11 @@ fn wait_release(st: &State) {
 }
 
 fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, hold: Hold) {
-    let mut listen = (hold == Hold::AfterListen).then(ListenScan::default);
+    let mut listen = match hold {
+        Hold::AfterListen => Some(FrameScan::new(|t, len| t == 0x08 && len == 0)),
+        Hold::AtFirstPage => Some(FrameScan::new(|t, _| t == 0x03 || t == 0x04)),
+        Hold::No | Hold::FromStart => None,
+    };
     if hold == Hold::FromStart {
         wait_release(st);
     }
