@@ -391,7 +391,7 @@ impl SourceSession {
             ram: &self.ram,
             stats: &self.stats,
             zero: self.caps & CAP_ZERO_RUN != 0,
-            bandwidth: self.opts.bandwidth / n as u64,
+            bandwidth: if self.opts.bandwidth == 0 { 0 } else { (self.opts.bandwidth / n as u64).max(1) },
             abort: &abort,
         };
         let handles: Vec<Transport> = extras
@@ -408,10 +408,17 @@ impl SourceSession {
                     .name(format!("source-stream-{}", j + 1))
                     .spawn_scoped(s, move || {
                         crate::sched::lower_thread_priority(nice, "background stream");
+                        let t0 = Instant::now();
                         let r = push.run(conn, start_of(push.ram, j + 1, n), None).and_then(|()| {
                             write_frame(conn, &Frame::Complete)?;
                             conn.flush().ctx(|| "flush a stream connection".into())
                         });
+                        log::info!(
+                            "background stream {}: {:.3} s, {:.3} s of CPU",
+                            j + 1,
+                            t0.elapsed().as_secs_f64(),
+                            crate::sched::thread_cpu_secs()
+                        );
                         if r.is_err() {
                             // The others stop early, main's read of Complete fails: a resume.
                             abort.store(true, Ordering::Relaxed);
