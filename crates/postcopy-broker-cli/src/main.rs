@@ -82,6 +82,12 @@ enum Command {
         #[arg(long, value_name = "NICE", default_value_t = postcopy_broker::migration::source::DEFAULT_BACKGROUND_NICE,
               value_parser = clap::value_parser!(i32).range(0..=19), requires = "incoming", env = "POSTCOPY_BROKER_STREAM_NICE")]
         stream_nice: i32,
+        /// With --incoming: background connections taken from the source, main included (the
+        /// source's `--streams`; each is authenticated and bound to the session like the urgent
+        /// one, a source asking for more gets this many).
+        #[arg(long, value_name = "N", default_value_t = postcopy_broker::migration::destination::DEFAULT_MAX_STREAMS,
+              value_parser = clap::value_parser!(u16).range(1..=8), requires = "incoming", env = "POSTCOPY_BROKER_MAX_STREAMS")]
+        max_streams: u16,
         /// Control socket path (mode 0600). Default: $RUNTIME_DIRECTORY/control.sock under
         /// systemd, else /run/postcopy-broker/VM/control.sock with --vm, else
         /// /run/postcopy-broker.sock. Under socket activation the inherited socket is used.
@@ -213,6 +219,7 @@ fn main() -> ExitCode {
             summary_json,
             resume_timeout,
             stream_nice,
+            max_streams,
             control,
             vm,
             allow_uid,
@@ -243,6 +250,7 @@ fn main() -> ExitCode {
                 resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
                     .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
                 stream_nice,
+                max_streams,
                 limits: postcopy_broker::fault::ControlLimits {
                     registrations_per_connection: max_registrations_per_connection,
                     registrations_per_uid: max_registrations_per_uid,

@@ -56,7 +56,8 @@ fn wire_seeds() -> Seeds {
         ("hello", Frame::Hello(hello(Channel::Main))),
         ("hello-urgent", Frame::Hello(hello(Channel::Urgent))),
         ("hello-resume", Frame::Hello(Hello { resume: true, ..hello(Channel::Main) })),
-        ("hello-ack", Frame::HelloAck { version: 1, capabilities: CAP_ZERO_RUN }),
+        ("hello-ack", Frame::HelloAck { version: 1, capabilities: CAP_ZERO_RUN, streams: 0 }),
+        ("streams", Frame::Streams { count: 3 }),
         ("page", Frame::Page { block: 2, offset: 0, demand: false, data: &page }),
         ("page-demand", Frame::Page { block: 0, offset: 4096, demand: true, data: &page }),
         ("zero-run", Frame::ZeroRun { block: 1, offset: 2 << 20, len: 4 << 20, demand: false }),
@@ -107,7 +108,7 @@ fn wire_seeds() -> Seeds {
     ];
     seeds.insert("ok-session-source".into(), wire_seed(6, &session));
     let dest = [
-        Frame::HelloAck { version: 1, capabilities: CAP_ALL },
+        Frame::HelloAck { version: 1, capabilities: CAP_ALL, streams: 4 },
         Frame::Request { block: 1, offset: 0, len: 2 << 20 },
         Frame::Pause,
     ];

@@ -117,6 +117,8 @@ fn the_generator_draws_every_dimension() {
         mark("memfd source", matches!(s.mode, Mode::Migration { source: SourceKind::Memfd, .. }));
         mark("dirty ranges", !s.dirty().is_empty());
         mark("connection cuts", matches!(&s.mode, Mode::Migration { cuts_ms, .. } if !cuts_ms.is_empty()));
+        mark("one background stream", matches!(s.mode, Mode::Migration { streams: 1, .. }));
+        mark("several background streams", matches!(s.mode, Mode::Migration { streams: 2.., .. }));
         for e in [EndCut::BeforeComplete, EndCut::SourceMissesComplete, EndCut::CompleteUnwritable] {
             mark(
                 match e {
@@ -178,4 +180,7 @@ fn the_generator_draws_every_dimension() {
     let dpdk = (1..=DEFAULT_RUNS)
         .filter(|&seed| scenario::scenario(seed).clients.iter().any(|c| matches!(c, ClientPlan::Dpdk(_))));
     assert!(dpdk.count() >= 1, "the CI seeds must include a DPDK client");
+    let several = (1..=DEFAULT_RUNS)
+        .filter(|&seed| matches!(scenario::scenario(seed).mode, Mode::Migration { streams: 2.., .. }));
+    assert!(several.count() >= 3, "the CI seeds must include migrations over several background streams");
 }

@@ -1,6 +1,8 @@
 //! Strangers on the migration port cannot stop the destination: connections that come first and
 //! stay silent, send garbage, drip bytes or hold a connection open through a postcopy pause are
-//! refused (logged with their address) while the real source migrates and resumes beside them.
+//! refused (logged with their address) while the real source migrates and resumes beside them;
+//! nobody but the session's own source (same session id, same certificate) attaches an extra
+//! background stream.
 
 mod common;
 
@@ -136,4 +138,87 @@ fn strangers_holding_connections_during_a_postcopy_pause_do_not_stop_the_resume(
     let got: Vec<String> =
         VerifyReport::read(&dv).unwrap().blocks.iter().map(|b| b.checksum.clone()).collect();
     assert_eq!(got, vec![format!("{:016x}", checksum(&ram))]);
+}
+
+/// One connection of a hand-made source to `addr`: the handshake under `sec`, then `hello`;
+/// the destination's answer (HelloAck or Error) and the connection.
+fn hello_to(
+    addr: &str,
+    sec: &postcopy_broker::migration::transport::Security,
+    hello: postcopy_broker::migration::wire::Hello,
+) -> (postcopy_broker::migration::transport::Transport, Result<u16, String>) {
+    use postcopy_broker::migration::wire::{write_frame, Decoder, Frame, Limits};
+    let table = hello.blocks.clone();
+    let mut t = sec.connect(TcpStream::connect(addr).unwrap(), addr, Duration::from_secs(10)).unwrap();
+    write_frame(&mut t, &Frame::Hello(hello)).unwrap();
+    let mut dec = Decoder::with_blocks(Limits::default(), table);
+    let answer = match dec.read_frame(&mut t).unwrap() {
+        Frame::HelloAck { streams, .. } => Ok(streams),
+        Frame::Error { text } => Err(text.to_string()),
+        f => panic!("unexpected answer {f:?}"),
+    };
+    (t, answer)
+}
+
+#[test]
+fn neither_another_session_nor_another_certificate_can_attach_a_stream() {
+    use postcopy_broker::migration::transport::throwaway::{Leaf, ThrowawayCa};
+    use postcopy_broker::migration::transport::tls::TlsSetup;
+    use postcopy_broker::migration::transport::Security;
+    use postcopy_broker::migration::wire::{
+        write_frame, BlockInfo, BlockTable, Channel, Frame, Hello, CAP_ALL, PROTOCOL_VERSION,
+    };
+    let dir = Dir::new("strangers-streams");
+    let ca = ThrowawayCa::new("streams CA").unwrap();
+    let tls = dir.path("tls");
+    ca.write_dir(&tls, &["127.0.0.1"]).unwrap();
+    // A trusted peer of the same CA, but not the session's source.
+    let other = dir.path("other");
+    std::fs::create_dir_all(&other).unwrap();
+    ca.write_ca(&other).unwrap();
+    ca.issue(&other, Leaf::Client, &["127.0.0.1"]).unwrap();
+    let creds = Creds::Tls(tls.clone());
+    let (mut serve, addr, _out) =
+        common::mig::spawn_serve(&dir.path("ctl.sock"), &creds, "127.0.0.1:0", &["--max-streams", "3"]);
+    let ours = Security::tls(TlsSetup::source(&tls, None).unwrap());
+    let theirs = Security::tls(TlsSetup::source(&other, None).unwrap());
+    let blocks = BlockTable::new(vec![BlockInfo::new("ram", 4 << 20, 4096)]).unwrap();
+    let hello = |channel, session_id| Hello {
+        version: PROTOCOL_VERSION,
+        capabilities: CAP_ALL,
+        channel,
+        session_id,
+        resume: false,
+        blocks: blocks.clone(),
+    };
+    let session = 0x5e55_1011_0000_0001;
+    let (stray, a) = hello_to(&addr, &ours, hello(Channel::Stream, session));
+    let why = a.unwrap_err();
+    assert!(why.contains("the main connection comes first"), "a stream before any session: {why}");
+    drop(stray);
+    let (mut main, a) = hello_to(&addr, &ours, hello(Channel::Main, session));
+    assert_eq!(a, Ok(3), "the destination takes 3 background connections");
+    let (_urgent, a) = hello_to(&addr, &ours, hello(Channel::Urgent, session));
+    assert_eq!(a, Ok(3));
+    write_frame(&mut main, &Frame::Streams { count: 2 }).unwrap();
+    let (_s, a) = hello_to(&addr, &ours, hello(Channel::Stream, session + 1));
+    let why = a.unwrap_err();
+    assert!(why.contains("takes no other"), "a stream of another session: {why}");
+    let (_s, a) = hello_to(&addr, &theirs, hello(Channel::Stream, session));
+    let why = a.unwrap_err();
+    assert!(why.contains("another certificate"), "the right session id from another peer: {why}");
+    let (_s1, a) = hello_to(&addr, &ours, hello(Channel::Stream, session));
+    assert_eq!(a, Ok(3), "the session's own stream is taken");
+    let (_s2, a) = hello_to(&addr, &ours, hello(Channel::Stream, session));
+    assert_eq!(a, Ok(3));
+    // The hand-made source stops here: the destination gives up the unstarted session.
+    drop(main);
+    let mut derr = String::new();
+    serve.stderr.take().unwrap().read_to_string(&mut derr).unwrap();
+    assert!(!serve.wait().unwrap().success());
+    assert!(derr.contains("3 background streams attached"), "{derr}");
+    assert!(
+        derr.contains("takes no other") && derr.contains("another certificate"),
+        "refusals logged: {derr}"
+    );
 }

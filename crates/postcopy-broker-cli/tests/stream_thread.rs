@@ -52,6 +52,7 @@ fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
         main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
         urgent: Transport::unprotected(urgent_dst).unwrap(),
         urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+        streams: Vec::new(),
     };
     let net = Arc::new(NetState::default());
     let src = NetworkSource::new(
@@ -132,6 +133,7 @@ fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
         main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
         urgent: Transport::unprotected(urgent_dst).unwrap(),
         urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+        streams: Vec::new(),
     };
     let net = Arc::new(NetState::default());
     let mut src = NetworkSource::new(
@@ -175,6 +177,7 @@ fn pages_a_client_removed_before_they_arrived_are_zeros_when_the_stream_brings_t
         main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
         urgent: Transport::unprotected(urgent_dst).unwrap(),
         urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
+        streams: Vec::new(),
     };
     let net = Arc::new(NetState::default());
     let src = NetworkSource::new(

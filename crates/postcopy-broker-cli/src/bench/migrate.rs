@@ -2,7 +2,7 @@
 //! same run), a whole postcopy migration of a block with half zero pages, and demand faults of
 //! a client process while the background stream saturates the connection versus while it idles;
 //! each over a chosen [`Protection`] (plaintext, TLS, pre-shared key), to measure what the
-//! protection costs.
+//! protection costs, and with a chosen number of background streams, to show how it scales.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -138,6 +138,18 @@ pub(crate) fn start_with(
     protection: Protection,
     dirty_after_precopy: Option<u64>,
 ) -> Result<Running> {
+    start_streams(data, bandwidth, busy_poll, protection, dirty_after_precopy, None)
+}
+
+/// [`start_with`] over `streams` background connections (None: the source's default).
+fn start_streams(
+    data: &[u8],
+    bandwidth: u64,
+    busy_poll: bool,
+    protection: Protection,
+    dirty_after_precopy: Option<u64>,
+    streams: Option<u16>,
+) -> Result<Running> {
     let (src_sec, dst_sec) = securities(protection)?;
     let ram = SourceRam::new(vec![SourceBlock::from_bytes("ram", 4096, data)?])?;
     let l = TcpListener::bind("127.0.0.1:0").ctx(|| "bind a loopback listener".into())?;
@@ -146,7 +158,10 @@ pub(crate) fn start_with(
     let source = std::thread::Builder::new()
         .name("bench-source".into())
         .spawn(move || -> Result<()> {
-            let opts = SourceOptions { bandwidth, ..Default::default() };
+            let mut opts = SourceOptions { bandwidth, ..Default::default() };
+            if let Some(n) = streams {
+                opts.streams = n;
+            }
             let mut session = SourceSession::connect(&addr, &src_sec, ram, opts)?;
             if let Some(len) = dirty_after_precopy {
                 session.precopy()?;
@@ -156,6 +171,7 @@ pub(crate) fn start_with(
         })
         .ctx(|| "spawn the source thread".into())?;
     let mut opts = DestinationOptions { progress: Progress::Off, ..Default::default() };
+    opts.max_streams = opts.max_streams.max(streams.unwrap_or(1));
     opts.broker.busy_poll = busy_poll;
     let mut dest = Destination::accept(&l, &dst_sec, None, opts)?;
     dest.run_until_listening()?;
@@ -188,9 +204,19 @@ impl Running {
 
 /// Migrate `data` (one 4 KiB-page block) over loopback with no client.
 pub fn migrate(data: &[u8], protection: Protection) -> Result<MigrationFigures> {
+    migrate_streams(data, protection, None)
+}
+
+/// [`migrate`] over `streams` background connections (None: the source's default); the
+/// destination takes as many as asked.
+pub fn migrate_streams(
+    data: &[u8],
+    protection: Protection,
+    streams: Option<u16>,
+) -> Result<MigrationFigures> {
     sys::warm_memory(2 * data.len())?;
     let nonzero = data.chunks(4096).filter(|p| !postcopy_broker::source::is_zero(p)).count() as u64 * 4096;
-    let (secs, _) = start(data, 0, false, protection)?.finish()?;
+    let (secs, _) = start_streams(data, 0, false, protection, None, streams)?.finish()?;
     Ok(MigrationFigures { secs, nonzero })
 }
 

@@ -31,6 +31,9 @@ use postcopy_broker::error::{Error, Result};
 use report::{Row, Target};
 use sys::Placement;
 
+/// Background stream counts of the migration case's scaling rows.
+const STREAM_COUNTS: [u16; 3] = [1, 2, 4];
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -368,6 +371,18 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
         cfg.migrate_mib
     );
     let mut m_floor = Row::new(&floor, "unpinned", "blocking", Target::None, 3).with_reference();
+    // The same migration over 1, 2 and 4 background streams, each against the placement floor.
+    let mut m_streams: Vec<(u16, Row)> = STREAM_COUNTS
+        .iter()
+        .map(|&n| {
+            let case = format!(
+                "migration {} MiB, half zero, {n} background stream{}, s (ref: non-zero bytes / floor copy_2m on one thread)",
+                cfg.migrate_mib,
+                if n == 1 { "" } else { "s" }
+            );
+            (n, Row::new(&case, "unpinned", "blocking", Target::RatioAtMost(1.3), 3).with_reference())
+        })
+        .collect();
     let sat = "demand {} during migration, faults that waited (>= 10 us) (ref: idle stream)";
     let mut m_p50 =
         Row::new(&sat.replace("{}", "p50 us"), "unpinned", "blocking", Target::RatioAtMost(2.0), 1)
@@ -534,6 +549,16 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             if let Some(r) = m_floor.reference.as_mut() {
                 r.push(m.nonzero as f64 / (copy_2m * f64::from(1 << 30)));
             }
+            // Rotated as the protections are.
+            for i in 0..m_streams.len() {
+                let (n, row) = &mut m_streams[(i + run) % STREAM_COUNTS.len()];
+                progress(&format!("run {}/{}: migration over {n} background streams", run + 1, cfg.runs));
+                let s = migrate::migrate_streams(&mig_data, Protection::Plaintext, Some(*n))?;
+                row.ours.push(s.secs);
+                if let Some(r) = row.reference.as_mut() {
+                    r.push(s.nonzero as f64 / (copy_2m * f64::from(1 << 30)));
+                }
+            }
             progress(&format!(
                 "run {}/{}: demand faults during a migration, idle then saturating",
                 run + 1,
@@ -613,6 +638,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
             m_tls, m_psk, m_tls_p50, m_tls_p99,
         ]
         .into_iter()
+        .chain(m_streams.into_iter().map(|(_, r)| r))
         .chain(flooded.rows())
         .chain(memtouched.rows())
         .filter(|r| !r.ours.is_empty()),

@@ -53,6 +53,8 @@ pub struct IncomingOptions {
     pub resume_timeout: std::time::Duration,
     /// Nice value of the stream thread (0: unchanged).
     pub stream_nice: i32,
+    /// Background connections taken from the source, main included.
+    pub max_streams: u16,
     /// What one control-socket peer may make the broker hold (as `serve`'s).
     pub limits: ControlLimits,
 }
@@ -116,6 +118,7 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
         broker,
         resume_timeout: a.resume_timeout,
         stream_nice: a.stream_nice,
+        max_streams: a.max_streams,
         ..DestinationOptions::default()
     };
     log::info!("migration connections: {}", security.mode());

@@ -73,6 +73,11 @@ pub struct SourceArgs {
     #[arg(long, value_name = "NICE", default_value_t = postcopy_broker::migration::source::DEFAULT_BACKGROUND_NICE,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     pub background_nice: i32,
+    /// Background connections to the destination, main included, each with a sender thread of
+    /// its own (the destination places each with a thread of its own); at most the
+    /// destination's `--max-streams`. Default: one per core, at most 4.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=8))]
+    pub streams: Option<u16>,
     /// Write the checksums of the final source RAM (after --dirty) to this JSON file.
     #[arg(long, value_name = "FILE")]
     pub verify_file: Option<PathBuf>,
@@ -138,6 +143,7 @@ pub fn run(a: &SourceArgs) -> Result<()> {
         bandwidth: a.bandwidth.as_deref().map(parse_size).transpose()?.unwrap_or(0),
         resume: !a.no_resume,
         background_nice: a.background_nice,
+        streams: a.streams.unwrap_or_else(postcopy_broker::migration::source::default_streams),
         resume_timeout: std::time::Duration::try_from_secs_f64(a.resume_timeout).map_err(|_| {
             Error::Invalid(format!("--resume-timeout {} is not a duration in seconds", a.resume_timeout))
         })?,

@@ -5,12 +5,13 @@
 //! every new connection at once (a peer that never comes back) until `set_refuse(false)`.
 //! [`Tamper`] makes it an attacker on the path too: flip a bit at given offsets of the client →
 //! target bytes, and watch both directions for a marker. `cut_now` cuts at a moment of the
-//! caller's choosing instead of a byte count. `hold_after_listen` makes it hold the first
+//! caller's choosing instead of a byte count, `cut_connection` only the n-th connection. `hold_after_listen` makes it hold the first
 //! connection (the migration's main one, in the plaintext transport) right after the Listen frame
 //! until `release`: the destination listens and serves demand faults (urgent connection), but no
-//! background page and no Complete arrives, so clients can register before the end. Connections
-//! made after the first one ended and before the release (a resume after an early cut) are held
-//! from their first byte.
+//! background page and no Complete arrives, so clients can register before the end. The extra
+//! background streams (connections after the urgent one, while the first lives) are held at
+//! their first page for the same reason. Connections made after the first one ended and before
+//! the release (a resume after an early cut) are held from their first byte.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -36,6 +37,8 @@ struct State {
     cuts: Mutex<Vec<u64>>,
     forwarded: AtomicU64,
     live: Mutex<Vec<TcpStream>>,
+    /// Both sockets of every connection, by accept order (1: the first).
+    numbered: Mutex<Vec<(u64, TcpStream)>>,
     cuts_done: AtomicU64,
     refuse_after_cut: bool,
     refuse: AtomicBool,
@@ -82,6 +85,7 @@ impl Proxy {
             cuts: Mutex::new(cuts),
             forwarded: AtomicU64::new(0),
             live: Mutex::new(Vec::new()),
+            numbered: Mutex::new(Vec::new()),
             cuts_done: AtomicU64::new(0),
             refuse_after_cut,
             refuse: AtomicBool::new(false),
@@ -131,6 +135,13 @@ impl Proxy {
         cut(&self.st);
     }
 
+    /// Cut only the `n`-th connection accepted (1: the first), now.
+    pub fn cut_connection(&self, n: u64) {
+        for (_, s) in self.st.numbered.lock().unwrap().iter().filter(|(i, _)| *i == n) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
     /// Hold the first connection's client → target bytes after the Listen frame (call before
     /// the first connection; the frames must travel in the clear) until
     /// [`release`](Proxy::release).
@@ -176,7 +187,13 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
             let _ = client.shutdown(Shutdown::Both);
             continue;
         };
-        let first = st.connections.fetch_add(1, Ordering::SeqCst) == 0;
+        let index = st.connections.fetch_add(1, Ordering::SeqCst) + 1;
+        let first = index == 1;
+        {
+            let mut numbered = st.numbered.lock().unwrap();
+            numbered.push((index, client.try_clone().unwrap()));
+            numbered.push((index, server.try_clone().unwrap()));
+        }
         // The first connection is held right after its Listen; once it has ended (a cut before
         // the release, by the proxy or by a peer), every new one (the resume's) from its first
         // byte, so the migration cannot end around the hold.
@@ -187,6 +204,8 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
             Hold::AfterListen
         } else if st.first_ended.load(Ordering::SeqCst) {
             Hold::FromStart
+        } else if index > 2 {
+            Hold::AtFirstPage
         } else {
             Hold::No
         };
@@ -232,17 +251,22 @@ fn scan(watch: &[u8], tail: &mut Vec<u8>, buf: &[u8]) -> bool {
     found
 }
 
-/// Finds the end of the Listen frame in a stream of wire frames (12-byte header: magic, type,
-/// flags, reserved, payload length; docs/wire-protocol.md).
-#[derive(Default)]
-struct ListenScan {
+/// Finds, in a stream of wire frames (12-byte header: magic, type, flags, reserved, payload
+/// length; docs/wire-protocol.md), the end of the header of the first frame `stop` picks (by
+/// type and payload length): the Listen frame, or the first page.
+struct FrameScan {
     header: [u8; 12],
     have: usize,
     skip: u64,
+    stop: fn(u8, u64) -> bool,
 }
 
-impl ListenScan {
-    /// The index just after the Listen frame if it ends in `data`.
+impl FrameScan {
+    fn new(stop: fn(u8, u64) -> bool) -> FrameScan {
+        FrameScan { header: [0; 12], have: 0, skip: 0, stop }
+    }
+
+    /// The index just after the picked frame's header if it ends in `data`.
     fn feed(&mut self, data: &[u8]) -> Option<usize> {
         let mut i = 0;
         while i < data.len() {
@@ -258,7 +282,7 @@ impl ListenScan {
             if self.have == 12 {
                 self.have = 0;
                 self.skip = u64::from(u32::from_le_bytes(self.header[8..12].try_into().unwrap()));
-                if self.header[4] == 0x08 && self.skip == 0 {
+                if (self.stop)(self.header[4], self.skip) {
                     return Some(i);
                 }
             }
@@ -272,6 +296,8 @@ impl ListenScan {
 enum Hold {
     No,
     AfterListen,
+    /// At the first Page or ZeroRun frame (after its header).
+    AtFirstPage,
     FromStart,
 }
 
@@ -282,7 +308,11 @@ fn wait_release(st: &State) {
 }
 
 fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, hold: Hold) {
-    let mut listen = (hold == Hold::AfterListen).then(ListenScan::default);
+    let mut listen = match hold {
+        Hold::AfterListen => Some(FrameScan::new(|t, len| t == 0x08 && len == 0)),
+        Hold::AtFirstPage => Some(FrameScan::new(|t, _| t == 0x03 || t == 0x04)),
+        Hold::No | Hold::FromStart => None,
+    };
     if hold == Hold::FromStart {
         wait_release(st);
     }

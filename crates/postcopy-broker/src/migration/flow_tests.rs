@@ -58,8 +58,8 @@ fn run_source(mut s: TcpStream, t: BlockTable, ram: Vec<Vec<u8>>) -> Result<(), 
     write_frame(&mut s, &Frame::Hello(hello))?;
     let mut dec = Decoder::with_blocks(Limits::default(), t.clone());
     let accepted = match dec.read_frame(&mut s)? {
-        Frame::HelloAck { version, capabilities } => {
-            check_ack(PROTOCOL_VERSION, caps, version, capabilities)?;
+        Frame::HelloAck { version, capabilities, streams } => {
+            check_ack(PROTOCOL_VERSION, caps, version, capabilities, streams)?;
             capabilities
         }
         f => panic!("{f:?}"),
@@ -131,7 +131,7 @@ fn run_destination(mut s: TcpStream) -> (Vec<Vec<u8>>, Seen) {
                     let (version, capabilities) = negotiate(&h, CAP_ZERO_RUN).unwrap();
                     ram = h.blocks.iter().map(|b| vec![0xee; b.size as usize]).collect();
                     hello_table = Some(h.blocks);
-                    reply = Some(Frame::HelloAck { version, capabilities });
+                    reply = Some(Frame::HelloAck { version, capabilities, streams: 0 });
                     break; // the table must be set before the next frame is decoded
                 }
                 Frame::Discard { block, ranges } => {

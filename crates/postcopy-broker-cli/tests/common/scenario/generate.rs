@@ -101,14 +101,11 @@ fn draw_mode(r: &mut Rng, blocks: &[BlockPlan]) -> Mode {
     if ncuts > 0 {
         bandwidth_mib = Some(bandwidth_mib.unwrap_or(64).min(64));
     }
-    Mode::Migration {
-        precopy: r.chance(60),
-        source,
-        dirty: draw_dirty(r, blocks, source),
-        bandwidth_mib,
-        cuts_ms,
-        end_cut: None,
-    }
+    let precopy = r.chance(60);
+    let dirty = draw_dirty(r, blocks, source);
+    // Drawn last, so the other dimensions of every seed stay what they were.
+    let streams = [1, 2, 3][r.weighted(&[40, 40, 20])];
+    Mode::Migration { precopy, source, dirty, bandwidth_mib, streams, cuts_ms, end_cut: None }
 }
 
 /// The page numbers a client reads: zero pages, dirtied pages, random pages and a run.

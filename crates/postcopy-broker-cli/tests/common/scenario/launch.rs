@@ -71,7 +71,7 @@ pub fn start(
             let broker = procs.spawn("serve", &mut c, false, false);
             Ok(BrokerSide { broker, source: None, proxy: None, vmm: None })
         }
-        Mode::Migration { precopy, source, dirty, bandwidth_mib, end_cut, .. } => {
+        Mode::Migration { precopy, source, dirty, bandwidth_mib, streams, end_cut, .. } => {
             let key = dir.join("key");
             crate::common::mig::write_key(&key);
             let mut d = Command::new(BIN);
@@ -105,6 +105,7 @@ pub fn start(
             if let Some(b) = bandwidth_mib {
                 c.args(["--bandwidth", &format!("{b}M")]);
             }
+            c.args(["--streams", &streams.to_string()]);
             let mut vmm = None;
             match source {
                 SourceKind::Image => {

@@ -76,6 +76,8 @@ pub enum Mode {
         dirty: Vec<DirtyPlan>,
         /// Background bandwidth limit in MiB/s (None: unlimited).
         bandwidth_mib: Option<u64>,
+        /// Background streams (`source --streams`).
+        streams: u16,
         /// Connection cuts, in ms after postcopy got going (the clients registered); only those
         /// that fall before the end happen.
         cuts_ms: Vec<u64>,
@@ -354,7 +356,7 @@ impl fmt::Display for ClientPlan {
 impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.mode {
-            Mode::Migration { precopy, source, dirty, bandwidth_mib, cuts_ms, end_cut } => {
+            Mode::Migration { precopy, source, dirty, bandwidth_mib, streams, cuts_ms, end_cut } => {
                 write!(f, "migration precopy={} source={source:?}", if *precopy { "on" } else { "off" })?;
                 if !dirty.is_empty() {
                     let d: Vec<String> = dirty
@@ -367,6 +369,7 @@ impl fmt::Display for Scenario {
                     Some(b) => write!(f, " bandwidth={b}M")?,
                     None => write!(f, " bandwidth=unlimited")?,
                 }
+                write!(f, " streams={streams}")?;
                 if !cuts_ms.is_empty() {
                     write!(f, " cuts_ms={cuts_ms:?}")?;
                 }

@@ -25,8 +25,8 @@ pub use end::Ending;
 pub use network::{Connections, NetState, NetworkSource, Resumer};
 pub use restart::{block_fd_name, ledger_fd_name, ParkedBlockFds, Rebuilt, SessionRecord, DIGESTS_FD_NAME};
 pub use session::{
-    create_blocks, Destination, DestinationOptions, DEFAULT_END_LINGER, DEFAULT_RESUME_TIMEOUT,
-    DESTINATION_CAPS,
+    create_blocks, Destination, DestinationOptions, DEFAULT_END_LINGER, DEFAULT_MAX_STREAMS,
+    DEFAULT_RESUME_TIMEOUT, DESTINATION_CAPS,
 };
 pub use summary::{ClientLatency, Progress, Summary};
 

@@ -4,8 +4,9 @@
 //! pages placed, or the main connection failed), as does the resumer and the source itself after
 //! installing connections whose decoders already hold frames.
 //!
-//! The background stream (the main connection) is read and placed by a stream thread of its own
-//! (the `stream` module); the fault loop keeps the urgent connection: on every call it places
+//! The background stream (the main connection, and each extra `Stream` connection of
+//! `CAP_STREAMS`) is read and placed by a stream thread of its own per connection (the `stream`
+//! module); the fault loop keeps the urgent connection: on every call it places
 //! the demand answers that arrived and wakes the waiters of wanted pages the stream thread
 //! placed. Pages that arrive for pages already received are ignored (a demand answer and the
 //! background copy may both come). Demand faults become Request frames on the urgent connection.
@@ -48,14 +49,18 @@ const TOK_KICK: u64 = 3;
 /// What the network source shares with the destination session: completion, failure, counters.
 #[derive(Debug, Default)]
 pub struct NetState {
-    /// The source sent Complete (it has sent every page).
+    /// The source sent Complete on main (it has sent every page).
     pub complete: AtomicBool,
+    /// Extra background streams of the current connections that have not ended with their
+    /// Complete yet (the end waits for every stream to drain).
+    pub streams_pending: AtomicU64,
     failed: Mutex<Option<String>>,
     /// Pages that arrived on the urgent connection (demand answers and prefetch).
     pub urgent_pages: AtomicU64,
     /// Pages that arrived flagged DEMAND.
     pub demand_flagged_pages: AtomicU64,
-    /// Pages that arrived on the main connection during postcopy.
+    /// Pages that arrived on the background connections (main and the extra streams) during
+    /// postcopy.
     pub main_pages: AtomicU64,
     /// Pages that arrived as zero runs.
     pub zero_pages: AtomicU64,
@@ -129,6 +134,19 @@ pub struct Connections {
     pub urgent: Transport,
     /// Its decoder (block table set).
     pub urgent_dec: Decoder,
+    /// The extra background streams (`CAP_STREAMS`), each with its decoder (block table set).
+    pub streams: Vec<(Transport, Decoder)>,
+}
+
+/// Which connection a frame came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Conn {
+    /// Main: control frames and the first background stream.
+    Main,
+    /// Urgent: demand answers and prefetch.
+    Urgent,
+    /// An extra background stream: pages, then Complete.
+    Stream,
 }
 
 /// Hands new connections to a paused [`NetworkSource`] from another thread.
@@ -161,8 +179,8 @@ struct Urgent {
 pub struct NetworkSource {
     /// The urgent connection, while connected.
     urgent: Option<Urgent>,
-    /// The stream thread over the main connection, while connected.
-    stream: Option<Stream>,
+    /// The stream threads while connected: main's first, then one per extra stream.
+    streams: Vec<Stream>,
     uffd: Arc<Uffd>,
     wanted: Arc<Wanted>,
     counts: Arc<StreamCounts>,
@@ -252,7 +270,7 @@ impl NetworkSource {
         let wanted = Arc::new(Wanted::new(&blocks));
         Ok(NetworkSource {
             urgent: None,
-            stream: None,
+            streams: Vec::new(),
             uffd,
             wanted,
             counts: Arc::new(StreamCounts::default()),
@@ -292,27 +310,25 @@ impl NetworkSource {
             epoll::Events::EPOLLIN,
             TOK_URGENT,
         )?;
-        let parts = StreamParts {
-            ctx: self.ctx.clone(),
-            placer: {
-                let mut p = Placer::new(Arc::clone(&self.uffd), self.ctx.blocks.largest_page_size())?;
-                // Waiters are woken by the fault loop once it hears of the range.
-                p.set_wake_on_place(false);
-                p
-            },
-            wanted: Arc::clone(&self.wanted),
-            counts: Arc::clone(&self.counts),
-            kick: Arc::clone(&self.kick),
-            nice: self.stream_nice,
-        };
-        let stream = match Stream::spawn(c.main, c.main_dec, parts) {
-            Ok(s) => s,
-            Err(e) => {
-                self.unwatch(&c.urgent);
-                return Err(e);
+        let extras = c.streams.len() as u64;
+        let all = std::iter::once((c.main, c.main_dec, Conn::Main))
+            .chain(c.streams.into_iter().map(|(t, d)| (t, d, Conn::Stream)));
+        // Before any thread runs: a stream's Complete may wait in its decoder already.
+        self.ctx.net.streams_pending.store(extras, Ordering::Release);
+        let mut started = Vec::with_capacity(1 + usize_of(extras));
+        for (i, (sock, dec, conn)) in all.enumerate() {
+            match self.stream_parts(conn, i).and_then(|parts| Stream::spawn(sock, dec, parts)) {
+                Ok(s) => started.push(s),
+                Err(e) => {
+                    for mut s in started {
+                        s.stop(Shutdown::Both);
+                    }
+                    self.unwatch(&c.urgent);
+                    return Err(e);
+                }
             }
-        };
-        self.stream = Some(stream);
+        }
+        self.streams = started;
         self.urgent = Some(Urgent { sock: c.urgent, dec: c.urgent_dec });
         self.outbox.clear();
         self.want_out = false;
@@ -324,6 +340,23 @@ impl NetworkSource {
         // Frames read with the handshake may already wait in the urgent decoder.
         let _ = self.kick.write(1);
         Ok(())
+    }
+
+    /// What the stream thread of background connection `index` (`conn`) needs.
+    fn stream_parts(&self, conn: Conn, index: usize) -> Result<StreamParts> {
+        let mut placer = Placer::new(Arc::clone(&self.uffd), self.ctx.blocks.largest_page_size())?;
+        // Waiters are woken by the fault loop once it hears of the range.
+        placer.set_wake_on_place(false);
+        Ok(StreamParts {
+            ctx: self.ctx.clone(),
+            placer,
+            wanted: Arc::clone(&self.wanted),
+            counts: Arc::clone(&self.counts),
+            kick: Arc::clone(&self.kick),
+            nice: self.stream_nice,
+            conn,
+            index,
+        })
     }
 
     fn unwatch(&self, urgent: &Transport) {
@@ -349,7 +382,7 @@ impl NetworkSource {
         self.last_loss = Some(text.clone());
         let fatal = matches!(e, Error::Placement(_)) || self.stalled_resumes >= MAX_STALLED_RESUMES;
         self.send_error(&text);
-        if let Some(mut st) = self.stream.take() {
+        for mut st in self.streams.drain(..) {
             st.stop(Shutdown::Both);
         }
         if let Some(u) = self.urgent.take() {
@@ -430,7 +463,7 @@ impl NetworkSource {
     fn pump_urgent(c: &mut Urgent, ctx: &mut Ctx, sink: &mut dyn PageSink) -> Result<()> {
         loop {
             while let Some(f) = c.dec.next_frame()? {
-                ctx.handle(f, true, sink)?;
+                ctx.handle(f, Conn::Urgent, sink)?;
             }
             match c.dec.read_from(&mut c.sock) {
                 Ok(0) => return Err(eof("urgent", c.dec.at_eof())),
@@ -447,13 +480,14 @@ impl NetworkSource {
         if let Some(c) = self.urgent.as_mut() {
             Self::pump_urgent(c, &mut self.ctx, sink)?;
         }
-        let Some(st) = self.stream.as_ref() else { return Ok(()) };
-        st.take_landed(&mut self.landed);
+        for st in &self.streams {
+            st.take_landed(&mut self.landed);
+        }
         for &(block, offset, len) in &self.landed {
             sink.landed_elsewhere(block, offset, len);
         }
         self.landed.clear();
-        match st.take_error() {
+        match self.streams.iter().find_map(Stream::take_error) {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -461,7 +495,7 @@ impl NetworkSource {
 
     fn send_error(&mut self, text: &str) {
         let mut buf = Vec::new();
-        if let Some(st) = self.stream.as_ref() {
+        if let Some(st) = self.streams.first() {
             if encode(&Frame::Error { text }, &mut buf).is_ok() {
                 let mut sock = st.sock();
                 let _ = sock.write(&buf);
@@ -477,10 +511,14 @@ pub(crate) fn eof(which: &str, e: WireError) -> Error {
 }
 
 impl Ctx {
-    pub(crate) fn handle(&mut self, f: Frame<'_>, urgent: bool, sink: &mut dyn PageSink) -> Result<()> {
+    pub(crate) fn handle(&mut self, f: Frame<'_>, conn: Conn, sink: &mut dyn PageSink) -> Result<()> {
+        if conn != Conn::Main && matches!(f, Frame::Digests { .. }) {
+            return Err(Error::Invalid(format!("a Digests frame on the {conn:?} connection (only on main)")));
+        }
         if self.net.digests.observe(&f) {
             return Ok(());
         }
+        let urgent = conn == Conn::Urgent;
         match f {
             Frame::Page { block, offset, demand, data } => {
                 self.net.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -489,23 +527,31 @@ impl Ctx {
             Frame::ZeroRun { block, offset, len, demand } => {
                 self.deliver(block, offset, len, None, demand, urgent, sink)
             }
-            Frame::Run if !urgent => {
+            Frame::Run if conn == Conn::Main => {
                 if self.state.get() == PostcopyState::Listening {
                     self.state.transition(PostcopyState::Running)?;
                     log::info!("postcopy running");
                 }
                 Ok(())
             }
-            Frame::Complete if !urgent => {
+            Frame::Complete if conn == Conn::Main => {
                 self.net.complete.store(true, Ordering::Release);
                 log::info!("the source has sent every page");
                 Ok(())
             }
+            Frame::Complete if conn == Conn::Stream => {
+                // Only a stream thread of the current connections gets here (the others were
+                // stopped before a resume installed new ones and reset the count).
+                let _ = self
+                    .net
+                    .streams_pending
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+                Ok(())
+            }
             Frame::Error { text } => Err(Error::Invalid(format!("the source reported an error: {text}"))),
             f => Err(Error::Invalid(format!(
-                "unexpected {:?} frame on the {} connection during postcopy",
+                "unexpected {:?} frame on the {conn:?} connection during postcopy",
                 f.frame_type(),
-                if urgent { "urgent" } else { "main" }
             ))),
         }
     }

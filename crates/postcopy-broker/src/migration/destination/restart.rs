@@ -203,6 +203,7 @@ impl Destination {
             table: table.clone(),
             caps: DESTINATION_CAPS,
             identity,
+            max_streams: opts.max_streams,
         };
         let net = Arc::new(NetState::default());
         net.digests.set_blocks_shared(&table, Some(digests))?;

@@ -1,7 +1,8 @@
 //! The destination's half of a postcopy resume, and what binds connections to the session:
 //! [`Link`] checks that a connection's Hello belongs to the paused session (the resume flag, the
-//! same session id and blocks, the same peer certificate in the TLS mode) on both connections,
-//! then sends the received bitmap of every block as Resume frames and ResumeEnd, and waits for
+//! same session id and blocks, the same peer certificate in the TLS mode) on every connection
+//! (main, urgent, and the extra background streams the source announces with a `Streams` frame,
+//! at most `max_streams` in all), then sends the received bitmap of every block as Resume frames and ResumeEnd, and waits for
 //! ResumeAck. The caller hands the resulting connections to the paused network source.
 
 use crate::migration::wire::wire_index;
@@ -14,8 +15,10 @@ use crate::conv::usize_of;
 use crate::error::{Error, IoContext, Result};
 use crate::migration::bitmap::resume_chunks;
 use crate::migration::digest::Received;
+use crate::migration::transport::Transport;
 use crate::migration::wire::{
-    negotiate, write_frame, BlockTable, Channel, Frame, Limits, CAP_RESUME, CAP_URGENT_CHANNEL,
+    negotiate, write_frame, BlockTable, Channel, Decoder, Frame, Limits, CAP_RESUME, CAP_STREAMS,
+    CAP_URGENT_CHANNEL,
 };
 use crate::ram::{BlockId, RamBlocks};
 
@@ -31,6 +34,25 @@ pub(super) struct Link {
     pub(super) caps: u64,
     /// The main connection's peer certificate (TLS): every later connection must present it.
     pub(super) identity: Option<Vec<u8>>,
+    /// Background connections taken, main included (`CAP_STREAMS`).
+    pub(super) max_streams: u16,
+}
+
+/// Answer a Hello with `version` and `caps`, and the number of background connections taken
+/// (`max_streams`, when `CAP_STREAMS` is among `caps`).
+pub(super) fn write_ack(t: &Transport, version: u16, caps: u64, max_streams: u16) -> Result<()> {
+    let streams = if caps & CAP_STREAMS != 0 { max_streams.max(1) } else { 0 };
+    write_frame(&mut &*t, &Frame::HelloAck { version, capabilities: caps, streams })?;
+    Ok(())
+}
+
+/// The extra background streams of a session, or a newer resume attempt that replaces the one
+/// they were awaited for.
+pub(super) enum Streams {
+    /// Every announced stream, Hello answered, block table set.
+    Attached(Vec<(Transport, Decoder)>),
+    /// A new main connection of a resume of this session arrived instead.
+    Replaced(Box<Arrival>),
 }
 
 impl Link {
@@ -92,8 +114,79 @@ impl Link {
                 Error::Invalid("a resume needs CAP_RESUME and the urgent channel".into()),
             ));
         }
-        write_frame(&mut &a.transport, &Frame::HelloAck { version, capabilities: caps })?;
-        Ok(())
+        write_ack(&a.transport, version, caps, self.max_streams)
+    }
+
+    /// With `CAP_STREAMS` in `caps`: read the source's `Streams` frame on `main` and take that
+    /// many `Stream` connections of the session from the gate (within `accept_timeout`), each
+    /// checked like the urgent one and answered. Connections that do not belong are refused.
+    pub(super) fn attach_streams(
+        &self,
+        main: &Transport,
+        main_dec: &mut Decoder,
+        caps: u64,
+        resume: bool,
+        accept_timeout: Duration,
+    ) -> Result<Streams> {
+        if caps & CAP_STREAMS == 0 {
+            return Ok(Streams::Attached(Vec::new()));
+        }
+        main.set_read_timeout(Some(accept_timeout)).ctx(|| "set a read timeout".into())?;
+        let count = match main_dec.read_frame(&mut &*main) {
+            Ok(Frame::Streams { count }) => count,
+            Ok(Frame::Error { text }) => return Err(Error::Invalid(format!("the source reported: {text}"))),
+            Ok(f) => {
+                return Err(refuse(
+                    main,
+                    Error::Invalid(format!(
+                        "expected Streams after the urgent Hello, got a {:?} frame",
+                        f.frame_type()
+                    )),
+                ))
+            }
+            Err(e) => return Err(Error::Invalid(format!("no Streams frame from the source: {e}"))),
+        };
+        main.set_read_timeout(None).ctx(|| "clear the read timeout".into())?;
+        if u32::from(count) + 1 > u32::from(self.max_streams.max(1)) {
+            return Err(refuse(
+                main,
+                Error::Invalid(format!(
+                    "the source announces {} background connections; this destination takes at most {} (serve --max-streams)",
+                    u32::from(count) + 1,
+                    self.max_streams.max(1)
+                )),
+            ));
+        }
+        let deadline = Instant::now() + accept_timeout;
+        let mut out = Vec::with_capacity(usize::from(count));
+        while out.len() < usize::from(count) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(a) = self.gate.next(Some(left)).filter(|_| !left.is_zero()) else {
+                return Err(refuse(
+                    main,
+                    Error::Invalid(format!(
+                        "{} of the {count} announced background streams arrived within {accept_timeout:?}",
+                        out.len()
+                    )),
+                ));
+            };
+            match self.check(&a, Channel::Stream, resume) {
+                Ok(()) => {
+                    let (version, caps) =
+                        negotiate(&a.hello, self.caps).map_err(|e| refuse(&a.transport, e.into()))?;
+                    write_ack(&a.transport, version, caps, self.max_streams)?;
+                    let Arrival { transport, mut dec, .. } = a;
+                    dec.set_blocks(self.table.clone());
+                    out.push((transport, dec));
+                }
+                Err(_) if resume && self.check(&a, Channel::Main, true).is_ok() => {
+                    return Ok(Streams::Replaced(Box::new(a)));
+                }
+                Err(why) => a.refuse(&why),
+            }
+        }
+        log::info!("{} background streams attached", out.len() + 1);
+        Ok(Streams::Attached(out))
     }
 
     /// The whole handshake on a resume's main connection: its urgent connection (from the gate,
@@ -109,7 +202,7 @@ impl Link {
         accept_timeout: Duration,
     ) -> Result<Connections> {
         let mut main = main;
-        let urgent = 'attempt: loop {
+        let (urgent, streams) = 'attempt: loop {
             if let Err(why) = self.check(&main, Channel::Main, true) {
                 let e = Error::Invalid(why.clone());
                 main.refuse(&why);
@@ -125,7 +218,23 @@ impl Link {
                     )));
                 };
                 match self.check(&a, Channel::Urgent, true) {
-                    Ok(()) => break 'attempt a,
+                    Ok(()) => {
+                        self.ack(&a)?;
+                        let caps = negotiate(&main.hello, self.caps).map_or(0, |(_, c)| c);
+                        let (t, dec) = (&main.transport, &mut main.dec);
+                        dec.set_blocks(self.table.clone());
+                        match self.attach_streams(t, dec, caps, true, accept_timeout)? {
+                            Streams::Attached(s) => break 'attempt (a, s),
+                            Streams::Replaced(newer) => {
+                                log::info!(
+                                    "a new resume attempt from {} replaces the one waiting for its streams",
+                                    newer.peer()
+                                );
+                                main = *newer;
+                                continue 'attempt;
+                            }
+                        }
+                    }
                     // The source gave up this attempt (its connection was cut after our HelloAck)
                     // and started another: the newer main connection replaces this one.
                     Err(_) if self.check(&a, Channel::Main, true).is_ok() => {
@@ -140,7 +249,6 @@ impl Link {
                 }
             }
         };
-        self.ack(&urgent)?;
         let Arrival { transport: main, dec: mut main_dec, .. } = main;
         let Arrival { transport: urgent, dec: mut urgent_dec, .. } = urgent;
         main_dec.set_blocks(self.table.clone());
@@ -174,6 +282,6 @@ impl Link {
             f => return Err(Error::Invalid(format!("expected ResumeAck, got a {:?} frame", f.frame_type()))),
         }
         main.set_read_timeout(None).ctx(|| "clear the read timeout".into())?;
-        Ok(Connections { main, main_dec, urgent, urgent_dec })
+        Ok(Connections { main, main_dec, urgent, urgent_dec, streams })
     }
 }

@@ -7,7 +7,9 @@
 //! Connections come through the [`Gate`]: it authenticates every connection concurrently (a
 //! stranger cannot hold up or stop the session) and the session takes only those whose Hello
 //! belongs to it: the main connection first, then the urgent one of the same session (same id,
-//! same blocks, same peer certificate in the TLS mode).
+//! same blocks, same peer certificate in the TLS mode), then (`CAP_STREAMS`) the extra background
+//! streams the source announces on main, at most [`DestinationOptions::max_streams`] in all,
+//! each placed by a stream thread of its own.
 //!
 //! If a connection drops during postcopy (and both sides accepted `CAP_RESUME`), the network
 //! source pauses and [`finish`](Destination::finish) waits at the gate for the source to
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 use super::end::{End, Ending};
 use super::gate::{Arrival, Gate, GateLimits};
 use super::network::{Connections, NetState, NetworkSource, Resumer};
-use super::resume::Link;
+use super::resume::{write_ack, Link, Streams};
 use super::summary::{Progress, Summary};
 use crate::error::{Error, IoContext, Result};
 use crate::fault::{Broker, BrokerConfig, BrokerHandle};
@@ -35,14 +37,22 @@ use crate::incoming::Incoming;
 use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{
     negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, WireError, CAP_COMPLETE_ACK,
-    CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
+    CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_STREAMS, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
 };
 use crate::ram::{BlockId, RamBlock, RamBlocks, HUGE_1G, HUGE_2M, SMALL_PAGE};
 use crate::state::PostcopyState;
 
 /// Capabilities this destination accepts.
-pub const DESTINATION_CAPS: u64 =
-    CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME | CAP_DIGEST | CAP_COMPLETE_ACK;
+pub const DESTINATION_CAPS: u64 = CAP_ZERO_RUN
+    | CAP_URGENT_CHANNEL
+    | CAP_DISCARD
+    | CAP_RESUME
+    | CAP_DIGEST
+    | CAP_COMPLETE_ACK
+    | CAP_STREAMS;
+
+/// Default of [`DestinationOptions::max_streams`].
+pub const DEFAULT_MAX_STREAMS: u16 = 4;
 
 /// Default of [`DestinationOptions::resume_timeout`].
 pub const DEFAULT_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
@@ -73,6 +83,9 @@ pub struct DestinationOptions {
     /// it, to keep answering a resume of the completed session (the source may have missed
     /// Complete). The migration succeeds here either way.
     pub end_linger: Duration,
+    /// Background connections taken from one source, main included (`CAP_STREAMS`; 1 keeps the
+    /// one stream on main). Each is authenticated and bound to the session like the urgent one.
+    pub max_streams: u16,
 }
 
 impl Default for DestinationOptions {
@@ -85,6 +98,7 @@ impl Default for DestinationOptions {
             resume_timeout: DEFAULT_RESUME_TIMEOUT,
             stream_nice: crate::migration::source::DEFAULT_BACKGROUND_NICE,
             end_linger: DEFAULT_END_LINGER,
+            max_streams: DEFAULT_MAX_STREAMS,
         }
     }
 }
@@ -95,7 +109,8 @@ pub struct Destination {
     pub(super) incoming: Incoming,
     pub(super) main: Option<Transport>,
     pub(super) main_dec: Option<Decoder>,
-    pub(super) urgent: Option<(Transport, Decoder)>,
+    /// The urgent connection and the extra background streams, until listening.
+    pub(super) urgent: Option<Extras>,
     /// Wire block index → RamBlocks id.
     pub(super) ids: Vec<BlockId>,
     pub(super) net: Arc<NetState>,
@@ -113,6 +128,13 @@ pub struct Destination {
     pub(super) caps: u64,
     /// Pauses already answered by a resume handshake.
     pub(super) handled_pauses: u64,
+}
+
+/// The connections of a session besides main, with their decoders.
+#[derive(Debug)]
+pub(super) struct Extras {
+    urgent: (Transport, Decoder),
+    streams: Vec<(Transport, Decoder)>,
 }
 
 /// Send an Error frame (best effort) and return `e`.
@@ -221,7 +243,7 @@ impl Destination {
         };
         let (blocks, ids) = setup.map_err(|e| refuse(&main, e))?;
         main_dec.set_blocks(hello.blocks.clone());
-        write_frame(&mut &main, &Frame::HelloAck { version, capabilities: caps })?;
+        write_ack(&main, version, caps, opts.max_streams)?;
         log::info!(
             "hello: {} blocks, {} bytes, session {:016x}, version {version}, capabilities {caps:#x}",
             hello.blocks.len(),
@@ -234,6 +256,7 @@ impl Destination {
             table: hello.blocks.clone(),
             caps: DESTINATION_CAPS,
             identity: main.peer_identity().map(<[u8]>::to_vec),
+            max_streams: opts.max_streams,
         };
         let deadline = Instant::now() + opts.accept_timeout;
         let (urgent, mut urgent_dec) = loop {
@@ -253,7 +276,13 @@ impl Destination {
             }
         };
         urgent_dec.set_blocks(hello.blocks.clone());
-        write_frame(&mut &urgent, &Frame::HelloAck { version, capabilities: caps })?;
+        write_ack(&urgent, version, caps, opts.max_streams)?;
+        let streams = match link.attach_streams(&main, &mut main_dec, caps, false, opts.accept_timeout)? {
+            Streams::Attached(s) => s,
+            Streams::Replaced(_) => {
+                return Err(Error::Invalid("a resume Hello replaced a new session".into()))
+            }
+        };
         let net = Arc::new(NetState::default());
         // Shared, so that a restarted broker keeps what arrived (see `restart`).
         if let Err(e) = net.digests.set_blocks_shared(&hello.blocks, None) {
@@ -264,7 +293,7 @@ impl Destination {
             incoming: Incoming::new(blocks),
             main: Some(main),
             main_dec: Some(main_dec),
-            urgent: Some((urgent, urgent_dec)),
+            urgent: Some(Extras { urgent: (urgent, urgent_dec), streams }),
             ids,
             net,
             broker: None,
@@ -326,7 +355,7 @@ impl Destination {
                 Err(e) => return Err(self.refuse_main(e)),
             }
         }
-        let (urgent, urgent_dec) =
+        let Extras { urgent: (urgent, urgent_dec), streams } =
             self.urgent.take().ok_or_else(|| Error::Invalid("no urgent connection".into()))?;
         let main = self.main()?.try_clone().ctx(|| "clone the main connection".into())?;
         let uffd = self
@@ -335,7 +364,7 @@ impl Destination {
             .cloned()
             .ok_or_else(|| Error::Invalid("the incoming migration has no userfaultfd".into()))?;
         let mut src = NetworkSource::new(
-            Connections { main, main_dec: dec, urgent, urgent_dec },
+            Connections { main, main_dec: dec, urgent, urgent_dec, streams },
             uffd,
             Arc::clone(self.incoming.blocks()),
             self.ids.clone(),
@@ -456,6 +485,7 @@ impl Destination {
                 continue;
             }
             let done = self.net.complete.load(Ordering::Acquire)
+                && self.net.streams_pending.load(Ordering::Acquire) == 0
                 && blocks.all_received()
                 && self.net.paused().is_none();
             progress

@@ -1,5 +1,6 @@
-//! The stream thread of a postcopy destination: it reads the main connection (the background
-//! stream) with blocking reads and places its pages with a placer of its own, so the fault loop
+//! The stream thread of a postcopy destination: it reads one background connection (main, or an
+//! extra `Stream` connection of `CAP_STREAMS`; one thread each) with blocking reads and places
+//! its pages with a placer of its own, so the fault loop
 //! keeps only client faults, the urgent connection and demand answers, and a fault never waits
 //! behind background placement. The placers claim pages before filling them (see
 //! [`crate::place`]), so a page that comes both as a demand answer and in the stream is filled
@@ -11,8 +12,9 @@
 //! two steps on both sides means at least one of them sees the other, so no waiter is left
 //! asleep (when both see it, the second wake finds no waiter).
 //!
-//! The source's Complete is the last frame of a main connection: the thread ends after it, and
-//! leaves the connection open for the source's CompleteAck, which the session reads.
+//! The source's Complete is the last frame of a background connection: the thread ends after
+//! it, and leaves the connection open (on main, for the source's CompleteAck, which the session
+//! reads).
 
 use crate::conv::usize_of;
 use std::net::Shutdown;
@@ -28,7 +30,7 @@ use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
 use crate::source::{PageSink, PlacedElsewhere, Urgency};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::network::Ctx;
+use super::network::{Conn, Ctx};
 
 /// Pages the fault loop has requested, one bitmap per block (bits are never cleared: a page is
 /// placed once, so a stale bit costs at most one needless notification).
@@ -107,6 +109,10 @@ pub(crate) struct StreamParts {
     pub(crate) kick: Arc<EventFd>,
     /// Nice value of the thread (0: unchanged).
     pub(crate) nice: i32,
+    /// Main or an extra stream.
+    pub(crate) conn: Conn,
+    /// The background connection's number (0: main), for the thread's name and log.
+    pub(crate) index: usize,
 }
 
 impl Stream {
@@ -120,7 +126,11 @@ impl Stream {
         let shared = Arc::new(Shared::default());
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
-            .name("postcopy-stream".into())
+            .name(if parts.index == 0 {
+                "postcopy-stream".into()
+            } else {
+                format!("postcopy-stream-{}", parts.index)
+            })
             .spawn(move || run(main, dec, parts, &sh))
             .ctx(|| "spawn the stream thread".into())?;
         Ok(Stream { shared, sock, thread: Some(thread) })
@@ -167,7 +177,7 @@ impl Drop for Stream {
 }
 
 fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Shared) {
-    let StreamParts { mut ctx, placer, wanted, counts, kick, nice } = parts;
+    let StreamParts { mut ctx, placer, wanted, counts, kick, nice, conn, index } = parts;
     crate::sched::lower_thread_priority(nice, "stream thread");
     let started = std::time::Instant::now();
     let mut sink =
@@ -179,13 +189,15 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
                 if last {
                     shared.finished.store(true, Ordering::Release);
                 }
-                ctx.handle(f, false, &mut sink)?;
+                ctx.handle(f, conn, &mut sink)?;
                 if last {
                     return Ok(());
                 }
             }
             match fill(&mut dec, &mut main) {
-                Ok(0) => return Err(super::network::eof("main", dec.at_eof())),
+                Ok(0) => {
+                    return Err(super::network::eof(if index == 0 { "main" } else { "stream" }, dec.at_eof()))
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(Error::io("read the main connection", e)),
@@ -194,11 +206,12 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
     })();
     let c = sink.counts.snapshot();
     log::info!(
-        "stream thread: placed {} pages ({} zero) in {:.3} s, {:.3} s of CPU",
+        "stream thread {index}: placed {} pages in {:.3} s, {:.3} s of CPU (all streams so far: {} pages, {} zero)",
+        sink.placer.stats().filled(),
+        started.elapsed().as_secs_f64(),
+        crate::sched::thread_cpu_secs(),
         c.demand + c.background,
         c.zero,
-        started.elapsed().as_secs_f64(),
-        crate::sched::thread_cpu_secs()
     );
     if let Err(e) = r {
         if !shared.stopping.load(Ordering::Acquire) {

@@ -1,6 +1,7 @@
 //! Opening one connection to the destination (connect, the transport handshake, Hello,
-//! HelloAck), and the source's half of a postcopy resume: reopen both connections with the resume flag and the same
-//! session id, rebuild the destination's received bitmaps from its Resume frames, make the sent
+//! HelloAck) and the extra background connections of `CAP_STREAMS` (the `Streams` frame on
+//! main, then one `Stream` Hello each), and the source's half of a postcopy resume: reopen every
+//! connection with the resume flag and the same session id, rebuild the destination's received bitmaps from its Resume frames, make the sent
 //! bitmaps equal to them (so exactly the missing pages go again), and answer ResumeAck.
 
 use crate::conv::usize_of;
@@ -13,7 +14,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::migration::bitmap::{bit_runs, ReceivedMap};
 use crate::migration::transport::{Security, Transport, TransportError};
 use crate::migration::wire::{
-    check_ack, write_frame, Channel, Decoder, Frame, Hello, Limits, CAP_RESUME, PROTOCOL_VERSION,
+    check_ack, write_frame, Channel, Decoder, Frame, Hello, Limits, CAP_RESUME, CAP_STREAMS,
+    CAP_URGENT_CHANNEL, PROTOCOL_VERSION,
 };
 
 /// How long to wait for HelloAck, and for the destination's bitmaps on a resume.
@@ -49,6 +51,36 @@ pub struct Peer {
     pub caps: u64,
     /// Deadline of each connection's handshake.
     pub handshake_timeout: Duration,
+    /// Background connections wanted, main included (at least 1; more only with `CAP_STREAMS`).
+    pub streams: u16,
+}
+
+/// One opened connection.
+#[derive(Debug)]
+pub struct Opened {
+    /// The connection, authenticated, Hello answered.
+    pub transport: Transport,
+    /// Its decoder (block table set).
+    pub dec: Decoder,
+    /// The capabilities the destination accepted.
+    pub caps: u64,
+    /// Background connections the destination takes (HelloAck; 0 without `CAP_STREAMS`).
+    pub streams: u16,
+}
+
+/// Every connection of a session (or of a resume).
+#[derive(Debug)]
+pub struct Links {
+    /// Main: control frames, discards, the first background stream.
+    pub main: Transport,
+    /// Main's decoder.
+    pub main_dec: Decoder,
+    /// Urgent: demand requests and their answers.
+    pub urgent: Transport,
+    /// The extra background streams.
+    pub streams: Vec<Transport>,
+    /// Capabilities accepted on main.
+    pub caps: u64,
 }
 
 /// Connect to `addr`, retrying a refused connect until `timeout` passes (zero: one attempt).
@@ -94,7 +126,7 @@ impl Peer {
         channel: Channel,
         resume: bool,
         connect_timeout: Duration,
-    ) -> Result<(Transport, Decoder, u64)> {
+    ) -> Result<Opened> {
         let s = connect(&self.addr, connect_timeout)?;
         let mut s = self.security.connect(s, &self.addr, self.handshake_timeout)?;
         let hello = Hello {
@@ -108,35 +140,57 @@ impl Peer {
         write_frame(&mut s, &Frame::Hello(hello))?;
         let mut dec = Decoder::with_blocks(Limits::default(), ram.table().clone());
         s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ctx(|| "set a read timeout".into())?;
-        let accepted = match dec.read_frame(&mut s)? {
-            Frame::HelloAck { version, capabilities } => {
-                check_ack(PROTOCOL_VERSION, self.caps, version, capabilities)?;
-                capabilities
+        let (caps, streams) = match dec.read_frame(&mut s)? {
+            Frame::HelloAck { version, capabilities, streams } => {
+                check_ack(PROTOCOL_VERSION, self.caps, version, capabilities, streams)?;
+                (capabilities, streams)
             }
             f => return Err(unexpected("HelloAck", &f)),
         };
         s.set_read_timeout(None).ctx(|| "clear the read timeout".into())?;
-        Ok((s, dec, accepted))
+        Ok(Opened { transport: s, dec, caps, streams })
     }
 
-    /// One resume attempt (no sender thread may run): both connections with the resume flag,
-    /// the destination's received bitmaps, the sent bitmaps set to them, ResumeAck. Returns the
-    /// main connection and its decoder, the urgent connection, and the pages to send again.
-    pub fn resume(&self, ram: &SourceRam) -> Result<(Transport, Decoder, Transport, u64)> {
-        let (mut main, mut dec, caps) = self.open(ram, Channel::Main, true, Duration::ZERO)?;
-        if caps & CAP_RESUME == 0 {
+    /// Open main, then urgent, then (with `CAP_STREAMS`) announce and open the extra background
+    /// connections: as many as wanted, at most as many as the destination takes.
+    pub fn open_all(&self, ram: &SourceRam, resume: bool, connect_timeout: Duration) -> Result<Links> {
+        let Opened { transport: mut main, dec: main_dec, caps, streams: takes } =
+            self.open(ram, Channel::Main, resume, connect_timeout)?;
+        if caps & CAP_URGENT_CHANNEL == 0 {
+            return Err(Error::Invalid(
+                "the destination did not accept the urgent channel; this source needs it".into(),
+            ));
+        }
+        if resume && caps & CAP_RESUME == 0 {
             return Err(Error::Invalid("the destination did not accept CAP_RESUME on reconnect".into()));
         }
-        if crate::failpoint::once("source-resume-abandoned") {
+        if resume && crate::failpoint::once("source-resume-abandoned") {
             let _ = main.shutdown(std::net::Shutdown::Both);
             return Err(Error::Invalid("failpoint: this resume attempt is cut after its HelloAck".into()));
         }
-        let (urgent, _, _) = self.open(ram, Channel::Urgent, true, Duration::ZERO)?;
+        let urgent = self.open(ram, Channel::Urgent, resume, connect_timeout)?.transport;
+        let mut streams = Vec::new();
+        if caps & CAP_STREAMS != 0 {
+            let count = self.streams.min(takes).saturating_sub(1);
+            write_frame(&mut main, &Frame::Streams { count })?;
+            for _ in 0..count {
+                streams.push(self.open(ram, Channel::Stream, resume, connect_timeout)?.transport);
+            }
+        }
+        Ok(Links { main, main_dec, urgent, streams, caps })
+    }
+
+    /// One resume attempt (no sender thread may run): every connection with the resume flag,
+    /// the destination's received bitmaps, the sent bitmaps set to them, ResumeAck. Returns the
+    /// connections and the pages to send again.
+    pub fn resume(&self, ram: &SourceRam) -> Result<(Links, u64)> {
+        let mut links = self.open_all(ram, true, Duration::ZERO)?;
+        let (main, dec) = (&mut links.main, &mut links.main_dec);
         let mut maps: Vec<ReceivedMap> =
             ram.blocks().iter().map(|b| ReceivedMap::new(b.info().pages())).collect();
         main.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ctx(|| "set a read timeout".into())?;
         loop {
-            match dec.read_frame(&mut main)? {
+            match dec.read_frame(main)? {
                 Frame::Resume { block, first_page, page_count, bitmap } => {
                     let m = maps
                         .get_mut(block as usize)
@@ -163,7 +217,7 @@ impl Peer {
             }
             missing += b.info().pages() - sent.count_ones() as u64;
         }
-        write_frame(&mut main, &Frame::ResumeAck)?;
-        Ok((main, dec, urgent, missing))
+        write_frame(main, &Frame::ResumeAck)?;
+        Ok((links, missing))
     }
 }

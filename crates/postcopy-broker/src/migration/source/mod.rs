@@ -5,6 +5,7 @@
 //!   Run, background stream, Complete;
 //! - [`urgent`]: the thread that answers demand Requests on the urgent connection;
 //! - [`sender`]: pages to frames (zero runs, writev), counters, bandwidth limit;
+//! - `streams`: the background sender threads, one per background connection;
 //! - [`control`]: the source's control socket (memfds from the VMM, dirty ranges, start);
 //! - [`handshake`]: opening a connection, and the source's half of a postcopy resume;
 
@@ -13,10 +14,12 @@ pub mod handshake;
 pub mod ram;
 pub mod sender;
 pub mod session;
+mod streams;
 pub mod urgent;
 
 pub use ram::{SourceBlock, SourceRam};
 pub use sender::{SourceCounts, SourceStats};
 pub use session::{
-    SourceOptions, SourceSession, SourceSummary, DEFAULT_BACKGROUND_NICE, DEFAULT_SOURCE_RESUME_TIMEOUT,
+    default_streams, SourceOptions, SourceSession, SourceSummary, DEFAULT_BACKGROUND_NICE,
+    DEFAULT_SOURCE_RESUME_TIMEOUT,
 };

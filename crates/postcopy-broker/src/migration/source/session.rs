@@ -1,8 +1,10 @@
 //! The source side of one migration: connect both TCP connections to the destination, run
 //! their transport handshakes (TLS or the pre-shared-key mode), Hello; then Advise, an optional precopy pass, dirty ranges as batched Discards,
-//! Listen, Run, and the postcopy phase: a background stream on the main connection and demand
-//! requests answered on the urgent connection by their own thread, then the digests of every
-//! page sent and Complete, until the destination says Complete (confirmed with CompleteAck).
+//! Listen, Run, and the postcopy phase: the background stream on the main connection (and on
+//! the extra `Stream` connections of `CAP_STREAMS`, one sender thread each, see
+//! [`streams`](super::streams)) and demand requests answered on the urgent connection by their
+//! own thread, then Complete on every extra stream, the digests of every page sent and Complete
+//! on main, until the destination says Complete (confirmed with CompleteAck).
 //!
 //! If a connection fails during postcopy (and the destination accepted `CAP_RESUME`), the source
 //! stops both threads and reconnects by itself, retrying with a bounded exponential backoff for
@@ -20,17 +22,19 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::handshake::{is_fatal, unexpected, Peer};
+use super::handshake::{is_fatal, unexpected, Links, Peer};
 use super::ram::SourceRam;
 use super::sender::{send_run, Kind, RateLimit, SourceCounts, SourceStats};
+use super::streams::{start_of, Push};
 use super::urgent::{serve_urgent, Hint};
 use crate::error::{Error, IoContext, Result};
 use crate::migration::discard::DiscardBatcher;
 use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{
-    write_frame, Channel, Decoder, Frame, WireError, CAP_COMPLETE_ACK, CAP_DIGEST, CAP_DISCARD, CAP_RESUME,
-    CAP_URGENT_CHANNEL, CAP_ZERO_RUN, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN,
+    write_frame, Decoder, Frame, WireError, CAP_COMPLETE_ACK, CAP_DIGEST, CAP_DISCARD, CAP_RESUME,
+    CAP_STREAMS, CAP_URGENT_CHANNEL, CAP_ZERO_RUN, DEFAULT_MAX_DISCARD_RANGES, DEFAULT_MAX_RUN,
 };
+use std::sync::atomic::AtomicBool;
 
 /// First delay between reconnect attempts; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
@@ -43,6 +47,12 @@ pub const DEFAULT_SOURCE_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default nice value of the background stream on either side: demand answers and faults
 /// (nice 0) preempt it, and it still gets most of an otherwise idle CPU.
 pub const DEFAULT_BACKGROUND_NICE: i32 = 10;
+
+/// Default of [`SourceOptions::streams`]: one background connection per core, at most 4.
+pub fn default_streams() -> u16 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    u16::try_from(cores.min(4)).unwrap_or(1)
+}
 
 /// Settings of a source session.
 #[derive(Debug, Clone)]
@@ -66,6 +76,9 @@ pub struct SourceOptions {
     /// Nice value of the background stream while it runs (0: unchanged), so the urgent thread
     /// answering demand faults preempts it (see [`crate::sched`]).
     pub background_nice: i32,
+    /// Background connections (and sender threads), main included: at least 1, at most what the
+    /// destination takes (`CAP_STREAMS`; a destination without it gets 1).
+    pub streams: u16,
 }
 
 impl Default for SourceOptions {
@@ -80,6 +93,7 @@ impl Default for SourceOptions {
             resume: true,
             resume_timeout: DEFAULT_SOURCE_RESUME_TIMEOUT,
             background_nice: DEFAULT_BACKGROUND_NICE,
+            streams: default_streams(),
         }
     }
 }
@@ -107,6 +121,8 @@ pub struct SourceSession {
     ram: Arc<SourceRam>,
     main: Transport,
     urgent: Transport,
+    /// The extra background connections (`CAP_STREAMS`).
+    streams: Vec<Transport>,
     main_dec: Decoder,
     caps: u64,
     opts: SourceOptions,
@@ -136,26 +152,25 @@ impl SourceSession {
         if opts.resume {
             caps |= CAP_RESUME;
         }
+        if opts.streams > 1 {
+            caps |= CAP_STREAMS;
+        }
         let peer = Peer {
             addr: addr.to_string(),
             security: security.clone(),
             session_id,
             caps,
             handshake_timeout: opts.handshake_timeout,
+            streams: opts.streams.max(1),
         };
-        let open = |channel| peer.open(&ram, channel, false, opts.connect_timeout);
-        let (main, main_dec, accepted) = open(Channel::Main)?;
-        if accepted & CAP_URGENT_CHANNEL == 0 {
-            return Err(Error::Invalid(
-                "the destination did not accept the urgent channel; this source needs it".into(),
-            ));
-        }
-        let (urgent, _, _) = open(Channel::Urgent)?;
+        let Links { main, main_dec, urgent, streams, caps: accepted } =
+            peer.open_all(&ram, false, opts.connect_timeout)?;
         log::info!(
-            "connected to {addr} ({}): {} blocks, {} bytes, session {session_id:016x}, capabilities {accepted:#x}",
+            "connected to {addr} ({}): {} blocks, {} bytes, session {session_id:016x}, capabilities {accepted:#x}, {} background streams",
             main.mode(),
             ram.table().len(),
-            ram.total_size()
+            ram.total_size(),
+            streams.len() + 1
         );
         let discards = (0..wire_index(ram.table().len()))
             .map(|i| DiscardBatcher::for_block(ram.table(), i, opts.max_discard_ranges))
@@ -164,6 +179,7 @@ impl SourceSession {
             ram: Arc::new(ram),
             main,
             urgent,
+            streams,
             main_dec,
             caps: accepted,
             opts,
@@ -321,6 +337,9 @@ impl SourceSession {
     /// backoff for at most `resume_timeout`.
     fn reconnect(&mut self, why: Error) -> Result<()> {
         let _ = self.main.shutdown(std::net::Shutdown::Both);
+        for s in &self.streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         log::warn!("connection to the destination lost during postcopy: {why}; reconnecting");
         let start = Instant::now();
         let mut delay = FIRST_BACKOFF;
@@ -328,12 +347,16 @@ impl SourceSession {
         loop {
             attempts += 1;
             match self.peer.resume(&self.ram) {
-                Ok((main, dec, urgent, missing)) => {
-                    self.main = main;
-                    self.main_dec = dec;
-                    self.urgent = urgent;
+                Ok((links, missing)) => {
+                    self.main = links.main;
+                    self.main_dec = links.main_dec;
+                    self.urgent = links.urgent;
+                    self.streams = links.streams;
                     self.stats.resumes.fetch_add(1, Ordering::Relaxed);
-                    log::info!("resumed after {attempts} attempt(s): {missing} pages to send again");
+                    log::info!(
+                        "resumed after {attempts} attempt(s) with {} background streams: {missing} pages to send again",
+                        self.streams.len() + 1
+                    );
                     return Ok(());
                 }
                 Err(e) => {
@@ -353,29 +376,90 @@ impl SourceSession {
         }
     }
 
-    /// The background stream: every page not sent yet, in runs of up to 2 MiB, continuing near
-    /// the last demanded address; then Complete, then wait for the destination's Complete.
+    /// The background stream: every page not sent yet, in runs of up to 2 MiB, on main (near
+    /// the last demanded address) and on every extra stream, each by a thread of its own; then
+    /// Complete on the extra streams, the digests and Complete on main, then wait for the
+    /// destination's Complete.
     fn background(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
-        // A thread of its own, so its lower priority never sticks to the caller's thread (or to
-        // an urgent thread spawned from it after a resume).
+        // Threads of their own, so their lower priority never sticks to the caller's thread (or
+        // to an urgent thread spawned from it after a resume).
         let nice = self.opts.background_nice;
-        std::thread::scope(|s| {
+        let mut extras = std::mem::take(&mut self.streams);
+        let n = extras.len() + 1;
+        let abort = AtomicBool::new(false);
+        let push = Push {
+            ram: &self.ram,
+            stats: &self.stats,
+            zero: self.caps & CAP_ZERO_RUN != 0,
+            bandwidth: if self.opts.bandwidth == 0 { 0 } else { (self.opts.bandwidth / n as u64).max(1) },
+            abort: &abort,
+        };
+        let handles: Vec<Transport> = extras
+            .iter()
+            .map(|s| s.try_clone().ctx(|| "clone a stream connection".into()))
+            .collect::<Result<_>>()?;
+        let main_handle = self.main.try_clone().ctx(|| "clone the main connection".into())?;
+        let main = &mut self.main;
+        let r = std::thread::scope(|s| -> Result<()> {
+            let mut threads = Vec::with_capacity(extras.len());
+            for (j, conn) in extras.iter_mut().enumerate() {
+                let (push, abort, main_handle) = (&push, &abort, &main_handle);
+                let t = thread::Builder::new()
+                    .name(format!("source-stream-{}", j + 1))
+                    .spawn_scoped(s, move || {
+                        crate::sched::lower_thread_priority(nice, "background stream");
+                        let t0 = Instant::now();
+                        let r = push.run(conn, start_of(push.ram, j + 1, n), None).and_then(|()| {
+                            write_frame(conn, &Frame::Complete)?;
+                            conn.flush().ctx(|| "flush a stream connection".into())
+                        });
+                        log::info!(
+                            "background stream {}: {:.3} s, {:.3} s of CPU",
+                            j + 1,
+                            t0.elapsed().as_secs_f64(),
+                            crate::sched::thread_cpu_secs()
+                        );
+                        if r.is_err() {
+                            // The others stop early, main's read of Complete fails: a resume.
+                            abort.store(true, Ordering::Relaxed);
+                            let _ = main_handle.shutdown(std::net::Shutdown::Both);
+                        }
+                        r
+                    })
+                    .ctx(|| "spawn a background stream thread".into())?;
+                threads.push(t);
+            }
             let t = thread::Builder::new()
                 .name("source-background".into())
                 .spawn_scoped(s, || {
                     crate::sched::lower_thread_priority(nice, "background stream");
                     let t0 = Instant::now();
-                    let r = self.background_stream(hint);
+                    let r = push.run(main, start_of(push.ram, 0, n), Some(hint));
                     log::info!(
                         "background stream: {:.3} s, {:.3} s of CPU",
                         t0.elapsed().as_secs_f64(),
                         crate::sched::thread_cpu_secs()
                     );
+                    if r.is_err() {
+                        abort.store(true, Ordering::Relaxed);
+                        for h in &handles {
+                            let _ = h.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
                     r
                 })
                 .ctx(|| "spawn the background stream thread".into())?;
-            t.join().map_err(|_| Error::Invalid("the background stream thread panicked".into()))?
-        })
+            let mut r =
+                t.join().map_err(|_| Error::Invalid("the background stream thread panicked".into()))?;
+            for t in threads {
+                let e = t.join().map_err(|_| Error::Invalid("a background stream thread panicked".into()))?;
+                r = r.and(e);
+            }
+            r
+        });
+        self.streams = extras;
+        r?;
+        self.finish_stream()
     }
 
     /// Tell the destination that its Complete arrived, so it need not wait for a resume of
@@ -394,50 +478,9 @@ impl SourceSession {
         }
     }
 
-    fn background_stream(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
-        let zero = self.caps & CAP_ZERO_RUN != 0;
-        let mut limit = RateLimit::new(self.opts.bandwidth);
-        let nblocks = self.ram.blocks().len();
-        let mut cursor: (usize, usize) = (0, 0);
-        let mut idle_blocks = 0;
-        while idle_blocks <= nblocks {
-            if let Some(h) = hint.lock().ok().and_then(|mut g| g.take()) {
-                cursor = (h.block as usize, usize_of(h.page));
-                idle_blocks = 0;
-            }
-            let Some(b) = self.ram.blocks().get(cursor.0) else {
-                cursor = (0, 0);
-                idle_blocks += 1;
-                continue;
-            };
-            let Some(start) = b.sent().next_clear(cursor.1) else {
-                cursor = ((cursor.0 + 1) % nblocks, 0);
-                idle_blocks += 1;
-                continue;
-            };
-            idle_blocks = 0;
-            let ps = b.info().page_size;
-            let max = usize_of((u64::from(DEFAULT_MAX_RUN) / ps).max(1));
-            let mut n = 0;
-            while n < max && start + n < b.sent().len() && !b.sent().set(start + n) {
-                n += 1;
-            }
-            cursor = (cursor.0, start + n.max(1));
-            if n == 0 {
-                continue; // the urgent thread took it meanwhile
-            }
-            let w = send_run(
-                &mut self.main,
-                wire_index(cursor.0),
-                b,
-                start as u64 * ps,
-                n as u64 * ps,
-                Kind::Background,
-                zero,
-                &self.stats,
-            )?;
-            limit.pace(w);
-        }
+    /// After the last page of every background connection: the digests and Complete on main,
+    /// and the destination's Complete.
+    fn finish_stream(&mut self) -> Result<()> {
         if crate::failpoint::once("source-cut-before-complete") {
             let _ = self.main.shutdown(std::net::Shutdown::Both);
             return Err(Error::Invalid("failpoint: the connection is cut before Complete".into()));

@@ -166,9 +166,9 @@ pub fn decode_payload<'a>(
         FrameType::Hello => Frame::Hello(decode_hello(&mut f)?),
         FrameType::HelloAck => {
             let version = f.u16("version")?;
-            f.zero_u16("reserved field")?;
+            let streams = f.u16("streams")?;
             let capabilities = f.u64("capabilities")?;
-            Frame::HelloAck { version, capabilities }
+            Frame::HelloAck { version, capabilities, streams }
         }
         FrameType::Page => {
             let table = need_table(frame, blocks)?;
@@ -280,6 +280,11 @@ pub fn decode_payload<'a>(
                 _ => Frame::CompleteAck,
             }
         }
+        FrameType::Streams => {
+            let count = f.u16("stream count")?;
+            f.zero_u16("reserved field")?;
+            Frame::Streams { count }
+        }
         FrameType::Error => {
             let bytes = f.rest();
             if bytes.len() > MAX_ERROR_TEXT {
@@ -349,10 +354,11 @@ fn decode_hello(f: &mut Fields<'_>) -> Result<Hello, WireError> {
     let channel = match f.u8("channel")? {
         0 => Channel::Main,
         1 => Channel::Urgent,
+        2 => Channel::Stream,
         v => {
             return Err(WireError::malformed(
                 frame,
-                format!("channel {v} is neither 0 (main) nor 1 (urgent)"),
+                format!("channel {v} is not 0 (main), 1 (urgent) or 2 (stream)"),
             ))
         }
     };

@@ -63,9 +63,9 @@ fn encode_payload(frame: &Frame<'_>, out: &mut Vec<u8>, flags: &mut u8) -> Resul
                 out.extend_from_slice(&b.page_size.to_le_bytes());
             }
         }
-        Frame::HelloAck { version, capabilities } => {
+        Frame::HelloAck { version, capabilities, streams } => {
             out.extend_from_slice(&version.to_le_bytes());
-            out.extend_from_slice(&0u16.to_le_bytes());
+            out.extend_from_slice(&streams.to_le_bytes());
             out.extend_from_slice(&capabilities.to_le_bytes());
         }
         Frame::Page { block, offset, demand, data } => {
@@ -140,6 +140,10 @@ fn encode_payload(frame: &Frame<'_>, out: &mut Vec<u8>, flags: &mut u8) -> Resul
                 return Err(unencodable(ft, "an empty handshake message"));
             }
             out.extend_from_slice(bytes);
+        }
+        Frame::Streams { count } => {
+            out.extend_from_slice(&count.to_le_bytes());
+            out.extend_from_slice(&0u16.to_le_bytes());
         }
         Frame::Advise
         | Frame::Listen

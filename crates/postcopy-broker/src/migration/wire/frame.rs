@@ -29,9 +29,18 @@ pub const CAP_DIGEST: u64 = 1 << 4;
 /// Capability (version 2): the source confirms the destination's Complete with `CompleteAck`,
 /// and a destination that got no confirmation answers a resume of the completed session.
 pub const CAP_COMPLETE_ACK: u64 = 1 << 5;
+/// Capability: the background stream may be split over extra `Stream` connections (the
+/// HelloAck says how many background connections the destination takes, the `Streams` frame how
+/// many extra ones the source opens).
+pub const CAP_STREAMS: u64 = 1 << 6;
 /// Every capability this version knows.
-pub const CAP_ALL: u64 =
-    CAP_ZERO_RUN | CAP_URGENT_CHANNEL | CAP_DISCARD | CAP_RESUME | CAP_DIGEST | CAP_COMPLETE_ACK;
+pub const CAP_ALL: u64 = CAP_ZERO_RUN
+    | CAP_URGENT_CHANNEL
+    | CAP_DISCARD
+    | CAP_RESUME
+    | CAP_DIGEST
+    | CAP_COMPLETE_ACK
+    | CAP_STREAMS;
 
 /// The type byte of a frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -72,6 +81,9 @@ pub enum FrameType {
     /// Source → destination, after the destination's Complete: it was read, the source is done
     /// (only with `CAP_COMPLETE_ACK`).
     CompleteAck = 0x11,
+    /// Source → destination on main, right after the urgent connection's HelloAck (only with
+    /// `CAP_STREAMS`): how many extra background connections follow.
+    Streams = 0x12,
     /// Authentication step 1 (both sides): role and a fresh random nonce.
     AuthNonce = 0x20,
     /// Authentication step 2 (both sides): HMAC proof of the pre-shared key.
@@ -104,6 +116,7 @@ impl FrameType {
             0x0f => Error,
             0x10 => Digests,
             0x11 => CompleteAck,
+            0x12 => Streams,
             0x20 => AuthNonce,
             0x21 => AuthProof,
             0x22 => AuthResult,
@@ -172,6 +185,8 @@ pub enum Channel {
     Main = 0,
     /// The urgent channel: demand requests and the pages that answer them.
     Urgent = 1,
+    /// An extra background stream (`CAP_STREAMS`): pages, then Complete.
+    Stream = 2,
 }
 
 /// Which end of a migration a peer is (used by authentication).
@@ -234,6 +249,9 @@ pub enum Frame<'a> {
         version: u16,
         /// Capabilities accepted (a subset of the Hello's).
         capabilities: u64,
+        /// With `CAP_STREAMS` accepted: the background connections the destination takes, main
+        /// included (at least 1); otherwise 0.
+        streams: u16,
     },
     /// A run of whole pages at `offset` of `block`; `data.len()` is a multiple of the page size.
     Page {
@@ -301,6 +319,11 @@ pub enum Frame<'a> {
     ResumeAck,
     /// The source read the destination's Complete.
     CompleteAck,
+    /// The number of extra background connections the source opens next.
+    Streams {
+        /// Extra connections (0 keeps the one background stream on main).
+        count: u16,
+    },
     /// Fatal error text (UTF-8, at most [`MAX_ERROR_TEXT`](super::MAX_ERROR_TEXT) bytes).
     Error {
         /// What went wrong.
@@ -354,6 +377,7 @@ impl Frame<'_> {
             Frame::ResumeEnd => FrameType::ResumeEnd,
             Frame::ResumeAck => FrameType::ResumeAck,
             Frame::CompleteAck => FrameType::CompleteAck,
+            Frame::Streams { .. } => FrameType::Streams,
             Frame::Error { .. } => FrameType::Error,
             Frame::AuthNonce { .. } => FrameType::AuthNonce,
             Frame::AuthProof { .. } => FrameType::AuthProof,

@@ -26,8 +26,8 @@ pub use encode::{encode, page_header, write_all_vectored, write_frame, write_pag
 pub use error::WireError;
 pub use frame::{
     ByteRange, Channel, Frame, FrameType, Header, Hello, Side, AUTH_LEN, CAP_ALL, CAP_COMPLETE_ACK,
-    CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_URGENT_CHANNEL, CAP_ZERO_RUN, FLAG_DEMAND, HEADER_LEN, MAGIC,
-    PROTOCOL_VERSION,
+    CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_STREAMS, CAP_URGENT_CHANNEL, CAP_ZERO_RUN, FLAG_DEMAND,
+    HEADER_LEN, MAGIC, PROTOCOL_VERSION,
 };
 
 /// The destination's answer to a Hello: the version to speak (the lower of the two sides') and
@@ -40,13 +40,21 @@ pub fn negotiate(hello: &Hello, supported: u64) -> Result<(u16, u64), WireError>
 }
 
 /// The source's check of a HelloAck against its Hello: the version must be one it offered and
-/// understands, and the accepted capabilities a subset of the offered ones.
+/// understands, the accepted capabilities a subset of the offered ones, and the stream count
+/// 0 without `CAP_STREAMS` and at least 1 (main) with it.
 pub fn check_ack(
     offered_version: u16,
     offered_caps: u64,
     version: u16,
     capabilities: u64,
+    streams: u16,
 ) -> Result<(), WireError> {
+    if (capabilities & CAP_STREAMS != 0) != (streams != 0) {
+        return Err(WireError::malformed(
+            FrameType::HelloAck,
+            format!("{streams} streams with capabilities {capabilities:#x} (a count comes with CAP_STREAMS, and only then)"),
+        ));
+    }
     if version == 0 || version > offered_version.min(PROTOCOL_VERSION) {
         return Err(WireError::malformed(
             FrameType::HelloAck,

@@ -28,7 +28,10 @@ fn all_frames(page: &[u8], bitmap: &[u8]) -> Vec<Frame<'static>> {
     vec![
         Frame::Hello(hello()),
         Frame::Hello(Hello { channel: Channel::Urgent, ..hello() }),
-        Frame::HelloAck { version: 1, capabilities: CAP_ZERO_RUN | CAP_RESUME },
+        Frame::HelloAck { version: 1, capabilities: CAP_ZERO_RUN | CAP_RESUME, streams: 0 },
+        Frame::HelloAck { version: 2, capabilities: CAP_STREAMS, streams: 4 },
+        Frame::Hello(Hello { channel: Channel::Stream, resume: true, ..hello() }),
+        Frame::Streams { count: 3 },
         Frame::Page { block: 0, offset: 8192, demand: false, data: page },
         Frame::Page { block: 0, offset: 0, demand: true, data: &page[..4096] },
         Frame::ZeroRun { block: 1, offset: 2 << 20, len: 4 << 20, demand: false },
@@ -346,9 +349,13 @@ fn negotiation() {
     let h = Hello { version: 7, capabilities: CAP_ZERO_RUN | CAP_RESUME | (1 << 40), ..hello() };
     let (v, caps) = negotiate(&h, CAP_ZERO_RUN | CAP_DISCARD).unwrap();
     assert_eq!((v, caps), (PROTOCOL_VERSION, CAP_ZERO_RUN));
-    assert!(check_ack(7, h.capabilities, v, caps).is_ok());
-    assert!(check_ack(7, CAP_RESUME, v, caps).is_err());
-    assert!(check_ack(7, caps, PROTOCOL_VERSION + 1, caps).is_err());
+    assert!(check_ack(7, h.capabilities, v, caps, 0).is_ok());
+    assert!(check_ack(7, CAP_RESUME, v, caps, 0).is_err());
+    assert!(check_ack(7, caps, PROTOCOL_VERSION + 1, caps, 0).is_err());
+    // A stream count comes with CAP_STREAMS, and only then.
+    assert!(check_ack(7, caps, v, caps, 2).is_err());
+    assert!(check_ack(7, caps | CAP_STREAMS, v, caps | CAP_STREAMS, 0).is_err());
+    assert!(check_ack(7, caps | CAP_STREAMS, v, caps | CAP_STREAMS, 2).is_ok());
     assert!(negotiate(&Hello { version: 0, ..hello() }, CAP_ALL).is_err());
 }
 
