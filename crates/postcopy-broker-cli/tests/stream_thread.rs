@@ -61,7 +61,7 @@ fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
         vec![id],
         Arc::clone(inc.state()),
         Arc::clone(&net),
-        0,
+        postcopy_broker::sched::StreamPriority::Fixed(0),
     )
     .unwrap();
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
@@ -141,7 +141,7 @@ fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
         vec![id],
         Arc::clone(inc.state()),
         Arc::clone(&net),
-        0,
+        postcopy_broker::sched::StreamPriority::Fixed(0),
     )
     .unwrap();
     let _resumer = src.resumer();
@@ -184,7 +184,7 @@ fn pages_a_client_removed_before_they_arrived_are_zeros_when_the_stream_brings_t
         vec![id],
         Arc::clone(inc.state()),
         Arc::clone(&net),
-        0,
+        postcopy_broker::sched::StreamPriority::Fixed(0),
     )
     .unwrap();
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();

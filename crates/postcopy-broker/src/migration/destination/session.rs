@@ -66,9 +66,9 @@ pub struct DestinationOptions {
     /// How long to wait for the source to reconnect after a connection drops during postcopy
     /// before giving up.
     pub resume_timeout: Duration,
-    /// Nice value of the stream thread that places the background stream (0: the caller's),
-    /// so client faults and demand answers preempt it (see [`crate::sched`]).
-    pub stream_nice: i32,
+    /// Priority of the stream threads that place the background stream: by default low while
+    /// no fault waits and full while faults wait (see [`crate::sched`]).
+    pub stream_nice: crate::sched::StreamPriority,
     /// After the final Complete: how long to wait for the source's confirmation and, without
     /// it, to keep answering a resume of the completed session (the source may have missed
     /// Complete). The migration succeeds here either way.
@@ -83,7 +83,7 @@ impl Default for DestinationOptions {
             broker: BrokerConfig::default(),
             progress: Progress::Auto,
             resume_timeout: DEFAULT_RESUME_TIMEOUT,
-            stream_nice: crate::migration::source::DEFAULT_BACKGROUND_NICE,
+            stream_nice: crate::sched::StreamPriority::default(),
             end_linger: DEFAULT_END_LINGER,
         }
     }

@@ -105,8 +105,8 @@ pub(crate) struct StreamParts {
     pub(crate) wanted: Arc<Wanted>,
     pub(crate) counts: Arc<StreamCounts>,
     pub(crate) kick: Arc<EventFd>,
-    /// Nice value of the thread (0: unchanged).
-    pub(crate) nice: i32,
+    /// The thread's priority, which follows the fault loop's demand.
+    pub(crate) priority: Arc<crate::sched::DemandPriority>,
 }
 
 impl Stream {
@@ -167,8 +167,8 @@ impl Drop for Stream {
 }
 
 fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Shared) {
-    let StreamParts { mut ctx, placer, wanted, counts, kick, nice } = parts;
-    crate::sched::lower_thread_priority(nice, "stream thread");
+    let StreamParts { mut ctx, placer, wanted, counts, kick, priority } = parts;
+    let _priority = priority.enter();
     let started = std::time::Instant::now();
     let mut sink =
         StreamSink { placer, blocks: Arc::clone(&ctx.blocks), wanted, counts, shared, kick: &kick };

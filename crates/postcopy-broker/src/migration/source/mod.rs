@@ -17,6 +17,4 @@ pub mod urgent;
 
 pub use ram::{SourceBlock, SourceRam};
 pub use sender::{SourceCounts, SourceStats};
-pub use session::{
-    SourceOptions, SourceSession, SourceSummary, DEFAULT_BACKGROUND_NICE, DEFAULT_SOURCE_RESUME_TIMEOUT,
-};
+pub use session::{SourceOptions, SourceSession, SourceSummary, DEFAULT_SOURCE_RESUME_TIMEOUT};

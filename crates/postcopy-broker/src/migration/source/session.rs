@@ -40,10 +40,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Default of [`SourceOptions::resume_timeout`].
 pub const DEFAULT_SOURCE_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Default nice value of the background stream on either side: demand answers and faults
-/// (nice 0) preempt it, and it still gets most of an otherwise idle CPU.
-pub const DEFAULT_BACKGROUND_NICE: i32 = 10;
-
 /// Settings of a source session.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
@@ -63,9 +59,10 @@ pub struct SourceOptions {
     pub resume: bool,
     /// How long to keep trying to reconnect after a connection fails during postcopy.
     pub resume_timeout: Duration,
-    /// Nice value of the background stream while it runs (0: unchanged), so the urgent thread
-    /// answering demand faults preempts it (see [`crate::sched`]).
-    pub background_nice: i32,
+    /// Priority of the background stream: by default low while no demand request comes and
+    /// full while they do, so the urgent thread preempts it while nobody waits and it ends the
+    /// migration sooner while somebody does (see [`crate::sched`]).
+    pub background_nice: crate::sched::StreamPriority,
 }
 
 impl Default for SourceOptions {
@@ -79,7 +76,7 @@ impl Default for SourceOptions {
             zero_runs: true,
             resume: true,
             resume_timeout: DEFAULT_SOURCE_RESUME_TIMEOUT,
-            background_nice: DEFAULT_BACKGROUND_NICE,
+            background_nice: crate::sched::StreamPriority::default(),
         }
     }
 }
@@ -284,8 +281,10 @@ impl SourceSession {
     /// stream, until the destination's Complete or an error on either connection.
     fn serve(&mut self) -> Result<()> {
         let hint: Arc<Mutex<Option<Hint>>> = Arc::new(Mutex::new(None));
+        let priority = crate::sched::DemandPriority::new(self.opts.background_nice, "background stream");
         let urgent = {
             let (ram, stats, hint) = (Arc::clone(&self.ram), Arc::clone(&self.stats), Arc::clone(&hint));
+            let priority = Arc::clone(&priority);
             let stream = self.urgent.try_clone().ctx(|| "clone the urgent connection".into())?;
             let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
             let zero = self.caps & CAP_ZERO_RUN != 0;
@@ -293,7 +292,7 @@ impl SourceSession {
             thread::Builder::new()
                 .name("source-urgent".into())
                 .spawn(move || {
-                    let r = serve_urgent(stream, &ram, &stats, &hint, zero, prefetch);
+                    let r = serve_urgent(stream, &ram, &stats, &hint, &priority, zero, prefetch);
                     if r.is_err() {
                         // The background stream must notice too (a resume restarts both).
                         let _ = main.shutdown(std::net::Shutdown::Both);
@@ -302,7 +301,7 @@ impl SourceSession {
                 })
                 .ctx(|| "spawn the urgent thread".into())?
         };
-        let r = self.background(&hint);
+        let r = self.background(&hint, &priority);
         // Whatever happened, the urgent thread must end: shut its connection down.
         let _ = self.urgent.shutdown(std::net::Shutdown::Both);
         let u = urgent.join().map_err(|_| Error::Invalid("the urgent thread panicked".into()))?;
@@ -355,17 +354,20 @@ impl SourceSession {
 
     /// The background stream: every page not sent yet, in runs of up to 2 MiB, continuing near
     /// the last demanded address; then Complete, then wait for the destination's Complete.
-    fn background(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
+    fn background(
+        &mut self,
+        hint: &Mutex<Option<Hint>>,
+        priority: &Arc<crate::sched::DemandPriority>,
+    ) -> Result<()> {
         // A thread of its own, so its lower priority never sticks to the caller's thread (or to
         // an urgent thread spawned from it after a resume).
-        let nice = self.opts.background_nice;
         std::thread::scope(|s| {
             let t = thread::Builder::new()
                 .name("source-background".into())
                 .spawn_scoped(s, || {
-                    crate::sched::lower_thread_priority(nice, "background stream");
+                    let _priority = priority.enter();
                     let t0 = Instant::now();
-                    let r = self.background_stream(hint);
+                    let r = self.background_stream(hint, priority);
                     log::info!(
                         "background stream: {:.3} s, {:.3} s of CPU",
                         t0.elapsed().as_secs_f64(),
@@ -394,13 +396,18 @@ impl SourceSession {
         }
     }
 
-    fn background_stream(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
+    fn background_stream(
+        &mut self,
+        hint: &Mutex<Option<Hint>>,
+        priority: &crate::sched::DemandPriority,
+    ) -> Result<()> {
         let zero = self.caps & CAP_ZERO_RUN != 0;
         let mut limit = RateLimit::new(self.opts.bandwidth);
         let nblocks = self.ram.blocks().len();
         let mut cursor: (usize, usize) = (0, 0);
         let mut idle_blocks = 0;
         while idle_blocks <= nblocks {
+            priority.relax(crate::sched::DEMAND_HOLD);
             if let Some(h) = hint.lock().ok().and_then(|mut g| g.take()) {
                 cursor = (h.block as usize, usize_of(h.page));
                 idle_blocks = 0;
