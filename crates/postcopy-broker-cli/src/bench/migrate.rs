@@ -18,6 +18,7 @@ use postcopy_broker::migration::source::{SourceBlock, SourceOptions, SourceRam, 
 use postcopy_broker::migration::transport::throwaway::ThrowawayCa;
 use postcopy_broker::migration::transport::tls::TlsSetup;
 use postcopy_broker::migration::transport::Security;
+use postcopy_broker::sched::StreamPriority;
 
 const KEY: [u8; 32] = [0x5a; 32];
 
@@ -125,18 +126,19 @@ pub(crate) struct Running {
 }
 
 fn start(data: &[u8], bandwidth: u64, busy_poll: bool, protection: Protection) -> Result<Running> {
-    start_with(data, bandwidth, busy_poll, protection, None)
+    start_with(data, bandwidth, busy_poll, protection, None, StreamPriority::default())
 }
 
 /// [`start`], with a precopy pass first when `dirty_after_precopy` is given: the pass sends every
 /// page, then `[0, len)` is marked dirty (the guest wrote it meanwhile), so postcopy discards and
-/// sends it again.
+/// sends it again. `priority` is both background streams'.
 pub(crate) fn start_with(
     data: &[u8],
     bandwidth: u64,
     busy_poll: bool,
     protection: Protection,
     dirty_after_precopy: Option<u64>,
+    priority: StreamPriority,
 ) -> Result<Running> {
     let (src_sec, dst_sec) = securities(protection)?;
     let ram = SourceRam::new(vec![SourceBlock::from_bytes("ram", 4096, data)?])?;
@@ -146,7 +148,7 @@ pub(crate) fn start_with(
     let source = std::thread::Builder::new()
         .name("bench-source".into())
         .spawn(move || -> Result<()> {
-            let opts = SourceOptions { bandwidth, ..Default::default() };
+            let opts = SourceOptions { bandwidth, background_nice: priority, ..Default::default() };
             let mut session = SourceSession::connect(&addr, &src_sec, ram, opts)?;
             if let Some(len) = dirty_after_precopy {
                 session.precopy()?;
@@ -155,7 +157,8 @@ pub(crate) fn start_with(
             session.postcopy().map(|_| ())
         })
         .ctx(|| "spawn the source thread".into())?;
-    let mut opts = DestinationOptions { progress: Progress::Off, ..Default::default() };
+    let mut opts =
+        DestinationOptions { progress: Progress::Off, stream_nice: priority, ..Default::default() };
     opts.broker.busy_poll = busy_poll;
     let mut dest = Destination::accept(&l, &dst_sec, None, opts)?;
     dest.run_until_listening()?;
