@@ -3,7 +3,12 @@
 //! thread, the guest's vCPUs and devices) while nothing waits for them, and at full priority
 //! while faults wait: a client blocked in a fault is not using its CPU, and the stream is what
 //! ends the migration and so frees it. [`DemandPriority`] holds the threads of one stream and
-//! switches them on the transitions only (see [`StreamPriority`] for the modes).
+//! switches them on the transitions only (see [`StreamPriority`] for the modes): up at once when
+//! a fault starts waiting (the fault loop's pending set turns non-empty, or a demand request
+//! reaches the source), down only once none has waited for [`DEMAND_HOLD`], which the
+//! background threads check between their units of work ([`DemandPriority::relax`]). The hold
+//! keeps a guest that faults every few microseconds from flipping the threads twice per fault
+//! (measured: that cost more stream time than it gave the guest).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,8 +19,8 @@ use std::time::{Duration, Instant};
 /// (nice 0) preempt them, and they still get most of an otherwise idle CPU.
 pub const DEFAULT_LOW_NICE: i32 = 10;
 
-/// How long after the last demand request the source's sender stays at full priority (the
-/// source cannot see the destination's faults, only their Requests).
+/// How long background threads stay at full priority after the last fault stopped waiting (on
+/// the source: after the last demand request, as it cannot see the destination's faults).
 pub const DEMAND_HOLD: Duration = Duration::from_millis(2);
 
 /// How the background threads of a migration are prioritised.
@@ -72,9 +77,12 @@ pub struct DemandPriority {
     levels: Levels,
     /// Thread ids of the threads that entered and have not left.
     threads: Mutex<Vec<libc::id_t>>,
-    /// Whether faults wait (changed under `threads`' lock).
+    /// Whether the threads run at the demand level (changed under `threads`' lock).
     demand: AtomicBool,
-    /// Nanoseconds since `epoch` of the last [`DemandPriority::note_demand`].
+    /// Whether a fault waits right now (the fault loop's view).
+    waiting: AtomicBool,
+    /// Nanoseconds since `epoch` when the last fault stopped waiting (or the last demand
+    /// request arrived).
     last_demand: AtomicU64,
     epoch: Instant,
     /// Transitions applied (either way).
@@ -118,6 +126,7 @@ impl DemandPriority {
             levels,
             threads: Mutex::new(Vec::new()),
             demand: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
             last_demand: AtomicU64::new(0),
             epoch: Instant::now(),
             switches: AtomicU64::new(0),
@@ -147,40 +156,57 @@ impl DemandPriority {
         Entered { owner: Arc::clone(self), tid }
     }
 
-    /// Faults wait (`true`) or none does (`false`): on a change, move every thread that
-    /// entered to its level. Cheap when nothing changes.
+    /// Faults wait (`true`: the threads go to full priority at once) or none does any more
+    /// (`false`: they go back down at their next [`DemandPriority::relax`] after the hold).
+    /// Called on the transitions of the fault loop's pending set; cheap when nothing changes.
     pub fn set_demand(&self, waiting: bool) {
-        if !self.is_adaptive() || self.demand.load(Ordering::Relaxed) == waiting {
+        if !self.is_adaptive() {
             return;
         }
-        let g = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        if self.demand.swap(waiting, Ordering::Relaxed) == waiting {
-            return;
-        }
-        self.switches.fetch_add(1, Ordering::Relaxed);
-        if let Some(n) = self.levels.nice(waiting) {
-            for &t in g.iter() {
-                set_nice(t, n, self.what);
-            }
+        if waiting {
+            self.waiting.store(true, Ordering::Relaxed);
+            self.switch(true);
+        } else {
+            self.last_demand.store(nanos_since(self.epoch), Ordering::Relaxed);
+            self.waiting.store(false, Ordering::Relaxed);
         }
     }
 
     /// A demand request arrived (the source's urgent thread): full priority until
-    /// [`DemandPriority::relax`] finds none for [`DEMAND_HOLD`].
+    /// [`DemandPriority::relax`] finds none for the hold.
     pub fn note_demand(&self) {
-        self.last_demand.store(nanos_since(self.epoch), Ordering::Relaxed);
-        self.set_demand(true);
+        if self.is_adaptive() {
+            self.last_demand.store(nanos_since(self.epoch), Ordering::Relaxed);
+            self.switch(true);
+        }
     }
 
-    /// Back to the low level when the last demand request is older than `hold` (called by the
-    /// source's sender between runs).
+    /// Back to the low level when no fault waits and none did for `hold` (called by the
+    /// background threads between their units of work: one atomic load while low).
     pub fn relax(&self, hold: Duration) {
-        if !self.demand.load(Ordering::Relaxed) {
+        if !self.demand.load(Ordering::Relaxed) || self.waiting.load(Ordering::Relaxed) {
             return;
         }
         let idle = nanos_since(self.epoch).saturating_sub(self.last_demand.load(Ordering::Relaxed));
         if held_out(idle, hold) {
-            self.set_demand(false);
+            self.switch(false);
+        }
+    }
+
+    /// Move every thread that entered to the level of `demand`, if it is not there yet.
+    fn switch(&self, demand: bool) {
+        if self.demand.load(Ordering::Relaxed) == demand {
+            return;
+        }
+        let g = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if self.demand.swap(demand, Ordering::Relaxed) == demand {
+            return;
+        }
+        self.switches.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.levels.nice(demand) {
+            for &t in g.iter() {
+                set_nice(t, n, self.what);
+            }
         }
     }
 }
@@ -359,8 +385,14 @@ mod tests {
         assert_eq!(nice_of(worker), Some(base), "full priority while faults wait");
         p.set_demand(true);
         assert_eq!(p.switches(), 1, "no switch without a transition");
+        p.relax(Duration::ZERO);
+        assert_eq!(nice_of(worker), Some(base), "never down while a fault waits");
         p.set_demand(false);
-        assert_eq!(nice_of(worker), Some(12));
+        assert_eq!(nice_of(worker), Some(base), "down only after the hold");
+        p.relax(Duration::from_secs(3600));
+        assert_eq!(nice_of(worker), Some(base), "the hold is not over");
+        p.relax(Duration::ZERO);
+        assert_eq!(nice_of(worker), Some(12), "down once it is");
         p.note_demand();
         assert_eq!(nice_of(worker), Some(base), "a demand request raises at once");
         p.relax(Duration::from_secs(3600));
@@ -414,6 +446,7 @@ mod tests {
             let _in = p.enter();
             p.set_demand(true);
             p.set_demand(false);
+            p.relax(Duration::ZERO);
             let want = if allowed { 10 } else { base };
             assert_eq!(thread_nice(), Some(want), "without the privilege nothing is ever lowered");
         })

@@ -93,8 +93,8 @@ pub fn run(client: &Path, data: &[u8], touched: u64, setup: Setup, seed: u64) ->
     run.wait_all_received()?;
     let last_page = Instant::now();
     p.go()?;
-    let (total_s, _) = run.finish()?;
-    let exit_ms = last_page.elapsed().as_secs_f64() * 1e3;
+    let (total_s, _, dest_done) = run.finish_timed()?;
+    let exit_ms = dest_done.duration_since(last_page).as_secs_f64() * 1e3;
     drop(hogs);
     let lines = p.finish()?;
     let sides = cpu.stop(&[&["postcopy-", "migration-"], &["source-", "bench-source"]]);

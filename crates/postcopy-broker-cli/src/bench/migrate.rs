@@ -181,11 +181,21 @@ impl Running {
     /// Wait for every page; returns seconds since the source started connecting, and the
     /// destination's summary.
     pub(crate) fn finish(self) -> Result<(f64, postcopy_broker::migration::destination::Summary)> {
+        self.finish_timed().map(|(secs, summary, _)| (secs, summary))
+    }
+
+    /// [`Running::finish`], and when the destination was done: its session finished and its
+    /// RAM mappings torn down (the source's own teardown not included).
+    pub(crate) fn finish_timed(
+        self,
+    ) -> Result<(f64, postcopy_broker::migration::destination::Summary, Instant)> {
         self.wait_all_received()?;
         let secs = self.t0.elapsed().as_secs_f64();
-        let (summary, _) = self.dest.finish()?;
+        let (summary, incoming) = self.dest.finish()?;
+        drop(incoming);
+        let done = Instant::now();
         self.source.join().map_err(|_| Error::Invalid("the source thread panicked".into()))??;
-        Ok((secs, summary))
+        Ok((secs, summary, done))
     }
 }
 
