@@ -300,6 +300,8 @@ impl NetworkSource {
                 let mut p = Placer::new(Arc::clone(&self.uffd), self.ctx.blocks.largest_page_size())?;
                 // Waiters are woken by the fault loop once it hears of the range.
                 p.set_wake_on_place(false);
+                // Off the demand path: the exit no longer tears down these pages' entries.
+                p.set_zap_placed(true);
                 p
             },
             wanted: Arc::clone(&self.wanted),

@@ -174,6 +174,8 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
         StreamSink { placer, blocks: Arc::clone(&ctx.blocks), wanted, counts, shared, kick: &kick };
     let r = (|| -> Result<()> {
         loop {
+            // Back down once no fault has waited for a while (see `sched`).
+            priority.relax(crate::sched::DEMAND_HOLD);
             while let Some(f) = dec.next_frame()? {
                 let last = matches!(f, Frame::Complete);
                 if last {
@@ -192,6 +194,7 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
             }
         }
     })();
+    sink.placer.flush_zap(&sink.blocks);
     let c = sink.counts.snapshot();
     log::info!(
         "stream thread: placed {} pages ({} zero) in {:.3} s, {:.3} s of CPU",
