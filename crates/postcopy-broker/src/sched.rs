@@ -211,6 +211,14 @@ impl DemandPriority {
     }
 }
 
+impl Drop for DemandPriority {
+    fn drop(&mut self) {
+        if self.is_adaptive() {
+            log::info!("{}: {} priority switches", self.what, self.switches());
+        }
+    }
+}
+
 /// Whether demand idle for `idle_ns` has outlasted `hold`.
 fn held_out(idle_ns: u64, hold: Duration) -> bool {
     u128::from(idle_ns) >= hold.as_nanos()
