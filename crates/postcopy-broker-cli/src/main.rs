@@ -77,11 +77,15 @@ enum Command {
             env = "POSTCOPY_BROKER_RESUME_TIMEOUT"
         )]
         resume_timeout: f64,
-        /// With --incoming: nice value (0-19) of the thread that places the background stream, so
-        /// that client faults and demand answers preempt it; 0 runs it at the daemon's priority.
-        #[arg(long, value_name = "NICE", default_value_t = postcopy_broker::migration::source::DEFAULT_BACKGROUND_NICE,
+        /// With --incoming: a fixed nice value (0-19) for the threads that place the background
+        /// stream, for the whole migration; 0 runs them at the daemon's priority. Without it
+        /// they follow demand: nice 10 while no fault waits (client faults and demand answers
+        /// preempt them), the daemon's priority while faults wait (the stream is what frees
+        /// them). Following needs CAP_SYS_NICE or RLIMIT_NICE (LimitNICE=); without either they
+        /// run at the daemon's priority, with a warning.
+        #[arg(long, value_name = "NICE",
               value_parser = clap::value_parser!(i32).range(0..=19), requires = "incoming", env = "POSTCOPY_BROKER_STREAM_NICE")]
-        stream_nice: i32,
+        stream_nice: Option<i32>,
         /// With --incoming: background connections taken from the source, main included (the
         /// source's `--streams`; each is authenticated and bound to the session like the urgent
         /// one, a source asking for more gets this many).
@@ -249,7 +253,7 @@ fn main() -> ExitCode {
                 summary_json,
                 resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
                     .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
-                stream_nice,
+                stream_nice: postcopy_broker::sched::StreamPriority::from_nice(stream_nice),
                 max_streams,
                 limits: postcopy_broker::fault::ControlLimits {
                     registrations_per_connection: max_registrations_per_connection,

@@ -433,7 +433,8 @@ fn thread_nice(pid: u32, comm: &str) -> Option<i64> {
 }
 
 /// The background threads run at their nice values while the stream lasts: the source's at
-/// `--background-nice`, the destination's stream thread at its default (10); the threads that
+/// `--background-nice` (fixed), the destination's stream thread at the adaptive default's low
+/// value (10: no client, so no fault ever waits; tests/stream_priority.rs has the rest); the threads that
 /// answer demand (the source's main and urgent threads, the fault loop) keep nice 0.
 #[test]
 fn background_threads_run_at_their_nice_values() {

@@ -62,7 +62,7 @@ fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
         vec![id],
         Arc::clone(inc.state()),
         Arc::clone(&net),
-        0,
+        postcopy_broker::sched::StreamPriority::Fixed(0),
     )
     .unwrap();
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
@@ -143,7 +143,7 @@ fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
         vec![id],
         Arc::clone(inc.state()),
         Arc::clone(&net),
-        0,
+        postcopy_broker::sched::StreamPriority::Fixed(0),
     )
     .unwrap();
     let _resumer = src.resumer();
@@ -187,7 +187,7 @@ fn pages_a_client_removed_before_they_arrived_are_zeros_when_the_stream_brings_t
         vec![id],
         Arc::clone(inc.state()),
         Arc::clone(&net),
-        0,
+        postcopy_broker::sched::StreamPriority::Fixed(0),
     )
     .unwrap();
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();

@@ -13,6 +13,8 @@
 //! at that moment is skipped (that placer sets its received bit). So no page is filled twice and
 //! an EEXIST with a clear received bit can only be a foreign page.
 
+mod zap;
+
 use crate::conv::usize_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -141,6 +143,8 @@ pub struct Placer {
     zero: StagingPage,
     stats: Arc<PlaceStats>,
     wake: bool,
+    /// Drop the broker's own page-table entries of placed data runs (see `zap`).
+    zap: Option<zap::Zapper>,
 }
 
 impl Placer {
@@ -151,7 +155,23 @@ impl Placer {
             zero: StagingPage::new(largest_page)?,
             stats: Arc::new(PlaceStats::default()),
             wake: true,
+            zap: None,
         })
+    }
+
+    /// Drop the broker's own page-table entries of the data runs this placer fills, batched,
+    /// as it goes (off by default): the pages stay in the shared page cache, and the broker's
+    /// exit no longer tears down one entry per page it placed. For a placer off the demand path
+    /// (a stream thread); [`Placer::flush_zap`] at its end zaps the last batch.
+    pub fn set_zap_placed(&mut self, on: bool) {
+        self.zap = on.then(zap::Zapper::default);
+    }
+
+    /// Zap the runs still pending (see [`Placer::set_zap_placed`]).
+    pub fn flush_zap(&self, blocks: &RamBlocks) {
+        if let Some(z) = &self.zap {
+            z.flush(blocks);
+        }
     }
 
     /// Whether the placement ioctls themselves wake threads of this process waiting on the
@@ -180,7 +200,7 @@ impl Placer {
         }
         b.check_range(offset, len)?;
         let ps = b.page_size();
-        self.claimed(b, offset, len, |o, l| {
+        let placed = self.claimed(b, offset, len, |o, l| {
             let (first, end) = (b.page_index(o), b.page_index(o + l));
             let mut outcome = Placed::Placed;
             let mut i = first;
@@ -216,7 +236,11 @@ impl Placer {
                 b.punch(p as u64 * ps, k as u64 * ps)?;
             }
             Ok(outcome)
-        })
+        })?;
+        if let Some(z) = &self.zap {
+            z.placed(blocks, id, offset, len);
+        }
+        Ok(placed)
     }
 
     /// Place zero pages over `[offset, offset+len)`: a hole of an fd-backed block is allocated

@@ -5,17 +5,24 @@
 //! found the touched range dirty (so postcopy sends it again). Figures: the client's mean
 //! blocked time per demand request (an access of 10 us or more), its total blocked time and its
 //! share of the postcopy phase, its worst access, the migration's total time and the CPU seconds
-//! of each end's threads. QEMU's own figures for the same workload, measured on this machine
-//! (issue #15), are the reference column where one exists.
+//! of each end's threads, and how long the destination takes from the last page to the end of
+//! its teardown (summary, joins, unmapping). QEMU's own figures for the same workload, measured
+//! on this machine (issue #15), are the reference column where one exists.
+//!
+//! With `--hog N` the case runs postcopy at once under N CPU hogs instead ([`crate::bench::hog`]),
+//! once per background priority: fixed nice 10, fixed nice 0 and adaptive, side by side.
 
 use std::path::Path;
+use std::time::Instant;
 
+use crate::bench::hog::Hogs;
 use crate::bench::migrate::{start_with, Protection};
 use crate::bench::peer::Peer;
 use crate::bench::report::{Row, Target};
 use crate::bench::sys;
 use crate::bench::threads::ThreadCpu;
 use postcopy_broker::error::{Error, Result};
+use postcopy_broker::sched::{StreamPriority, DEFAULT_LOW_NICE};
 
 /// QEMU 7.2 with postcopy-preempt on the same workload (issue #15): total seconds of the
 /// migration, and the share of the postcopy phase its vCPU was blocked.
@@ -41,6 +48,9 @@ pub struct Figures {
     pub cpu: (f64, f64),
     /// Accesses that blocked.
     pub blocked: u64,
+    /// From the last page to the destination's end (summary, joins, teardown; the guest RAM
+    /// still held elsewhere, as by a VMM), ms.
+    pub exit_ms: f64,
 }
 
 /// Guest RAM of `mib` MiB, every page data (a guest whose memory is in use).
@@ -56,22 +66,46 @@ pub fn guest_ram(mib: usize) -> Vec<u8> {
     v
 }
 
-/// One run over `data`, the client touching its first `touched` bytes; after a precopy pass
-/// with the touched range dirtied when `precopy`.
-pub fn run(client: &Path, data: &[u8], touched: u64, precopy: bool, seed: u64) -> Result<Figures> {
+/// How one run goes: after a precopy pass with the touched range dirtied or not, the
+/// background streams' priority, and how many CPU hogs spin meanwhile.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup {
+    /// A precopy pass first, then the touched range dirtied.
+    pub precopy: bool,
+    /// Both background streams' priority.
+    pub priority: StreamPriority,
+    /// Spinning processes during the run.
+    pub hogs: usize,
+}
+
+/// One run over `data`, the client touching its first `touched` bytes.
+pub fn run(client: &Path, data: &[u8], touched: u64, setup: Setup, seed: u64) -> Result<Figures> {
     sys::warm_memory(2 * data.len())?;
+    let hogs = Hogs::start(setup.hogs)?;
     let cpu = ThreadCpu::start();
-    let run = start_with(data, 0, false, Protection::Plaintext, precopy.then_some(touched))?;
+    let run =
+        start_with(data, 0, false, Protection::Plaintext, setup.precopy.then_some(touched), setup.priority)?;
     let h = run.dest.broker().ok_or_else(|| Error::Invalid("no fault loop".into()))?;
     let b = run.dest.incoming().blocks().get(0).ok_or_else(|| Error::Invalid("no block".into()))?;
     let last = touched / 4096 - 1;
     let mut p = Peer::spawn(client, b, &format!("memtouch:0-{last}:{seed}"), &[])?;
+    // Guest RAM outlives the migration, held by the VMM: hold it here too, or the exit row
+    // would time freeing 1 GiB whenever the client happens to exit first.
+    let guest_ram = b
+        .fd()
+        .ok_or_else(|| Error::Invalid("the block has no fd".into()))?
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("duplicate the guest RAM's fd", e))?;
     p.register(h, "bench-memtouch")?;
     p.go()?;
     run.wait_all_received()?;
+    let last_page = Instant::now();
     p.go()?;
+    let (total_s, _, dest_done) = run.finish_timed()?;
+    let exit_ms = dest_done.duration_since(last_page).as_secs_f64() * 1e3;
+    drop(guest_ram);
+    drop(hogs);
     let lines = p.finish()?;
-    let (total_s, _) = run.finish()?;
     let sides = cpu.stop(&[&["postcopy-", "migration-"], &["source-", "bench-source"]]);
     let m = lines
         .iter()
@@ -87,6 +121,7 @@ pub fn run(client: &Path, data: &[u8], touched: u64, precopy: bool, seed: u64) -
         total_s,
         cpu: (sides.first().copied().unwrap_or(0.0), sides.get(1).copied().unwrap_or(0.0)),
         blocked: m["blocked"].as_u64().unwrap_or(0),
+        exit_ms,
     })
 }
 
@@ -101,10 +136,12 @@ struct Variant {
     cpu_dest: Row,
     cpu_source: Row,
     requests: Row,
+    exit: Row,
+    setup: Setup,
 }
 
 impl Variant {
-    fn new(what: &str, targets: bool) -> Variant {
+    fn new(what: &str, targets: bool, setup: Setup) -> Variant {
         let t = |x: f64| if targets { Target::AtMost(x) } else { Target::None };
         let r = |case: &str, target, prec| {
             Row::new(&format!("memtouch {what}: {case}"), "unpinned", "blocking", target, prec)
@@ -119,6 +156,8 @@ impl Variant {
             cpu_dest: r("destination CPU, s", Target::None, 3),
             cpu_source: r("source CPU, s", Target::None, 3),
             requests: r("accesses that blocked (demand requests)", Target::None, 0),
+            exit: r("destination's exit after the last page, ms", t(50.0), 1),
+            setup,
         }
     }
 
@@ -133,6 +172,7 @@ impl Variant {
             (&mut self.cpu_dest, f.cpu.0, None),
             (&mut self.cpu_source, f.cpu.1, None),
             (&mut self.requests, f.blocked as f64, None),
+            (&mut self.exit, f.exit_ms, None),
         ] {
             row.ours.push(ours);
             if let (Some(r), Some(v)) = (row.reference.as_mut(), reference) {
@@ -151,41 +191,69 @@ impl Variant {
             self.cpu_dest,
             self.cpu_source,
             self.requests,
+            self.exit,
         ]
     }
 }
 
 /// The case's rows over the runs: postcopy at once (with the issue's targets) and after a
-/// precopy pass with the touched range dirtied.
+/// precopy pass with the touched range dirtied; or, under hogs, postcopy at once with each
+/// background priority.
 #[derive(Debug)]
 pub struct MemtouchRows {
-    at_once: Variant,
-    after_precopy: Variant,
+    variants: Vec<Variant>,
 }
 
 impl MemtouchRows {
-    /// Empty rows for a guest of `mib` MiB (the issue's targets hold for 1024).
-    pub fn new(mib: usize) -> MemtouchRows {
+    /// Empty rows for a guest of `mib` MiB (the issue's targets hold for 1024) and `hogs` CPU
+    /// hogs.
+    pub fn new(mib: usize, hogs: usize) -> MemtouchRows {
         let what = format!("{mib} MiB, {} MiB touched", mib * 3 / 4);
-        MemtouchRows {
-            at_once: Variant::new(&format!("{what}, postcopy at once"), mib == 1024),
-            after_precopy: Variant::new(&format!("{what}, dirtied after precopy"), false),
-        }
+        let targets = mib == 1024;
+        let adaptive = StreamPriority::default();
+        let variants = if hogs == 0 {
+            vec![
+                Variant::new(
+                    &format!("{what}, postcopy at once"),
+                    targets,
+                    Setup { precopy: false, priority: adaptive, hogs },
+                ),
+                Variant::new(
+                    &format!("{what}, dirtied after precopy"),
+                    false,
+                    Setup { precopy: true, priority: adaptive, hogs },
+                ),
+            ]
+        } else {
+            [
+                ("stream at fixed nice 10", StreamPriority::Fixed(DEFAULT_LOW_NICE)),
+                ("stream at fixed nice 0", StreamPriority::Fixed(0)),
+                ("stream adaptive", adaptive),
+            ]
+            .into_iter()
+            .map(|(how, priority)| {
+                Variant::new(
+                    &format!("{what}, postcopy at once, {hogs} CPU hog(s), {how}"),
+                    targets,
+                    Setup { precopy: false, priority, hogs },
+                )
+            })
+            .collect()
+        };
+        MemtouchRows { variants }
     }
 
-    /// One run of both variants over `data`, the client touching `touched` bytes.
+    /// One run of every variant over `data`, the client touching `touched` bytes.
     pub fn measure(&mut self, client: &Path, data: &[u8], touched: u64, seed: u64) -> Result<()> {
-        let f = run(client, data, touched, false, seed)?;
-        self.at_once.push(&f);
-        let f = run(client, data, touched, true, seed)?;
-        self.after_precopy.push(&f);
+        for v in &mut self.variants {
+            let f = run(client, data, touched, v.setup, seed)?;
+            v.push(&f);
+        }
         Ok(())
     }
 
     /// Every row.
     pub fn rows(self) -> Vec<Row> {
-        let mut v = self.at_once.rows();
-        v.extend(self.after_precopy.rows());
-        v
+        self.variants.into_iter().flat_map(Variant::rows).collect()
     }
 }

@@ -18,6 +18,7 @@ use postcopy_broker::migration::source::{SourceBlock, SourceOptions, SourceRam, 
 use postcopy_broker::migration::transport::throwaway::ThrowawayCa;
 use postcopy_broker::migration::transport::tls::TlsSetup;
 use postcopy_broker::migration::transport::Security;
+use postcopy_broker::sched::StreamPriority;
 
 const KEY: [u8; 32] = [0x5a; 32];
 
@@ -125,20 +126,21 @@ pub(crate) struct Running {
 }
 
 fn start(data: &[u8], bandwidth: u64, busy_poll: bool, protection: Protection) -> Result<Running> {
-    start_with(data, bandwidth, busy_poll, protection, None)
+    start_with(data, bandwidth, busy_poll, protection, None, StreamPriority::default())
 }
 
 /// [`start`], with a precopy pass first when `dirty_after_precopy` is given: the pass sends every
 /// page, then `[0, len)` is marked dirty (the guest wrote it meanwhile), so postcopy discards and
-/// sends it again.
+/// sends it again. `priority` is both background streams'.
 pub(crate) fn start_with(
     data: &[u8],
     bandwidth: u64,
     busy_poll: bool,
     protection: Protection,
     dirty_after_precopy: Option<u64>,
+    priority: StreamPriority,
 ) -> Result<Running> {
-    start_streams(data, bandwidth, busy_poll, protection, dirty_after_precopy, None)
+    start_streams(data, bandwidth, busy_poll, protection, dirty_after_precopy, None, priority)
 }
 
 /// [`start_with`] over `streams` background connections (None: the source's default).
@@ -149,6 +151,7 @@ fn start_streams(
     protection: Protection,
     dirty_after_precopy: Option<u64>,
     streams: Option<u16>,
+    priority: StreamPriority,
 ) -> Result<Running> {
     let (src_sec, dst_sec) = securities(protection)?;
     let ram = SourceRam::new(vec![SourceBlock::from_bytes("ram", 4096, data)?])?;
@@ -158,7 +161,7 @@ fn start_streams(
     let source = std::thread::Builder::new()
         .name("bench-source".into())
         .spawn(move || -> Result<()> {
-            let mut opts = SourceOptions { bandwidth, ..Default::default() };
+            let mut opts = SourceOptions { bandwidth, background_nice: priority, ..Default::default() };
             if let Some(n) = streams {
                 opts.streams = n;
             }
@@ -170,7 +173,8 @@ fn start_streams(
             session.postcopy().map(|_| ())
         })
         .ctx(|| "spawn the source thread".into())?;
-    let mut opts = DestinationOptions { progress: Progress::Off, ..Default::default() };
+    let mut opts =
+        DestinationOptions { progress: Progress::Off, stream_nice: priority, ..Default::default() };
     opts.max_streams = opts.max_streams.max(streams.unwrap_or(1));
     opts.broker.busy_poll = busy_poll;
     let mut dest = Destination::accept(&l, &dst_sec, None, opts)?;
@@ -194,11 +198,21 @@ impl Running {
     /// Wait for every page; returns seconds since the source started connecting, and the
     /// destination's summary.
     pub(crate) fn finish(self) -> Result<(f64, postcopy_broker::migration::destination::Summary)> {
+        self.finish_timed().map(|(secs, summary, _)| (secs, summary))
+    }
+
+    /// [`Running::finish`], and when the destination was done: its session finished and its
+    /// RAM mappings torn down (the source's own teardown not included).
+    pub(crate) fn finish_timed(
+        self,
+    ) -> Result<(f64, postcopy_broker::migration::destination::Summary, Instant)> {
         self.wait_all_received()?;
         let secs = self.t0.elapsed().as_secs_f64();
-        let (summary, _) = self.dest.finish()?;
+        let (summary, incoming) = self.dest.finish()?;
+        drop(incoming);
+        let done = Instant::now();
         self.source.join().map_err(|_| Error::Invalid("the source thread panicked".into()))??;
-        Ok((secs, summary))
+        Ok((secs, summary, done))
     }
 }
 
@@ -216,7 +230,8 @@ pub fn migrate_streams(
 ) -> Result<MigrationFigures> {
     sys::warm_memory(2 * data.len())?;
     let nonzero = data.chunks(4096).filter(|p| !postcopy_broker::source::is_zero(p)).count() as u64 * 4096;
-    let (secs, _) = start_streams(data, 0, false, protection, None, streams)?.finish()?;
+    let (secs, _) =
+        start_streams(data, 0, false, protection, None, streams, StreamPriority::default())?.finish()?;
     Ok(MigrationFigures { secs, nonzero })
 }
 

@@ -13,6 +13,7 @@
 pub mod background;
 pub mod demand;
 pub mod flood;
+pub mod hog;
 pub mod memtouch;
 pub mod migrate;
 pub mod peer;
@@ -80,6 +81,8 @@ pub struct BenchConfig {
     pub client: PathBuf,
     /// The pcb-hostile executable (the flooding peer of the control case).
     pub hostile: PathBuf,
+    /// CPU hogs of the memtouch case (0: none; see [`memtouch`]).
+    pub hogs: usize,
 }
 
 impl BenchConfig {
@@ -109,6 +112,7 @@ impl BenchConfig {
             out_dir,
             hostile: client.with_file_name("pcb-hostile"),
             client,
+            hogs: 0,
         }
     }
 
@@ -424,7 +428,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<Report> 
     let mut m_tls_p99 =
         Row::new(&tls_sat.replace("{}", "p99 us"), "unpinned", "blocking", Target::None, 1).with_reference();
     let mut flooded = flood::FloodRows::new();
-    let mut memtouched = memtouch::MemtouchRows::new(cfg.migrate_mib);
+    let mut memtouched = memtouch::MemtouchRows::new(cfg.migrate_mib, cfg.hogs);
     let demand = cfg.wants("demand");
     let background = cfg.wants("background");
     for run in 0..cfg.runs {

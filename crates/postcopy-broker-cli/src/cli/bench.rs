@@ -61,6 +61,12 @@ pub struct BenchArgs {
     /// The pcb-hostile executable, the flooding peer (default: next to the client).
     #[arg(long)]
     pub hostile: Option<std::path::PathBuf>,
+    /// CPU hogs for the memtouch case: N processes spinning at the benchmark's priority while
+    /// each migration runs; the case then runs postcopy at once with the background streams at
+    /// fixed nice 10, fixed nice 0 and adaptive priority, side by side (0: the usual two
+    /// variants, no hog).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub hog: usize,
 }
 
 /// Run the benchmark and print its table.
@@ -83,6 +89,7 @@ pub fn run(a: BenchArgs) -> ExitCode {
     cfg.private_pages = a.private_pages.max(1);
     cfg.private_huge_pages = a.private_huge_pages.max(1);
     cfg.cases = a.cases;
+    cfg.hogs = a.hog;
     if let Some(h) = a.hostile {
         cfg.hostile = h;
     }

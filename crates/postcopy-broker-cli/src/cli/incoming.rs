@@ -51,8 +51,8 @@ pub struct IncomingOptions {
     pub summary_json: Option<PathBuf>,
     /// How long to wait for the source to reconnect after a drop during postcopy.
     pub resume_timeout: std::time::Duration,
-    /// Nice value of the stream thread (0: unchanged).
-    pub stream_nice: i32,
+    /// Priority of the stream threads (`--stream-nice`: fixed; default: follows demand).
+    pub stream_nice: postcopy_broker::sched::StreamPriority,
     /// Background connections taken from the source, main included.
     pub max_streams: u16,
     /// What one control-socket peer may make the broker hold (as `serve`'s).

@@ -68,11 +68,13 @@ pub struct SourceArgs {
     /// Do not offer postcopy recovery: a connection failure during postcopy ends the migration.
     #[arg(long)]
     pub no_resume: bool,
-    /// Nice value (0-19) of the background stream while it runs, so that the urgent thread
-    /// answering demand faults preempts it; 0 runs it at the process's priority.
-    #[arg(long, value_name = "NICE", default_value_t = postcopy_broker::migration::source::DEFAULT_BACKGROUND_NICE,
-          value_parser = clap::value_parser!(i32).range(0..=19))]
-    pub background_nice: i32,
+    /// A fixed nice value (0-19) for the background stream, for the whole migration; 0 runs it
+    /// at the process's priority. Without it the stream follows demand: nice 10 while no demand
+    /// request comes (the urgent thread preempts it), the process's priority from a request
+    /// until none came for 2 ms. Following needs CAP_SYS_NICE or RLIMIT_NICE; without either
+    /// the stream runs at the process's priority, with a warning.
+    #[arg(long, value_name = "NICE", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub background_nice: Option<i32>,
     /// Background connections to the destination, main included, each with a sender thread of
     /// its own (the destination places each with a thread of its own); at most the
     /// destination's `--max-streams`. Default: one per core, at most 4.
@@ -142,7 +144,7 @@ pub fn run(a: &SourceArgs) -> Result<()> {
         prefetch_pages: a.prefetch,
         bandwidth: a.bandwidth.as_deref().map(parse_size).transpose()?.unwrap_or(0),
         resume: !a.no_resume,
-        background_nice: a.background_nice,
+        background_nice: postcopy_broker::sched::StreamPriority::from_nice(a.background_nice),
         streams: a.streams.unwrap_or_else(postcopy_broker::migration::source::default_streams),
         resume_timeout: std::time::Duration::try_from_secs_f64(a.resume_timeout).map_err(|_| {
             Error::Invalid(format!("--resume-timeout {} is not a duration in seconds", a.resume_timeout))

@@ -189,6 +189,8 @@ pub(crate) struct Loop {
     pub(crate) ending: Option<super::ending::Ending>,
     /// What the restart rebuilt (a restarted broker only).
     pub(crate) restart: Option<super::park::Restart>,
+    /// Whether faults waited after the last round (the page source hears of each change).
+    pub(crate) demand: crate::sched::DemandEdge,
 }
 
 impl Loop {
@@ -565,6 +567,9 @@ impl Loop {
                 }
                 self.after_round();
             }
+            if let Some(waiting) = self.demand.update(!self.core.pending.is_empty()) {
+                self.source.demand_waiting(waiting);
+            }
         }
         self.final_wake();
         Ok(self.status())
@@ -656,6 +661,7 @@ impl Broker {
             background: false,
             ending: None,
             restart,
+            demand: crate::sched::DemandEdge::default(),
         };
         lp.add(event.as_raw_fd(), T_EVENT)?;
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;

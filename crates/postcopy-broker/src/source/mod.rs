@@ -99,6 +99,11 @@ pub trait PageSource: Send + std::fmt::Debug {
     fn placed_elsewhere(&self) -> PlacedElsewhere {
         PlacedElsewhere::default()
     }
+
+    /// The fault loop's pending set turned non-empty (`true`: faults wait for pages) or empty,
+    /// after a round: a source with background threads raises or lowers them (see
+    /// [`crate::sched::DemandPriority`]).
+    fn demand_waiting(&mut self, _waiting: bool) {}
 }
 
 pub use crate::zero::is_zero;

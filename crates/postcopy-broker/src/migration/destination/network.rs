@@ -33,6 +33,7 @@ use crate::migration::transport::Transport;
 use crate::migration::wire::{encode, Decoder, Frame, WireError};
 use crate::place::Placer;
 use crate::ram::{BlockId, RamBlocks};
+use crate::sched::{DemandPriority, StreamPriority};
 use crate::source::{PageRequest, PageSink, PageSource, PlacedElsewhere, SourceState, Urgency};
 use crate::uffd::Uffd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -186,7 +187,8 @@ pub struct NetworkSource {
     counts: Arc<StreamCounts>,
     /// Ranges the stream thread placed (reused).
     landed: Vec<(BlockId, u64, u64)>,
-    stream_nice: i32,
+    /// The stream threads' priority, following the fault loop's demand.
+    priority: Arc<DemandPriority>,
     ep: OwnedFd,
     kick: Arc<EventFd>,
     slot: Arc<Mutex<Option<Connections>>>,
@@ -230,7 +232,7 @@ impl NetworkSource {
     /// `ids[i]` is the RAM block of wire block `i`; `state` is the Incoming's state cell (Run
     /// moves it to Running); `net` is shared with the session; `uffd` is the broker's own
     /// userfaultfd (where every block is registered), through which the stream thread places;
-    /// `stream_nice` is the stream thread's nice value (0: unchanged).
+    /// `stream_nice` is the stream threads' priority.
     pub fn new(
         conns: Connections,
         uffd: Arc<Uffd>,
@@ -238,7 +240,7 @@ impl NetworkSource {
         ids: Vec<BlockId>,
         state: Arc<StateCell>,
         net: Arc<NetState>,
-        stream_nice: i32,
+        stream_nice: StreamPriority,
     ) -> Result<NetworkSource> {
         let mut s = Self::paused(uffd, blocks, ids, state, net, stream_nice)?;
         s.install(conns)?;
@@ -254,7 +256,7 @@ impl NetworkSource {
         ids: Vec<BlockId>,
         state: Arc<StateCell>,
         net: Arc<NetState>,
-        stream_nice: i32,
+        stream_nice: StreamPriority,
     ) -> Result<NetworkSource> {
         let ep = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
@@ -275,7 +277,7 @@ impl NetworkSource {
             wanted,
             counts: Arc::new(StreamCounts::default()),
             landed: Vec::new(),
-            stream_nice,
+            priority: DemandPriority::new(stream_nice, "stream thread"),
             ep,
             kick: kickfd,
             slot: Arc::new(Mutex::new(None)),
@@ -347,13 +349,15 @@ impl NetworkSource {
         let mut placer = Placer::new(Arc::clone(&self.uffd), self.ctx.blocks.largest_page_size())?;
         // Waiters are woken by the fault loop once it hears of the range.
         placer.set_wake_on_place(false);
+        // Off the demand path: the exit no longer tears down these pages' entries.
+        placer.set_zap_placed(true);
         Ok(StreamParts {
             ctx: self.ctx.clone(),
             placer,
             wanted: Arc::clone(&self.wanted),
             counts: Arc::clone(&self.counts),
             kick: Arc::clone(&self.kick),
-            nice: self.stream_nice,
+            priority: Arc::clone(&self.priority),
             conn,
             index,
         })
@@ -672,6 +676,10 @@ impl PageSource for NetworkSource {
 
     fn placed_elsewhere(&self) -> PlacedElsewhere {
         self.counts.snapshot()
+    }
+
+    fn demand_waiting(&mut self, waiting: bool) {
+        self.priority.set_demand(waiting);
     }
 }
 

@@ -76,9 +76,9 @@ pub struct DestinationOptions {
     /// How long to wait for the source to reconnect after a connection drops during postcopy
     /// before giving up.
     pub resume_timeout: Duration,
-    /// Nice value of the stream thread that places the background stream (0: the caller's),
-    /// so client faults and demand answers preempt it (see [`crate::sched`]).
-    pub stream_nice: i32,
+    /// Priority of the stream threads that place the background stream: by default low while
+    /// no fault waits and full while faults wait (see [`crate::sched`]).
+    pub stream_nice: crate::sched::StreamPriority,
     /// After the final Complete: how long to wait for the source's confirmation and, without
     /// it, to keep answering a resume of the completed session (the source may have missed
     /// Complete). The migration succeeds here either way.
@@ -96,7 +96,7 @@ impl Default for DestinationOptions {
             broker: BrokerConfig::default(),
             progress: Progress::Auto,
             resume_timeout: DEFAULT_RESUME_TIMEOUT,
-            stream_nice: crate::migration::source::DEFAULT_BACKGROUND_NICE,
+            stream_nice: crate::sched::StreamPriority::default(),
             end_linger: DEFAULT_END_LINGER,
             max_streams: DEFAULT_MAX_STREAMS,
         }
@@ -493,7 +493,10 @@ impl Destination {
             if done {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // Once the source has sent everything the last pages are moments away: look often,
+            // so the end does not wait out a whole nap (issue #15: exit within 50 ms).
+            let nap = if self.net.complete.load(Ordering::Acquire) { 1 } else { 20 };
+            std::thread::sleep(Duration::from_millis(nap));
         }
         progress.clear();
         if let Err(e) = self.net.digests.verify() {

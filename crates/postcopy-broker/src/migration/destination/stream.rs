@@ -107,8 +107,8 @@ pub(crate) struct StreamParts {
     pub(crate) wanted: Arc<Wanted>,
     pub(crate) counts: Arc<StreamCounts>,
     pub(crate) kick: Arc<EventFd>,
-    /// Nice value of the thread (0: unchanged).
-    pub(crate) nice: i32,
+    /// The thread's priority, which follows the fault loop's demand.
+    pub(crate) priority: Arc<crate::sched::DemandPriority>,
     /// Main or an extra stream.
     pub(crate) conn: Conn,
     /// The background connection's number (0: main), for the thread's name and log.
@@ -177,13 +177,15 @@ impl Drop for Stream {
 }
 
 fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Shared) {
-    let StreamParts { mut ctx, placer, wanted, counts, kick, nice, conn, index } = parts;
-    crate::sched::lower_thread_priority(nice, "stream thread");
+    let StreamParts { mut ctx, placer, wanted, counts, kick, priority, conn, index } = parts;
+    let _priority = priority.enter();
     let started = std::time::Instant::now();
     let mut sink =
         StreamSink { placer, blocks: Arc::clone(&ctx.blocks), wanted, counts, shared, kick: &kick };
     let r = (|| -> Result<()> {
         loop {
+            // Back down once no fault has waited for a while (see `sched`).
+            priority.relax(crate::sched::DEMAND_HOLD);
             while let Some(f) = dec.next_frame()? {
                 let last = matches!(f, Frame::Complete);
                 if last {
@@ -204,6 +206,7 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
             }
         }
     })();
+    sink.placer.flush_zap(&sink.blocks);
     let c = sink.counts.snapshot();
     log::info!(
         "stream thread {index}: placed {} pages in {:.3} s, {:.3} s of CPU (all streams so far: {} pages, {} zero)",

@@ -20,6 +20,5 @@ pub mod urgent;
 pub use ram::{SourceBlock, SourceRam};
 pub use sender::{SourceCounts, SourceStats};
 pub use session::{
-    default_streams, SourceOptions, SourceSession, SourceSummary, DEFAULT_BACKGROUND_NICE,
-    DEFAULT_SOURCE_RESUME_TIMEOUT,
+    default_streams, SourceOptions, SourceSession, SourceSummary, DEFAULT_SOURCE_RESUME_TIMEOUT,
 };

@@ -44,10 +44,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Default of [`SourceOptions::resume_timeout`].
 pub const DEFAULT_SOURCE_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Default nice value of the background stream on either side: demand answers and faults
-/// (nice 0) preempt it, and it still gets most of an otherwise idle CPU.
-pub const DEFAULT_BACKGROUND_NICE: i32 = 10;
-
 /// Default of [`SourceOptions::streams`]: one background connection per core, at most 4.
 pub fn default_streams() -> u16 {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
@@ -73,9 +69,10 @@ pub struct SourceOptions {
     pub resume: bool,
     /// How long to keep trying to reconnect after a connection fails during postcopy.
     pub resume_timeout: Duration,
-    /// Nice value of the background stream while it runs (0: unchanged), so the urgent thread
-    /// answering demand faults preempts it (see [`crate::sched`]).
-    pub background_nice: i32,
+    /// Priority of the background stream: by default low while no demand request comes and
+    /// full while they do, so the urgent thread preempts it while nobody waits and it ends the
+    /// migration sooner while somebody does (see [`crate::sched`]).
+    pub background_nice: crate::sched::StreamPriority,
     /// Background connections (and sender threads), main included: at least 1, at most what the
     /// destination takes (`CAP_STREAMS`; a destination without it gets 1).
     pub streams: u16,
@@ -92,7 +89,7 @@ impl Default for SourceOptions {
             zero_runs: true,
             resume: true,
             resume_timeout: DEFAULT_SOURCE_RESUME_TIMEOUT,
-            background_nice: DEFAULT_BACKGROUND_NICE,
+            background_nice: crate::sched::StreamPriority::default(),
             streams: default_streams(),
         }
     }
@@ -300,7 +297,9 @@ impl SourceSession {
     /// stream, until the destination's Complete or an error on either connection.
     fn serve(&mut self) -> Result<()> {
         let hint: Arc<Mutex<Option<Hint>>> = Arc::new(Mutex::new(None));
+        let priority = crate::sched::DemandPriority::new(self.opts.background_nice, "background stream");
         let urgent = {
+            let priority = Arc::clone(&priority);
             let (ram, stats, hint) = (Arc::clone(&self.ram), Arc::clone(&self.stats), Arc::clone(&hint));
             let stream = self.urgent.try_clone().ctx(|| "clone the urgent connection".into())?;
             let main = self.main.try_clone().ctx(|| "clone the main connection".into())?;
@@ -309,7 +308,7 @@ impl SourceSession {
             thread::Builder::new()
                 .name("source-urgent".into())
                 .spawn(move || {
-                    let r = serve_urgent(stream, &ram, &stats, &hint, zero, prefetch);
+                    let r = serve_urgent(stream, &ram, &stats, &hint, &priority, zero, prefetch);
                     if r.is_err() {
                         // The background stream must notice too (a resume restarts both).
                         let _ = main.shutdown(std::net::Shutdown::Both);
@@ -318,7 +317,7 @@ impl SourceSession {
                 })
                 .ctx(|| "spawn the urgent thread".into())?
         };
-        let r = self.background(&hint);
+        let r = self.background(&hint, &priority);
         // Whatever happened, the urgent thread must end: shut its connection down.
         let _ = self.urgent.shutdown(std::net::Shutdown::Both);
         let u = urgent.join().map_err(|_| Error::Invalid("the urgent thread panicked".into()))?;
@@ -380,10 +379,13 @@ impl SourceSession {
     /// the last demanded address) and on every extra stream, each by a thread of its own; then
     /// Complete on the extra streams, the digests and Complete on main, then wait for the
     /// destination's Complete.
-    fn background(&mut self, hint: &Mutex<Option<Hint>>) -> Result<()> {
+    fn background(
+        &mut self,
+        hint: &Mutex<Option<Hint>>,
+        priority: &Arc<crate::sched::DemandPriority>,
+    ) -> Result<()> {
         // Threads of their own, so their lower priority never sticks to the caller's thread (or
         // to an urgent thread spawned from it after a resume).
-        let nice = self.opts.background_nice;
         let mut extras = std::mem::take(&mut self.streams);
         let n = extras.len() + 1;
         let abort = AtomicBool::new(false);
@@ -393,6 +395,7 @@ impl SourceSession {
             zero: self.caps & CAP_ZERO_RUN != 0,
             bandwidth: if self.opts.bandwidth == 0 { 0 } else { (self.opts.bandwidth / n as u64).max(1) },
             abort: &abort,
+            priority,
         };
         let handles: Vec<Transport> = extras
             .iter()
@@ -407,7 +410,7 @@ impl SourceSession {
                 let t = thread::Builder::new()
                     .name(format!("source-stream-{}", j + 1))
                     .spawn_scoped(s, move || {
-                        crate::sched::lower_thread_priority(nice, "background stream");
+                        let _priority = priority.enter();
                         let t0 = Instant::now();
                         let r = push.run(conn, start_of(push.ram, j + 1, n), None).and_then(|()| {
                             write_frame(conn, &Frame::Complete)?;
@@ -432,7 +435,7 @@ impl SourceSession {
             let t = thread::Builder::new()
                 .name("source-background".into())
                 .spawn_scoped(s, || {
-                    crate::sched::lower_thread_priority(nice, "background stream");
+                    let _priority = priority.enter();
                     let t0 = Instant::now();
                     let r = push.run(main, start_of(push.ram, 0, n), Some(hint));
                     log::info!(

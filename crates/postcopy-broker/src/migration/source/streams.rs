@@ -28,6 +28,8 @@ pub(super) struct Push<'a> {
     pub(super) bandwidth: u64,
     /// Set when any sender or connection failed: the others stop early (a resume follows).
     pub(super) abort: &'a AtomicBool,
+    /// The senders' priority, which follows the demand requests (each sender entered it).
+    pub(super) priority: &'a crate::sched::DemandPriority,
 }
 
 /// Where sender `j` of `n` starts: page `total * j / n` of the RAM, as (block, page).
@@ -57,6 +59,7 @@ impl Push<'_> {
         let nblocks = blocks.len();
         let mut idle_blocks = 0;
         while idle_blocks <= nblocks {
+            self.priority.relax(crate::sched::DEMAND_HOLD);
             if self.abort.load(Ordering::Relaxed) {
                 return Err(Error::Invalid("another background connection failed".into()));
             }

@@ -28,6 +28,7 @@ pub fn serve_urgent(
     ram: &SourceRam,
     stats: &SourceStats,
     hint: &Mutex<Option<Hint>>,
+    priority: &crate::sched::DemandPriority,
     zero_runs: bool,
     prefetch: u64,
 ) -> Result<()> {
@@ -51,6 +52,8 @@ pub fn serve_urgent(
             Err(e) => return Err(e.into()),
         };
         stats.requests.fetch_add(1, Ordering::Relaxed);
+        // Somebody waits at the destination: the background stream runs at full priority.
+        priority.note_demand();
         let Some(b) = ram.block(block) else { continue };
         let ps = b.info().page_size;
         send_run(&mut stream, block, b, offset, len, Kind::Demand, zero_runs, stats)?;
