@@ -456,7 +456,9 @@ impl Registered {
                 u.unregister(start, len).map_err(|e| format!("UFFDIO_UNREGISTER at {start:#x}: {e}"))?;
             }
         }
-        for &id in &clients {
+        // Forked children (adopted after their parent, so later in the list) first: the
+        // broker releases a parent's children with it.
+        for &id in clients.iter().rev() {
             match c.unregister(id) {
                 // The broker's grace after postcopy_end ran out while this client was busy: it
                 // has stopped, and the ranges are unregistered here already.

@@ -44,10 +44,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Default of [`SourceOptions::resume_timeout`].
 pub const DEFAULT_SOURCE_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Default of [`SourceOptions::streams`]: one background connection per core, at most 4.
+/// Default of [`SourceOptions::streams`]: one background connection. More (`--streams N`)
+/// measured 25-35% faster on a 2-core machine, but the long scenario run found one hang of a
+/// recovery with 2 streams that is not understood yet (docs/recovery.md): opt in until it is.
 pub fn default_streams() -> u16 {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    u16::try_from(cores.min(4)).unwrap_or(1)
+    1
 }
 
 /// Settings of a source session.
