@@ -77,7 +77,7 @@ pub struct SourceArgs {
     pub background_nice: Option<i32>,
     /// Background connections to the destination, main included, each with a sender thread of
     /// its own (the destination places each with a thread of its own); at most the
-    /// destination's `--max-streams`. Default: 1 (see docs/recovery.md, "Known limits").
+    /// destination's `--max-streams`. Default: 1.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=8))]
     pub streams: Option<u16>,
     /// Write the checksums of the final source RAM (after --dirty) to this JSON file.

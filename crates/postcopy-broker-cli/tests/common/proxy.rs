@@ -137,9 +137,14 @@ impl Proxy {
 
     /// Cut only the `n`-th connection accepted (1: the first), now.
     pub fn cut_connection(&self, n: u64) {
-        for (_, s) in self.st.numbered.lock().unwrap().iter().filter(|(i, _)| *i == n) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        // The clones are closed too (dropped), as a real cut closes the sockets: a peer still
+        // writing into one that nobody reads then gets a reset instead of blocking for good.
+        self.st.numbered.lock().unwrap().retain(|(i, s)| {
+            if *i == n {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            *i != n
+        });
     }
 
     /// Hold the first connection's client → target bytes after the Listen frame (call before
@@ -240,6 +245,10 @@ fn cut(st: &State) {
     for s in st.live.lock().unwrap().drain(..) {
         let _ = s.shutdown(Shutdown::Both);
     }
+    // Close the numbered clones as well: an fd left open keeps the cut connection half alive,
+    // and a source blocked writing into it (the proxy no longer reads) would wait forever
+    // instead of seeing the reset a closed socket sends.
+    st.numbered.lock().unwrap().clear();
 }
 
 /// Whether `watch` occurs in `tail` + `buf`; keeps the last bytes of `buf` in `tail`.

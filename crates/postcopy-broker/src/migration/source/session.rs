@@ -45,8 +45,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub const DEFAULT_SOURCE_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default of [`SourceOptions::streams`]: one background connection. More (`--streams N`)
-/// measured 25-35% faster on a 2-core machine, but the long scenario run found one hang of a
-/// recovery with 2 streams that is not understood yet (docs/recovery.md): opt in until it is.
+/// measured 25-35% faster on a loaded 2-core machine; the default changes once a quiet
+/// machine's benchmark (BENCHMARKS.md) confirms it.
 pub fn default_streams() -> u16 {
     1
 }
