@@ -182,18 +182,8 @@ fn rebuild(
     let last = alive.as_ref().and_then(park::last_alive);
     let mut all_names = names.clone();
     all_names.extend([LISTEN_FD_NAME.to_string(), crate::systemd::CONTROL_FD_NAME.to_string()]);
-    let parking = match (store, alive) {
-        (Some(s), Some(alive)) => {
-            let state = State { job: Job::Incoming { session: session.clone() }, clients: clients.clone() };
-            Some(Parking::resume(s, state, generation, all_names, alive))
-        }
-        _ => {
-            log::warn!(
-                "restarted without an fd store (or its heartbeat): a further restart could not resume"
-            );
-            None
-        }
-    };
+    let state = State { job: Job::Incoming { session: session.clone() }, clients: clients.clone() };
+    let parking = park::parking_after_restart(store, alive, state, generation, all_names);
     opts.broker.parking = parking.clone().map(|p| p as Arc<dyn postcopy_broker::fault::park::ClientParking>);
     let before = session.restarts.clone();
     log::warn!(

@@ -167,6 +167,27 @@ pub struct Parking {
     stop: Arc<AtomicBool>,
 }
 
+/// Go on parking after a restart when the service manager handed back its store and the dead
+/// broker's heartbeat ([`Parking::resume`]); without them, say that a further restart could not
+/// resume, and park nothing.
+pub fn parking_after_restart(
+    store: Option<FdStore>,
+    alive: Option<OwnedFd>,
+    state: State,
+    generation: u64,
+    names: Vec<String>,
+) -> Option<Arc<Parking>> {
+    match (store, alive) {
+        (Some(s), Some(alive)) => Some(Parking::resume(s, state, generation, names, alive)),
+        _ => {
+            log::warn!(
+                "restarted without an fd store (or its heartbeat): a further restart could not resume"
+            );
+            None
+        }
+    }
+}
+
 impl Parking {
     /// A parking that holds nothing yet (give it to the fault loop before it starts).
     pub fn new(store: FdStore) -> Result<Arc<Parking>> {

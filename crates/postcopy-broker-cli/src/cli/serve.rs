@@ -359,18 +359,8 @@ fn rebuild(
     let mut inc = Incoming::new(blocks);
     let backends = DaemonBackends::reattach(take_backends(&restore, &o.parked), inc.notifiers_mut())?;
     inc.relisten()?;
-    let parking = match (store, alive) {
-        (Some(s), Some(alive)) => {
-            let state = State { job: Job::Restore { restore: restore.clone() }, clients: clients.clone() };
-            Some(Parking::resume(s, state, generation, names, alive))
-        }
-        _ => {
-            log::warn!(
-                "restarted without an fd store (or its heartbeat): a further restart could not resume"
-            );
-            None
-        }
-    };
+    let state = State { job: Job::Restore { restore: restore.clone() }, clients: clients.clone() };
+    let parking = park::parking_after_restart(store, alive, state, generation, names);
     config.parking = parking.clone().map(|p| p as Arc<dyn ClientParking>);
     // The clients the fill waited for came to the dead broker.
     config.background_after_clients = 0;

@@ -36,20 +36,14 @@ use crate::fault::{Broker, BrokerConfig, BrokerHandle};
 use crate::incoming::Incoming;
 use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
 use crate::migration::wire::{
-    negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, WireError, CAP_COMPLETE_ACK,
-    CAP_DIGEST, CAP_DISCARD, CAP_RESUME, CAP_STREAMS, CAP_URGENT_CHANNEL, CAP_ZERO_RUN,
+    negotiate, write_frame, BlockInfo, BlockTable, Channel, Decoder, Frame, WireError, CAP_DIGEST,
+    CAP_RESUME, CAP_URGENT_CHANNEL,
 };
 use crate::ram::{BlockId, RamBlock, RamBlocks, HUGE_1G, HUGE_2M, SMALL_PAGE};
 use crate::state::PostcopyState;
 
-/// Capabilities this destination accepts.
-pub const DESTINATION_CAPS: u64 = CAP_ZERO_RUN
-    | CAP_URGENT_CHANNEL
-    | CAP_DISCARD
-    | CAP_RESUME
-    | CAP_DIGEST
-    | CAP_COMPLETE_ACK
-    | CAP_STREAMS;
+/// Capabilities this destination accepts: every one this version knows.
+pub const DESTINATION_CAPS: u64 = crate::migration::wire::CAP_ALL;
 
 /// Default of [`DestinationOptions::max_streams`].
 pub const DEFAULT_MAX_STREAMS: u16 = 4;
