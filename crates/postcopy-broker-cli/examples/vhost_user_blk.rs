@@ -7,6 +7,13 @@
 //!
 //! It advertises the PAGEFAULT protocol feature unless started with `--no-pagefault`.
 //!
+//! With `--prefault-report FILE` it also behaves like a backend that populates (or mlocks) its
+//! guest mappings: once its first memory table is in use (during postcopy: after the frontend's
+//! ack, when faulting is allowed), a walker thread reads every 4 KiB of guest memory in a
+//! scattered order, each read a fault on a missing page during postcopy, and writes one line per
+//! 4 KiB to FILE, in guest address order: `GPA FNV-1a-64` in hex. The example joins the walker
+//! before it exits, so FILE is complete once the process has exited.
+//!
 //! ```text
 //! vhost_user_blk --socket /tmp/vub.sock --disk /tmp/disk.img --size 64M
 //! ```
@@ -33,6 +40,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueOwnedT;
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
@@ -73,6 +81,10 @@ struct Args {
     /// Serve one connection, then exit (default: serve connections one after another forever).
     #[arg(long)]
     once: bool,
+    /// Read all guest memory once the memory table is in use (as a backend that prefaults or
+    /// mlocks does) and write what was read, one `GPA FNV` line per 4 KiB, to this file.
+    #[arg(long, value_name = "FILE")]
+    prefault_report: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -93,6 +105,10 @@ struct BlkBackend {
     event_idx: bool,
     mem: Option<Mem>,
     requests: u64,
+    /// Where the prefault walker reports, until it is started.
+    prefault: Option<PathBuf>,
+    /// The prefault walker, once started.
+    walker: Option<std::thread::JoinHandle<Result<u64, String>>>,
 }
 
 /// Outcome of one request: status byte and bytes written into the guest.
@@ -326,6 +342,14 @@ impl VhostUserBackendMut for BlkBackend {
     }
 
     fn update_memory(&mut self, mem: Mem) -> io::Result<()> {
+        if let Some(report) = self.prefault.take() {
+            let snapshot = mem.memory().into_inner();
+            self.walker = Some(
+                std::thread::Builder::new()
+                    .name("prefault".into())
+                    .spawn(move || prefault(&snapshot, &report))?,
+            );
+        }
         self.mem = Some(mem);
         Ok(())
     }
@@ -356,6 +380,50 @@ impl VhostUserBackendMut for BlkBackend {
             .ok_or_else(|| io::Error::other(format!("event for unknown queue {device_event}")))?;
         self.process_queue(vring)
     }
+}
+
+/// Step of the prefault walk and of its report.
+const PREFAULT_STEP: u64 = 4096;
+
+/// Reads every [`PREFAULT_STEP`] of `mem` in a scattered order (a stride coprime with the step
+/// count visits each once), then writes `GPA FNV` lines in guest address order to `report`.
+/// Returns how many steps it read.
+fn prefault(mem: &GuestMemoryMmap<()>, report: &std::path::Path) -> Result<u64, String> {
+    use std::io::Write;
+    let mut steps: Vec<u64> = Vec::new();
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        steps.extend((0..region.len() / PREFAULT_STEP).map(|i| base + i * PREFAULT_STEP));
+    }
+    let n = steps.len() as u64;
+    let gcd = |mut a: u64, mut b: u64| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let mut stride = (n / 3) | 1;
+    while n > 1 && gcd(stride, n) != 1 {
+        stride += 2;
+    }
+    info!("prefault: reading {n} steps of {PREFAULT_STEP} bytes");
+    let mut sums = vec![0u64; steps.len()];
+    let mut buf = vec![0u8; PREFAULT_STEP as usize];
+    for i in 0..n {
+        let k = ((u128::from(i) * u128::from(stride)) % u128::from(n.max(1))) as usize;
+        mem.read_slice(&mut buf, GuestAddress(steps[k]))
+            .map_err(|e| format!("prefault read at {:#x}: {e}", steps[k]))?;
+        sums[k] =
+            postcopy_broker::vhost_user::blk::fnv1a64(postcopy_broker::vhost_user::blk::FNV_OFFSET, &buf);
+    }
+    let file = File::create(report).map_err(|e| format!("prefault report {}: {e}", report.display()))?;
+    let mut out = io::BufWriter::new(file);
+    for (gpa, h) in steps.iter().zip(&sums) {
+        writeln!(out, "{gpa:x} {h:016x}").map_err(|e| format!("prefault report: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("prefault report: {e}"))?;
+    info!("prefault: read {n} steps, report in {}", report.display());
+    Ok(n)
 }
 
 fn open_disk(args: &Args) -> io::Result<File> {
@@ -393,6 +461,8 @@ fn run(args: Args) -> Result<(), String> {
             event_idx: false,
             mem: None,
             requests: 0,
+            prefault: args.prefault_report.clone(),
+            walker: None,
         }));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         // A fresh daemon per connection: vhost-user ownership and vring state start clean.
@@ -404,6 +474,14 @@ fn run(args: Args) -> Result<(), String> {
             handler.send_exit_event();
         }
         let requests = backend.read().map(|b| b.requests).unwrap_or(0);
+        let walker = backend.write().ok().and_then(|mut b| b.walker.take());
+        if let Some(w) = walker {
+            match w.join() {
+                Ok(Ok(n)) => info!("prefault walker read {n} steps"),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err("the prefault walker panicked".into()),
+            }
+        }
         match res {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {

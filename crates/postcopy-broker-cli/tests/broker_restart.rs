@@ -16,11 +16,12 @@
 //! kind of client at once: control-socket pcb-clients reading and writing pages (two of them
 //! read every page: with no background fill their faults are the fill), a Firecracker-style
 //! private client (Firecracker's UFFD handshake) reading random pages and removing a range, and
-//! the `vhost_user_blk` example or qemu-storage-daemon (alternate runs) as a daemon-mode backend
-//! (the broker is its frontend). The
-//! restarted broker rebuilds the blocks from their parked fds, takes every client and the
-//! backend's connection back, and sends POSTCOPY_END at the end; the private client's removed
-//! range still reads zeros. docs/recovery.md has the table these runs produce.
+//! daemon-mode backends (the broker is their frontend): the `vhost_user_blk` example prefaulting
+//! (it reads all guest memory from the moment its memory table is in use, so it faults before,
+//! across and after every kill, and reports what it read), plus qemu-storage-daemon in odd runs.
+//! The restarted broker rebuilds the blocks from their parked fds, takes every client and the
+//! backends' connections back, and sends POSTCOPY_END at the end; the private client's removed
+//! range still reads zeros, and everything the backend read equals the image. docs/recovery.md has the table these runs produce.
 
 mod common;
 
@@ -241,6 +242,10 @@ struct Totals {
     postcopy_end_heard: u64,
     /// Reads of the private (Firecracker-style) client checked (restore variant).
     private_reads_checked: u64,
+    /// 4 KiB steps the prefaulting daemon-mode backend read, checked (restore variant).
+    backend_reads_checked: u64,
+    /// Pages the prefaulting backend asked the last (restarted) broker for (restore variant).
+    backend_pages_after_restart: u64,
     /// Kill to the restarted broker's READY=1, as the test sees it.
     downtimes_ms: Vec<u64>,
     /// The dead broker's last heartbeat to the new one serving its clients, as the broker says.
@@ -639,12 +644,47 @@ fn check_private_reads(lines: &[Value], data: &[u8], removed: (u64, u64)) -> u64
     n
 }
 
+/// What the prefaulting backend read (its `--prefault-report`: one `GPA FNV` line per 4 KiB of
+/// the guest, `ram` at 0 and `hram` after it), checked against the image; a page a control
+/// client wrote (`w0` pages of `ram` with `v0`, `w1` of `hram` with `v1`, 8 bytes at the
+/// page's start) may read either way. Returns how many steps were checked: all of them.
+fn check_prefault(report: &Path, ram: &[u8], hram: &[u8], w0: (&[u64], u8), w1: (&[u64], u8)) -> u64 {
+    let mut img = ram.to_vec();
+    img.extend_from_slice(hram);
+    let mut written = std::collections::HashMap::new();
+    for (gpa, v) in
+        w0.0.iter()
+            .map(|&p| (p as usize * 4096, w0.1))
+            .chain(w1.0.iter().map(|&p| (SMALL + p as usize * HPS, w1.1)))
+    {
+        let mut page = img[gpa..gpa + 4096].to_vec();
+        page[..8].fill(v);
+        written.insert(gpa, fnv(&page));
+    }
+    let text = std::fs::read_to_string(report).unwrap_or_else(|e| panic!("{}: {e}", report.display()));
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        let (gpa, h) = line.split_once(' ').unwrap();
+        let gpa = usize::from_str_radix(gpa, 16).unwrap();
+        assert_eq!(gpa, i * 4096, "prefault report out of order at line {i}");
+        let want = fnv(&img[gpa..gpa + 4096]);
+        assert!(
+            h == want || written.get(&gpa).is_some_and(|w| w == h),
+            "the backend read {h} at {gpa:#x}, the image has {want}"
+        );
+        n += 1;
+    }
+    assert_eq!(n, (SMALL + HUGE) / 4096, "the prefault report is short");
+    n as u64
+}
+
 /// One run of the lazy-restore variant: `serve --image` (the image holds `ram` then `hram`)
 /// under pcb-keeper without a background fill, so that the clients' faults are the fill: two
 /// "filler" pcb-clients read every page of each block, two more read and write random pages, a
 /// Firecracker-style private client reads random pages and removes a range, and the broker is
-/// the frontend of a vhost-user-blk backend in daemon mode. The test SIGKILLs the broker at
-/// random points; the restarted one rebuilds from the parked fds.
+/// the frontend of a prefaulting vhost-user-blk backend in daemon mode (and of
+/// qemu-storage-daemon in odd runs). The test SIGKILLs the broker at random points; the
+/// restarted one rebuilds from the parked fds.
 fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8], t: &mut Totals) {
     use common::vhost::examples_dir;
     ensure_free_huge_pages(24);
@@ -655,32 +695,46 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
     let _dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(90));
     let sock = dir.path(&format!("rctl-{run}.sock"));
     let summary_path = dir.path(&format!("rsummary-{run}.json"));
+    // Every run: the vhost_user_blk example, prefaulting (it reads all guest memory once its
+    // memory table is in use, so it faults before, across and after the kills); odd runs add
+    // qemu-storage-daemon (libvhost-user), which only takes part in the handshakes and the end.
     let vub = dir.path(&format!("vub-{run}.sock"));
-    // Even runs: the vhost_user_blk example; odd ones: qemu-storage-daemon (libvhost-user).
-    let disk = dir.path(&format!("disk-{run}"));
-    let qsd = run % 2 == 1;
-    let mut cmd = if qsd {
+    let prefault_report = dir.path(&format!("prefault-{run}.txt"));
+    let mut backend = Command::new(examples_dir().join("vhost_user_blk"))
+        .arg("--socket")
+        .arg(&vub)
+        .arg("--disk")
+        .arg(dir.path(&format!("disk-{run}")))
+        .args(["--size", "16M", "--once", "--prefault-report"])
+        .arg(&prefault_report)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    pids.lock().unwrap().push(backend.id());
+    let qsd_sock = dir.path(&format!("qsd-{run}.sock"));
+    let mut qsd = (run % 2 == 1).then(|| {
+        let disk = dir.path(&format!("qsd-disk-{run}"));
         std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
-        let mut c = Command::new("qemu-storage-daemon");
-        c.arg("--blockdev")
+        let c = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
             .arg(format!("driver=file,node-name=disk,filename={}", disk.display()))
             .arg("--export")
             .arg(format!(
                 "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
-                vub.display()
-            ));
+                qsd_sock.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        pids.lock().unwrap().push(c.id());
         c
-    } else {
-        let mut c = Command::new(examples_dir().join("vhost_user_blk"));
-        c.arg("--socket").arg(&vub).arg("--disk").arg(&disk).args(["--size", "16M", "--once"]);
-        c
-    };
-    let mut backend =
-        cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    pids.lock().unwrap().push(backend.id());
+    });
     let t0 = Instant::now();
-    while !vub.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the backend never listened");
+    while !vub.exists() || (qsd.is_some() && !qsd_sock.exists()) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "a backend never listened");
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut args: Vec<std::ffi::OsString> = vec!["serve".into(), "--image".into(), dir.path("img").into()];
@@ -692,6 +746,9 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
         summary_path.clone().into(),
     ]);
     args.extend(["--vhost-user-backend".into(), vub.clone().into()]);
+    if qsd.is_some() {
+        args.extend(["--vhost-user-backend".into(), qsd_sock.clone().into()]);
+    }
     let notify = format!("@pcb-restore-test-{}-{run}", std::process::id());
     let (mut keeper, _) = Keeper::spawn(&notify, &args, &pids, false);
     keeper.wait(Duration::from_secs(30), "parked state", |e| {
@@ -765,15 +822,17 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
         let _ = std::fs::write(Path::new(&d).join(format!("restore-run-{run}.log")), log.as_bytes());
     }
     assert!(st.success(), "run {run}: the broker failed ({st})\n{log}");
-    // The backend heard POSTCOPY_END from the last broker (a failure would be logged) and
+    // The backends heard POSTCOPY_END from the last broker (a failure would be logged) and
     // ours ended with its connection; qemu-storage-daemon serves on until it is stopped.
-    if qsd {
-        backend.kill().unwrap();
+    if let Some(q) = qsd.as_mut() {
+        q.kill().unwrap();
+        q.wait().unwrap();
     }
     let be = backend.wait().unwrap();
     let mut be_log = String::new();
     std::io::Read::read_to_string(&mut backend.stderr.take().unwrap(), &mut be_log).unwrap();
-    assert!(qsd || be.success(), "run {run}: the backend failed ({be}):\n{be_log}");
+    assert!(be.success(), "run {run}: the backend failed ({be}):\n{be_log}");
+    t.backend_reads_checked += check_prefault(&prefault_report, ram, hram, (&w0, v0), (&w1, v1));
     assert!(!log.contains("POSTCOPY_END"), "run {run}: POSTCOPY_END failed:\n{log}");
     assert!(
         log.contains("taken back after a restart") || kills == 0,
@@ -823,8 +882,9 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
     let restarts = summary["restarts"].as_array().unwrap();
     assert_eq!(restarts.len() as u64, kills, "run {run}: {summary}");
     for (i, r) in restarts.iter().enumerate() {
-        // Every client waits for the test's word at its end: all six are parked at each kill.
-        assert_eq!(r["clients_adopted"], 6, "run {run}: restart {i}: {r}");
+        // Every client waits for the test's word at its end and the backends stay connected:
+        // all six (seven with qemu-storage-daemon) are parked at each kill.
+        assert_eq!(r["clients_adopted"], 6 + u64::from(qsd.is_some()), "run {run}: restart {i}: {r}");
         assert_eq!(r["clients_lost"], 0, "run {run}: {r}");
         assert!(r["ranges_woken"].as_u64().unwrap() >= 6, "run {run}: {r}");
         t.pages_rebuilt += r["pages_rebuilt"].as_u64().unwrap();
@@ -842,6 +902,14 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
         .filter(|c| c["kind"] == "private")
         .map(|c| c["stats"]["pages_requested"].as_u64().unwrap())
         .sum();
+    // What the prefaulting backend asked the last broker for: its faults after the restart.
+    let be_pid = u64::from(backend.id());
+    let be_report = report["clients"].as_array().unwrap().iter().find(|c| c["pid"] == be_pid);
+    let be_report =
+        be_report.unwrap_or_else(|| panic!("run {run}: the backend is not in the report: {summary}"));
+    if kills > 0 {
+        t.backend_pages_after_restart += be_report["stats"]["pages_requested"].as_u64().unwrap();
+    }
     let rebuilt = restarts.last().map_or(0, |r| r["pages_rebuilt"].as_u64().unwrap());
     let placed = report["broker"]["pages_demand"].as_u64().unwrap() - private_placed
         + report["broker"]["pages_background"].as_u64().unwrap();
@@ -880,5 +948,7 @@ fn sigkill_of_a_lazy_restore_broker_with_every_kind_of_client_loses_no_page() {
     println!("RESTORE {}", totals_line(&t));
     assert_eq!(t.runs, runs);
     assert!(t.kills >= runs, "only {} kills in {runs} runs", t.kills);
+    // The backend faulted into restarted brokers, not only into the first one.
+    assert!(t.backend_pages_after_restart > 0, "the backend never faulted after a restart");
     assert_eq!(t.pages_lost, 0);
 }
