@@ -94,10 +94,22 @@ impl Keeper {
         pids: &Arc<Mutex<Vec<u32>>>,
         listening: bool,
     ) -> (Keeper, Option<String>) {
+        Keeper::spawn_with(notify, args, pids, listening, &[])
+    }
+
+    /// [`Keeper::spawn`] with more environment for the keeper and so for the broker.
+    fn spawn_with(
+        notify: &str,
+        args: &[std::ffi::OsString],
+        pids: &Arc<Mutex<Vec<u32>>>,
+        listening: bool,
+        env: &[(&str, &str)],
+    ) -> (Keeper, Option<String>) {
         let mut child = Command::new(KEEPER)
             .args(["--notify-socket", notify, "--restart-delay-ms", "50", "--", BIN])
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -951,4 +963,63 @@ fn sigkill_of_a_lazy_restore_broker_with_every_kind_of_client_loses_no_page() {
     // The backend faulted into restarted brokers, not only into the first one.
     assert!(t.backend_pages_after_restart > 0, "the backend never faulted after a restart");
     assert_eq!(t.pages_lost, 0);
+}
+
+/// A fresh lazy restore under an fd store serves its control socket only once its record is
+/// parked: a client served before that would be unknown to the restarted broker (a fresh
+/// restore: other memfds, other ids), its faults never served. The failpoint
+/// `restore-slow-park` holds the first broker 500 ms between serving faults and parking; a
+/// pcb-client connects at once, and the test SIGKILLs the broker the moment the client is
+/// registered. The restarted broker must take the client back, and it must read the image.
+#[test]
+fn a_lazy_restore_serves_no_control_client_before_its_record_is_parked() {
+    let dir = Dir::new("restore-hold");
+    let size = 8 << 20;
+    let pages = (size / 4096) as u64;
+    let ram = contents(size, 4096, 0x5eed_0003, 3);
+    std::fs::write(dir.path("img"), &ram).unwrap();
+    let pids = Arc::new(Mutex::new(Vec::new()));
+    let _dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(60));
+    let sock = dir.path("ctl.sock");
+    let mut args: Vec<std::ffi::OsString> = vec!["serve".into(), "--image".into(), dir.path("img").into()];
+    args.extend(["--block", "pc.ram:8M", "--no-background", "--control"].map(Into::into));
+    args.push(sock.clone().into());
+    let notify = format!("@pcb-restore-hold-{}", std::process::id());
+    let failpoint = [(postcopy_broker::failpoint::VAR, "restore-slow-park")];
+    let (mut keeper, _) = Keeper::spawn_with(&notify, &args, &pids, false, &failpoint);
+    let started = keeper.wait(Duration::from_secs(10), "started", |e| e["started"].is_u64());
+    let broker_pid = started["started"].as_u64().unwrap() as i32;
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the control socket never appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let script = format!("touch:0-99;wait;touch:100-{};wait", pages - 1);
+    let mut cl = Peer::spawn(&control_args(&sock, &script, &["--block", "pc.ram"]));
+    pids.lock().unwrap().push(cl.child.id());
+    cl.go();
+    let mut ctl = None;
+    let t0 = Instant::now();
+    while status(&sock, &mut ctl).is_none_or(|s| s["clients"].as_array().is_none_or(|c| c.is_empty())) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the client never registered");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: kill(2) of the broker this test's keeper started.
+    assert_eq!(unsafe { libc::kill(broker_pid, libc::SIGKILL) }, 0);
+    keeper.wait(Duration::from_secs(20), "ready after the restart", |e| {
+        e["notify"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("STATUS=restarted"))))
+    });
+    cl.go();
+    cl.go();
+    let lines = cl.finish_within(30);
+    let st = keeper.child.wait().unwrap();
+    let log = keeper.log.lock().unwrap().clone();
+    assert!(st.success(), "the broker failed ({st})\n{log}");
+    assert!(
+        lines.iter().any(|l| l["reattached"].is_array()),
+        "the client was not taken back by the restarted broker: {lines:?}\n{log}"
+    );
+    assert_eq!(check_reads(&lines, &ram, 4096, &[]), pages, "{lines:?}");
 }

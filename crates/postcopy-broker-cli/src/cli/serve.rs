@@ -291,12 +291,22 @@ fn start_fresh(o: &ServeOptions, store: Option<FdStore>, mut config: BrokerConfi
     inc.listen()?;
     let parking = store.map(Parking::new).transpose()?;
     config.parking = parking.clone().map(|p| p as Arc<dyn ClientParking>);
+    // Under an fd store no client registers before the record is parked: a client served by
+    // a broker that died before its record existed would find a fresh restore that does not
+    // know it (other blocks, other ids).
+    config.hold_control = parking.is_some();
     let control_fd = config.control_fd.clone();
     let h = Broker::spawn(&inc, source, config)?;
     backends.register_all(&h, inc.blocks())?;
     inc.run()?;
     if let Some(p) = &parking {
+        if postcopy_broker::failpoint::once("restore-slow-park") {
+            // Widens the window between serving faults and parking the record, for the test
+            // that no control client is served in it.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
         park_restore(p, o, &inc, &backends, control_fd.as_deref());
+        h.open_control()?;
     }
     Ok(Running { inc, h, _backends: backends, parking, restarts: Vec::new(), rebuilt: false })
 }

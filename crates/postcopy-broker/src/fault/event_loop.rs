@@ -87,6 +87,10 @@ pub struct BrokerConfig {
     /// This loop runs in a broker restarted during postcopy: what was rebuilt so far (the
     /// adoptions add to it); reported in the status.
     pub restart: Option<super::park::Restart>,
+    /// Serve the control socket only from [`BrokerHandle::open_control`] on (connections wait
+    /// in its backlog until then): for a broker that must park its record before any client
+    /// can register. A restarted broker (`restart`) always waits so.
+    pub hold_control: bool,
 }
 
 /// Why a client stops being served.
@@ -667,7 +671,7 @@ impl Broker {
         lp.add(lp.core.own.as_raw_fd(), T_OWN)?;
         // A restarted broker serves the control socket only once its parked clients are back
         // ([`BrokerHandle::open_control`]): a client reattaching must find itself.
-        if let (Some(l), None) = (&lp.listener, &lp.restart) {
+        if let (Some(l), None, false) = (&lp.listener, &lp.restart, lp.config.hold_control) {
             lp.add(l.as_raw_fd(), T_LISTEN)?;
         }
         for fd in lp.source.poll_fds() {
