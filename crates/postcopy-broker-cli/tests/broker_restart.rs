@@ -989,9 +989,10 @@ fn a_lazy_restore_serves_no_control_client_before_its_record_is_parked() {
     let (mut keeper, _) = Keeper::spawn_with(&notify, &args, &pids, false, &failpoint);
     let started = keeper.wait(Duration::from_secs(10), "started", |e| e["started"].is_u64());
     let broker_pid = started["started"].as_u64().unwrap() as i32;
+    // Listening, not only bound (the connection waits in the backlog until the socket is served).
     let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the control socket never appeared");
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the control socket never listened");
         std::thread::sleep(Duration::from_millis(2));
     }
     let script = format!("touch:0-99;wait;touch:100-{};wait", pages - 1);
