@@ -5,66 +5,20 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
+use common::wired::{network_source, send, wait_until};
 use common::*;
 use postcopy_broker::fault::{Broker, BrokerConfig};
-use postcopy_broker::migration::destination::{Connections, NetState, NetworkSource};
-use postcopy_broker::migration::transport::Transport;
-use postcopy_broker::migration::wire::{encode, BlockInfo, BlockTable, Decoder, Frame, Limits};
+use postcopy_broker::migration::wire::{Decoder, Frame, Limits};
 
 const PS: u64 = 4096;
 const PAGES: u64 = 64;
-
-fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
-    let src = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (dst, _) = l.accept().unwrap();
-    (src, dst)
-}
-
-fn send(s: &mut TcpStream, f: &Frame<'_>) {
-    let mut buf = Vec::new();
-    encode(f, &mut buf).unwrap();
-    s.write_all(&buf).unwrap();
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 #[test]
 fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
     let inc = listening_memfd("ram", PAGES);
     let (id, b) = inc.blocks().named("ram").unwrap();
-    let table = BlockTable::new(vec![BlockInfo::new("ram", PAGES * PS, PS)]).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut main_src, main_dst) = pair(&l);
-    let (mut urgent_src, urgent_dst) = pair(&l);
-    let conns = Connections {
-        main: Transport::unprotected(main_dst).unwrap(),
-        main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        urgent: Transport::unprotected(urgent_dst).unwrap(),
-        urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        streams: Vec::new(),
-    };
-    let net = Arc::new(NetState::default());
-    let src = NetworkSource::new(
-        conns,
-        Arc::clone(inc.uffd().unwrap()),
-        Arc::clone(inc.blocks()),
-        vec![id],
-        Arc::clone(inc.state()),
-        Arc::clone(&net),
-        postcopy_broker::sched::StreamPriority::Fixed(0),
-    )
-    .unwrap();
+    let (src, w) = network_source(&inc, "ram", PAGES, PS);
+    let (mut main_src, mut urgent_src, net, table) = (w.main, w.urgent, w.net, w.table);
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
 
     // A thread of this process touches page 5: the fault loop requests it on the urgent
@@ -123,29 +77,9 @@ fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
     // Recovery is on (a resumer exists), yet a placement that fails on this host must not be
     // taken for a lost connection: a reconnect would meet the same failure, again and again.
     let inc = listening_memfd("ram", PAGES);
-    let (id, b) = inc.blocks().named("ram").unwrap();
-    let table = BlockTable::new(vec![BlockInfo::new("ram", PAGES * PS, PS)]).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut main_src, main_dst) = pair(&l);
-    let (_urgent_src, urgent_dst) = pair(&l);
-    let conns = Connections {
-        main: Transport::unprotected(main_dst).unwrap(),
-        main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        urgent: Transport::unprotected(urgent_dst).unwrap(),
-        urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        streams: Vec::new(),
-    };
-    let net = Arc::new(NetState::default());
-    let mut src = NetworkSource::new(
-        conns,
-        Arc::clone(inc.uffd().unwrap()),
-        Arc::clone(inc.blocks()),
-        vec![id],
-        Arc::clone(inc.state()),
-        Arc::clone(&net),
-        postcopy_broker::sched::StreamPriority::Fixed(0),
-    )
-    .unwrap();
+    let (_, b) = inc.blocks().named("ram").unwrap();
+    let (mut src, w) = network_source(&inc, "ram", PAGES, PS);
+    let (mut main_src, net) = (w.main, w.net);
     let _resumer = src.resumer();
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
     // Pages 8-15 of the placement mapping are no longer registered: UFFDIO_COPY there fails
@@ -167,29 +101,9 @@ fn pages_a_client_removed_before_they_arrived_are_zeros_when_the_stream_brings_t
     // The removal marks live in the block, so the stream thread (not only the fault loop)
     // places zeros there instead of the source's data.
     let inc = listening_memfd("ram", PAGES);
-    let (id, b) = inc.blocks().named("ram").unwrap();
-    let table = BlockTable::new(vec![BlockInfo::new("ram", PAGES * PS, PS)]).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut main_src, main_dst) = pair(&l);
-    let (_urgent_src, urgent_dst) = pair(&l);
-    let conns = Connections {
-        main: Transport::unprotected(main_dst).unwrap(),
-        main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        urgent: Transport::unprotected(urgent_dst).unwrap(),
-        urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        streams: Vec::new(),
-    };
-    let net = Arc::new(NetState::default());
-    let src = NetworkSource::new(
-        conns,
-        Arc::clone(inc.uffd().unwrap()),
-        Arc::clone(inc.blocks()),
-        vec![id],
-        Arc::clone(inc.state()),
-        Arc::clone(&net),
-        postcopy_broker::sched::StreamPriority::Fixed(0),
-    )
-    .unwrap();
+    let (_, b) = inc.blocks().named("ram").unwrap();
+    let (src, w) = network_source(&inc, "ram", PAGES, PS);
+    let mut main_src = w.main;
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
     let mut client = common::clients::Peer::spawn(&common::clients::client_args(
         b,

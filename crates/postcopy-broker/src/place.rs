@@ -215,6 +215,8 @@ impl Placer {
                     b.removed().clear_range(i, next - i);
                     r
                 } else {
+                    // Test hook (tests/remove_race.rs): stop between the check and the copy.
+                    crate::failpoint::hold("place-after-removed-check");
                     let base = ro - offset;
                     self.fill(b, ro, rl, &self.stats.data_pages, |dst, done, n| {
                         let src = data[usize_of(base + done)..].as_ptr();

@@ -200,3 +200,4 @@ pub mod mig;
 pub mod proxy;
 pub mod serve;
 pub mod vhost;
+pub mod wired;
