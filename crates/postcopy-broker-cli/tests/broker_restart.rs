@@ -1058,3 +1058,46 @@ fn sigkill_of_a_lazy_restore_broker_with_every_kind_of_client_loses_no_page() {
     assert!(t.kills >= runs, "only {} kills in {runs} runs", t.kills);
     assert_eq!(t.pages_lost, 0);
 }
+
+/// A VMM whose broker dies without an fd store (`serve --image` killed, no keeper): the guest
+/// driver's session finds nobody holding the control socket, says so ("no broker at ... took
+/// back client(s)") and never ends postcopy: no POSTCOPY_END to its backend, whose pages that
+/// never arrived must stay missing, and no summary.
+#[test]
+fn a_vmm_whose_broker_dies_without_an_fd_store_says_so_and_never_ends_postcopy() {
+    use common::vhost::Setup;
+    let mut s = Setup::new("vmm-no-store");
+    let serve = s.serve(&["--no-background"]);
+    let (vub, _) = s.backend("ours");
+    let mut driver = s.driver(&vub, &["--until-complete", "--postcopy-ops", "1000000"]);
+    let mut stdout = driver.stdout.take().unwrap();
+    let driver = s.adopt(driver);
+    let t0 = Instant::now();
+    while client_faults(&s.status(), "vhost-user-blk") == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the backend never faulted:\n{}",
+            s.log("driver.err")
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.kids[serve].kill().unwrap();
+    s.kids[serve].wait().unwrap();
+    let t0 = Instant::now();
+    while !s.log("driver.err").contains("no broker at") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the driver never said so:\n{}", s.log("driver.err"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = s.log("driver.err");
+    assert!(log.contains("took back client(s) 1, 2"), "{log}");
+    // Blocked in I/O on a page that will never come, or exited with the error: never a success.
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(st) = s.kids[driver].try_wait().unwrap() {
+        assert!(!st.success(), "the driver succeeded without its broker:\n{log}");
+    }
+    let _ = s.kids[driver].kill();
+    s.kids[driver].wait().unwrap();
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut printed).unwrap();
+    assert!(!printed.contains("postcopy_end"), "the driver ended postcopy: {printed}\n{log}");
+}
