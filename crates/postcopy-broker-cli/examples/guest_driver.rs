@@ -24,6 +24,10 @@
 //!   disk's first `--mirror-sectors` sectors must hold the source's RAM at `--mirror-gpa` (the
 //!   reads then leave RAM equal to the source); writes go to a log after them, one page each.
 //!   At the end (every page arrived) it sends POSTCOPY_END and unregisters the backend.
+//!   When the broker dies meanwhile (`serve --incoming` under a service manager with an fd
+//!   store), the I/O goes on (blocked while no broker runs, woken by the restarted one) and the
+//!   session ([`BrokerSession`]) reconnects and reattaches the driver's and the backend's
+//!   client ids, within `--reattach-timeout`; the summary counts the reattaches.
 
 use std::collections::HashSet;
 use std::io::{BufRead, Write};
@@ -33,10 +37,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use log::{info, warn};
-use postcopy_broker::control::ControlError;
+use postcopy_broker::control::ReattachPolicy;
 use postcopy_broker::ram::RamBlock;
 use postcopy_broker::vhost_user::blk::{fnv1a64, DRIVER_FEATURES, FNV_OFFSET, ID_BYTES, SECTOR_SIZE};
-use postcopy_broker::vhost_user::register::{register_backend, BrokerLink};
 use postcopy_broker::vhost_user::{postcopy, BackendConn, BlkConfig, BlkDriver, BlkRequest, BlkRequestKind};
 use postcopy_broker::vhost_user::{BrokerSession, GuestRam, Handshake, Negotiation};
 use postcopy_broker::{Error, Result};
@@ -130,6 +133,10 @@ struct Args {
     /// can start every client's work together.
     #[arg(long)]
     wait_registered: bool,
+    /// With --control: when the control connection ends before every page has arrived (the
+    /// broker died), keep trying to reconnect and reattach for this many seconds, then fail.
+    #[arg(long, default_value_t = 60)]
+    reattach_timeout: u64,
     /// Print the summary as one JSON line.
     #[arg(long)]
     json: bool,
@@ -344,7 +351,7 @@ fn postcopy_io(
     max_ops: u64,
     drv: &mut BlkDriver,
     ram: &GuestRam,
-    broker: &mut BrokerSession,
+    broker: &BrokerSession,
     ram_size: u64,
     mirror_gpa: u64,
     log_sector: u64,
@@ -359,7 +366,7 @@ fn postcopy_io(
     let mut rounds = 0;
     let check_gpa = DATA_GPA + (8 << 20);
     while (writes.len() as u64) < max_ops {
-        if args.until_complete && broker.complete() {
+        if args.until_complete && broker.complete()? {
             break;
         }
         rounds += 1;
@@ -473,7 +480,9 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     let mut ram = GuestRam::new();
     let (mut broker, block_names) = match &args.control {
         Some(path) => {
-            let b = BrokerSession::attach(path, "guest-driver", &mut ram)?;
+            let policy =
+                ReattachPolicy { timeout: Duration::from_secs(args.reattach_timeout), ..Default::default() };
+            let b = BrokerSession::attach_with(path, "guest-driver", &mut ram, policy)?;
             let names = b.block_names().to_vec();
             (Some(b), names)
         }
@@ -495,9 +504,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
     let mut backend_client = None;
     let pc = if let Some(b) = &mut broker {
         let hs = Handshake::begin(&mut conn, &regions)?;
-        let id =
-            register_backend(&mut BrokerLink::Control(b.control()), "vhost-user-blk", hs.postcopy(), &names)?;
-        backend_client = Some(id);
+        backend_client = Some(b.register_backend("vhost-user-blk", hs.postcopy(), &names)?);
         Some(hs.ack()?)
     } else if args.postcopy_handshake {
         // No broker serves faults: make every page of guest RAM present first.
@@ -569,7 +576,8 @@ fn run(args: &Args) -> Result<serde_json::Value> {
         first = args.first_sector.unwrap_or(log_end);
         let (writes, reads, rounds) =
             postcopy_io(args, ops, &mut drv, &ram, b, ram_size, mirror_gpa, log_sector, &mut rng)?;
-        let progress = if b.seen_complete() { None } else { b.progress() };
+        let complete = b.complete()?;
+        let progress = if complete { None } else { b.progress() };
         info!(
             "postcopy I/O: {} writes, {} reads in {rounds} rounds; broker progress {progress:?}",
             writes.len(),
@@ -583,7 +591,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
             "mirror_sectors": args.mirror_sectors,
             "log_sector": log_sector,
             "progress_after_io": progress.map(|(r, t)| serde_json::json!({"received": r, "total": t})),
-            "complete_during_io": b.seen_complete(),
+            "complete_during_io": complete,
             "io_seconds": started.elapsed().as_secs_f64(),
         });
     }
@@ -608,11 +616,8 @@ fn run(args: &Args) -> Result<serde_json::Value> {
         };
         // Let the broker go: at the end it serves its clients until they unregister (at most 3 s,
         // docs/control-protocol.md), so a driver that kept quiet would hold it that long.
-        for id in backend_client.into_iter().chain([b.client()]) {
-            match b.control().unregister(id) {
-                Ok(()) | Err(ControlError::PeerClosed) => {}
-                Err(e) => info!("unregister client {id}: {e}"),
-            }
+        if let Err(e) = b.unregister_all() {
+            info!("{e}");
         }
     } else if pc.is_some() {
         postcopy::end(&mut conn)?;
@@ -631,6 +636,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
         "postcopy": postcopy_json,
         "ram_checksums": ram_sums,
         "postcopy_end": end,
+        "reattaches": broker.as_ref().map(BrokerSession::reattaches),
         "seconds": started.elapsed().as_secs_f64(),
     });
     if let (Some(s), serde_json::Value::Object(e)) = (summary.as_object_mut(), extra) {

@@ -26,7 +26,6 @@ use clap::Parser;
 use log::{info, warn};
 use postcopy_broker::ram::RamBlock;
 use postcopy_broker::vhost_user::net::{NetHdr, DRIVER_FEATURES, NET_HDR_LEN};
-use postcopy_broker::vhost_user::register::{register_backend, BrokerLink};
 use postcopy_broker::vhost_user::virtq::VIRTIO_F_VERSION_1;
 use postcopy_broker::vhost_user::{postcopy, BackendConn, BrokerSession, GuestRam, Handshake};
 use postcopy_broker::vhost_user::{Negotiation, NetDriver, RxBuf, RxUsed};
@@ -203,8 +202,7 @@ fn run(args: &Args) -> Result<serde_json::Value> {
         ram.blocks().map(|b| (b.gpa < DRIVER_GPA).then(|| b.name.to_string())).collect();
 
     let hs = Handshake::begin(&mut conn, &regions)?;
-    let backend_client =
-        register_backend(&mut BrokerLink::Control(broker.control()), &args.name, hs.postcopy(), &names)?;
+    let backend_client = broker.register_backend(&args.name, hs.postcopy(), &names)?;
     let pc = hs.postcopy();
     let handshake = serde_json::json!({
         "reported_bases": pc.reported_bases,

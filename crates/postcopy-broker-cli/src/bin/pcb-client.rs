@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use nix::sys::mman::{madvise, mmap, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
 use postcopy_broker::control::{
-    send_firecracker_handshake, ClientKind, ControlClient, FcRegion, MappingSpec,
+    send_firecracker_handshake, ClientKind, ControlClient, FcRegion, MappingSpec, ReattachPolicy,
 };
 use postcopy_broker::conv::usize_of;
 use postcopy_broker::uffd::{feature, Uffd};
@@ -471,18 +471,14 @@ impl Registered {
     }
 
     /// After the broker's connection ended: connect again and reattach the client ids (the
-    /// parked control socket queues the connection while a restarted broker starts). None when
-    /// there is no broker that knows them (it died for good, or ran without an fd store).
+    /// parked control socket queues the connection while a restarted broker starts; see
+    /// [`ControlClient::reconnect`] for the retries). None when there is no broker that knows
+    /// them (it died for good, or ran without an fd store, or ended).
     fn reattach(&self, out: &mut impl Write) -> Result<Option<ControlClient>, String> {
         let Some(path) = &self.path else { return Ok(None) };
-        let attempt = || -> Result<ControlClient, String> {
-            let mut c = ControlClient::connect(path).map_err(|e| e.to_string())?;
-            c.set_timeout(Some(std::time::Duration::from_secs(20))).map_err(|e| e.to_string())?;
-            c.reattach(&self.ids).map_err(|e| e.to_string())?;
-            c.set_timeout(None).map_err(|e| e.to_string())?;
-            Ok(c)
-        };
-        let r = attempt();
+        let r = ControlClient::reconnect(path, &self.ids, &ReattachPolicy::default())
+            .and_then(|mut c| c.set_timeout(None).map(|()| c))
+            .map_err(|e| e.to_string());
         let line = match &r {
             Ok(_) => json!({"who": "parent", "reattached": self.ids}),
             Err(e) => json!({"who": "parent", "reattach_failed": e}),

@@ -99,6 +99,22 @@ pub enum ControlError {
     /// A local argument that cannot be sent (e.g. too many fds for one frame).
     #[error("invalid control message: {0}")]
     Invalid(String),
+    /// Client side: no broker took back the client ids after the connection that registered
+    /// them ended ([`crate::control::ControlClient::reconnect`]).
+    #[error("no broker at {path} took back client(s) {clients} ({attempts} attempt(s) in {waited:?}; last: {last}): the broker died without an fd store or for good, so the pages that never arrived stay missing (never zero-filled); stop this guest here")]
+    ReattachFailed {
+        /// The control socket.
+        path: String,
+        /// The client ids, comma separated.
+        clients: String,
+        /// Connections tried.
+        attempts: u32,
+        /// Time from the first attempt to the giving up.
+        waited: std::time::Duration,
+        /// Why the last attempt failed.
+        #[source]
+        last: Box<ControlError>,
+    },
     /// A system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -134,6 +150,7 @@ impl ControlError {
             | ControlError::Remote { .. }
             | ControlError::UnexpectedReply { .. }
             | ControlError::Invalid(_)
+            | ControlError::ReattachFailed { .. }
             | ControlError::Io { .. } => None,
         }
     }

@@ -5,8 +5,9 @@
 //! Layers, bottom up: [`fdpass`] (sendmsg/recvmsg with fds) → [`frame`] (`PCB1` frames) →
 //! [`message`] (typed [`Incoming`] messages, fd counts, the server's decoder) → [`server`]
 //! ([`ControlListener`], [`ControlConn`] for the fault loop's epoll) and [`client`]
-//! ([`ControlClient`], blocking). Message types live in [`protocol`]; Firecracker's handshake
-//! (its regions, its bare JSON array in place of our frames) in `firecracker`. The `fuzz_*`
+//! ([`ControlClient`], blocking; [`reattach`]: back to a restarted broker). Message types live
+//! in [`protocol`]; Firecracker's handshake (its regions, its bare JSON array in place of our
+//! frames) in `firecracker`. The `fuzz_*`
 //! functions are the decoders' fuzzing entry points (fuzz/, docs/fuzzing.md).
 
 pub mod client;
@@ -18,6 +19,7 @@ pub mod frame;
 mod fuzz;
 pub mod message;
 pub mod protocol;
+pub mod reattach;
 pub mod server;
 
 pub use client::{BrokerHello, ControlClient};
@@ -27,4 +29,5 @@ pub use firecracker::{fuzz::FUZZ_IMAGE_LEN, fuzz_firecracker, send_firecracker_h
 pub use fuzz::{fuzz_control_stream, fuzz_request, fuzz_response, stream_input};
 pub use message::Incoming;
 pub use protocol::{BlockInfo, ClientKind, MappingSpec, Request, Response, BROKER_VERSION, PROTOCOL_VERSION};
+pub use reattach::ReattachPolicy;
 pub use server::{peer_pidfd, pidfd_open, ControlConn, ControlListener, PeerCreds};
