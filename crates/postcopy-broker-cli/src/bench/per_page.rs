@@ -16,7 +16,8 @@ pub const GROUPS: [&[&str]; 5] = [
     &["postcopy-fault"],
     &["source-urgent"],
     &["postcopy-stream"],
-    &["source-background", "source-stream-"],
+    // /proc's comm holds 15 bytes: "source-background" reads "source-backgrou".
+    &["source-backgrou", "source-stream-"],
     // The benchmark process's main thread (its name is the binary's).
     &["postcopy-broker"],
 ];
@@ -28,7 +29,9 @@ pub struct PerPage {
     pub demand_us: (f64, f64),
     /// Per background page: (destination, source).
     pub background_us: (f64, f64),
-    /// The benchmark's main thread, counted in the destination's total CPU row.
+    /// The benchmark process's main thread, counted in the destination's total CPU row (it
+    /// builds the source's RAM, runs the destination session up to listening, precopy
+    /// included, polls for the last page and tears down).
     pub bench_main_s: f64,
 }
 
@@ -68,7 +71,10 @@ impl PerPageRows {
             demand_source: r("CPU per demand page, source (urgent thread), us", t),
             background_dest: r("CPU per background page, destination (stream threads), us", Target::None),
             background_source: r("CPU per background page, source (senders), us", Target::None),
-            bench_main: r("destination CPU row's share from the benchmark's main thread, s", Target::None),
+            bench_main: r(
+                "destination CPU row's share from the process's main thread (source RAM, precopy, polling, teardown), s",
+                Target::None,
+            ),
         }
     }
 
