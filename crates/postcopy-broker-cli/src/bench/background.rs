@@ -37,6 +37,10 @@ impl<S: PageSource> PageSource for Gated<S> {
         }
         self.inner.request(req, sink)
     }
+
+    fn flush_requests(&mut self) {
+        self.inner.flush_requests()
+    }
 }
 
 /// Figures of one background run.

@@ -18,6 +18,7 @@ use std::time::Instant;
 use crate::bench::hog::Hogs;
 use crate::bench::migrate::{start_with, Protection};
 use crate::bench::peer::Peer;
+use crate::bench::per_page::{PerPage, PerPageRows, GROUPS};
 use crate::bench::report::{Row, Target};
 use crate::bench::sys;
 use crate::bench::threads::ThreadCpu;
@@ -51,6 +52,8 @@ pub struct Figures {
     /// From the last page to the destination's end (summary, joins, teardown; the guest RAM
     /// still held elsewhere, as by a VMM), ms.
     pub exit_ms: f64,
+    /// CPU per demand and per background page, by thread (see `per_page`).
+    pub per_page: PerPage,
 }
 
 /// Guest RAM of `mib` MiB, every page data (a guest whose memory is in use).
@@ -96,6 +99,7 @@ pub fn run(client: &Path, data: &[u8], touched: u64, setup: Setup, seed: u64) ->
         .ok_or_else(|| Error::Invalid("the block has no fd".into()))?
         .try_clone_to_owned()
         .map_err(|e| Error::io("duplicate the guest RAM's fd", e))?;
+    let net = std::sync::Arc::clone(run.dest.net());
     p.register(h, "bench-memtouch")?;
     p.go()?;
     run.wait_all_received()?;
@@ -106,7 +110,14 @@ pub fn run(client: &Path, data: &[u8], touched: u64, setup: Setup, seed: u64) ->
     drop(guest_ram);
     drop(hogs);
     let lines = p.finish()?;
-    let sides = cpu.stop(&[&["postcopy-", "migration-"], &["source-", "bench-source"]]);
+    let mut groups: Vec<&[&str]> = vec![&["postcopy-", "migration-"], &["source-", "bench-source"]];
+    groups.extend(GROUPS);
+    let sides = cpu.stop(&groups);
+    let per_page = PerPage::of(
+        sides.get(2..).unwrap_or_default(),
+        net.urgent_pages.load(std::sync::atomic::Ordering::Relaxed),
+        net.main_pages.load(std::sync::atomic::Ordering::Relaxed),
+    );
     let m = lines
         .iter()
         .find_map(|l| l.get("memtouch"))
@@ -122,6 +133,7 @@ pub fn run(client: &Path, data: &[u8], touched: u64, setup: Setup, seed: u64) ->
         cpu: (sides.first().copied().unwrap_or(0.0), sides.get(1).copied().unwrap_or(0.0)),
         blocked: m["blocked"].as_u64().unwrap_or(0),
         exit_ms,
+        per_page,
     })
 }
 
@@ -137,6 +149,7 @@ struct Variant {
     cpu_source: Row,
     requests: Row,
     exit: Row,
+    per_page: PerPageRows,
     setup: Setup,
 }
 
@@ -157,11 +170,13 @@ impl Variant {
             cpu_source: r("source CPU, s", Target::None, 3),
             requests: r("accesses that blocked (demand requests)", Target::None, 0),
             exit: r("destination's exit after the last page, ms", t(50.0), 1),
+            per_page: PerPageRows::new(what, targets),
             setup,
         }
     }
 
     fn push(&mut self, f: &Figures) {
+        self.per_page.push(&f.per_page);
         let qemu_blocked = QEMU_PREEMPT_TOTAL_S * QEMU_PREEMPT_BLOCKED_SHARE;
         for (row, ours, reference) in [
             (&mut self.per_request, f.per_request_us, Some(QEMU_PREEMPT_PER_REQUEST_US)),
@@ -182,7 +197,7 @@ impl Variant {
     }
 
     fn rows(self) -> Vec<Row> {
-        vec![
+        let mut rows = vec![
             self.per_request,
             self.blocked,
             self.share,
@@ -192,7 +207,9 @@ impl Variant {
             self.cpu_source,
             self.requests,
             self.exit,
-        ]
+        ];
+        rows.extend(self.per_page.rows());
+        rows
     }
 }
 

@@ -17,6 +17,7 @@ pub mod hog;
 pub mod memtouch;
 pub mod migrate;
 pub mod peer;
+pub mod per_page;
 pub mod private;
 pub mod reference;
 pub mod report;

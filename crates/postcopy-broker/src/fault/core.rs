@@ -402,6 +402,7 @@ impl Core {
             }
             i += n;
         }
+        source.flush_requests();
         reqs.clear();
         self.new_requests = reqs;
     }
@@ -437,7 +438,9 @@ impl Core {
             }
             self.bg_cursor = (block, start + n);
             let req = PageRequest { block, offset: start * ps, len: n * ps, urgency: Urgency::Background };
-            if let Err(e) = source.request(req, self) {
+            let r = source.request(req, self);
+            source.flush_requests();
+            if let Err(e) = r {
                 log::error!("background request {req:?} failed: {e}");
                 return false;
             }

@@ -76,6 +76,11 @@ pub trait PageSource: Send + std::fmt::Debug {
     /// Ask for a range. Synchronous sources deliver into `sink` before returning.
     fn request(&mut self, req: PageRequest, sink: &mut dyn PageSink) -> Result<()>;
 
+    /// The requests of this round are all made: a source that gathers them (one write for all
+    /// of a round's Request frames) sends them now. Callers of [`PageSource::request`] call
+    /// this after their last request of a round.
+    fn flush_requests(&mut self) {}
+
     /// Fds that become readable when pages arrive asynchronously (for example the main and the
     /// urgent connection of a migration). The fault loop watches them while the source is open.
     fn poll_fds(&self) -> Vec<RawFd> {

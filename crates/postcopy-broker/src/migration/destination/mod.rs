@@ -14,6 +14,7 @@
 
 pub mod end;
 pub mod gate;
+mod kick;
 pub mod network;
 pub mod restart;
 mod resume;

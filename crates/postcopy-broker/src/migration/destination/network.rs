@@ -21,27 +21,28 @@
 
 use crate::conv::usize_of;
 use crate::migration::wire::wire_index;
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::kick::Kick;
+use super::stream::{Stream, StreamCounts, StreamParts, Wanted};
 use crate::error::{Error, IoContext, Result};
-use crate::migration::transport::Transport;
+use crate::migration::transport::{Mode, Transport};
 use crate::migration::wire::{encode, Decoder, Frame, WireError};
 use crate::place::Placer;
 use crate::ram::{BlockId, RamBlocks};
 use crate::sched::{DemandPriority, StreamPriority};
 use crate::source::{PageRequest, PageSink, PageSource, PlacedElsewhere, SourceState, Urgency};
 use crate::uffd::Uffd;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use super::stream::{Stream, StreamCounts, StreamParts, Wanted};
 
 /// Outstanding requests kept beyond this many are pruned of those already answered.
 const PRUNE_AT: usize = 4096;
+/// Request frames gathered beyond this many bytes are sent without waiting for the round's end.
+const REQUEST_BATCH_BYTES: usize = 64 << 10;
 use crate::state::{PostcopyState, StateCell};
 
 const TOK_URGENT: u64 = 2;
@@ -154,7 +155,7 @@ pub(crate) enum Conn {
 #[derive(Debug, Clone)]
 pub struct Resumer {
     slot: Arc<Mutex<Option<Connections>>>,
-    kick: Arc<EventFd>,
+    kick: Arc<Kick>,
 }
 
 impl Resumer {
@@ -164,7 +165,7 @@ impl Resumer {
         if let Ok(mut g) = self.slot.lock() {
             *g = Some(conns);
         }
-        let _ = self.kick.write(1);
+        self.kick.kick();
     }
 }
 
@@ -190,7 +191,7 @@ pub struct NetworkSource {
     /// The stream threads' priority, following the fault loop's demand.
     priority: Arc<DemandPriority>,
     ep: OwnedFd,
-    kick: Arc<EventFd>,
+    kick: Arc<Kick>,
     slot: Arc<Mutex<Option<Connections>>>,
     ctx: Ctx,
     outbox: Vec<u8>,
@@ -261,7 +262,7 @@ impl NetworkSource {
         let ep = epoll::create(true).ctx(|| "epoll_create".into())?;
         // SAFETY: epoll::create returned a fresh fd that nothing else owns.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        let kickfd = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?);
+        let kickfd = Arc::new(Kick::new()?);
         ep_ctl(
             &ep,
             epoll::ControlOptions::EPOLL_CTL_ADD,
@@ -340,7 +341,7 @@ impl NetworkSource {
             self.encode_request(block, offset, len)?;
         }
         // Frames read with the handshake may already wait in the urgent decoder.
-        let _ = self.kick.write(1);
+        self.kick.kick();
         Ok(())
     }
 
@@ -463,15 +464,29 @@ impl NetworkSource {
         Ok(())
     }
 
-    /// Read and handle everything the urgent connection has.
+    /// Read and handle everything the urgent connection has. A plaintext socket that filled
+    /// less than the room it was given is empty for now, and epoll (level-triggered) reports
+    /// its next bytes: the read that would only say EAGAIN is skipped (one syscall of each
+    /// demand page). A sealed transport may keep opened bytes of its own: it is read until it
+    /// says EAGAIN.
     fn pump_urgent(c: &mut Urgent, ctx: &mut Ctx, sink: &mut dyn PageSink) -> Result<()> {
+        let short_means_empty = c.sock.mode() == Mode::Plaintext;
+        let mut empty = false;
         loop {
             while let Some(f) = c.dec.next_frame()? {
                 ctx.handle(f, Conn::Urgent, sink)?;
             }
-            match c.dec.read_from(&mut c.sock) {
+            if empty {
+                return Ok(());
+            }
+            let room = c.dec.read_buf();
+            let space = room.len();
+            match c.sock.read(room) {
                 Ok(0) => return Err(eof("urgent", c.dec.at_eof())),
-                Ok(_) => {}
+                Ok(n) => {
+                    c.dec.commit(n);
+                    empty = short_means_empty && n < space;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(Error::io("read the urgent connection", e)),
@@ -628,11 +643,22 @@ impl PageSource for NetworkSource {
             // Paused: sent when the source reconnects.
             return Ok(());
         }
+        // Sent with the round's other requests in one write (`flush_requests`), unless the
+        // batch is already large.
         self.encode_request(req.block, req.offset, req.len)?;
+        if self.outbox.len() >= REQUEST_BATCH_BYTES {
+            self.flush_requests();
+        }
+        Ok(())
+    }
+
+    fn flush_requests(&mut self) {
+        if self.urgent.is_none() || self.outbox.is_empty() {
+            return;
+        }
         if let Err(e) = self.flush_outbox() {
             let _ = self.lose(e);
         }
-        Ok(())
     }
 
     fn poll_fds(&self) -> Vec<RawFd> {
@@ -643,7 +669,7 @@ impl PageSource for NetworkSource {
         if self.closed {
             return Ok(SourceState::Closed);
         }
-        let _ = self.kick.read();
+        self.kick.take();
         if self.urgent.is_none() {
             let Some(c) = self.slot.lock().ok().and_then(|mut g| g.take()) else {
                 return Ok(SourceState::Open);

@@ -22,15 +22,14 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::kick::Kick;
+use super::network::{Conn, Ctx};
 use crate::error::{Error, IoContext, Result};
 use crate::migration::transport::Transport;
 use crate::migration::wire::{Decoder, Frame};
 use crate::place::{Placed, Placer};
 use crate::ram::{AtomicBitmap, BlockId, RamBlocks};
 use crate::source::{PageSink, PlacedElsewhere, Urgency};
-use vmm_sys_util::eventfd::EventFd;
-
-use super::network::{Conn, Ctx};
 
 /// Pages the fault loop has requested, one bitmap per block (bits are never cleared: a page is
 /// placed once, so a stale bit costs at most one needless notification).
@@ -106,7 +105,7 @@ pub(crate) struct StreamParts {
     pub(crate) placer: Placer,
     pub(crate) wanted: Arc<Wanted>,
     pub(crate) counts: Arc<StreamCounts>,
-    pub(crate) kick: Arc<EventFd>,
+    pub(crate) kick: Arc<Kick>,
     /// The thread's priority, which follows the fault loop's demand.
     pub(crate) priority: Arc<crate::sched::DemandPriority>,
     /// Main or an extra stream.
@@ -221,7 +220,7 @@ fn run(mut main: Transport, mut dec: Decoder, parts: StreamParts, shared: &Share
             if let Ok(mut g) = shared.error.lock() {
                 *g = Some(e);
             }
-            let _ = kick.write(1);
+            kick.kick();
         }
     }
 }
@@ -249,7 +248,7 @@ struct StreamSink<'a> {
     wanted: Arc<Wanted>,
     counts: Arc<StreamCounts>,
     shared: &'a Shared,
-    kick: &'a EventFd,
+    kick: &'a Kick,
 }
 
 impl StreamSink<'_> {
@@ -283,7 +282,7 @@ impl StreamSink<'_> {
             if let Ok(mut g) = self.shared.landed.lock() {
                 g.push((block, offset, len));
             }
-            let _ = self.kick.write(1);
+            self.kick.kick();
         }
         Ok(())
     }
