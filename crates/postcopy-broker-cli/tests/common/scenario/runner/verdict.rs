@@ -68,8 +68,22 @@ impl Run<'_> {
                 .zip(broker_end)
                 .is_some_and(|(a, b)| a <= b)
         };
+        // A client that went on with its script after it handled the broker's postcopy_end
+        // (and so unregistered) changes pages the broker may or may not have summed already:
+        // the broker waits for its clients to unregister, not for them to exit. Its exit seen
+        // before the broker's says nothing then (both are seen when this process reaps them).
+        let went_on_after_end = |c: usize| {
+            self.clients[c].procs.iter().any(|&m| {
+                let mut ended = false;
+                self.procs.list[m].lines.all().iter().any(|l| {
+                    let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+                    ended |= v["postcopy_end"].is_array();
+                    ended && v["step"].is_string()
+                })
+            })
+        };
         let exact = oracle::exact_final(self.model, |c| match fate(c) {
-            Fate::Done if !before_end(c) => Fate::Maybe,
+            Fate::Done if !before_end(c) || went_on_after_end(c) => Fate::Maybe,
             f => f,
         });
         let source_ram: Vec<Vec<u8>> = self.model.blocks.iter().map(|b| b.last.clone()).collect();
