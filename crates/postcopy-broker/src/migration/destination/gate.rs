@@ -18,7 +18,6 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -87,7 +86,6 @@ struct Shared {
 pub struct Gate {
     shared: Arc<Shared>,
     stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Gate {
@@ -98,11 +96,14 @@ impl Gate {
         let shared = Arc::new(Shared::default());
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?);
         let (sh, st) = (Arc::clone(&shared), Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
+        // Detached: dropping the gate wakes the thread and it ends on its own, owning what it
+        // uses (its listener clone, the shared queue); nobody waits for it (issue #15: the
+        // session's end is not held up by a join of a thread that has nothing left to do).
+        std::thread::Builder::new()
             .name("migration-gate".into())
             .spawn(move || accept_loop(&listener, &security, limits, &sh, &st))
             .ctx(|| "spawn the migration gate thread".into())?;
-        Ok(Gate { shared, stop, thread: Some(thread) })
+        Ok(Gate { shared, stop })
     }
 
     /// The next authenticated connection, waiting at most `timeout` (None: for ever).
@@ -136,9 +137,6 @@ impl Drop for Gate {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
         if let Ok(p) = self.shared.pending.lock() {
             for (_, s) in p.iter() {
                 let _ = s.shutdown(Shutdown::Both);
@@ -166,6 +164,9 @@ fn accept_loop(
                 log::error!("migration gate: poll the listening socket: {e}");
                 return;
             }
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
         }
         loop {
             match listener.accept() {

@@ -487,9 +487,10 @@ impl Destination {
             if done {
                 break;
             }
-            // Once the source has sent everything the last pages are moments away: look often,
-            // so the end does not wait out a whole nap (issue #15: exit within 50 ms).
-            let nap = if self.net.complete.load(Ordering::Acquire) { 1 } else { 20 };
+            // Once the source has sent everything the last pages are moments away, and once
+            // every page is here the source's Complete is: look often, so the end does not wait
+            // out a whole nap (issue #15: exit within 50 ms).
+            let nap = if self.net.complete.load(Ordering::Acquire) || blocks.all_received() { 1 } else { 20 };
             std::thread::sleep(Duration::from_millis(nap));
         }
         progress.clear();
