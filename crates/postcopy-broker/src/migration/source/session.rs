@@ -194,6 +194,13 @@ impl SourceSession {
         &self.ram
     }
 
+    /// A handle on the RAM being served that outlives the session, for a caller that decides
+    /// when it is freed (the benchmark, whose source and destination share one process: it
+    /// frees the source's RAM only after timing the destination's end, as two hosts would).
+    pub fn shared_ram(&self) -> Arc<SourceRam> {
+        Arc::clone(&self.ram)
+    }
+
     /// The counters so far.
     pub fn counts(&self) -> SourceCounts {
         self.stats.counts()
