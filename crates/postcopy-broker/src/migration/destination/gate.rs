@@ -24,7 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::{Error, IoContext, Result};
 use crate::migration::transport::deadline::Deadline;
-use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
+use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WRITE_TIMEOUT};
 use crate::migration::wire::{write_frame, Decoder, Frame, Hello, Limits};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -37,11 +37,18 @@ pub struct GateLimits {
     pub max_pending: usize,
     /// Authenticated connections waiting to be taken.
     pub max_arrivals: usize,
+    /// Bound of the writes on every authenticated connection (`Transport::bound_writes`).
+    pub write_timeout: Duration,
 }
 
 impl Default for GateLimits {
     fn default() -> GateLimits {
-        GateLimits { handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT, max_pending: 32, max_arrivals: 8 }
+        GateLimits {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_pending: 32,
+            max_arrivals: 8,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        }
     }
 }
 
@@ -214,7 +221,7 @@ fn admit(
     }
     let (security, sh) = (security.clone(), Arc::clone(shared));
     let spawned = std::thread::Builder::new().name("migration-handshake".into()).spawn(move || {
-        let r = handshake(s, &security, limits.handshake_timeout);
+        let r = handshake(s, &security, limits.handshake_timeout, limits.write_timeout);
         if let Ok(mut p) = sh.pending.lock() {
             p.retain(|(i, _)| *i != id);
         }
@@ -247,10 +254,17 @@ fn admit(
     }
 }
 
-/// The handshake and the Hello, both within `timeout`.
-fn handshake(s: TcpStream, security: &Security, timeout: Duration) -> Result<Arrival> {
+/// The handshake and the Hello, both within `timeout`; the connection's writes bounded by
+/// `write_timeout` from then on.
+fn handshake(
+    s: TcpStream,
+    security: &Security,
+    timeout: Duration,
+    write_timeout: Duration,
+) -> Result<Arrival> {
     let end = Instant::now() + timeout;
     let transport = security.accept(s, timeout)?;
+    transport.bound_writes(write_timeout).ctx(|| "set the write timeout (TCP_USER_TIMEOUT)".into())?;
     let mut dec = Decoder::new(Limits::default());
     let hello = {
         let mut io = Deadline::new(&transport, end);

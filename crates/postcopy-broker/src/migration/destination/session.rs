@@ -80,6 +80,10 @@ pub struct DestinationOptions {
     /// Background connections taken from one source, main included (`CAP_STREAMS`; 1 keeps the
     /// one stream on main). Each is authenticated and bound to the session like the urgent one.
     pub max_streams: u16,
+    /// Bound of the destination's own writes on every connection (`--write-timeout`, zero:
+    /// none): a source or middlebox that stops reading without closing cuts the connection
+    /// after it, as any cut (a pause during postcopy).
+    pub write_timeout: Duration,
 }
 
 impl Default for DestinationOptions {
@@ -93,6 +97,7 @@ impl Default for DestinationOptions {
             stream_nice: crate::sched::StreamPriority::default(),
             end_linger: DEFAULT_END_LINGER,
             max_streams: DEFAULT_MAX_STREAMS,
+            write_timeout: crate::migration::transport::DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -193,7 +198,11 @@ impl Destination {
         blocks: Option<RamBlocks>,
         opts: DestinationOptions,
     ) -> Result<Destination> {
-        let limits = GateLimits { handshake_timeout: opts.handshake_timeout, ..GateLimits::default() };
+        let limits = GateLimits {
+            handshake_timeout: opts.handshake_timeout,
+            write_timeout: opts.write_timeout,
+            ..GateLimits::default()
+        };
         let gate = Gate::open(listener, security.clone(), limits)?;
         let first = loop {
             let a = gate.next(None).ok_or_else(|| Error::Invalid("the migration gate stopped".into()))?;
