@@ -77,6 +77,18 @@ enum Command {
             env = "POSTCOPY_BROKER_RESUME_TIMEOUT"
         )]
         resume_timeout: f64,
+        /// With --incoming: drop a connection to the source once nothing the destination wrote
+        /// to it has been taken for this many seconds (the source or a middlebox stopped reading
+        /// without closing, or the path is cut; TCP_USER_TIMEOUT): a pause during postcopy, as
+        /// any cut. 0: no bound (TCP gives up by itself, minutes to hours later).
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = 30.0,
+            requires = "incoming",
+            env = "POSTCOPY_BROKER_WRITE_TIMEOUT"
+        )]
+        write_timeout: f64,
         /// With --incoming: a fixed nice value (0-19) for the threads that place the background
         /// stream, for the whole migration; 0 runs them at the daemon's priority. Without it
         /// they follow demand: nice 10 while no fault waits (client faults and demand answers
@@ -222,6 +234,7 @@ fn main() -> ExitCode {
             verify_file,
             summary_json,
             resume_timeout,
+            write_timeout,
             stream_nice,
             max_streams,
             control,
@@ -253,6 +266,8 @@ fn main() -> ExitCode {
                 summary_json,
                 resume_timeout: std::time::Duration::try_from_secs_f64(resume_timeout)
                     .unwrap_or(postcopy_broker::migration::destination::DEFAULT_RESUME_TIMEOUT),
+                write_timeout: std::time::Duration::try_from_secs_f64(write_timeout)
+                    .unwrap_or(postcopy_broker::migration::transport::DEFAULT_WRITE_TIMEOUT),
                 stream_nice: postcopy_broker::sched::StreamPriority::from_nice(stream_nice),
                 max_streams,
                 limits: postcopy_broker::fault::ControlLimits {

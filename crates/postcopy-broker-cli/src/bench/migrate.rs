@@ -7,6 +7,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bench::demand::DemandFigures;
@@ -121,7 +122,10 @@ pub struct MigrationFigures {
 /// destination listening, the fault loop serving.
 pub(crate) struct Running {
     pub(crate) dest: Destination,
-    source: std::thread::JoinHandle<Result<()>>,
+    /// The source's thread; it returns the source's RAM, freed after the destination's end
+    /// was timed (in one process, freeing 1 GiB takes the mm's lock that the destination's
+    /// own teardown needs: two hosts do not share it).
+    source: std::thread::JoinHandle<Result<Arc<SourceRam>>>,
     t0: Instant,
 }
 
@@ -160,17 +164,18 @@ fn start_streams(
     let t0 = Instant::now();
     let source = std::thread::Builder::new()
         .name("bench-source".into())
-        .spawn(move || -> Result<()> {
+        .spawn(move || -> Result<Arc<SourceRam>> {
             let mut opts = SourceOptions { bandwidth, background_nice: priority, ..Default::default() };
             if let Some(n) = streams {
                 opts.streams = n;
             }
             let mut session = SourceSession::connect(&addr, &src_sec, ram, opts)?;
+            let ram = session.shared_ram();
             if let Some(len) = dirty_after_precopy {
                 session.precopy()?;
                 session.mark_dirty("ram", 0, len)?;
             }
-            session.postcopy().map(|_| ())
+            session.postcopy().map(|_| ram)
         })
         .ctx(|| "spawn the source thread".into())?;
     let mut opts =
@@ -211,7 +216,9 @@ impl Running {
         let (summary, incoming) = self.dest.finish()?;
         drop(incoming);
         let done = Instant::now();
-        self.source.join().map_err(|_| Error::Invalid("the source thread panicked".into()))??;
+        let source_ram =
+            self.source.join().map_err(|_| Error::Invalid("the source thread panicked".into()))??;
+        drop(source_ram);
         Ok((secs, summary, done))
     }
 }

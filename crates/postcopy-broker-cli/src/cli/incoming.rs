@@ -51,6 +51,8 @@ pub struct IncomingOptions {
     pub summary_json: Option<PathBuf>,
     /// How long to wait for the source to reconnect after a drop during postcopy.
     pub resume_timeout: std::time::Duration,
+    /// Bound of the destination's own writes on every connection (`--write-timeout`).
+    pub write_timeout: std::time::Duration,
     /// Priority of the stream threads (`--stream-nice`: fixed; default: follows demand).
     pub stream_nice: postcopy_broker::sched::StreamPriority,
     /// Background connections taken from the source, main included.
@@ -117,6 +119,7 @@ pub fn run(a: &IncomingOptions) -> Result<()> {
     let opts = DestinationOptions {
         broker,
         resume_timeout: a.resume_timeout,
+        write_timeout: a.write_timeout,
         stream_nice: a.stream_nice,
         max_streams: a.max_streams,
         ..DestinationOptions::default()

@@ -65,6 +65,13 @@ pub struct SourceArgs {
     /// up to 1 s) for this many seconds, then resume where the destination is.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub resume_timeout: f64,
+    /// Drop a connection to the destination once nothing written to it has been taken for this
+    /// many seconds (the destination or a middlebox stopped reading without closing, or the path
+    /// is cut; TCP_USER_TIMEOUT): during postcopy the source then resumes as after any cut,
+    /// before it the migration fails saying so. 0: no bound (TCP gives up by itself, minutes to
+    /// hours later).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub write_timeout: f64,
     /// Do not offer postcopy recovery: a connection failure during postcopy ends the migration.
     #[arg(long)]
     pub no_resume: bool,
@@ -148,6 +155,9 @@ pub fn run(a: &SourceArgs) -> Result<()> {
         streams: a.streams.unwrap_or_else(postcopy_broker::migration::source::default_streams),
         resume_timeout: std::time::Duration::try_from_secs_f64(a.resume_timeout).map_err(|_| {
             Error::Invalid(format!("--resume-timeout {} is not a duration in seconds", a.resume_timeout))
+        })?,
+        write_timeout: std::time::Duration::try_from_secs_f64(a.write_timeout).map_err(|_| {
+            Error::Invalid(format!("--write-timeout {} is not a duration in seconds", a.write_timeout))
         })?,
         ..SourceOptions::default()
     };

@@ -11,7 +11,9 @@
 //! background page and no Complete arrives, so clients can register before the end. The extra
 //! background streams (connections after the urgent one, while the first lives) are held at
 //! their first page for the same reason. Connections made after the first one ended and before
-//! the release (a resume after an early cut) are held from their first byte.
+//! the release (a resume after an early cut) are held from their first byte. `stall_connection`
+//! is a middlebox that stops reading one connection's client → target bytes for good without
+//! closing anything (the client's writes then block once the buffers are full).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -53,6 +55,8 @@ struct State {
     /// The first connection's client-to-target direction has ended.
     first_ended: AtomicBool,
     released: AtomicBool,
+    /// Connections (by accept order) whose client → target bytes are no longer read.
+    stalled: Mutex<Vec<u64>>,
 }
 
 /// A running proxy.
@@ -99,6 +103,7 @@ impl Proxy {
             hold_armed: AtomicBool::new(false),
             first_ended: AtomicBool::new(false),
             released: AtomicBool::new(false),
+            stalled: Mutex::new(Vec::new()),
         });
         let s = Arc::clone(&st);
         let thread = std::thread::spawn(move || accept_loop(listener, s));
@@ -145,6 +150,17 @@ impl Proxy {
             }
             *i != n
         });
+    }
+
+    /// Client → target bytes forwarded so far (all connections together).
+    pub fn forwarded(&self) -> u64 {
+        self.st.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// Stop reading the `n`-th connection's client → target bytes (1: the first) from now on,
+    /// keeping both its sockets open: a peer that stops reading without closing.
+    pub fn stall_connection(&self, n: u64) {
+        self.st.stalled.lock().unwrap().push(n);
     }
 
     /// Hold the first connection's client → target bytes after the Listen frame (call before
@@ -224,13 +240,13 @@ fn accept_loop(listener: TcpListener, st: Arc<State>) {
         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
         let a = Arc::clone(&st);
         std::thread::spawn(move || {
-            forward(client, server, &a, true, hold);
+            forward(client, server, &a, Some(index), hold);
             if first {
                 a.first_ended.store(true, Ordering::SeqCst);
             }
         });
         let b = Arc::clone(&st);
-        std::thread::spawn(move || forward(s2, c2, &b, false, Hold::No));
+        std::thread::spawn(move || forward(s2, c2, &b, None, Hold::No));
     }
 }
 
@@ -316,7 +332,10 @@ fn wait_release(st: &State) {
     }
 }
 
-fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, hold: Hold) {
+/// Forward `from` to `to`; `index`: the connection's number when this is its client → target
+/// direction (counted, cut, tampered with, stalled).
+fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, index: Option<u64>, hold: Hold) {
+    let counting = index.is_some();
     let mut listen = match hold {
         Hold::AfterListen => Some(FrameScan::new(|t, len| t == 0x08 && len == 0)),
         Hold::AtFirstPage => Some(FrameScan::new(|t, _| t == 0x03 || t == 0x04)),
@@ -328,6 +347,11 @@ fn forward(mut from: TcpStream, mut to: TcpStream, st: &State, counting: bool, h
     let mut buf = vec![0u8; 64 << 10];
     let mut tail = Vec::new();
     loop {
+        while index.is_some_and(|i| st.stalled.lock().unwrap().contains(&i))
+            && !st.stop.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,

@@ -18,14 +18,13 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::{Error, IoContext, Result};
 use crate::migration::transport::deadline::Deadline;
-use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT};
+use crate::migration::transport::{Security, Transport, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_WRITE_TIMEOUT};
 use crate::migration::wire::{write_frame, Decoder, Frame, Hello, Limits};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -38,11 +37,18 @@ pub struct GateLimits {
     pub max_pending: usize,
     /// Authenticated connections waiting to be taken.
     pub max_arrivals: usize,
+    /// Bound of the writes on every authenticated connection (`Transport::bound_writes`).
+    pub write_timeout: Duration,
 }
 
 impl Default for GateLimits {
     fn default() -> GateLimits {
-        GateLimits { handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT, max_pending: 32, max_arrivals: 8 }
+        GateLimits {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_pending: 32,
+            max_arrivals: 8,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        }
     }
 }
 
@@ -87,7 +93,6 @@ struct Shared {
 pub struct Gate {
     shared: Arc<Shared>,
     stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Gate {
@@ -98,11 +103,14 @@ impl Gate {
         let shared = Arc::new(Shared::default());
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).ctx(|| "eventfd".into())?);
         let (sh, st) = (Arc::clone(&shared), Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
+        // Detached: dropping the gate wakes the thread and it ends on its own, owning what it
+        // uses (its listener clone, the shared queue); nobody waits for it (issue #15: the
+        // session's end is not held up by a join of a thread that has nothing left to do).
+        std::thread::Builder::new()
             .name("migration-gate".into())
             .spawn(move || accept_loop(&listener, &security, limits, &sh, &st))
             .ctx(|| "spawn the migration gate thread".into())?;
-        Ok(Gate { shared, stop, thread: Some(thread) })
+        Ok(Gate { shared, stop })
     }
 
     /// The next authenticated connection, waiting at most `timeout` (None: for ever).
@@ -136,9 +144,6 @@ impl Drop for Gate {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);
         let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
         if let Ok(p) = self.shared.pending.lock() {
             for (_, s) in p.iter() {
                 let _ = s.shutdown(Shutdown::Both);
@@ -166,6 +171,9 @@ fn accept_loop(
                 log::error!("migration gate: poll the listening socket: {e}");
                 return;
             }
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
         }
         loop {
             match listener.accept() {
@@ -213,7 +221,7 @@ fn admit(
     }
     let (security, sh) = (security.clone(), Arc::clone(shared));
     let spawned = std::thread::Builder::new().name("migration-handshake".into()).spawn(move || {
-        let r = handshake(s, &security, limits.handshake_timeout);
+        let r = handshake(s, &security, limits.handshake_timeout, limits.write_timeout);
         if let Ok(mut p) = sh.pending.lock() {
             p.retain(|(i, _)| *i != id);
         }
@@ -246,10 +254,17 @@ fn admit(
     }
 }
 
-/// The handshake and the Hello, both within `timeout`.
-fn handshake(s: TcpStream, security: &Security, timeout: Duration) -> Result<Arrival> {
+/// The handshake and the Hello, both within `timeout`; the connection's writes bounded by
+/// `write_timeout` from then on.
+fn handshake(
+    s: TcpStream,
+    security: &Security,
+    timeout: Duration,
+    write_timeout: Duration,
+) -> Result<Arrival> {
     let end = Instant::now() + timeout;
     let transport = security.accept(s, timeout)?;
+    transport.bound_writes(write_timeout).ctx(|| "set the write timeout (TCP_USER_TIMEOUT)".into())?;
     let mut dec = Decoder::new(Limits::default());
     let hello = {
         let mut io = Deadline::new(&transport, end);

@@ -194,7 +194,11 @@ impl Destination {
         log::info!("rebuilt session {:016x}: {present} of {total} pages are here", record.session_id);
         let mut incoming = Incoming::new(ram);
         incoming.relisten()?;
-        let limits = GateLimits { handshake_timeout: opts.handshake_timeout, ..GateLimits::default() };
+        let limits = GateLimits {
+            handshake_timeout: opts.handshake_timeout,
+            write_timeout: opts.write_timeout,
+            ..GateLimits::default()
+        };
         let gate = Gate::open(listener, security.clone(), limits)?;
         let identity = record.identity.as_deref().map(unhex).transpose()?;
         let link = Link {

@@ -80,6 +80,10 @@ pub struct DestinationOptions {
     /// Background connections taken from one source, main included (`CAP_STREAMS`; 1 keeps the
     /// one stream on main). Each is authenticated and bound to the session like the urgent one.
     pub max_streams: u16,
+    /// Bound of the destination's own writes on every connection (`--write-timeout`, zero:
+    /// none): a source or middlebox that stops reading without closing cuts the connection
+    /// after it, as any cut (a pause during postcopy).
+    pub write_timeout: Duration,
 }
 
 impl Default for DestinationOptions {
@@ -93,6 +97,7 @@ impl Default for DestinationOptions {
             stream_nice: crate::sched::StreamPriority::default(),
             end_linger: DEFAULT_END_LINGER,
             max_streams: DEFAULT_MAX_STREAMS,
+            write_timeout: crate::migration::transport::DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -129,6 +134,22 @@ pub struct Destination {
 pub(super) struct Extras {
     urgent: (Transport, Decoder),
     streams: Vec<(Transport, Decoder)>,
+}
+
+/// Naps of pages, at the last nap's rate, that count as near the end for [`finish_nap`].
+const NEAR_NAPS: u64 = 4;
+
+/// How long [`Destination::finish`] naps between its looks: 20 ms while the end is far, 1 ms
+/// once it is near (the source's Complete came, every page is here, or at the rate of the last
+/// nap the `missing` pages arrive within the next four: the last megabytes, already in the
+/// socket buffers, come faster than the average), so that the end does not wait out a whole nap
+/// begun just before the last page (issue #15: exit within 50 ms of it).
+fn finish_nap(complete: bool, missing: u64, arrived_last_nap: u64) -> Duration {
+    if complete || arrived_last_nap.saturating_mul(NEAR_NAPS) >= missing {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_millis(20)
+    }
 }
 
 /// Send an Error frame (best effort) and return `e`.
@@ -193,7 +214,11 @@ impl Destination {
         blocks: Option<RamBlocks>,
         opts: DestinationOptions,
     ) -> Result<Destination> {
-        let limits = GateLimits { handshake_timeout: opts.handshake_timeout, ..GateLimits::default() };
+        let limits = GateLimits {
+            handshake_timeout: opts.handshake_timeout,
+            write_timeout: opts.write_timeout,
+            ..GateLimits::default()
+        };
         let gate = Gate::open(listener, security.clone(), limits)?;
         let first = loop {
             let a = gate.next(None).ok_or_else(|| Error::Invalid("the migration gate stopped".into()))?;
@@ -449,6 +474,7 @@ impl Destination {
         let blocks = Arc::clone(self.incoming.blocks());
         let total = blocks.total_pages();
         let mut progress = self.opts.progress.start(total, blocks.total_size());
+        let mut received_before = blocks.received_pages();
         loop {
             if let Some(Err(e)) = self.broker.as_mut().map(|h| h.check_alive()) {
                 progress.clear();
@@ -482,15 +508,18 @@ impl Destination {
                 && self.net.streams_pending.load(Ordering::Acquire) == 0
                 && blocks.all_received()
                 && self.net.paused().is_none();
-            progress
-                .update(blocks.received_pages(), self.precopy_bytes + self.net.bytes.load(Ordering::Relaxed));
+            let received = blocks.received_pages();
+            progress.update(received, self.precopy_bytes + self.net.bytes.load(Ordering::Relaxed));
             if done {
                 break;
             }
-            // Once the source has sent everything the last pages are moments away: look often,
-            // so the end does not wait out a whole nap (issue #15: exit within 50 ms).
-            let nap = if self.net.complete.load(Ordering::Acquire) { 1 } else { 20 };
-            std::thread::sleep(Duration::from_millis(nap));
+            let complete = self.net.complete.load(Ordering::Acquire);
+            std::thread::sleep(finish_nap(
+                complete,
+                total.saturating_sub(received),
+                received.saturating_sub(received_before),
+            ));
+            received_before = received;
         }
         progress.clear();
         if let Err(e) = self.net.digests.verify() {
@@ -592,5 +621,20 @@ impl Destination {
     pub fn run(mut self) -> Result<(Summary, Incoming)> {
         self.run_until_listening()?;
         self.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finish_loop_looks_often_only_near_the_end() {
+        let (short, long) = (Duration::from_millis(1), Duration::from_millis(20));
+        assert_eq!(finish_nap(false, 1000, 10), long, "far: 100 naps of pages to go at this rate");
+        assert_eq!(finish_nap(false, 0, 0), short, "every page is here: Complete is next");
+        assert_eq!(finish_nap(false, 3900, 1000), short, "the last pages come within four naps");
+        assert_eq!(finish_nap(false, 4100, 1000), long, "five naps to go");
+        assert_eq!(finish_nap(true, 5000, 0), short, "the source sent everything");
     }
 }

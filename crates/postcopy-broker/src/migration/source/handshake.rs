@@ -53,6 +53,8 @@ pub struct Peer {
     pub handshake_timeout: Duration,
     /// Background connections wanted, main included (at least 1; more only with `CAP_STREAMS`).
     pub streams: u16,
+    /// Bound of every write on every connection (`Transport::bound_writes`; zero: none).
+    pub write_timeout: Duration,
 }
 
 /// One opened connection.
@@ -129,6 +131,7 @@ impl Peer {
     ) -> Result<Opened> {
         let s = connect(&self.addr, connect_timeout)?;
         let mut s = self.security.connect(s, &self.addr, self.handshake_timeout)?;
+        s.bound_writes(self.write_timeout).ctx(|| "set the write timeout (TCP_USER_TIMEOUT)".into())?;
         let hello = Hello {
             version: PROTOCOL_VERSION,
             capabilities: self.caps,

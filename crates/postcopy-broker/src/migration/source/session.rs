@@ -77,6 +77,10 @@ pub struct SourceOptions {
     /// Background connections (and sender threads), main included: at least 1, at most what the
     /// destination takes (`CAP_STREAMS`; a destination without it gets 1).
     pub streams: u16,
+    /// Bound of every write on every connection (`--write-timeout`, zero: none): a destination
+    /// or middlebox that stops reading without closing cuts the connection after it, and the
+    /// source resumes as after any cut (during postcopy) or fails saying so.
+    pub write_timeout: Duration,
 }
 
 impl Default for SourceOptions {
@@ -92,6 +96,7 @@ impl Default for SourceOptions {
             resume_timeout: DEFAULT_SOURCE_RESUME_TIMEOUT,
             background_nice: crate::sched::StreamPriority::default(),
             streams: default_streams(),
+            write_timeout: crate::migration::transport::DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -160,6 +165,7 @@ impl SourceSession {
             caps,
             handshake_timeout: opts.handshake_timeout,
             streams: opts.streams.max(1),
+            write_timeout: opts.write_timeout,
         };
         let Links { main, main_dec, urgent, streams, caps: accepted } =
             peer.open_all(&ram, false, opts.connect_timeout)?;
@@ -192,6 +198,13 @@ impl SourceSession {
     /// The RAM being served.
     pub fn ram(&self) -> &SourceRam {
         &self.ram
+    }
+
+    /// A handle on the RAM being served that outlives the session, for a caller that decides
+    /// when it is freed (the benchmark, whose source and destination share one process: it
+    /// frees the source's RAM only after timing the destination's end, as two hosts would).
+    pub fn shared_ram(&self) -> Arc<SourceRam> {
+        Arc::clone(&self.ram)
     }
 
     /// The counters so far.

@@ -25,12 +25,13 @@ mod sealed;
 mod tests;
 pub mod throwaway;
 pub mod tls;
+mod write_bound;
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,7 @@ use deadline::Deadline;
 pub use readahead::{Opened, HEADROOM};
 use readahead::{ReadAhead, Wait};
 use sealed::{Rx, Tx};
+pub use write_bound::DEFAULT_WRITE_TIMEOUT;
 
 /// How long a handshake may take, per connection, when the caller gives no other deadline.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -363,6 +365,8 @@ struct Inner {
     tx: Mutex<Tx>,
     nonblocking: AtomicBool,
     identity: Option<Vec<u8>>,
+    /// The bound of [`Transport::bound_writes`], ms (0: none).
+    write_bound_ms: AtomicU64,
 }
 
 /// One migration connection after its handshake (see the module doc). Clones share it.
@@ -406,6 +410,7 @@ impl Transport {
             tx: Mutex::new(Tx::starting_at(tx_seq)),
             nonblocking: AtomicBool::new(false),
             identity,
+            write_bound_ms: AtomicU64::new(0),
         };
         Ok(Transport { inner: Arc::new(inner) })
     }
@@ -500,6 +505,23 @@ impl Transport {
         }
     }
 
+    /// Bound every write on this connection by `t` (zero: no bound of ours, the kernel's
+    /// default): once bytes written stay unacknowledged or unsent behind a zero window for `t`,
+    /// the connection is dropped and its reads and writes fail with a "write timeout" error
+    /// (see `write_bound`). Blocking and non-blocking, plaintext, TLS and Noise alike.
+    pub fn bound_writes(&self, t: Duration) -> io::Result<()> {
+        write_bound::arm(&self.inner.sock, t)?;
+        let ms = u64::try_from(t.as_millis()).unwrap_or(u64::MAX);
+        self.inner.write_bound_ms.store(ms, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// `e`, explained if it is the drop of a bounded connection.
+    fn explain(&self, e: io::Error) -> io::Error {
+        let t = Duration::from_millis(self.inner.write_bound_ms.load(Ordering::Relaxed));
+        write_bound::explain(e, self.inner.peer, t)
+    }
+
     /// Write timeout of blocking writes.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.inner.sock.set_write_timeout(t)
@@ -572,6 +594,7 @@ impl Read for &Transport {
             None => (&self.inner.sock).read(out),
             Some(s) => self.read_sealed(s, out),
         }
+        .map_err(|e| self.explain(e))
     }
 }
 
@@ -581,6 +604,7 @@ impl Write for &Transport {
             None => (&self.inner.sock).write(buf),
             Some(s) => self.write_sealed(s, &[IoSlice::new(buf)]),
         }
+        .map_err(|e| self.explain(e))
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -588,6 +612,7 @@ impl Write for &Transport {
             None => (&self.inner.sock).write_vectored(bufs),
             Some(s) => self.write_sealed(s, bufs),
         }
+        .map_err(|e| self.explain(e))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -595,6 +620,7 @@ impl Write for &Transport {
             None => Ok(()),
             Some(_) => lock(&self.inner.tx).drain(&self.inner.sock),
         }
+        .map_err(|e| self.explain(e))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Transports over real TCP on 127.0.0.1: TLS and PSK round trips (large vectored writes,
 //! reads and writes on two threads at once, non-blocking reads), refusals (another CA, another
-//! key, another name, another mode), a changed byte on the wire, and a peer that drips.
+//! key, another name, another mode), a changed byte on the wire, a peer that drips, and one
+//! that stops reading (bounded writes).
 
 use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -366,4 +367,44 @@ fn a_peer_that_drips_bytes_runs_out_of_time() {
     let e = k.accept(l.accept().unwrap().0, Duration::from_millis(700)).unwrap_err();
     assert!(matches!(e, TransportError::Timeout { .. }), "{e}");
     dripper.join().unwrap();
+}
+
+/// A peer that stops reading without closing: with `bound_writes`, the writer's blocking write
+/// fails with the write timeout's error (inside a TLS or Noise record as in the clear) instead
+/// of blocking until TCP gives up, and the connection is gone. The writer runs on a thread of
+/// its own: the test fails instead of hanging if the bound never fires.
+#[test]
+fn a_peer_that_stops_reading_fails_a_bounded_write_with_the_write_timeout() {
+    let (_d, tls_src, tls_dst) = tls_pair("stall");
+    let psk = Security::psk(KEY).unwrap();
+    let plain = Security::insecure_plaintext(KEY.to_vec());
+    for (src, dst) in [(&tls_src, &tls_dst), (&psk, &psk), (&plain, &plain)] {
+        let (s, d) = pair(src, dst);
+        let (s, d) = (s.unwrap(), d.unwrap());
+        s.bound_writes(Duration::from_secs(1)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = s.clone();
+        thread::spawn(move || {
+            let chunk = vec![7u8; 1 << 20];
+            let mut sent = 0u64;
+            let e = loop {
+                match (&w).write_all(&chunk) {
+                    Ok(()) => sent += chunk.len() as u64,
+                    Err(e) => break e,
+                }
+            };
+            let _ = tx.send((e, sent));
+        });
+        let (e, sent) = rx.recv_timeout(Duration::from_secs(60)).expect("the bounded write never returned");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{:?}: {e}", src.mode());
+        let text = e.to_string();
+        assert!(text.starts_with("write timeout: the peer at 127.0.0.1:"), "{text}");
+        assert!(text.contains("for 1s (--write-timeout)"), "{text}");
+        assert!(sent > 0, "{:?}: the buffers took something before the peer's window closed", src.mode());
+        // The connection is gone: a read returns at once, with no data.
+        let mut buf = [0u8; 16];
+        let r = (&s).read(&mut buf);
+        assert!(!matches!(r, Ok(n) if n > 0), "{:?}: read after the drop: {r:?}", src.mode());
+        drop(d);
+    }
 }
