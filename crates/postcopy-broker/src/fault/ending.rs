@@ -32,7 +32,11 @@ impl Loop {
             }
         }
         let mut waiting = Vec::new();
-        for (conn, ids) in by_conn {
+        for (conn, mut ids) in by_conn {
+            // Ascending ids: a forked child (adopted after its parent) comes after it, so a
+            // client that unregisters in reverse order lets go of the children first (the broker
+            // releases a parent's children with it).
+            ids.sort_unstable();
             let clients = ids.iter().map(|c| c.0).collect();
             self.reply(conn, &Response::PostcopyEnd { clients }, &[]);
             waiting.extend(ids);
