@@ -15,6 +15,8 @@ use postcopy_broker::failpoint;
 use postcopy_broker::fault::{Broker, BrokerConfig};
 use postcopy_broker::migration::wire::Frame;
 
+/// The stream thread at the process's priority.
+const FULL: postcopy_broker::sched::StreamPriority = postcopy_broker::sched::StreamPriority::Fixed(0);
 const PS: u64 = 4096;
 const PAGES: u64 = 64;
 const HOLD: &str = "place-after-removed-check";
@@ -24,7 +26,7 @@ fn a_removal_between_the_placers_check_and_its_copy_still_reads_zeros() {
     std::env::set_var(failpoint::VAR, HOLD);
     let inc = listening_memfd("ram", PAGES);
     let (_, b) = inc.blocks().named("ram").unwrap();
-    let (src, w) = network_source(&inc, "ram", PAGES, PS);
+    let (src, w) = network_source(&inc, "ram", PAGES, PS, FULL);
     let mut main_src = w.main;
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
     let mut client =

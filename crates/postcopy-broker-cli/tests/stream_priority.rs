@@ -7,33 +7,18 @@
 
 mod common;
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::wired::{network_source, send};
 use common::*;
 use postcopy_broker::fault::{Broker, BrokerConfig};
-use postcopy_broker::migration::destination::{Connections, NetState, NetworkSource};
-use postcopy_broker::migration::transport::Transport;
-use postcopy_broker::migration::wire::{encode, BlockInfo, BlockTable, Decoder, Frame, Limits};
+use postcopy_broker::migration::wire::{Decoder, Frame, Limits};
 use postcopy_broker::sched::StreamPriority;
 
 const PS: u64 = 4096;
 const PAGES: u64 = 64;
 const LOW: i32 = 13;
-
-fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
-    let src = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (dst, _) = l.accept().unwrap();
-    (src, dst)
-}
-
-fn send(s: &mut TcpStream, f: &Frame<'_>) {
-    let mut buf = Vec::new();
-    encode(f, &mut buf).unwrap();
-    s.write_all(&buf).unwrap();
-}
 
 /// Nice values of this process's threads named `comm` (field 19 of their stat).
 fn nice_of(comm: &str) -> Vec<i32> {
@@ -83,28 +68,8 @@ fn the_stream_thread_runs_at_full_priority_exactly_while_a_fault_waits() {
     let base = postcopy_broker::sched::thread_nice().unwrap();
     let inc = listening_memfd("ram", PAGES);
     let (id, _) = inc.blocks().named("ram").unwrap();
-    let table = BlockTable::new(vec![BlockInfo::new("ram", PAGES * PS, PS)]).unwrap();
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let (mut main_src, main_dst) = pair(&l);
-    let (mut urgent_src, urgent_dst) = pair(&l);
-    let conns = Connections {
-        main: Transport::unprotected(main_dst).unwrap(),
-        main_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        urgent: Transport::unprotected(urgent_dst).unwrap(),
-        urgent_dec: Decoder::with_blocks(Limits::default(), table.clone()),
-        streams: Vec::new(),
-    };
-    let net = Arc::new(NetState::default());
-    let src = NetworkSource::new(
-        conns,
-        Arc::clone(inc.uffd().unwrap()),
-        Arc::clone(inc.blocks()),
-        vec![id],
-        Arc::clone(inc.state()),
-        Arc::clone(&net),
-        StreamPriority::Adaptive { low: LOW },
-    )
-    .unwrap();
+    let (src, w) = network_source(&inc, "ram", PAGES, PS, StreamPriority::Adaptive { low: LOW });
+    let (mut main_src, mut urgent_src, net, table) = (w.main, w.urgent, w.net, w.table);
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
     wait_stream_nice(LOW, "nothing waits yet", || {});
 

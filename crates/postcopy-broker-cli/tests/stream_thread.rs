@@ -10,6 +10,8 @@ use common::*;
 use postcopy_broker::fault::{Broker, BrokerConfig};
 use postcopy_broker::migration::wire::{Decoder, Frame, Limits};
 
+/// The stream thread at the process's priority.
+const FULL: postcopy_broker::sched::StreamPriority = postcopy_broker::sched::StreamPriority::Fixed(0);
 const PS: u64 = 4096;
 const PAGES: u64 = 64;
 
@@ -17,7 +19,7 @@ const PAGES: u64 = 64;
 fn a_waited_page_that_arrives_in_the_stream_wakes_its_waiter() {
     let inc = listening_memfd("ram", PAGES);
     let (id, b) = inc.blocks().named("ram").unwrap();
-    let (src, w) = network_source(&inc, "ram", PAGES, PS);
+    let (src, w) = network_source(&inc, "ram", PAGES, PS, FULL);
     let (mut main_src, mut urgent_src, net, table) = (w.main, w.urgent, w.net, w.table);
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
 
@@ -78,7 +80,7 @@ fn a_local_placement_failure_fails_the_migration_instead_of_pausing_it() {
     // taken for a lost connection: a reconnect would meet the same failure, again and again.
     let inc = listening_memfd("ram", PAGES);
     let (_, b) = inc.blocks().named("ram").unwrap();
-    let (mut src, w) = network_source(&inc, "ram", PAGES, PS);
+    let (mut src, w) = network_source(&inc, "ram", PAGES, PS, FULL);
     let (mut main_src, net) = (w.main, w.net);
     let _resumer = src.resumer();
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
@@ -102,7 +104,7 @@ fn pages_a_client_removed_before_they_arrived_are_zeros_when_the_stream_brings_t
     // places zeros there instead of the source's data.
     let inc = listening_memfd("ram", PAGES);
     let (_, b) = inc.blocks().named("ram").unwrap();
-    let (src, w) = network_source(&inc, "ram", PAGES, PS);
+    let (src, w) = network_source(&inc, "ram", PAGES, PS, FULL);
     let mut main_src = w.main;
     let h = Broker::spawn(&inc, Box::new(src), BrokerConfig::default()).unwrap();
     let mut client = common::clients::Peer::spawn(&common::clients::client_args(

@@ -1,6 +1,6 @@
 //! A destination's [`NetworkSource`] over loopback TCP whose far ends the test holds: the test
 //! writes frames on the main connection as a source would and reads requests on the urgent one.
-//! The set-up of the stream-thread tests (tests/stream_thread.rs, tests/remove_race.rs).
+//! The set-up of the stream-thread tests (tests/stream_thread.rs, tests/stream_priority.rs, tests/remove_race.rs).
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -11,6 +11,7 @@ use postcopy_broker::incoming::Incoming;
 use postcopy_broker::migration::destination::{Connections, NetState, NetworkSource};
 use postcopy_broker::migration::transport::Transport;
 use postcopy_broker::migration::wire::{encode, BlockInfo, BlockTable, Decoder, Frame, Limits};
+use postcopy_broker::sched::StreamPriority;
 
 /// The source's ends of the connections, and the destination's shared network state.
 pub struct Wired {
@@ -31,8 +32,14 @@ fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
 }
 
 /// A network source for `inc`'s block `name` (`pages` pages of `ps` bytes), its stream thread at
-/// the process's priority.
-pub fn network_source(inc: &Incoming, name: &str, pages: u64, ps: u64) -> (NetworkSource, Wired) {
+/// `priority`.
+pub fn network_source(
+    inc: &Incoming,
+    name: &str,
+    pages: u64,
+    ps: u64,
+    priority: StreamPriority,
+) -> (NetworkSource, Wired) {
     let (id, _) = inc.blocks().named(name).unwrap();
     let table = BlockTable::new(vec![BlockInfo::new(name, pages * ps, ps)]).unwrap();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -53,7 +60,7 @@ pub fn network_source(inc: &Incoming, name: &str, pages: u64, ps: u64) -> (Netwo
         vec![id],
         Arc::clone(inc.state()),
         Arc::clone(&net),
-        postcopy_broker::sched::StreamPriority::Fixed(0),
+        priority,
     )
     .unwrap();
     (src, Wired { main, urgent, net, table })
