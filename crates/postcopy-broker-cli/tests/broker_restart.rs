@@ -366,7 +366,7 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     std::fs::write(&disk, &bytes).unwrap();
     drop(bytes);
     let qsd = run % 2 == 1;
-    let (mut backend, vub) = spawn_blk_backend(dir, run, &disk, qsd);
+    let (mut backend, vub) = spawn_blk_backend(dir, &format!("vub-in-{run}"), &disk, DRIVER_DISK, qsd, &[]);
     pids.lock().unwrap().push(backend.id());
     let mut args: Vec<std::ffi::OsString> = vec![
         "serve".into(),
@@ -640,10 +640,18 @@ fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram:
     t.downtimes_ms.extend(downtimes);
 }
 
-/// Start the VMM's vhost-user-blk backend on `disk`: qemu-storage-daemon or the
-/// `vhost_user_blk` example (which exits when its connection ends); returns it and its socket.
-fn spawn_blk_backend(dir: &Dir, run: u64, disk: &Path, qsd: bool) -> (Child, std::path::PathBuf) {
-    let vub = dir.path(&format!("vub-in-{run}.sock"));
+/// Start a vhost-user-blk backend on `disk` (`size` bytes) listening on `NAME.sock` in `dir`:
+/// qemu-storage-daemon or the `vhost_user_blk` example (which exits when its connection ends;
+/// `extra` are more of its arguments); returns it once it listens, and its socket.
+fn spawn_blk_backend(
+    dir: &Dir,
+    name: &str,
+    disk: &Path,
+    size: u64,
+    qsd: bool,
+    extra: &[&std::ffi::OsStr],
+) -> (Child, std::path::PathBuf) {
+    let vub = dir.path(&format!("{name}.sock"));
     let mut cmd = if qsd {
         let mut c = Command::new("qemu-storage-daemon");
         c.arg("--blockdev")
@@ -656,11 +664,8 @@ fn spawn_blk_backend(dir: &Dir, run: u64, disk: &Path, qsd: bool) -> (Child, std
         c
     } else {
         let mut c = Command::new(common::vhost::examples_dir().join("vhost_user_blk"));
-        c.arg("--socket").arg(&vub).arg("--disk").arg(disk).args([
-            "--size",
-            &DRIVER_DISK.to_string(),
-            "--once",
-        ]);
+        c.arg("--socket").arg(&vub).arg("--disk").arg(disk).args(["--size", &size.to_string(), "--once"]);
+        c.args(extra);
         c
     };
     let child = cmd.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
@@ -882,7 +887,6 @@ fn check_prefault(report: &Path, ram: &[u8], hram: &[u8], w0: (&[u64], u8), w1: 
 /// qemu-storage-daemon in odd runs). The test SIGKILLs the broker at random points; the
 /// restarted one rebuilds from the parked fds.
 fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8], t: &mut Totals) {
-    use common::vhost::examples_dir;
     ensure_free_huge_pages(24);
     let planned = if rng.below(4) == 0 { 2 } else { 1 };
     let mut at: Vec<u64> = (0..planned).map(|_| 30 + rng.below(720)).collect();
@@ -894,45 +898,18 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
     // Every run: the vhost_user_blk example, prefaulting (it reads all guest memory once its
     // memory table is in use, so it faults before, across and after the kills); odd runs add
     // qemu-storage-daemon (libvhost-user), which only takes part in the handshakes and the end.
-    let vub = dir.path(&format!("vub-{run}.sock"));
     let prefault_report = dir.path(&format!("prefault-{run}.txt"));
-    let mut backend = Command::new(examples_dir().join("vhost_user_blk"))
-        .arg("--socket")
-        .arg(&vub)
-        .arg("--disk")
-        .arg(dir.path(&format!("disk-{run}")))
-        .args(["--size", "16M", "--once", "--prefault-report"])
-        .arg(&prefault_report)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let prefault = [std::ffi::OsStr::new("--prefault-report"), prefault_report.as_os_str()];
+    let disk = dir.path(&format!("disk-{run}"));
+    let (mut backend, vub) = spawn_blk_backend(dir, &format!("vub-{run}"), &disk, 16 << 20, false, &prefault);
     pids.lock().unwrap().push(backend.id());
-    let qsd_sock = dir.path(&format!("qsd-{run}.sock"));
     let mut qsd = (run % 2 == 1).then(|| {
         let disk = dir.path(&format!("qsd-disk-{run}"));
         std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
-        let c = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!("driver=file,node-name=disk,filename={}", disk.display()))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
-                qsd_sock.display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let (c, sock) = spawn_blk_backend(dir, &format!("qsd-{run}"), &disk, 16 << 20, true, &[]);
         pids.lock().unwrap().push(c.id());
-        c
+        (c, sock)
     });
-    let t0 = Instant::now();
-    while !vub.exists() || (qsd.is_some() && !qsd_sock.exists()) {
-        assert!(t0.elapsed() < Duration::from_secs(30), "a backend never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
     let mut args: Vec<std::ffi::OsString> = vec!["serve".into(), "--image".into(), dir.path("img").into()];
     args.extend(["--block", "pc.ram:224M", "--block", "huge:32M:2m", "--no-background"].map(Into::into));
     args.extend([
@@ -942,8 +919,8 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
         summary_path.clone().into(),
     ]);
     args.extend(["--vhost-user-backend".into(), vub.clone().into()]);
-    if qsd.is_some() {
-        args.extend(["--vhost-user-backend".into(), qsd_sock.clone().into()]);
+    if let Some((_, sock)) = &qsd {
+        args.extend(["--vhost-user-backend".into(), sock.clone().into()]);
     }
     let notify = format!("@pcb-restore-test-{}-{run}", std::process::id());
     let (mut keeper, _) = Keeper::spawn(&notify, &args, &pids, false);
@@ -1020,7 +997,7 @@ fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8],
     assert!(st.success(), "run {run}: the broker failed ({st})\n{log}");
     // The backends heard POSTCOPY_END from the last broker (a failure would be logged) and
     // ours ended with its connection; qemu-storage-daemon serves on until it is stopped.
-    if let Some(q) = qsd.as_mut() {
+    if let Some((q, _)) = qsd.as_mut() {
         q.kill().unwrap();
         q.wait().unwrap();
     }
