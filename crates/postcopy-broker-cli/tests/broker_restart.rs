@@ -346,15 +346,22 @@ fn kill_at_points(
     downtimes
 }
 
-#[allow(clippy::too_many_arguments)]
-fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram: &[u8], t: &mut Totals) {
+/// The start of a kill run (both variants): huge pages for the 32 MiB block, the kill points
+/// (when this share, per mille, of the pages has arrived, increasing; once, or in a quarter of
+/// the runs twice), the list of the run's pids and the watchdog over them.
+fn begin_run(rng: &mut Rng) -> (Vec<u64>, Arc<Mutex<Vec<u32>>>, Watchdog) {
     ensure_free_huge_pages(24);
     let planned = if rng.below(4) == 0 { 2 } else { 1 };
-    // Kill points: when this share (per mille) of the pages has arrived, increasing.
     let mut at: Vec<u64> = (0..planned).map(|_| 30 + rng.below(720)).collect();
     at.sort_unstable();
     let pids = Arc::new(Mutex::new(Vec::new()));
-    let _dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(90));
+    let dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(90));
+    (at, pids, dog)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kill_run(run: u64, rng: &mut Rng, dir: &Dir, creds: &Creds, ram: &[u8], hram: &[u8], t: &mut Totals) {
+    let (at, pids, _dog) = begin_run(rng);
     let sock = dir.path(&format!("ctl-{run}.sock"));
     let summary_path = dir.path(&format!("summary-{run}.json"));
     // The VMM's backend: the vhost_user_blk example (even runs) or qemu-storage-daemon (odd
@@ -887,12 +894,7 @@ fn check_prefault(report: &Path, ram: &[u8], hram: &[u8], w0: (&[u64], u8), w1: 
 /// qemu-storage-daemon in odd runs). The test SIGKILLs the broker at random points; the
 /// restarted one rebuilds from the parked fds.
 fn restore_kill_run(run: u64, rng: &mut Rng, dir: &Dir, ram: &[u8], hram: &[u8], t: &mut Totals) {
-    ensure_free_huge_pages(24);
-    let planned = if rng.below(4) == 0 { 2 } else { 1 };
-    let mut at: Vec<u64> = (0..planned).map(|_| 30 + rng.below(720)).collect();
-    at.sort_unstable();
-    let pids = Arc::new(Mutex::new(Vec::new()));
-    let _dog = Watchdog::arm(Arc::clone(&pids), Duration::from_secs(90));
+    let (at, pids, _dog) = begin_run(rng);
     let sock = dir.path(&format!("rctl-{run}.sock"));
     let summary_path = dir.path(&format!("rsummary-{run}.json"));
     // Every run: the vhost_user_blk example, prefaulting (it reads all guest memory once its
